@@ -1,0 +1,238 @@
+"""The one doorway to llama.cpp (through llama-cpp-python): build facts, log capture and the dry run.
+
+The engine can abort the whole process on bad input, so anything that creates a model or a context
+runs in a child process (``python -m autotune.engine`` here, ``autotune.runner`` for timed runs); the
+parent only ever reads JSON back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Iterator
+
+from .errors import ModelError
+from .settings import Settings
+
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    version: str
+    backend: str
+    can_offload: bool
+    cpu_features: tuple[str, ...]
+    system_info: str
+
+
+@lru_cache(maxsize=1)
+def build_info() -> BuildInfo:
+    """What the installed engine was compiled for (reads the library, loads no model)."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    can_offload = bool(llama_cpp.llama_supports_gpu_offload())
+    lowered = info.lower()
+    backend = "cpu"
+    for name in ("cuda", "metal", "vulkan", "hip", "sycl"):
+        if f"{name} :" in lowered or f"{name} =" in lowered or f"{name}:" in lowered:
+            backend = name
+            break
+    if backend == "cpu" and can_offload:
+        backend = "gpu"
+    features = tuple(sorted({m.group(1) for m in re.finditer(r"(\w+) = 1", info)}))
+    return BuildInfo(llama_cpp.__version__, backend, can_offload, features, info.strip())
+
+
+@contextlib.contextmanager
+def captured_log() -> Iterator[list[str]]:
+    """Collect everything the engine logs while the block runs (it reports buffer sizes only there)."""
+    import llama_cpp
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        lines.append(text.decode(errors="replace"))
+
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        # Joined fragments: the engine sometimes logs one line in several calls.
+        joined = "".join(lines).splitlines()
+        lines[:] = joined
+        silence()
+
+
+_quiet: Any = None
+
+
+def silence() -> None:
+    """Stop the engine writing its log to stderr (callers read what they need through captured_log)."""
+    global _quiet
+    import llama_cpp
+
+    if _quiet is None:
+        _quiet = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(_quiet, ctypes.c_void_p(0))
+
+
+@dataclass
+class BufferReport:
+    """Buffer sizes the engine logged while loading a model and creating a context, in bytes per buffer name."""
+
+    model: dict[str, int] = field(default_factory=dict)  # e.g. {"CPU": ..., "CPU_REPACK": ..., "CUDA0": ...}
+    kv: dict[str, int] = field(default_factory=dict)  # KV buffers per device
+    kv_k: int = 0
+    kv_v: int = 0
+    kv_cells: list[int] = field(default_factory=list)  # one entry per cache (two for SWA models)
+    compute: dict[str, int] = field(default_factory=dict)
+    output: dict[str, int] = field(default_factory=dict)
+    weights_total: int = 0  # llama_model_size: all weight bytes wherever they live
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+_MODEL_BUF = re.compile(r"load_tensors:\s+(\S+) model buffer size =\s+([\d.]+) MiB")
+_KV_BUF = re.compile(r"llama_kv_cache\w*:\s+(\S+) KV buffer size =\s+([\d.]+) MiB")
+_KV_SIZE = re.compile(r"size =\s+[\d.]+ MiB \(\s*(\d+) cells.*K \(\w+\):\s+([\d.]+) MiB, V \(\w+\):\s+([\d.]+) MiB")
+_COMPUTE = re.compile(r"^\w+:\s+(\S+) compute buffer size =\s+([\d.]+) MiB")
+_OUTPUT = re.compile(r"llama_context:\s+(\S+)\s+output buffer size =\s+([\d.]+) MiB")
+
+
+def parse_buffers(lines: list[str]) -> BufferReport:
+    """Read the engine's buffer-size log lines into bytes (the log prints MiB with two decimals)."""
+    report = BufferReport()
+
+    def add(target: dict[str, int], name: str, mib: str) -> None:
+        target[name] = target.get(name, 0) + round(float(mib) * MIB)
+
+    for line in lines:
+        if m := _MODEL_BUF.search(line):
+            add(report.model, m.group(1), m.group(2))
+        elif m := _KV_BUF.search(line):
+            add(report.kv, m.group(1), m.group(2))
+        elif m := _KV_SIZE.search(line):
+            report.kv_cells.append(int(m.group(1)))
+            report.kv_k += round(float(m.group(2)) * MIB)
+            report.kv_v += round(float(m.group(3)) * MIB)
+        elif m := _COMPUTE.search(line):
+            add(report.compute, m.group(1), m.group(2))
+        elif m := _OUTPUT.search(line):
+            add(report.output, m.group(1), m.group(2))
+    return report
+
+
+def last_error(lines: list[str]) -> str:
+    """The most telling engine line for a failure: the last error-looking one, else the last line."""
+    for line in reversed(lines):
+        if re.search(r"error|failed|fail|abort|exception|unknown|invalid", line, re.I):
+            return line.strip()
+    return lines[-1].strip() if lines else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Dry run: the engine's no-allocation load, the ground truth for the memory model.
+
+
+def _dry_run_in_process(model_path: str, settings_list: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Load ``model_path`` without allocating, then create one context per settings; report the buffers."""
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    results = []
+    with captured_log() as model_lines:
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.no_alloc = True
+        mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE  # mmap together with no_alloc aborts
+        mparams.n_gpu_layers = int(settings_list[0].get("n_gpu_layers", 0)) if settings_list else 0
+        model = llama_cpp.llama_model_load_from_file(model_path.encode(), mparams)
+    if not model:
+        return [{"error": last_error(model_lines) or "the engine could not load the model"}]
+    weights_total = int(llama_cpp.llama_model_size(model))
+    model_report = parse_buffers(model_lines)
+    try:
+        for data in settings_list:
+            s = Settings.from_dict(data)
+            cparams = llama_cpp.llama_context_default_params()
+            cparams.n_ctx = s.n_ctx
+            cparams.n_batch = s.n_batch
+            cparams.n_ubatch = s.n_ubatch
+            cparams.n_threads = s.n_threads
+            cparams.n_threads_batch = s.n_threads_batch
+            cparams.flash_attn_type = (
+                llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if s.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
+            kwargs = s.llama_kwargs()
+            cparams.type_k = kwargs["type_k"]
+            cparams.type_v = kwargs["type_v"]
+            cparams.swa_full = s.swa_full
+            cparams.offload_kqv = s.offload_kqv
+            with captured_log() as lines:
+                ctx = llama_cpp.llama_init_from_model(model, cparams)
+            if not ctx:
+                results.append({"error": last_error(lines) or "the engine refused the context"})
+                continue
+            report = parse_buffers(lines)
+            report.model = model_report.model
+            report.weights_total = weights_total
+            results.append(report.to_dict())
+            llama_cpp.llama_free(ctx)
+    finally:
+        llama_cpp.llama_model_free(model)
+    return results
+
+
+def dry_run(model_path: str, settings: list[Settings], timeout: float = 300) -> list[BufferReport | str]:
+    """The engine's own accounting for each settings, from a child process: a BufferReport, or the
+    engine's error line where it refused. All settings must share one n_gpu_layers (one model load)."""
+    if not settings:
+        return []
+    if len({s.n_gpu_layers for s in settings}) > 1:
+        raise ValueError("dry_run takes settings with a single n_gpu_layers")
+    payload = json.dumps({"model": model_path, "settings": [s.to_dict() for s in settings]})
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "autotune.engine", "dry-run"],
+            input=payload,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise ModelError(f"{model_path}: the engine's dry run did not finish in {timeout:.0f} s") from None
+    if done.returncode != 0:
+        tail = last_error(done.stderr.splitlines()) or f"exit code {done.returncode}"
+        raise ModelError(f"{model_path}: the engine's dry run failed: {tail}")
+    out: list[BufferReport | str] = []
+    for item in json.loads(done.stdout.strip().splitlines()[-1]):
+        if "error" in item:
+            out.append(item["error"])
+        else:
+            out.append(BufferReport(**item))
+    if len(out) == 1 and len(settings) > 1 and isinstance(out[0], str):
+        raise ModelError(f"{model_path}: the engine could not load the model: {out[0]}")
+    return out
+
+
+def _main(argv: list[str]) -> int:
+    if argv[:1] == ["dry-run"]:
+        request = json.loads(sys.stdin.read())
+        silence()
+        print(json.dumps(_dry_run_in_process(request["model"], request["settings"])))
+        return 0
+    print("usage: python -m autotune.engine dry-run < request.json", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
