@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -120,6 +121,177 @@ def cmd_memory(args: argparse.Namespace) -> int:
     raise AutotuneError("autotune memory is not available yet")
 
 
+# -------------------------------------------------------------------------------------------- search
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import catalog, export, recommend, space, study
+    from .errors import FitError, SettingsError
+    from .gguf_model import file_sha256, read_facts
+    from .probe import probe
+    from .runner import Workload
+
+    model = args.model or str(catalog.fetch(quiet=False))
+    facts = read_facts(model)
+    hw = probe()
+    n_ctx = args.ctx or min(4096, facts.n_ctx_train or 4096)
+    workload = Workload(args.prompt_tokens, args.gen_tokens, args.reps)
+    if workload.prompt_tokens + workload.gen_tokens > n_ctx:
+        raise SettingsError(f"--ctx {n_ctx} is smaller than the measured prompt + reply "
+                            f"({workload.prompt_tokens} + {workload.gen_tokens} tokens)")
+    pins = space.parse_pins(args.set or [])
+    sp = space.build_space(hw, facts, n_ctx, pins)
+    req = study.StudyRequest(model_path=model, facts=facts, hw=hw, space=sp, objective=args.objective,
+                             pareto=args.pareto, workload=workload, storage=args.storage, seed=args.seed, pins=pins)
+    st = study.open_study(req)
+    console.print(f"[bold]study[/] {st.study_name}  ({len(st.trials)} trials stored; storage {study.storage_url(args.storage)})")
+
+    with console.status("measuring how quantized K/V caches change the outputs (once per study) ..."):
+        sp, quality = study.kv_quality(st, req, args.kv_quality)
+    req = dataclasses.replace(req, space=sp)
+    if quality:
+        print_kv_quality(quality)
+    smallest = study.leanest(req)
+    if not smallest.fits:
+        raise FitError(f"{facts.name} at context {n_ctx} does not fit this machine even in its leanest settings: "
+                       f"{smallest.shortfall / MIB:,.0f} MiB short (try a smaller --ctx)")
+
+    bar = Progress(TextColumn("[bold]trial {task.completed}/{task.total}"), BarColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.description}"), console=console)
+    unit = "s" if args.objective == "ttft" else "tok/s"
+    interrupted = False
+    with bar:
+        task = bar.add_task("starting", total=args.trials)
+
+        def show(p: study.Progress) -> None:
+            best = f"best {p.best:.2f} {unit}" if p.best is not None else "best -"
+            bar.update(task, completed=p.done, description=f"{best} | {p.complete} ok, {p.pruned} pruned, "
+                       f"{p.failed} failed | {p.last[:60]}")
+
+        try:
+            study.run_trials(st, req, args.trials, timeout=args.timeout, trial_timeout=args.trial_timeout,
+                             on_progress=show)
+        except KeyboardInterrupt:
+            interrupted = True
+    print_trials_summary(st)
+    if interrupted:
+        console.print("[yellow]interrupted: the study is saved; run the same command again to resume[/]")
+        return 130
+    if args.no_recommend:
+        return 0
+    with console.status("re-measuring the best candidates against the engine defaults ...") as status:
+        rec = recommend.recommend(st, req, top_k=args.top_k, rounds=args.rounds, trial_timeout=args.trial_timeout,
+                                  on_run=lambda label, m: status.update(
+                                      f"re-measured {label}: " + (f"{m.decode:.1f} tok/s decode" if m.ok else m.error[:60])))
+    config = export.build_config(
+        rec.chosen.settings,
+        model={"path": model, "sha256": file_sha256(model), "architecture": facts.architecture, "name": facts.name},
+        hardware=hw.to_dict(),
+        metrics=rec.metrics(),
+        predicted=rec.predicted,
+        extra={"study": {"name": st.study_name, "storage": study.storage_url(args.storage),
+                         "objective": "pareto" if args.pareto else args.objective},
+               "workload": dataclasses.asdict(workload),
+               "recommendation": {"supported": rec.supported, "verdict": rec.verdict, "speedup": rec.speedup,
+                                  "chosen": rec.chosen.label,
+                                  "baseline_metrics": rec.metrics(rec.baseline),
+                                  "peak_rss": rec.confirmation.peak_rss if rec.confirmation else None,
+                                  "roofline": rec.roofline},
+               "kv_quality": quality},
+    )
+    st.set_user_attr("recommendation", config)
+    print_recommendation(config)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(export.render(config, args.format))
+        console.print(f"wrote {args.out} ({args.format})")
+    return 0
+
+
+def print_kv_quality(quality: dict[str, Any]) -> None:
+    t = Table(title="KV cache quantization vs f16 (fixed text)")
+    for col in ("K/V", "top-1 agreement", "mean KL", "verdict"):
+        t.add_column(col)
+    for pair, r in sorted(quality.items()):
+        if "error" in r:
+            t.add_row(pair, "-", "-", f"excluded: {r['error'][:50]}")
+        else:
+            t.add_row(pair, f"{r['top1_agreement']:.3f}", f"{r['mean_kl']:.4f}",
+                      "[red]excluded[/]" if r["excluded"] else "[green]kept[/]")
+    console.print(t)
+
+
+def print_trials_summary(st: Any) -> None:
+    from optuna.trial import TrialState
+
+    counts = {s: len(st.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
+    console.print(f"trials: {counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
+                  f"{counts[TrialState.FAIL]} failed, {counts[TrialState.RUNNING]} running")
+    best = [t for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    if best and len(st.directions) == 1:
+        console.print(f"best so far: trial {st.best_trial.number} = {st.best_value:.2f}")
+
+
+def print_recommendation(config: dict[str, Any]) -> None:
+    rec = config["recommendation"]
+    m, base = config["metrics"], rec["baseline_metrics"]
+    t = Table(title=f"recommended: {rec['chosen']}")
+    for col in ("metric", "recommended median", "spread (min-max)", "engine defaults median", "ratio"):
+        t.add_column(col)
+    for name, unit in (("decode", "tok/s"), ("prefill", "tok/s"), ("ttft", "s"), ("balanced", "tok/s")):
+        a, b = m[name], base[name]
+        ratio = (b["median"] / a["median"] if name == "ttft" else a["median"] / b["median"]) if a["median"] and b["median"] else None
+        t.add_row(name, f"{a['median']:.2f} {unit}", f"{a['low']:.2f}-{a['high']:.2f}",
+                  f"{b['median']:.2f} {unit}" if b["n"] else "failed", f"x{ratio:.2f}" if ratio else "-")
+    console.print(t)
+    s = config["settings"]
+    console.print("settings: " + ", ".join(f"{k}={v}" for k, v in s.items() if v is not None))
+    console.print(rec["verdict"])
+    roof = rec["roofline"]
+    if "fraction" in roof and roof["fraction"]:
+        console.print(f"roofline: decode {roof['decode_tps']:.1f} tok/s is {roof['fraction']:.0%} of the "
+                      f"{roof['limit_tps']:.1f} tok/s that {roof['bandwidth_gbs']:.1f} GB/s allows "
+                      f"({roof['bytes_per_token'] / MIB:,.0f} MiB read per token)")
+    pred = config.get("memory", {})
+    if "total" in pred and rec.get("peak_rss"):
+        console.print(f"memory: predicted {mib(pred['total'])}, measured peak RSS {mib(rec['peak_rss'])}")
+
+
+# -------------------------------------------------------------------------------------------- export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import export, study
+    from .errors import ConfigError
+
+    source = args.source
+    if source.endswith(".json") or os.path.isfile(source):
+        config = export.load_config(source)
+    else:
+        storage = study.open_storage(args.storage)
+        import optuna
+
+        try:
+            st = optuna.load_study(study_name=source, storage=storage)
+        except KeyError:
+            names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+            raise ConfigError(f"no study named {source!r}; stored studies: {', '.join(names) or 'none'}") from None
+        if "recommendation" not in st.user_attrs:
+            raise ConfigError(f"study {source} has no recommendation yet: run autotune search to finish it")
+        config = st.user_attrs["recommendation"]
+    text = export.render(config, args.format)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + ("" if text.endswith("\n") else "\n"))
+    else:
+        print(text)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- parser
 
 
@@ -154,6 +326,38 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-ctx", action="store_true", help="largest context that fits, per K/V type and offload")
     sp.add_argument("--verify", action="store_true", help="compare with the engine's own dry run")
     sp.set_defaults(func=cmd_memory)
+
+    from .export import FORMATS
+    from .study import OBJECTIVES
+
+    sp = sub.add_parser("search", help="tune the settings with real engine runs (default: the demo model)")
+    sp.add_argument("model", nargs="?", help="GGUF file (default: the SmolLM2-135M demo model, fetched once)")
+    sp.add_argument("--ctx", type=int, help="context length you need (default: min(4096, trained context))")
+    sp.add_argument("--objective", choices=OBJECTIVES, default="decode")
+    sp.add_argument("--pareto", action="store_true", help="multi-objective: decode vs prefill vs memory")
+    sp.add_argument("--trials", type=int, default=30)
+    sp.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    sp.add_argument("--trial-timeout", type=float, default=300.0, help="kill one engine run after this many seconds")
+    sp.add_argument("--storage", help="Optuna storage URL (default: sqlite in ./studies)")
+    sp.add_argument("--set", action="append", metavar="NAME=VALUE", help="pin a setting, e.g. n_threads=2")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--prompt-tokens", type=int, default=256)
+    sp.add_argument("--gen-tokens", type=int, default=32)
+    sp.add_argument("--reps", type=int, default=2, help="repetitions inside each trial's run")
+    sp.add_argument("--top-k", type=int, default=3, help="candidates re-measured against the defaults")
+    sp.add_argument("--rounds", type=int, default=3, help="interleaved re-measurement rounds")
+    sp.add_argument("--kv-quality", choices=("strict", "relaxed", "off"), default="strict")
+    sp.add_argument("--no-recommend", action="store_true", help="only run trials")
+    sp.add_argument("--out", help="write the tuned config here")
+    sp.add_argument("--format", choices=FORMATS, default="json")
+    sp.set_defaults(func=cmd_search)
+
+    sp = sub.add_parser("export", help="write a tuned config in another tool's format")
+    sp.add_argument("source", help="a tuned config JSON, or a study name")
+    sp.add_argument("--format", choices=FORMATS, default="json")
+    sp.add_argument("--storage", help="Optuna storage URL of the study")
+    sp.add_argument("--out")
+    sp.set_defaults(func=cmd_export)
     return p
 
 

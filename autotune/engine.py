@@ -52,8 +52,11 @@ def build_info() -> BuildInfo:
 
 
 @contextlib.contextmanager
-def captured_log() -> Iterator[list[str]]:
-    """Collect everything the engine logs while the block runs (it reports buffer sizes only there)."""
+def captured_log(echo: bool = False) -> Iterator[list[str]]:
+    """Collect everything the engine logs while the block runs (it reports buffer sizes only there).
+
+    ``echo`` also writes it to stderr, so a parent still sees the last lines if the engine crashes.
+    """
     import llama_cpp
 
     lines: list[str] = []
@@ -61,6 +64,8 @@ def captured_log() -> Iterator[list[str]]:
     @llama_cpp.llama_log_callback
     def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         lines.append(text.decode(errors="replace"))
+        if echo:
+            sys.stderr.write(lines[-1])
 
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
     try:

@@ -13,12 +13,12 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
 
-from .catalog import cache_dir
+from .catalog import cache_dir, sha256_of
 from .errors import ModelError
 
 GGUF_MAGIC = b"GGUF"
@@ -157,29 +157,38 @@ def read_facts(path: str | os.PathLike[str]) -> ModelFacts:
     Facts of a file already read (same path, size and mtime) come from a small on-disk cache.
     """
     p = Path(path)
+    facts = _cached(p, "facts", lambda: _read_facts(p))
+    return facts if isinstance(facts, ModelFacts) and facts.path == str(p) else _read_facts(p)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The file's sha256 (cached like the facts: hashing a 40 GB model takes minutes)."""
+    p = Path(path)
+    return str(_cached(p, "sha256", lambda: sha256_of(p)))
+
+
+def _cached(p: Path, kind: str, compute: Callable[[], Any]) -> Any:
     try:
         st = p.stat()
     except OSError:
-        return _read_facts(p)
-    key = hashlib.sha256(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+        return compute()
+    key = hashlib.sha256(f"{kind}|{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
     cached = cache_dir() / "facts" / f"{key}.pickle"
     try:
         with open(cached, "rb") as f:
-            facts = pickle.load(f)
-        if isinstance(facts, ModelFacts) and facts.path == str(p):
-            return facts
+            return pickle.load(f)
     except Exception:
         pass
-    facts = _read_facts(p)
+    value = compute()
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
-            pickle.dump(facts, f, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, cached)
     except OSError:
         pass  # a read-only cache only costs speed
-    return facts
+    return value
 
 
 def _read_facts(p: Path) -> ModelFacts:

@@ -1,0 +1,188 @@
+"""The search space: which knobs exist on this machine for this model, and which values they may take.
+
+Knobs that constrain each other are sampled in a form that cannot be invalid, so no trial is spent on a
+configuration the engine would refuse or silently change: ``n_batch`` is ``n_ubatch`` times a factor,
+and flash attention with the K/V cache types is one categorical choice of valid combinations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from gguf import GGML_QUANT_SIZES
+
+from .errors import SettingsError
+from .gguf_model import ModelFacts
+from .probe import Hardware
+from .settings import QUANTIZED_KV, Settings, coerce, ggml_type
+
+UBATCH_CHOICES = (64, 128, 256, 512, 1024)
+BATCH_FACTORS = (1, 2, 4)
+KV_CHOICES = ("f16", "q8_0", "q4_0")
+
+
+def attention_label(flash_attn: bool, type_k: str, type_v: str) -> str:
+    return f"fa-{'on' if flash_attn else 'off'}:{type_k}:{type_v}"
+
+
+def parse_attention(label: str) -> tuple[bool, str, str]:
+    fa, k, v = label.split(":")
+    return fa == "fa-on", k, v
+
+
+def attention_choices(kv_types: tuple[str, ...] = KV_CHOICES) -> tuple[str, ...]:
+    """Valid (flash attention, K type, V type) combinations: K and V of one type, or a quantized K over
+    an f16 V (the only quantized cache without flash attention, which a quantized V needs)."""
+    out = []
+    for fa in (False, True):
+        for k in kv_types:
+            for v in dict.fromkeys((k, "f16")):
+                if v in QUANTIZED_KV and not fa:
+                    continue
+                out.append(attention_label(fa, k, v))
+    return tuple(out)
+
+
+def kv_pairs(space: SearchSpace) -> list[tuple[str, str]]:
+    """The quantized (K, V) pairs a space may try: what the quality guard must measure."""
+    pairs = {parse_attention(c)[1:] for c in space.params.get("attention", ())}
+    pairs.add((space.base.type_k, space.base.type_v))
+    return sorted(p for p in pairs if p != ("f16", "f16"))
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Optuna parameters and how they map onto a Settings; ``base`` holds the context and pinned values."""
+
+    base: Settings
+    params: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # name -> choices (ints are ranges)
+    int_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def suggest(self, trial: optuna.Trial) -> Settings:
+        values: dict[str, Any] = {}
+        for name, (low, high) in self.int_ranges.items():
+            values[name] = trial.suggest_int(name, low, high)
+        for name, choices in self.params.items():
+            values[name] = trial.suggest_categorical(name, choices)
+        return self.settings_from(values)
+
+    def settings_from(self, values: dict[str, Any]) -> Settings:
+        """Settings from Optuna parameter values (a trial's ``params``), over ``base``."""
+        changes: dict[str, Any] = {}
+        for name, value in values.items():
+            if name == "attention":
+                fa, k, v = parse_attention(value)
+                changes.update(flash_attn=fa, type_k=k, type_v=v)
+            elif name == "batch_factor":
+                continue
+            else:
+                changes[name] = value
+        s = self.base.replace(**changes)
+        if "batch_factor" in values:
+            s = s.replace(n_batch=min(s.n_ubatch * int(values["batch_factor"]), max(s.n_ctx, s.n_ubatch)))
+        return s
+
+    def params_of(self, s: Settings) -> dict[str, Any]:
+        """The Optuna parameter values that produce ``s`` (for enqueuing baseline trials)."""
+        out: dict[str, Any] = {}
+        for name in self.int_ranges:
+            low, high = self.int_ranges[name]
+            out[name] = min(max(getattr(s, name), low), high)
+        for name, choices in self.params.items():
+            if name == "attention":
+                value: Any = attention_label(s.flash_attn, s.type_k, s.type_v)
+            elif name == "batch_factor":
+                value = max(1, s.n_batch // max(1, s.n_ubatch))
+            else:
+                value = getattr(s, name)
+            out[name] = value if value in choices else _nearest(value, choices)
+        return out
+
+    def without_kv(self, excluded: set[tuple[str, str]]) -> SearchSpace:
+        """The same space minus attention choices whose (K, V) pair failed the quality guard."""
+        if "attention" not in self.params:
+            return self
+        kept = tuple(c for c in self.params["attention"] if parse_attention(c)[1:] not in excluded)
+        params = {**self.params, "attention": kept}
+        base = self.base
+        if len(kept) < 2:
+            params.pop("attention")
+            fa, k, v = parse_attention(kept[0]) if kept else (base.flash_attn, "f16", "f16")
+            base = base.replace(flash_attn=fa, type_k=k, type_v=v)
+        return SearchSpace(base, params, dict(self.int_ranges))
+
+    def describe(self) -> dict[str, Any]:
+        return {**{k: list(v) for k, v in self.params.items()}, **{k: list(v) for k, v in self.int_ranges.items()}}
+
+
+def _nearest(value: Any, choices: tuple[Any, ...]) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and all(isinstance(c, int) for c in choices):
+        return min(choices, key=lambda c: abs(c - value))
+    return choices[0]
+
+
+def parse_pins(items: list[str]) -> dict[str, Any]:
+    """``--set name=value`` items into typed Settings values (SettingsError for unknown names or types)."""
+    pins: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise SettingsError(f"--set expects name=value, got {item!r}")
+        name, value = item.split("=", 1)
+        pins[name.strip()] = coerce(name.strip(), value.strip())
+    return pins
+
+
+def build_space(
+    hw: Hardware,
+    facts: ModelFacts,
+    n_ctx: int,
+    pins: dict[str, Any] | None = None,
+    kv_types: tuple[str, ...] = KV_CHOICES,
+) -> SearchSpace:
+    """The knobs worth searching for this model on this machine, minus the ones the user pinned."""
+    pins = dict(pins or {})
+    # A quantized cache row must hold whole blocks: head dims that are not a multiple of the block size
+    # make the engine refuse the context.
+    kv_types = tuple(t for t in kv_types
+                     if facts.head_dim_k % GGML_QUANT_SIZES[ggml_type(t)][0] == 0
+                     and facts.head_dim_v % GGML_QUANT_SIZES[ggml_type(t)][0] == 0)
+    if pins.get("type_v") in QUANTIZED_KV and "flash_attn" not in pins:
+        pins["flash_attn"] = True  # the only way a quantized V cache runs; not a choice left to search
+    base = Settings(n_ctx=n_ctx, n_threads=hw.physical_cores, n_threads_batch=hw.logical_cores).replace(**pins)
+    base.check(hw.can_offload)
+    ints: dict[str, tuple[int, int]] = {
+        "n_threads": (1, hw.logical_cores),
+        "n_threads_batch": (1, hw.logical_cores),
+    }
+    params: dict[str, tuple[Any, ...]] = {
+        "n_ubatch": tuple(u for u in UBATCH_CHOICES if u <= max(n_ctx, UBATCH_CHOICES[0])),
+        "batch_factor": BATCH_FACTORS,
+        "attention": attention_choices(kv_types),
+        "use_mmap": (True, False),
+        "use_mlock": (False, True),
+    }
+    if facts.uses_swa:
+        params["swa_full"] = (True, False)
+    if hw.offload_gpus:
+        ints["n_gpu_layers"] = (0, facts.n_layer + 1)
+        params["offload_kqv"] = (True, False)
+    for name in pins:
+        ints.pop(name, None)
+        params.pop(name, None)
+        if name in ("flash_attn", "type_k", "type_v"):
+            fa, k, v = (pins.get("flash_attn", base.flash_attn), pins.get("type_k", base.type_k),
+                        pins.get("type_v", base.type_v))
+            allowed = tuple(c for c in attention_choices(kv_types + (k, v))
+                            if ("flash_attn" not in pins or parse_attention(c)[0] == fa)
+                            and ("type_k" not in pins or parse_attention(c)[1] == k)
+                            and ("type_v" not in pins or parse_attention(c)[2] == v))
+            params["attention"] = allowed
+        if name == "n_batch":
+            params.pop("batch_factor", None)
+            if "n_ubatch" in params:
+                params["n_ubatch"] = tuple(u for u in params["n_ubatch"] if u <= base.n_batch)
+    params = {k: v for k, v in params.items() if len(v) > 1}
+    ints = {k: v for k, v in ints.items() if v[1] > v[0]}
+    return SearchSpace(base=base, params=params, int_ranges=ints)

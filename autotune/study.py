@@ -1,0 +1,342 @@
+"""The Optuna study: real engine runs over the search space, stored in a database and resumed.
+
+Each trial is asked for, checked against the memory model (a configuration that cannot fit is recorded
+as pruned with the reason and never run), measured by the runner in its own process, and told back:
+complete with its objective value(s), or failed with the engine's reason. A failure is never scored as
+0 tok/s, which would teach the sampler something false.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import statistics
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from . import memory, runner
+from .errors import ModelError, StudyError
+from .gguf_model import ModelFacts, file_sha256
+from .probe import Hardware
+from .runner import Measurement, Workload
+from .settings import Settings, default_threads, row_bytes
+from .space import SearchSpace, kv_pairs, parse_attention
+
+OBJECTIVES = ("decode", "prefill", "ttft", "balanced")
+DEFAULT_STORAGE_DIR = Path("studies")
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def objective_samples(m: Measurement, objective: str, workload: Workload) -> list[float]:
+    """One objective value per repetition of a run (``balanced``: end-to-end tok/s of prompt + reply)."""
+    if objective == "prefill":
+        return list(m.prefill_tps)
+    if objective == "ttft":
+        return list(m.ttft_s)
+    if objective == "balanced":
+        n = workload.prompt_tokens + workload.gen_tokens
+        return [n / (t + (workload.gen_tokens - 1) / d) for t, d in zip(m.ttft_s, m.decode_tps) if d > 0]
+    return list(m.decode_tps)
+
+
+def objective_value(m: Measurement, objective: str, workload: Workload) -> float:
+    """The number the study optimizes: the median over the run's repetitions."""
+    values = objective_samples(m, objective, workload)
+    return statistics.median(values) if values else 0.0
+
+
+def directions(objective: str, pareto: bool) -> list[str]:
+    if pareto:
+        return ["maximize", "maximize", "minimize"]  # decode tok/s, prefill tok/s, peak memory
+    return ["minimize" if objective == "ttft" else "maximize"]
+
+
+def engine_defaults(n_ctx: int) -> Settings:
+    """What llama-cpp-python does when the user sets nothing but the context: the baseline to beat."""
+    threads, threads_batch = default_threads()
+    return Settings(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads_batch)
+
+
+def sensible(hw: Hardware, facts: ModelFacts, n_ctx: int) -> Settings:
+    """The probe's advice without measuring: physical cores, flash attention, everything on the GPU."""
+    return Settings(
+        n_ctx=n_ctx,
+        n_threads=hw.physical_cores,
+        n_threads_batch=hw.logical_cores,
+        flash_attn=True,
+        n_gpu_layers=facts.n_layer + 1 if hw.offload_gpus else 0,
+    )
+
+
+@dataclass
+class StudyRequest:
+    """Everything that defines one study (and so its name)."""
+
+    model_path: str
+    facts: ModelFacts
+    hw: Hardware
+    space: SearchSpace
+    objective: str = "decode"
+    pareto: bool = False
+    workload: Workload = field(default_factory=Workload)
+    storage: str | None = None
+    seed: int = 0
+    pins: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.space.base.n_ctx
+
+    def name(self) -> str:
+        sha = file_sha256(self.model_path)[:12]
+        goal = "pareto" if self.pareto else self.objective
+        w = self.workload
+        parts = [Path(self.model_path).stem, sha, self.hw.fingerprint(), f"ctx{self.n_ctx}", goal,
+                 f"p{w.prompt_tokens}g{w.gen_tokens}"]
+        if self.pins:
+            parts.append("pins" + hashlib.sha256(json.dumps(self.pins, sort_keys=True).encode()).hexdigest()[:8])
+        return "-".join(parts)
+
+
+def storage_url(storage: str | None) -> str:
+    """The Optuna storage URL; by default SQLite in ./studies, which must be writable."""
+    if storage:
+        return storage
+    try:
+        DEFAULT_STORAGE_DIR.mkdir(parents=True, exist_ok=True)
+        probe_file = DEFAULT_STORAGE_DIR / f".write-test-{os.getpid()}"
+        probe_file.touch()
+        probe_file.unlink()
+    except OSError as e:
+        raise StudyError(f"cannot write study databases to {DEFAULT_STORAGE_DIR.resolve()}: {e.strerror}") from None
+    return f"sqlite:///{DEFAULT_STORAGE_DIR / 'autotune.db'}"
+
+
+def _check_sqlite(url: str) -> None:
+    """Refuse a SQLite file that is corrupt or belongs to something else, before Optuna writes to it."""
+    if not url.startswith("sqlite:///"):
+        return
+    path = Path(url[len("sqlite:///"):])
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
+            tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
+    except sqlite3.DatabaseError as e:
+        raise StudyError(f"{path}: not a usable study database ({e})") from None
+    if tables and not {"studies", "trials", "version_info"} <= tables:
+        raise StudyError(f"{path}: a SQLite database of something else (tables: {', '.join(sorted(tables)[:5])}); "
+                         "not touching it — pass another --storage")
+
+
+def open_storage(storage: str | None) -> optuna.storages.BaseStorage:
+    url = storage_url(storage)
+    _check_sqlite(url)
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # wait on another tuner's write lock
+    try:
+        return optuna.storages.RDBStorage(url, **kwargs)
+    except Exception as e:  # sqlalchemy / alembic errors for corrupt or foreign databases
+        raise StudyError(f"cannot open study storage {url}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def open_study(req: StudyRequest) -> optuna.Study:
+    storage = open_storage(req.storage)
+    sampler = optuna.samplers.TPESampler(seed=req.seed, n_startup_trials=8, multivariate=True, group=True,
+                                         constant_liar=True)
+    try:
+        study = optuna.create_study(study_name=req.name(), storage=storage, sampler=sampler,
+                                    directions=directions(req.objective, req.pareto), load_if_exists=True)
+    except ValueError as e:
+        raise StudyError(f"study {req.name()}: {e}") from None
+    if "model" not in study.user_attrs:
+        study.set_user_attr("model", {"path": req.model_path, "sha256": file_sha256(req.model_path),
+                                      "architecture": req.facts.architecture, "name": req.facts.name})
+        study.set_user_attr("hardware", req.hw.to_dict())
+        study.set_user_attr("workload", req.workload.__dict__)
+        study.set_user_attr("objective", "pareto" if req.pareto else req.objective)
+        study.set_user_attr("n_ctx", req.n_ctx)
+        study.set_user_attr("pins", req.pins)
+        study.set_user_attr("space", req.space.describe())
+    fail_orphans(study)
+    seeded = {t.user_attrs.get("role") for t in study.get_trials(deepcopy=False)}
+    for role, s in (("defaults", engine_defaults(req.n_ctx).replace(**req.pins)),
+                    ("sensible", sensible(req.hw, req.facts, req.n_ctx).replace(**req.pins))):
+        if role not in seeded:
+            study.enqueue_trial(req.space.params_of(s), user_attrs={"role": role})
+    return study
+
+
+def fail_orphans(study: optuna.Study) -> list[int]:
+    """Mark as failed the trials left RUNNING by a tuner process that no longer exists (kill -9, power loss).
+
+    Trials of a live process (another ``autotune search`` on the same study) are left alone.
+    """
+    host = socket.gethostname()
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid, owner = t.user_attrs.get("pid"), t.user_attrs.get("host")
+        if owner == host and pid is not None and not _alive(int(pid)):
+            study._storage.set_trial_user_attr(t._trial_id, "reason", f"tuner process {pid} died mid-trial")
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            failed.append(t.number)
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# (max mean KL to the f16 cache, min top-1 agreement) a quantized K/V pair must meet.
+KV_QUALITY = {"strict": (0.01, 0.92), "relaxed": (0.05, 0.85)}
+
+
+def kv_quality(study: optuna.Study, req: StudyRequest, level: str = "strict") -> tuple[SearchSpace, dict[str, Any]]:
+    """Measure (once per study) how each quantized K/V pair changes the model's outputs, and drop the pairs
+    beyond the ``level`` threshold from the space. Returns the space and the per-pair report."""
+    pairs = kv_pairs(req.space)
+    report = dict(study.user_attrs.get("kv_quality", {}))
+    missing = [p for p in pairs if f"{p[0]}/{p[1]}" not in report]
+    if missing:
+        report.update(runner.kv_divergence(req.model_path, missing, req.space.base))
+        study.set_user_attr("kv_quality", report)
+    if level == "off":
+        return req.space, report
+    max_kl, min_top1 = KV_QUALITY[level]
+    excluded = set()
+    for k, v in pairs:
+        r = report.get(f"{k}/{v}", {})
+        if "error" in r or r.get("mean_kl", 1e9) > max_kl or r.get("top1_agreement", 0.0) < min_top1:
+            excluded.add((k, v))
+    return req.space.without_kv(excluded), {key: {**r, "excluded": tuple(key.split("/")) in excluded}
+                                             for key, r in report.items() if tuple(key.split("/")) in set(pairs)}
+
+
+def leanest(req: StudyRequest) -> memory.MemoryEstimate:
+    """The smallest footprint the space can reach: if even this does not fit, no trial can."""
+    s = req.space.base
+    attention = req.space.params.get("attention", ())
+    lean = min(attention, key=lambda c: sum(row_bytes(t, 32) for t in parse_attention(c)[1:]), default=None)
+    if lean:
+        fa, k, v = parse_attention(lean)
+        s = s.replace(flash_attn=fa, type_k=k, type_v=v)
+    ubatch = min(req.space.params.get("n_ubatch", (s.n_ubatch,)))
+    s = s.replace(n_ubatch=ubatch, n_batch=max(ubatch, s.n_batch if "n_batch" in req.pins else ubatch))
+    if "n_gpu_layers" in req.space.int_ranges:
+        s = s.replace(n_gpu_layers=req.space.int_ranges["n_gpu_layers"][1])
+    return memory.estimate(req.facts, s, req.hw)
+
+
+@dataclass
+class Progress:
+    """What the display shows after each trial."""
+
+    done: int = 0
+    total: int = 0
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    last: str = ""
+    best: float | None = None
+
+
+def run_trials(
+    study: optuna.Study,
+    req: StudyRequest,
+    n_trials: int,
+    timeout: float | None = None,
+    trial_timeout: float = 300.0,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> Progress:
+    """Ask, gate, measure and tell ``n_trials`` trials (fewer when ``timeout`` seconds pass first).
+
+    A KeyboardInterrupt stops the engine run in progress, records that trial as failed (interrupted)
+    and propagates, leaving the study consistent.
+    """
+    progress = Progress(total=n_trials)
+    started = time.monotonic()
+    while progress.done < n_trials and (timeout is None or time.monotonic() - started < timeout):
+        trial = study.ask()
+        trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("host", socket.gethostname())
+        try:
+            s = req.space.suggest(trial)
+            state, values = _evaluate(trial, s, req, trial_timeout)
+        except KeyboardInterrupt:
+            trial.set_user_attr("reason", "interrupted by the user")
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        study.tell(trial, values, state=state)
+        progress.done += 1
+        if state == TrialState.COMPLETE:
+            progress.complete += 1
+            progress.last = f"#{trial.number}: " + ", ".join(f"{v:.1f}" for v in values or [])
+        elif state == TrialState.PRUNED:
+            progress.pruned += 1
+            progress.last = f"#{trial.number} pruned: {trial.user_attrs.get('reason', '')}"
+        else:
+            progress.failed += 1
+            progress.last = f"#{trial.number} failed: {trial.user_attrs.get('reason', '')}"
+        progress.best = best_value(study)
+        if on_progress:
+            on_progress(progress)
+    return progress
+
+
+def _evaluate(trial: optuna.Trial, s: Settings, req: StudyRequest, trial_timeout: float) -> tuple[TrialState, list[float] | None]:
+    trial.set_user_attr("settings", s.to_dict())
+    problems = s.problems(req.hw.can_offload)
+    if problems:
+        trial.set_user_attr("reason", problems[0])
+        return TrialState.PRUNED, None
+    try:
+        est = memory.estimate(req.facts, s, req.hw)
+    except ModelError as e:  # unsupported architecture: no prediction to gate on, the run decides
+        trial.set_user_attr("predicted", {"error": str(e)})
+    else:
+        trial.set_user_attr("predicted", est.to_dict())
+        if not est.fits:
+            trial.set_user_attr("reason", f"does not fit: predicted {est.shortfall / 2**20:,.0f} MiB over the memory budget")
+            return TrialState.PRUNED, None
+    m = runner.run(req.model_path, s, req.workload, timeout=trial_timeout, index=trial.number)
+    trial.set_user_attr("measurement", m.to_dict())
+    if not m.ok:
+        trial.set_user_attr("reason", m.error)
+        return TrialState.FAIL, None
+    if req.pareto:
+        return TrialState.COMPLETE, [m.decode, m.prefill, float(m.peak_rss + (m.peak_vram or 0))]
+    return TrialState.COMPLETE, [objective_value(m, req.objective, req.workload)]
+
+
+def best_value(study: optuna.Study) -> float | None:
+    if len(study.directions) > 1:
+        return None
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    if not done:
+        return None
+    return study.best_value
+
+
+def completed(study: optuna.Study) -> list[tuple[optuna.trial.FrozenTrial, Measurement]]:
+    """Completed trials with their measurements, in trial order."""
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if "measurement" in t.user_attrs:
+            out.append((t, Measurement.from_dict(t.user_attrs["measurement"])))
+    return out

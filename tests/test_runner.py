@@ -1,0 +1,78 @@
+"""The runner: real measured runs in a child process, and every kind of engine fault turned into a reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from autotune import runner
+from autotune.runner import Workload
+from autotune.settings import Settings
+
+SMALL = Workload(prompt_tokens=32, gen_tokens=8, reps=2)
+S = Settings(n_ctx=256, n_threads=2, n_threads_batch=2)
+
+
+def test_real_run_measures_everything(tiny_model):
+    m = runner.run(str(tiny_model), S, SMALL, timeout=120)
+    assert m.ok, m.error
+    assert len(m.prefill_tps) == len(m.decode_tps) == len(m.ttft_s) == SMALL.reps
+    assert all(v > 0 for v in m.prefill_tps + m.decode_tps + m.ttft_s)
+    assert m.peak_rss > 10 * 2**20 and m.load_s > 0
+    assert len(m.output_tokens) == SMALL.gen_tokens
+    # the engine's own buffer report (logged in MiB with two decimals): the K cache of a 2-layer model
+    # at 256 cells, 1 KV head x 32 dims, f16
+    assert m.buffers["kv_k"] == pytest.approx(2 * 256 * 1 * 32 * 2, abs=0.006 * 2**20)
+    assert m.buffers["kv_cells"] == [256]
+
+
+def test_greedy_output_is_deterministic(tiny_model):
+    a = runner.run(str(tiny_model), S, SMALL, timeout=120)
+    b = runner.run(str(tiny_model), S.replace(n_batch=64, n_ubatch=64), SMALL, timeout=120)
+    assert a.ok and b.ok and a.output_tokens == b.output_tokens
+
+
+@pytest.mark.parametrize(
+    "fault, reason",
+    [
+        ("abort", "aborted (SIGABRT)"),
+        ("segfault", "SIGSEGV"),
+        ("oom", "SIGKILL (the out-of-memory killer"),
+        ("garbage", "no result from the engine process"),
+        ("exit", "exit code 3: llama_model_load: error loading model: injected failure"),
+    ],
+)
+def test_injected_faults_become_reasons(tiny_model, monkeypatch, fault, reason):
+    monkeypatch.setenv("AUTOTUNE_FAULT", fault)
+    m = runner.run(str(tiny_model), S, SMALL, timeout=120)
+    assert not m.ok and reason in m.error
+
+
+def test_hang_is_killed_at_the_timeout(tiny_model, monkeypatch):
+    monkeypatch.setenv("AUTOTUNE_FAULT", "hang")
+    m = runner.run(str(tiny_model), S, SMALL, timeout=8)
+    assert not m.ok and m.error.startswith("timeout: no result after 8 s")
+
+
+def test_fault_every_n_runs(tiny_model, monkeypatch):
+    monkeypatch.setenv("AUTOTUNE_FAULT", "exit")
+    monkeypatch.setenv("AUTOTUNE_FAULT_EVERY", "2")
+    assert not runner.run(str(tiny_model), S, SMALL, index=4).ok
+    assert runner.run(str(tiny_model), S, SMALL, index=5).ok
+
+
+def test_engine_refusal_is_a_reason_not_a_crash(tiny_model):
+    m = runner.run(str(tiny_model), S.replace(type_v="q8_0", flash_attn=False), SMALL, timeout=120)
+    assert not m.ok and "refused" in m.error
+
+
+def test_unloadable_model(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(64))
+    m = runner.run(str(bad), S, SMALL, timeout=120)
+    assert not m.ok and m.error
+
+
+def test_kv_divergence_identity_and_quantized(tiny_model):
+    r = runner.kv_divergence(str(tiny_model), [("f16", "f16"), ("q8_0", "q8_0")], S, n_tokens=48)
+    assert r["f16/f16"]["top1_agreement"] == 1.0 and r["f16/f16"]["mean_kl"] == 0.0
+    assert 0.0 <= r["q8_0/q8_0"]["mean_kl"] < 0.5 and r["q8_0/q8_0"]["tokens"] == 48

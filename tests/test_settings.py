@@ -1,0 +1,57 @@
+"""Settings: the engine's rules as contradictions, and faithful round trips."""
+
+import pytest
+
+from autotune.errors import SettingsError
+from autotune.settings import Settings, coerce, row_bytes
+
+
+def test_defaults_have_no_problems():
+    assert Settings().problems() == []
+
+
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        ({"n_ubatch": 1024, "n_batch": 512}, "n_ubatch (1024) > n_batch (512)"),
+        ({"type_v": "q8_0"}, "quantized V cache"),
+        ({"type_k": "q3_k"}, "unknown type_k"),
+        ({"n_ctx": 0}, "n_ctx must be at least 1"),
+    ],
+)
+def test_contradictions(changes, fragment):
+    s = Settings().replace(**changes)
+    assert any(fragment in p for p in s.problems())
+    with pytest.raises(SettingsError):
+        s.check()
+
+
+def test_gpu_layers_on_cpu_only_build():
+    assert Settings(n_gpu_layers=10).problems(can_offload=False)
+    assert not Settings(n_gpu_layers=10).problems(can_offload=True)
+
+
+def test_quantized_v_with_flash_attention_is_fine():
+    assert Settings(type_k="q8_0", type_v="q8_0", flash_attn=True).problems() == []
+
+
+def test_round_trip_and_coercion():
+    s = Settings(n_ctx=8192, flash_attn=True, type_k="q4_0", type_v="q4_0", use_mmap=False)
+    assert Settings.from_dict(s.to_dict()) == s
+    assert coerce("flash_attn", "on") is True and coerce("use_mmap", "off") is False
+    assert coerce("n_threads", "3") == 3
+    with pytest.raises(SettingsError):
+        coerce("n_threads", "three")
+    with pytest.raises(SettingsError):
+        Settings.from_dict({"n_ctxx": 5})
+
+
+def test_row_bytes_follow_ggml_block_sizes():
+    assert row_bytes("f16", 128) == 256
+    assert row_bytes("q8_0", 128) == 4 * 34
+    assert row_bytes("q4_0", 128) == 4 * 18
+
+
+def test_llama_kwargs_use_ggml_type_ids():
+    kw = Settings(type_k="q8_0", type_v="f16").llama_kwargs()
+    assert (kw["type_k"], kw["type_v"]) == (8, 1)
