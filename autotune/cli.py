@@ -118,7 +118,112 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
-    raise AutotuneError("autotune memory is not available yet")
+    from . import memory
+    from .errors import ModelError
+    from .gguf_model import read_facts
+    from .probe import probe
+    from .settings import Settings
+
+    facts = read_facts(args.model)
+    s = memory.validate(Settings(
+        n_ctx=args.ctx, n_gpu_layers=args.ngl, n_batch=args.batch, n_ubatch=args.ubatch, flash_attn=args.fa == "on",
+        type_k=args.type_k, type_v=args.type_v, swa_full=args.swa_full == "on",
+    ))
+    try:
+        memory.check_supported(facts)
+    except ModelError:
+        if not args.verify:
+            raise
+        supported = False  # --verify still shows the engine's own figures
+    else:
+        supported = True
+    hw = probe(measure_bandwidth=False)
+    out: dict[str, Any] = {"model": facts.path, "architecture": facts.architecture}
+    top = max(facts.n_ctx_train or 131072, s.n_ctx)
+    pairs = memory.kv_pairs(("f16", "q8_0", "q4_0"), s.flash_attn)
+    if supported:
+        out["estimate"] = memory.estimate(facts, s, hw).to_dict()
+    if supported and args.ctx_sweep:
+        ctxs, n = [], 512
+        while n < top:
+            ctxs.append(n)
+            n *= 2
+        out["ctx_sweep"] = memory.ctx_sweep(facts, s, hw, ctxs + [top], [k for k, _ in pairs])
+    if supported and args.max_ctx:
+        gpus = bool(hw.offload_gpus)
+        offloads = sorted({0, s.n_gpu_layers, facts.n_layer + 1} if gpus else {0})
+        rows = []
+        for tk, tv in pairs:
+            for ngl in offloads:
+                t = s.replace(type_k=tk, type_v=tv, n_gpu_layers=ngl)
+                best = memory.max_ctx(facts, t, hw, limit=top)
+                e = memory.estimate(facts, t.replace(n_ctx=best or 256), hw)
+                rows.append({"type_k": tk, "type_v": tv, "n_gpu_layers": ngl, "max_ctx": best,
+                             "total": e.total if best else None})
+        out["max_ctx"] = rows
+    if args.verify:
+        out["verify"] = [
+            {"predicted": r["predicted"], "engine": r["engine"], "error_pct": r["error_pct"], "error": r["error"]}
+            for r in memory.verify(facts, [s], hw)
+        ]
+    if args.json:
+        print_json(out)
+        return 0
+    if supported:
+        est = out["estimate"]
+        t = Table(title=f"memory: {facts.name}, n_ctx {est['n_ctx']:,}, K {s.type_k} / V {s.type_v}, "
+                        f"FA {args.fa}, ub {est['n_ubatch']}, GPU layers {est['gpu_layers']}"
+                        + (" + output" if est["output_on_gpu"] else ""))
+        t.add_column("")
+        for d in est["devices"]:
+            t.add_column(d["device"], justify="right")
+        for key, label in (("weights", "weights"), ("repack", "CPU repack"), ("kv", "KV cache"), ("compute", "compute"),
+                           ("output", "output"), ("overhead", "fixed overhead"), ("total", "[bold]total[/bold]"),
+                           ("budget", "free memory"), ("margin", "margin kept free")):
+            t.add_row(label, *(mib(d[key]) for d in est["devices"]))
+        t.add_row("fits", *("[green]yes[/green]" if d["fits"] else "[red]no[/red]" for d in est["devices"]))
+        console.print(t)
+        caches = ", ".join(f"{c['cells']:,} cells (K {mib(c['k'])}, V {mib(c['v'])})" for c in est["kv_caches"])
+        verdict = "fits" if est["fits"] else f"does NOT fit: {mib(est['shortfall'])} over"
+        console.print(f"KV caches: {caches}\ntotal {mib(est['total'])}: {verdict} "
+                      "(keeping max(512 MiB, 5 %) of each device free; overhead is a fixed allowance)")
+    if "ctx_sweep" in out:
+        t = Table(title=f"footprint against context (FA {'on' if s.flash_attn else 'off'}, ub {s.n_ubatch}, "
+                        f"{'GPU layers ' + str(s.n_gpu_layers) if hw.offload_gpus else 'CPU'})")
+        t.add_column("n_ctx", justify="right")
+        for tk, tv in pairs:
+            t.add_column(f"K {tk} / V {tv}\nKV / total", justify="right")
+        by_ctx: dict[int, dict[tuple[str, str], dict[str, Any]]] = {}
+        for r in out["ctx_sweep"]:
+            by_ctx.setdefault(r["n_ctx"], {})[(r["type_k"], r["type_v"])] = r
+        for n, cells in by_ctx.items():
+            t.add_row(f"{n:,}", *(
+                f"{mib(c['kv'])} / " + (f"{mib(c['total'])}" if c["fits"] else f"[red]{mib(c['total'])}[/red]")
+                for c in (cells[p] for p in pairs)))
+        console.print(t)
+        console.print("[red]red[/red]: does not fit this machine's free memory with the safety margin")
+    if "max_ctx" in out:
+        t = Table(title=f"largest context that fits (FA {'on' if s.flash_attn else 'off'}, limit {top:,})")
+        for col in ("K / V", "GPU layers", "max n_ctx", "total at max"):
+            t.add_column(col, justify="right" if col != "K / V" else "left")
+        for r in out["max_ctx"]:
+            t.add_row(f"{r['type_k']} / {r['type_v']}", str(r["n_gpu_layers"]),
+                      f"{r['max_ctx']:,}" if r["max_ctx"] else "[red]none[/red]", mib(r["total"]))
+        console.print(t)
+    for r in out.get("verify", []):
+        if r["engine"] is None:
+            raise ModelError(f"{facts.path}: the engine refused these settings: {r['error']}")
+        t = Table(title="prediction vs the engine's dry run (no allocation)")
+        for col in ("component", "predicted", "engine", "error"):
+            t.add_column(col, justify="left" if col == "component" else "right")
+        for k in memory.COMPONENTS:
+            err = r["error_pct"][k] if r["error_pct"] else None
+            t.add_row(k, mib(r["predicted"][k]) if r["predicted"] else "unsupported", mib(r["engine"][k]),
+                      "-" if err is None else f"{err:+.2f} %")
+        console.print(t)
+        console.print("The dry run cannot see the CPU_REPACK buffer or the fixed overhead: both are left out here. "
+                      "Errors are taken at the log's 0.01 MiB resolution.")
+    return 0
 
 
 # -------------------------------------------------------------------------------------------- search
@@ -129,8 +234,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from . import catalog, export, recommend, space, study
-    from .errors import FitError, SettingsError
+    from . import catalog, engine, export, recommend, space, study
+    from .errors import ModelError, SettingsError
     from .gguf_model import file_sha256, read_facts
     from .probe import probe
     from .runner import Workload
@@ -147,18 +252,20 @@ def cmd_search(args: argparse.Namespace) -> int:
     sp = space.build_space(hw, facts, n_ctx, pins)
     req = study.StudyRequest(model_path=model, facts=facts, hw=hw, space=sp, objective=args.objective,
                              pareto=args.pareto, workload=workload, storage=args.storage, seed=args.seed, pins=pins)
+    check_fits(req)
+    preflight = engine.dry_run(model, [sp.base])[0]  # the engine itself must accept the file (~1 s, no memory)
+    if isinstance(preflight, str):
+        raise ModelError(f"{model}: the engine refuses this model: {preflight}")
     st = study.open_study(req)
-    console.print(f"[bold]study[/] {st.study_name}  ({len(st.trials)} trials stored; storage {study.storage_url(args.storage)})")
+    finished = [t for t in st.get_trials(deepcopy=False) if t.state.is_finished()]
+    console.print(f"[bold]study[/] {st.study_name}  ({len(finished)} finished trials stored in "
+                  f"{study.storage_url(args.storage)})")
 
     with console.status("measuring how quantized K/V caches change the outputs (once per study) ..."):
         sp, quality = study.kv_quality(st, req, args.kv_quality)
     req = dataclasses.replace(req, space=sp)
     if quality:
         print_kv_quality(quality)
-    smallest = study.leanest(req)
-    if not smallest.fits:
-        raise FitError(f"{facts.name} at context {n_ctx} does not fit this machine even in its leanest settings: "
-                       f"{smallest.shortfall / MIB:,.0f} MiB short (try a smaller --ctx)")
 
     bar = Progress(TextColumn("[bold]trial {task.completed}/{task.total}"), BarColumn(), TimeElapsedColumn(),
                    TextColumn("{task.description}"), console=console)
@@ -200,9 +307,11 @@ def cmd_search(args: argparse.Namespace) -> int:
                                   "chosen": rec.chosen.label,
                                   "baseline_metrics": rec.metrics(rec.baseline),
                                   "peak_rss": rec.confirmation.peak_rss if rec.confirmation else None,
+                                  "base_rss": rec.confirmation.base_rss if rec.confirmation else None,
                                   "roofline": rec.roofline},
                "kv_quality": quality},
     )
+    config = draft_stage(args, config, hw)  # --draft: speculative decoding stage (cmd_draft section)
     st.set_user_attr("recommendation", config)
     print_recommendation(config)
     if args.out:
@@ -210,6 +319,21 @@ def cmd_search(args: argparse.Namespace) -> int:
             f.write(export.render(config, args.format))
         console.print(f"wrote {args.out} ({args.format})")
     return 0
+
+
+def check_fits(req: Any) -> None:
+    """Refuse up front, with the size of the gap, a model that no setting in the space can fit."""
+    from . import study
+    from .errors import FitError, ModelError
+
+    try:
+        lean = study.leanest(req)
+    except ModelError as e:  # unsupported architecture: no prediction, the trials will tell
+        console.print(f"[yellow]memory model: {e}; trials run without a fit check[/]")
+        return
+    if not lean.fits:
+        raise FitError(f"{req.facts.name} at context {req.n_ctx} cannot fit this machine in any searched setting: "
+                       f"{lean.shortfall / MIB:,.0f} MiB short even at its leanest (try a smaller --ctx)")
 
 
 def print_kv_quality(quality: dict[str, Any]) -> None:
@@ -258,7 +382,8 @@ def print_recommendation(config: dict[str, Any]) -> None:
                       f"({roof['bytes_per_token'] / MIB:,.0f} MiB read per token)")
     pred = config.get("memory", {})
     if "total" in pred and rec.get("peak_rss"):
-        console.print(f"memory: predicted {mib(pred['total'])}, measured peak RSS {mib(rec['peak_rss'])}")
+        console.print(f"memory: predicted {mib(pred['total'])}; measured peak RSS {mib(rec['peak_rss'])}, of which "
+                      f"{mib(rec['base_rss'])} was the Python process before the model loaded")
 
 
 # -------------------------------------------------------------------------------------------- export
@@ -292,6 +417,137 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------- draft
+
+
+def _int_list(value: str) -> tuple[int, ...]:
+    try:
+        items = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if not items or min(items) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {value!r}")
+    return items
+
+
+def _kinds(value: str) -> tuple[str, ...]:
+    from .draft import PROMPT_KINDS
+
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not items or any(k not in PROMPT_KINDS for k in items):
+        raise argparse.ArgumentTypeError(f"prompt kinds are {', '.join(PROMPT_KINDS)}; got {value!r}")
+    return items
+
+
+def _draft_arg(value: str) -> str:
+    """``search --draft``: checked while parsing, so a typo fails before the search, not after it."""
+    from .gguf_model import read_facts
+
+    if value == "auto":
+        return value
+    try:
+        read_facts(value)
+    except AutotuneError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def cmd_draft(args: argparse.Namespace) -> int:
+    from . import draft, export, space, study
+    from .gguf_model import read_facts
+    from .probe import probe
+
+    facts = read_facts(args.model)
+    hw = probe(measure_bandwidth=False)
+    if args.config:
+        settings = export.settings_of(export.load_config(args.config))
+    else:
+        settings = study.sensible(hw, facts, min(4096, facts.n_ctx_train or 4096))
+    settings = settings.replace(**space.parse_pins(args.set or []), **({"n_ctx": args.ctx} if args.ctx else {}))
+    plan = None if args.no_measure else draft.Plan(ns=args.n, kinds=args.kinds, rounds=args.rounds,
+                                                   prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
+                                                   reps=args.reps, timeout=args.trial_timeout)
+    status_console = Console(stderr=True)
+    with status_console.status("checking candidates ...") as status:
+        report = draft.evaluate(args.model, args.candidates, settings, hw, plan, on_run=lambda label, kind, m:
+                                status.update(f"{label} [{kind}]: " + (f"{m.decode:.1f} tok/s" if m.ok else m.error[:60])))
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        print_draft_report(report.to_dict())
+    return 0
+
+
+def print_draft_report(d: dict[str, Any]) -> None:
+    t = Table(title=f"draft candidates for {d['main']['name']} ({d['main']['n_params'] / 1e9:.2f}B)")
+    for col in ("candidate", "params", "verdict", "why / advice"):
+        t.add_column(col)
+    for c in d["candidates"]:
+        params = f"{c['n_params'] / 1e9:.2f}B" if c["n_params"] else "-"
+        verdict = "[green]compatible[/]" if c["compatible"] else "[red]rejected[/]"
+        t.add_row(os.path.basename(c["path"]), params, verdict, "; ".join(c["reasons"] + c["warnings"]) or "-")
+    console.print(t)
+    for c in d["candidates"]:
+        mem = c["memory"]
+        if "error" in mem:
+            console.print(f"memory of {os.path.basename(c['path'])}: {mem['error']}")
+        if not mem.get("placements"):
+            continue
+        t = Table(title=f"memory: main + {os.path.basename(c['path'])} (draft context {mem['placements'][0]['draft_n_ctx']:,})")
+        for col in ("draft on", "draft GPU layers", "draft KV", "per device: main + draft + speculative = total / free",
+                    "fits"):
+            t.add_column(col)
+        for r in mem["placements"]:
+            devs = "; ".join(f"{x['device']} {mib(x['main'])} + {mib(x['draft'])} + {mib(x['speculative'])} = "
+                             f"{mib(x['total'])} / {mib(x['budget'])}" for x in r["devices"] if x["total"])
+            t.add_row(f"{r['placement']} ({r['kind']})", str(r["draft_gpu_layers"]), mib(r["draft_kv"]), devs,
+                      "[green]yes[/]" if r["fits"] else f"[red]no[/] ({mib(r['shortfall'])} short)")
+        console.print(t)
+        console.print("speculative = what llama-cpp-python adds to the main when a draft is attached "
+                      "(all logits kept; its size at a full context)")
+    if d["results"]:
+        t = Table(title="decode with and without the draft (medians; speedup counts only when the interquartile "
+                        "ranges are apart)")
+        for col in ("configuration", "text", "decode tok/s (IQR)", "speedup", "acceptance", "accepted/step",
+                    "output vs main alone"):
+            t.add_column(col)
+        for r in d["results"]:
+            for kind, e in r["kinds"].items():
+                s = e["decode"]
+                spread = f"{s['median']:.1f} ({s['q25']:.1f}-{s['q75']:.1f})" if s["n"] else "failed"
+                if "speedup" not in e:
+                    t.add_row(r["label"], kind, spread, "-", "-", "-", "reference" if e["outputs_match"] else e["mismatch"])
+                    continue
+                sp = "-" if e["speedup"] is None else f"x{e['speedup']:.2f}" + (
+                    " [green]clear[/]" if e["clear_win"] else " [red]slower[/]" if e["clear_loss"] else "")
+                acc = "-" if e["acceptance"] is None else f"{e['acceptance']:.0%}"
+                aps = "-" if e["accepted_per_step"] is None else f"{e['accepted_per_step']:.2f}"
+                out = "same" if e["outputs_match"] else e["mismatch"] or "-"
+                t.add_row(r["label"], kind, spread, sp, acc, aps, out)
+        console.print(t)
+        for r in d["results"]:
+            for f in r["failures"][:2]:
+                console.print(f"[yellow]{r['label']} failed[/]: {f}")
+    console.print(f"[bold]{d['recommendation']['verdict']}[/]")
+    console.print(f"({d['wall_s']:.0f} s)")
+
+
+def draft_stage(args: argparse.Namespace, config: dict[str, Any], hw: Any) -> dict[str, Any]:
+    """``search --draft``: measure drafts with the tuned main settings; the config carries the result."""
+    if not args.draft:
+        return config
+    from . import draft
+
+    with console.status("measuring speculative decoding with the tuned settings ...") as status:
+        config, report = draft.search_stage(config, args.draft, hw, on_run=lambda label, kind, m: status.update(
+            f"draft stage, {label} [{kind}]: " + (f"{m.decode:.1f} tok/s" if m.ok else m.error[:60])))
+    if report is not None:
+        print_draft_report(report.to_dict())
+    else:
+        console.print(config["draft"]["recommendation"]["verdict"])
+    return config
+
+
 # ------------------------------------------------------------------------------------------- parser
 
 
@@ -313,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("memory", help="predict the memory a configuration needs, per device")
     sp.add_argument("model")
-    sp.add_argument("--ctx", type=int, default=4096)
+    sp.add_argument("--ctx", type=int, default=4096,
+                    help="context length; above the trained context it also raises the --ctx-sweep/--max-ctx limit")
     sp.add_argument("--ngl", type=int, default=0, help="layers offloaded to the GPU")
     sp.add_argument("--type-k", default="f16")
     sp.add_argument("--type-v", default="f16")
@@ -350,6 +607,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-recommend", action="store_true", help="only run trials")
     sp.add_argument("--out", help="write the tuned config here")
     sp.add_argument("--format", choices=FORMATS, default="json")
+    # draft stage (autotune.draft, cmd_draft section): runs after the main settings are tuned
+    sp.add_argument("--draft", type=_draft_arg, metavar="auto|PATH",
+                    help="then measure speculative decoding with this draft (auto: compatible GGUFs next to the model "
+                         "or in the cache); the config carries the draft when it pays")
     sp.set_defaults(func=cmd_search)
 
     sp = sub.add_parser("export", help="write a tuned config in another tool's format")
@@ -358,6 +619,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--storage", help="Optuna storage URL of the study")
     sp.add_argument("--out")
     sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser("draft", help="which draft models fit a main model, and whether speculative decoding pays")
+    sp.add_argument("model", help="the main GGUF model")
+    sp.add_argument("--candidates", nargs="+", required=True, metavar="DIR_OR_FILE",
+                    help="draft GGUF files, or directories whose *.gguf files are candidates")
+    sp.add_argument("--config", help="a tuned config JSON: measure with its settings (default: sensible settings)")
+    sp.add_argument("--set", action="append", metavar="NAME=VALUE", help="pin a main setting, e.g. n_threads=2")
+    sp.add_argument("--ctx", type=int, help="context length (default: the config's, else min(4096, trained))")
+    sp.add_argument("--n", type=_int_list, default=(2, 4, 8, 16), metavar="N,N,...", help="draft lengths to measure")
+    sp.add_argument("--kinds", type=_kinds, default=("code", "prose"), metavar="KIND,...", help="prompt kinds: code, prose")
+    sp.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each runs every configuration once per kind)")
+    sp.add_argument("--reps", type=int, default=2, help="repetitions inside each run")
+    sp.add_argument("--prompt-tokens", type=int, default=64)
+    sp.add_argument("--gen-tokens", type=int, default=32)
+    sp.add_argument("--trial-timeout", type=float, default=300.0, help="kill one engine run after this many seconds")
+    sp.add_argument("--no-measure", action="store_true", help="check compatibility and memory only")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_draft)
     return p
 
 

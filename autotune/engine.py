@@ -138,10 +138,12 @@ def parse_buffers(lines: list[str]) -> BufferReport:
 
 
 def last_error(lines: list[str]) -> str:
-    """The most telling engine line for a failure: the last error-looking one, else the last line."""
-    for line in reversed(lines):
-        if re.search(r"error|failed|fail|abort|exception|unknown|invalid", line, re.I):
-            return line.strip()
+    """The most telling engine line for a failure: the last line saying "error" (it carries the cause,
+    e.g. an unknown architecture), else the last one saying fail/abort/invalid, else the last line."""
+    for pattern in (r"\berror\b", r"fail|abort|exception|invalid|unknown"):
+        for line in reversed(lines):
+            if re.search(pattern, line, re.I):
+                return line.strip()
     return lines[-1].strip() if lines else ""
 
 

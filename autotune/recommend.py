@@ -143,9 +143,8 @@ def recommend(
         m = runner.run(req.model_path, c.settings, req.workload, timeout=trial_timeout)
         if on_run:
             on_run(f"confirm {c.label}", m)
-        if m.ok:
+        if m.ok:  # proof that it runs; kept apart so the verdict rests on the interleaved rounds only
             chosen, confirmation = c, m
-            c.runs.append(m)
             break
         c.failures.append(f"confirmation run failed: {m.error}")
         verdict += f" The confirmation run of {c.label} failed ({m.error}); falling back to the next best."

@@ -57,6 +57,7 @@ class Measurement:
     load_s: float = 0.0
     wall_s: float = 0.0
     peak_rss: int = 0  # bytes, the child's maximum resident set
+    base_rss: int = 0  # bytes resident before the model loaded (Python + engine library): not the model's
     peak_vram: int | None = None  # bytes over the baseline, where NVML sees a GPU
     buffers: dict[str, Any] = field(default_factory=dict)  # the engine's logged buffer sizes
     draft: dict[str, Any] = field(default_factory=dict)  # speculative decoding counters, when a draft ran
@@ -254,6 +255,7 @@ def _measure(request: dict[str, Any]) -> dict[str, Any]:
     settings = Settings.from_dict(request["settings"])
     work = Workload(**request["workload"])
     kwargs = settings.llama_kwargs()
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
     with captured_log(echo=True) as lines:
         try:
@@ -309,6 +311,7 @@ def _measure(request: dict[str, Any]) -> dict[str, Any]:
         "load_s": load_s,
         "wall_s": 0.0,
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "base_rss": base_rss,
         "peak_vram": None,
         "buffers": buffers,
         "draft": draft.stats() if draft is not None else {},

@@ -151,13 +151,17 @@ def build_space(
     if pins.get("type_v") in QUANTIZED_KV and "flash_attn" not in pins:
         pins["flash_attn"] = True  # the only way a quantized V cache runs; not a choice left to search
     base = Settings(n_ctx=n_ctx, n_threads=hw.physical_cores, n_threads_batch=hw.logical_cores).replace(**pins)
+    if "n_ubatch" not in pins:  # a pinned n_batch below the default micro-batch brings it down ...
+        base = base.replace(n_ubatch=min(base.n_ubatch, base.n_batch))
+    if "n_batch" not in pins:  # ... and a pinned micro-batch above the default batch brings that up
+        base = base.replace(n_batch=max(base.n_batch, base.n_ubatch))
     base.check(hw.can_offload)
     ints: dict[str, tuple[int, int]] = {
         "n_threads": (1, hw.logical_cores),
         "n_threads_batch": (1, hw.logical_cores),
     }
     params: dict[str, tuple[Any, ...]] = {
-        "n_ubatch": tuple(u for u in UBATCH_CHOICES if u <= max(n_ctx, UBATCH_CHOICES[0])),
+        "n_ubatch": UBATCH_CHOICES,
         "batch_factor": BATCH_FACTORS,
         "attention": attention_choices(kv_types),
         "use_mmap": (True, False),

@@ -15,6 +15,7 @@ import socket
 import statistics
 import sqlite3
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +35,7 @@ OBJECTIVES = ("decode", "prefill", "ttft", "balanced")
 DEFAULT_STORAGE_DIR = Path("studies")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def objective_samples(m: Measurement, objective: str, workload: Workload) -> list[float]:
@@ -152,7 +154,7 @@ def open_storage(storage: str | None) -> optuna.storages.BaseStorage:
 
 def open_study(req: StudyRequest) -> optuna.Study:
     storage = open_storage(req.storage)
-    sampler = optuna.samplers.TPESampler(seed=req.seed, n_startup_trials=8, multivariate=True, group=True,
+    sampler = optuna.samplers.TPESampler(seed=req.seed, n_startup_trials=8, multivariate=True,
                                          constant_liar=True)
     try:
         study = optuna.create_study(study_name=req.name(), storage=storage, sampler=sampler,
@@ -238,9 +240,9 @@ def leanest(req: StudyRequest) -> memory.MemoryEstimate:
         s = s.replace(flash_attn=fa, type_k=k, type_v=v)
     ubatch = min(req.space.params.get("n_ubatch", (s.n_ubatch,)))
     s = s.replace(n_ubatch=ubatch, n_batch=max(ubatch, s.n_batch if "n_batch" in req.pins else ubatch))
-    if "n_gpu_layers" in req.space.int_ranges:
-        s = s.replace(n_gpu_layers=req.space.int_ranges["n_gpu_layers"][1])
-    return memory.estimate(req.facts, s, req.hw)
+    layers = req.space.int_ranges.get("n_gpu_layers", (s.n_gpu_layers, s.n_gpu_layers))
+    options = [memory.estimate(req.facts, s.replace(n_gpu_layers=n), req.hw) for n in sorted(set(layers))]
+    return min(options, key=lambda e: e.shortfall)
 
 
 @dataclass

@@ -1,0 +1,140 @@
+"""The CLI on bad input: one clear line on stderr, a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFWriter
+
+from autotune import synth
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "autotune.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert done.returncode != 0, done.stdout
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("autotune: error: ") and fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, tiny_model) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("bad")
+    good = tiny_model.read_bytes()
+    files = {
+        "missing": d / "missing.gguf",
+        "directory": d,
+        "empty": d / "empty.gguf",
+        "text": d / "notes.txt",
+        "magic": d / "magic.gguf",
+        "header": d / "header.gguf",
+        "tensors": d / "tensors.gguf",
+    }
+    files["empty"].write_bytes(b"")
+    files["text"].write_text("just some text\n")
+    files["magic"].write_bytes(b"GGJT" + good[4:])
+    files["header"].write_bytes(good[:300])
+    files["tensors"].write_bytes(good[: len(good) // 2])
+    return files
+
+
+@pytest.mark.parametrize(
+    "which, fragment",
+    [
+        ("missing", "no such file"),
+        ("directory", "is a directory"),
+        ("empty", "empty file"),
+        ("text", "not a GGUF file"),
+        ("magic", "not a GGUF file"),
+        ("header", "damaged or truncated"),
+        ("tensors", "truncated"),
+    ],
+)
+@pytest.mark.parametrize("command", ["inspect", "search", "memory"])
+def test_bad_model_files(bad_files, command, which, fragment):
+    assert_one_line_error(cli(command, str(bad_files[which])), fragment)
+
+
+def test_debug_shows_the_traceback(bad_files):
+    done = cli("--debug", "inspect", str(bad_files["empty"]))
+    assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+def test_architecture_the_engine_cannot_load(tmp_path):
+    w = GGUFWriter(tmp_path / "frob.gguf", "frobnicator")
+    w.add_block_count(1)
+    w.add_embedding_length(8)
+    w.add_head_count(2)
+    w.add_context_length(512)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"t{i}" for i in range(8)])
+    w.add_tensor("token_embd.weight", np.zeros((8, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert cli("inspect", str(tmp_path / "frob.gguf")).returncode == 0  # the file itself is fine
+    done = cli("search", str(tmp_path / "frob.gguf"), "--storage", f"sqlite:///{tmp_path / 's.db'}")
+    assert_one_line_error(done, "the engine refuses this model")
+    assert "frobnicator" in done.stderr
+
+
+def test_model_that_cannot_fit(tmp_path, demo_model):
+    big = synth.write_model(tmp_path / "70b.gguf", demo_model, synth.SHAPES["70b"], weight_type="Q4_K",
+                            header_only=True)
+    done = cli("search", str(big), "--ctx", "32768", "--storage", f"sqlite:///{tmp_path / 's.db'}")
+    assert_one_line_error(done, "cannot fit this machine")
+    assert "MiB short" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--set", "n_ubatch=1024", "--set", "n_batch=512"], "n_ubatch (1024) > n_batch (512)"),
+        (["--set", "type_v=q8_0", "--set", "flash_attn=off"], "needs flash attention"),
+        (["--set", "n_gpu_layers=10"], "cannot offload"),
+        (["--set", "n_threads=many"], "expects int"),
+        (["--set", "turbo=1"], "unknown setting"),
+        (["--ctx", "64"], "smaller than the measured prompt"),
+    ],
+)
+def test_contradictory_search_flags(tiny_model, tmp_path, flags, fragment):
+    done = cli("search", str(tiny_model), "--storage", f"sqlite:///{tmp_path / 's.db'}", *flags)
+    assert_one_line_error(done, fragment)
+
+
+def test_unwritable_studies_directory(tiny_model, tmp_path):
+    (tmp_path / "studies").write_text("a file where the directory should be")
+    assert_one_line_error(cli("search", str(tiny_model), cwd=tmp_path), "cannot write study databases")
+
+
+def test_corrupt_and_foreign_study_databases(tiny_model, tmp_path):
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"SQLite format 3\x00" + b"\x13" * 500)
+    assert_one_line_error(cli("search", str(tiny_model), "--storage", f"sqlite:///{corrupt}"), "not a usable")
+    foreign = tmp_path / "notes.db"
+    import sqlite3
+
+    with sqlite3.connect(foreign) as con:
+        con.execute("create table notes (body text)")
+    assert_one_line_error(cli("search", str(tiny_model), "--storage", f"sqlite:///{foreign}"), "something else")
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [("{oops", "not valid JSON"), (json.dumps({"schema": 7, "settings": {}}), "newer than this autotune")],
+)
+def test_bad_exported_configs(tmp_path, text, fragment):
+    p = tmp_path / "tuned.json"
+    p.write_text(text)
+    assert_one_line_error(cli("export", str(p), "--format", "llama-server"), fragment)

@@ -1,0 +1,87 @@
+"""The search space: valid by construction, shaped by the hardware and the model, and honouring pins."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import optuna
+import pytest
+
+from autotune import space
+from autotune.errors import SettingsError
+from autotune.gguf_model import read_facts
+from autotune.probe import GPU, Hardware
+
+CPU_HW = Hardware(cpu_model="test cpu", physical_cores=4, logical_cores=8, ram_total=16 * 2**30,
+                  ram_available=12 * 2**30)
+
+
+def fake_gpu_hw() -> Hardware:
+    gpu = GPU(index=0, name="Fake 24G", backend="cuda", vram_total=24 * 2**30, vram_free=23 * 2**30)
+    return dataclasses.replace(CPU_HW, gpus=(gpu,), backend="cuda", can_offload=True)
+
+
+def test_every_sampled_config_is_valid(demo_model):
+    facts = read_facts(demo_model)
+    sp = space.build_space(CPU_HW, facts, 4096)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(300):
+        s = sp.suggest(study.ask())
+        assert s.problems(can_offload=False) == [], s
+        assert s.n_ctx == 4096 and s.n_gpu_layers == 0
+
+
+def test_cpu_only_space_has_no_gpu_knobs(demo_model):
+    sp = space.build_space(CPU_HW, read_facts(demo_model), 4096)
+    assert "n_gpu_layers" not in sp.int_ranges and "offload_kqv" not in sp.params
+    assert sp.int_ranges["n_threads"] == (1, 8)
+    assert "swa_full" not in sp.params  # SmolLM2 has no sliding window
+
+
+def test_fake_gpu_space_offers_layers_and_kv_offload(demo_model):
+    facts = read_facts(demo_model)
+    sp = space.build_space(fake_gpu_hw(), facts, 4096)
+    assert sp.int_ranges["n_gpu_layers"] == (0, facts.n_layer + 1)
+    assert sp.params["offload_kqv"] == (True, False)
+
+
+def test_pins_remove_knobs_and_constrain_others(demo_model):
+    facts = read_facts(demo_model)
+    pins = space.parse_pins(["n_threads=2", "type_v=q8_0", "n_batch=128"])
+    sp = space.build_space(CPU_HW, facts, 4096, pins)
+    assert "n_threads" not in sp.int_ranges and sp.base.n_threads == 2
+    assert all(space.parse_attention(c)[0] and space.parse_attention(c)[2] == "q8_0" for c in sp.params["attention"])
+    assert max(sp.params["n_ubatch"]) <= 128 and "batch_factor" not in sp.params
+    s = sp.suggest(optuna.create_study().ask())
+    assert s.n_threads == 2 and s.type_v == "q8_0" and s.flash_attn and s.n_batch == 128
+
+
+def test_bad_pins(demo_model):
+    with pytest.raises(SettingsError):
+        space.parse_pins(["n_threads"])
+    with pytest.raises(SettingsError):
+        space.parse_pins(["warp_drive=9"])
+    with pytest.raises(SettingsError, match="cannot offload"):
+        space.build_space(CPU_HW, read_facts(demo_model), 4096, {"n_gpu_layers": 5})
+
+
+def test_params_of_inverts_settings_from(demo_model):
+    sp = space.build_space(CPU_HW, read_facts(demo_model), 4096)
+    for s in (sp.base, sp.base.replace(flash_attn=True, type_k="q8_0", type_v="q8_0", n_ubatch=128, n_batch=256)):
+        assert sp.settings_from(sp.params_of(s)) == s
+
+
+def test_quantized_kv_needs_whole_blocks(tmp_path, demo_model):
+    from autotune import synth
+
+    odd = synth.write_model(tmp_path / "hd16.gguf", demo_model, synth.Shape(n_embd=64, n_head=4, n_head_kv=2),
+                            header_only=True)
+    sp = space.build_space(CPU_HW, read_facts(odd), 1024)
+    assert sp.params["attention"] == ("fa-off:f16:f16", "fa-on:f16:f16")
+
+
+def test_kv_pairs_and_exclusion(demo_model):
+    sp = space.build_space(CPU_HW, read_facts(demo_model), 4096)
+    assert space.kv_pairs(sp) == [("q4_0", "f16"), ("q4_0", "q4_0"), ("q8_0", "f16"), ("q8_0", "q8_0")]
+    kept = sp.without_kv({("q4_0", "q4_0"), ("q4_0", "f16")})
+    assert space.kv_pairs(kept) == [("q8_0", "f16"), ("q8_0", "q8_0")]

@@ -1,0 +1,134 @@
+"""The study: real runs of a tiny model, gated by the memory model, stored, resumed, and recommended."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+import subprocess
+import sys
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from autotune import recommend, space, study
+from autotune.errors import StudyError
+from autotune.gguf_model import read_facts
+from autotune.probe import probe
+from autotune.runner import Workload
+
+WORK = Workload(prompt_tokens=32, gen_tokens=8, reps=2)
+
+
+@pytest.fixture(scope="module")
+def hw():
+    return probe(measure_bandwidth=False)
+
+
+def make_request(model, hw, storage, **kw) -> study.StudyRequest:
+    facts = read_facts(model)
+    pins = kw.pop("pins", {})
+    sp = space.build_space(hw, facts, 256, pins)
+    return study.StudyRequest(model_path=str(model), facts=facts, hw=hw, space=sp, workload=WORK,
+                              storage=storage, pins=pins, **kw)
+
+
+def states(st: optuna.Study) -> list[TrialState]:
+    return [t.state for t in st.get_trials(deepcopy=False)]
+
+
+def test_study_measures_baselines_first_and_resumes(tiny_model, hw, tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    req = make_request(tiny_model, hw, url)
+    st = study.open_study(req)
+    study.run_trials(st, req, 3, trial_timeout=120)
+    trials = st.get_trials()
+    assert [t.user_attrs.get("role") for t in trials[:2]] == ["defaults", "sensible"]
+    assert trials[0].user_attrs["settings"] == study.engine_defaults(256).to_dict()
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert all(t.value == pytest.approx(study.objective_value(
+        study.Measurement.from_dict(t.user_attrs["measurement"]), "decode", WORK)) for t in trials)
+
+    again = study.open_study(req)  # a second run of the same command resumes the same study
+    assert again.study_name == st.study_name and len(again.trials) == 3
+    study.run_trials(again, req, 2, trial_timeout=120)
+    assert len(again.trials) == 5
+    assert [t.user_attrs.get("role") for t in again.trials].count("defaults") == 1
+
+
+def test_configs_that_cannot_fit_are_pruned_not_run(tiny_model, hw, tmp_path):
+    tiny_ram = dataclasses.replace(hw, ram_available=64 * 2**20)
+    req = make_request(tiny_model, tiny_ram, f"sqlite:///{tmp_path / 's.db'}")
+    st = study.open_study(req)
+    study.run_trials(st, req, 3)
+    for t in st.trials:
+        assert t.state == TrialState.PRUNED
+        assert t.user_attrs["reason"].startswith("does not fit")
+        assert "measurement" not in t.user_attrs
+
+
+def test_failures_are_recorded_with_reasons_never_as_zero(tiny_model, hw, tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOTUNE_FAULT", "exit,segfault")
+    monkeypatch.setenv("AUTOTUNE_FAULT_EVERY", "2")
+    req = make_request(tiny_model, hw, f"sqlite:///{tmp_path / 's.db'}")
+    st = study.open_study(req)
+    p = study.run_trials(st, req, 4, trial_timeout=120)
+    assert (p.complete, p.failed, p.pruned) == (2, 2, 0)
+    failed = st.get_trials(states=(TrialState.FAIL,))
+    assert [t.number for t in failed] == [0, 2]
+    assert "exit code 3" in failed[0].user_attrs["reason"] and "SIGSEGV" in failed[1].user_attrs["reason"]
+    assert all(t.values is None for t in failed)
+
+
+def test_trial_left_running_by_a_dead_tuner_is_marked_failed(tiny_model, hw, tmp_path):
+    req = make_request(tiny_model, hw, f"sqlite:///{tmp_path / 's.db'}")
+    st = study.open_study(req)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    t = st.ask()
+    t.set_user_attr("pid", int(dead.stdout))
+    t.set_user_attr("host", __import__("socket").gethostname())
+    live = st.ask()
+    live.set_user_attr("pid", __import__("os").getpid())
+    live.set_user_attr("host", __import__("socket").gethostname())
+    assert study.fail_orphans(st) == [t.number]
+    assert st.trials[t.number].state == TrialState.FAIL and "died" in st.trials[t.number].user_attrs["reason"]
+    assert st.trials[live.number].state == TrialState.RUNNING
+
+
+def test_foreign_and_corrupt_databases_are_refused(tiny_model, hw, tmp_path):
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as con:
+        con.execute("create table recipes (name text)")
+    with pytest.raises(StudyError, match="something else"):
+        study.open_study(make_request(tiny_model, hw, f"sqlite:///{foreign}"))
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"SQLite format 3\x00" + b"\xff" * 200)
+    with pytest.raises(StudyError, match="not a usable study database"):
+        study.open_study(make_request(tiny_model, hw, f"sqlite:///{corrupt}"))
+
+
+def test_unwritable_studies_directory(tmp_path, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    monkeypatch.setattr(study, "DEFAULT_STORAGE_DIR", ro / "studies")
+    if __import__("os").geteuid() == 0:  # root writes anywhere: make the path a file instead
+        ro.chmod(0o700)
+        (ro / "studies").write_text("not a directory")
+    with pytest.raises(StudyError, match="cannot write study databases"):
+        study.storage_url(None)
+
+
+def test_recommendation_is_confirmed_and_honest(tiny_model, hw, tmp_path):
+    req = make_request(tiny_model, hw, f"sqlite:///{tmp_path / 's.db'}", pins={"n_threads": 2, "n_threads_batch": 2})
+    st = study.open_study(req)
+    study.run_trials(st, req, 3, trial_timeout=120)
+    rec = recommend.recommend(st, req, top_k=2, rounds=2, trial_timeout=120)
+    assert rec.confirmation is not None and rec.confirmation.ok
+    assert rec.baseline.label == "defaults" and len(rec.baseline.runs) >= 2
+    chosen, base = rec.chosen.spread("decode", WORK), rec.baseline.spread("decode", WORK)
+    if rec.supported:
+        assert chosen.q25 > base.q75 and rec.chosen is not rec.baseline
+    else:
+        assert rec.chosen is rec.baseline or "defaults failed" in rec.verdict
+    assert rec.metrics()["decode"]["n"] == len(rec.metrics()["decode"]["samples"]) >= 2
