@@ -90,8 +90,10 @@ class Recommendation:
         return out
 
 
-def better(a: float, b: float, objective: str) -> bool:
-    return a < b if objective == "ttft" else a > b
+# Run indexes (for the runner's fault injection): trials count from 0, re-measurements and confirmations
+# from these offsets, so a test can fail exactly the confirmation run.
+REMEASURE = 10_000
+CONFIRM = 20_000
 
 
 def recommend(
@@ -119,10 +121,12 @@ def recommend(
             continue
         candidates.append(Candidate(t.user_attrs.get("role") or f"trial {t.number}", m.settings))
 
+    runs = 0
     for r in range(rounds):
         order = candidates[r % len(candidates):] + candidates[: r % len(candidates)]  # rotate: no fixed slot
         for c in order:
-            m = runner.run(req.model_path, c.settings, req.workload, timeout=trial_timeout)
+            m = runner.run(req.model_path, c.settings, req.workload, timeout=trial_timeout, index=REMEASURE + runs)
+            runs += 1
             (c.runs.append(m) if m.ok else c.failures.append(m.error))
             if on_run:
                 on_run(c.label, m)
@@ -139,8 +143,8 @@ def recommend(
 
     confirmation = None
     chosen = order[0]
-    for c in order:
-        m = runner.run(req.model_path, c.settings, req.workload, timeout=trial_timeout)
+    for attempt, c in enumerate(order):
+        m = runner.run(req.model_path, c.settings, req.workload, timeout=trial_timeout, index=CONFIRM + attempt)
         if on_run:
             on_run(f"confirm {c.label}", m)
         if m.ok:  # proof that it runs; kept apart so the verdict rests on the interleaved rounds only

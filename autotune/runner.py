@@ -7,7 +7,7 @@ raw sample is kept.
 
 Fault injection for tests: ``AUTOTUNE_FAULT=abort|segfault|oom|hang|garbage|exit`` (a comma list
 cycles through kinds) makes the child fail that way after loading; with ``AUTOTUNE_FAULT_EVERY=N`` only
-runs whose index is a multiple of N fail.
+every N-th run fails (indexes N-1, 2N-1, ...).
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def _inject_fault(index: int) -> None:
     if not kinds:
         return
     every = int(os.environ.get("AUTOTUNE_FAULT_EVERY", "1"))
-    if index % every:
+    if index % every != every - 1:
         return
     kind = kinds[(index // every) % len(kinds)]
     sys.stderr.write(f"autotune fault injection: {kind}\n")
@@ -374,7 +374,20 @@ def _divergence(request: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True, "divergence": out}
 
 
+def _exit_with_parent() -> None:
+    """If the tuner dies (kill -9), end this engine process too rather than hold memory as an orphan."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _child_main() -> int:
+    _exit_with_parent()
     request = json.loads(sys.stdin.read())
     try:
         result = _divergence(request) if request.get("mode") == "divergence" else _measure(request)

@@ -175,7 +175,7 @@ def open_study(req: StudyRequest) -> optuna.Study:
     for role, s in (("defaults", engine_defaults(req.n_ctx).replace(**req.pins)),
                     ("sensible", sensible(req.hw, req.facts, req.n_ctx).replace(**req.pins))):
         if role not in seeded:
-            study.enqueue_trial(req.space.params_of(s), user_attrs={"role": role})
+            study.enqueue_trial(req.space.params_of(s), user_attrs={"role": role}, skip_if_exists=True)
     return study
 
 
@@ -212,14 +212,14 @@ KV_QUALITY = {"strict": (0.01, 0.92), "relaxed": (0.05, 0.85)}
 def kv_quality(study: optuna.Study, req: StudyRequest, level: str = "strict") -> tuple[SearchSpace, dict[str, Any]]:
     """Measure (once per study) how each quantized K/V pair changes the model's outputs, and drop the pairs
     beyond the ``level`` threshold from the space. Returns the space and the per-pair report."""
+    if level == "off":
+        return req.space, {}
     pairs = kv_pairs(req.space)
     report = dict(study.user_attrs.get("kv_quality", {}))
     missing = [p for p in pairs if f"{p[0]}/{p[1]}" not in report]
     if missing:
         report.update(runner.kv_divergence(req.model_path, missing, req.space.base))
         study.set_user_attr("kv_quality", report)
-    if level == "off":
-        return req.space, report
     max_kl, min_top1 = KV_QUALITY[level]
     excluded = set()
     for k, v in pairs:

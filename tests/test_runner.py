@@ -56,8 +56,8 @@ def test_hang_is_killed_at_the_timeout(tiny_model, monkeypatch):
 def test_fault_every_n_runs(tiny_model, monkeypatch):
     monkeypatch.setenv("AUTOTUNE_FAULT", "exit")
     monkeypatch.setenv("AUTOTUNE_FAULT_EVERY", "2")
-    assert not runner.run(str(tiny_model), S, SMALL, index=4).ok
-    assert runner.run(str(tiny_model), S, SMALL, index=5).ok
+    assert not runner.run(str(tiny_model), S, SMALL, index=5).ok
+    assert runner.run(str(tiny_model), S, SMALL, index=4).ok
 
 
 def test_engine_refusal_is_a_reason_not_a_crash(tiny_model):

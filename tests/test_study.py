@@ -75,7 +75,7 @@ def test_failures_are_recorded_with_reasons_never_as_zero(tiny_model, hw, tmp_pa
     p = study.run_trials(st, req, 4, trial_timeout=120)
     assert (p.complete, p.failed, p.pruned) == (2, 2, 0)
     failed = st.get_trials(states=(TrialState.FAIL,))
-    assert [t.number for t in failed] == [0, 2]
+    assert [t.number for t in failed] == [1, 3]
     assert "exit code 3" in failed[0].user_attrs["reason"] and "SIGSEGV" in failed[1].user_attrs["reason"]
     assert all(t.values is None for t in failed)
 
@@ -132,3 +132,16 @@ def test_recommendation_is_confirmed_and_honest(tiny_model, hw, tmp_path):
     else:
         assert rec.chosen is rec.baseline or "defaults failed" in rec.verdict
     assert rec.metrics()["decode"]["n"] == len(rec.metrics()["decode"]["samples"]) >= 2
+
+
+def test_failed_confirmation_falls_back_to_the_next_confirmed_config(tiny_model, hw, tmp_path, monkeypatch):
+    req = make_request(tiny_model, hw, f"sqlite:///{tmp_path / 's.db'}")
+    st = study.open_study(req)
+    study.run_trials(st, req, 3, trial_timeout=120)
+    monkeypatch.setenv("AUTOTUNE_FAULT", "exit")
+    monkeypatch.setenv("AUTOTUNE_FAULT_EVERY", str(recommend.CONFIRM + 1))  # only the first confirmation fails
+    rec = recommend.recommend(st, req, top_k=2, rounds=1, trial_timeout=120)
+    assert rec.confirmation is not None and rec.confirmation.ok
+    assert "confirmation run of" in rec.verdict and "failed" in rec.verdict
+    first_choice = [c for c in rec.candidates if any("confirmation run failed" in f for f in c.failures)]
+    assert len(first_choice) == 1 and first_choice[0] is not rec.chosen
