@@ -138,3 +138,24 @@ def test_bad_exported_configs(tmp_path, text, fragment):
     p = tmp_path / "tuned.json"
     p.write_text(text)
     assert_one_line_error(cli("export", str(p), "--format", "llama-server"), fragment)
+
+
+def test_search_recommends_and_exports_end_to_end(tiny_model, tmp_path):
+    """The main command on a tiny model: trials, re-measurement, a tuned config, and every export format."""
+    out = tmp_path / "tuned.json"
+    done = cli("search", str(tiny_model), "--trials", "4", "--ctx", "256", "--prompt-tokens", "32", "--gen-tokens",
+               "8", "--top-k", "1", "--rounds", "2", "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "recommended" in done.stdout and "KV cache quantization vs f16" in done.stdout
+    config = json.loads(out.read_text())
+    assert config["schema"] == 1 and config["model"]["sha256"] and config["metrics"]["decode"]["n"] >= 4
+    assert config["recommendation"]["verdict"]
+    assert (tmp_path / "studies" / "autotune.db").exists()  # the default storage, relative to the cwd
+    name = config["study"]["name"]
+    for fmt in ("llama-server", "python", "lmstudio", "ollama", "koboldcpp"):
+        exported = cli("export", name, "--format", fmt, cwd=tmp_path)
+        assert exported.returncode == 0 and exported.stdout.strip(), exported.stderr
+    again = cli("export", str(out), "--format", "llama-server")
+    assert again.stdout.startswith("llama-server -m ") and f"-c 256" in again.stdout
+    missing = cli("export", "no-such-study", cwd=tmp_path)
+    assert_one_line_error(missing, "no study named 'no-such-study'")
