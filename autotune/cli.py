@@ -138,7 +138,12 @@ def cmd_memory(args: argparse.Namespace) -> int:
     else:
         supported = True
     hw = probe(measure_bandwidth=False)
-    out: dict[str, Any] = {"model": facts.path, "architecture": facts.architecture}
+    notes = []
+    if s.n_gpu_layers and not hw.offload_gpus:
+        notes.append("no GPU this engine build can offload to: --ngl is ignored, everything stays on the host")
+    elif s.n_gpu_layers:
+        notes.append("the GPU split follows llama.cpp's placement rules but was not checked against a GPU engine")
+    out: dict[str, Any] = {"model": facts.path, "architecture": facts.architecture, "notes": notes}
     top = max(facts.n_ctx_train or 131072, s.n_ctx)
     pairs = memory.kv_pairs(("f16", "q8_0", "q4_0"), s.flash_attn)
     if supported:
@@ -155,9 +160,9 @@ def cmd_memory(args: argparse.Namespace) -> int:
         rows = []
         for tk, tv in pairs:
             for ngl in offloads:
-                t = s.replace(type_k=tk, type_v=tv, n_gpu_layers=ngl)
-                best = memory.max_ctx(facts, t, hw, limit=top)
-                e = memory.estimate(facts, t.replace(n_ctx=best or 256), hw)
+                choice = s.replace(type_k=tk, type_v=tv, n_gpu_layers=ngl)
+                best = memory.max_ctx(facts, choice, hw, limit=top)
+                e = memory.estimate(facts, choice.replace(n_ctx=best or 256), hw)
                 rows.append({"type_k": tk, "type_v": tv, "n_gpu_layers": ngl, "max_ctx": best,
                              "total": e.total if best else None})
         out["max_ctx"] = rows
@@ -169,6 +174,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
     if args.json:
         print_json(out)
         return 0
+    for note in notes:
+        console.print(f"note: {note}")
     if supported:
         est = out["estimate"]
         t = Table(title=f"memory: {facts.name}, n_ctx {est['n_ctx']:,}, K {s.type_k} / V {s.type_v}, "
@@ -493,41 +500,44 @@ def print_draft_report(d: dict[str, Any]) -> None:
             console.print(f"memory of {os.path.basename(c['path'])}: {mem['error']}")
         if not mem.get("placements"):
             continue
-        t = Table(title=f"memory: main + {os.path.basename(c['path'])} (draft context {mem['placements'][0]['draft_n_ctx']:,})")
-        for col in ("draft on", "draft GPU layers", "draft KV", "per device: main + draft + speculative = total / free",
-                    "fits"):
+        t = Table(title=f"memory in MiB: main + {os.path.basename(c['path'])} "
+                        f"(draft context {mem['placements'][0]['draft_n_ctx']:,})")
+        for col in ("draft on", "ngld", "draft KV", "device", "main", "draft", "logits", "total", "free", "fits"):
             t.add_column(col)
         for r in mem["placements"]:
-            devs = "; ".join(f"{x['device']} {mib(x['main'])} + {mib(x['draft'])} + {mib(x['speculative'])} = "
-                             f"{mib(x['total'])} / {mib(x['budget'])}" for x in r["devices"] if x["total"])
-            t.add_row(f"{r['placement']} ({r['kind']})", str(r["draft_gpu_layers"]), mib(r["draft_kv"]), devs,
-                      "[green]yes[/]" if r["fits"] else f"[red]no[/] ({mib(r['shortfall'])} short)")
+            for i, x in enumerate(x for x in r["devices"] if x["total"]):
+                fits = ("[green]yes[/]" if x["fits"] else "[red]no[/]") if i or r["fits"] else \
+                    f"[red]no[/] ({r['shortfall'] / MIB:,.0f} short)"
+                head = [f"{r['placement']} ({r['kind']})", str(r["draft_gpu_layers"]), f"{r['draft_kv'] / MIB:,.0f}"]
+                t.add_row(*(head if not i else ["", "", ""]), x["device"],
+                          *(f"{x[k] / MIB:,.0f}" for k in ("main", "draft", "speculative", "total", "budget")), fits)
         console.print(t)
-        console.print("speculative = what llama-cpp-python adds to the main when a draft is attached "
-                      "(all logits kept; its size at a full context)")
-    if d["results"]:
-        t = Table(title="decode with and without the draft (medians; speedup counts only when the interquartile "
-                        "ranges are apart)")
-        for col in ("configuration", "text", "decode tok/s (IQR)", "speedup", "acceptance", "accepted/step",
-                    "output vs main alone"):
+        console.print("logits: what llama-cpp-python adds to the main when a draft is attached "
+                      "(every token's logits kept; at a full context)")
+    results = d["results"]
+    for path in dict.fromkeys(r["draft_model"] for r in results[1:]):
+        t = Table(title=f"decode with {os.path.basename(path)} vs the main alone (a speedup counts only when "
+                        "the interquartile ranges are apart)")
+        for col in ("draft", "text", "tok/s", "IQR", "speedup", "accept", "acc/step", "output"):
             t.add_column(col)
-        for r in d["results"]:
+        for r in [results[0]] + [r for r in results[1:] if r["draft_model"] == path]:
+            name = "none" if r is results[0] else f"n={r['draft_max']}" + (
+                f" ngld={r['draft_gpu_layers']}" if r["draft_gpu_layers"] else "")
             for kind, e in r["kinds"].items():
                 s = e["decode"]
-                spread = f"{s['median']:.1f} ({s['q25']:.1f}-{s['q75']:.1f})" if s["n"] else "failed"
-                if "speedup" not in e:
-                    t.add_row(r["label"], kind, spread, "-", "-", "-", "reference" if e["outputs_match"] else e["mismatch"])
+                cells = [f"{s['median']:.1f}", f"{s['q25']:.1f}-{s['q75']:.1f}"] if s["n"] else ["failed", "-"]
+                if r is results[0]:
+                    t.add_row(name, kind, *cells, "-", "-", "-", "reference" if e["outputs_match"] else e["mismatch"])
                     continue
                 sp = "-" if e["speedup"] is None else f"x{e['speedup']:.2f}" + (
                     " [green]clear[/]" if e["clear_win"] else " [red]slower[/]" if e["clear_loss"] else "")
                 acc = "-" if e["acceptance"] is None else f"{e['acceptance']:.0%}"
                 aps = "-" if e["accepted_per_step"] is None else f"{e['accepted_per_step']:.2f}"
-                out = "same" if e["outputs_match"] else e["mismatch"] or "-"
-                t.add_row(r["label"], kind, spread, sp, acc, aps, out)
+                t.add_row(name, kind, *cells, sp, acc, aps, "same" if e["outputs_match"] else e["mismatch"] or "-")
         console.print(t)
-        for r in d["results"]:
-            for f in r["failures"][:2]:
-                console.print(f"[yellow]{r['label']} failed[/]: {f}")
+    for r in results:
+        for f in r["failures"][:2]:
+            console.print(f"[yellow]{r['label']} failed[/]: {f}")
     console.print(f"[bold]{d['recommendation']['verdict']}[/]")
     console.print(f"({d['wall_s']:.0f} s)")
 
