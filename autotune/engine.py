@@ -231,13 +231,51 @@ def dry_run(model_path: str, settings: list[Settings], timeout: float = 300) -> 
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Real load: the weight buffers the dry run cannot see (CPU_Mapped, CPU_REPACK, ...).
+
+
+def loaded_buffers(model_path: str, n_gpu_layers: int = 0, use_mmap: bool = True,
+                   timeout: float = 300) -> dict[str, int]:
+    """Model buffer sizes from a real engine load, in a child process. It maps the file and repacks for
+    real, so keep it to models that fit this machine."""
+    payload = json.dumps({"model": model_path, "n_gpu_layers": n_gpu_layers, "use_mmap": use_mmap})
+    try:
+        done = subprocess.run([sys.executable, "-m", "autotune.engine", "load"], input=payload,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ModelError(f"{model_path}: loading the model took longer than {timeout:.0f} s") from None
+    if done.returncode != 0:
+        tail = last_error(done.stderr.splitlines()) or f"exit code {done.returncode}"
+        raise ModelError(f"{model_path}: the engine could not load the model: {tail}")
+    return {k: int(v) for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+
+
+def _load_in_process(model_path: str, n_gpu_layers: int, use_mmap: bool) -> dict[str, int]:
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    with captured_log() as lines:
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
+        model = llama_cpp.llama_model_load_from_file(model_path.encode(), params)
+    if not model:
+        raise SystemExit(last_error(lines) or "the engine could not load the model")
+    llama_cpp.llama_model_free(model)
+    return parse_buffers(lines).model
+
+
 def _main(argv: list[str]) -> int:
-    if argv[:1] == ["dry-run"]:
+    if argv[:1] in (["dry-run"], ["load"]):
         request = json.loads(sys.stdin.read())
         silence()
-        print(json.dumps(_dry_run_in_process(request["model"], request["settings"])))
+        if argv[0] == "dry-run":
+            print(json.dumps(_dry_run_in_process(request["model"], request["settings"])))
+        else:
+            print(json.dumps(_load_in_process(request["model"], request["n_gpu_layers"], request["use_mmap"])))
         return 0
-    print("usage: python -m autotune.engine dry-run < request.json", file=sys.stderr)
+    print("usage: python -m autotune.engine dry-run|load < request.json", file=sys.stderr)
     return 2
 
 

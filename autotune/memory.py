@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import bisect
 import gc
-import json
 import statistics
-import subprocess
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterable, Sequence
@@ -971,7 +968,7 @@ def max_ctx(facts: ModelFacts, settings: Settings, hw: Hardware, limit: int | No
     return lo * 256
 
 
-def kv_pairs(kv_types: Iterable[str], flash_attn: bool) -> list[tuple[str, str]]:
+def cache_pairs(kv_types: Iterable[str], flash_attn: bool) -> list[tuple[str, str]]:
     """(type_k, type_v) per cache type; without flash attention a quantized V is impossible, so V stays f16."""
     out = []
     for t in kv_types:
@@ -985,7 +982,7 @@ def ctx_sweep(facts: ModelFacts, settings: Settings, hw: Hardware, ctxs: Sequenc
               kv_types: Sequence[str]) -> list[dict[str, Any]]:
     """Footprint against context length for each K/V type: one row per (type, context)."""
     rows = []
-    for tk, tv in kv_pairs(kv_types, settings.flash_attn):
+    for tk, tv in cache_pairs(kv_types, settings.flash_attn):
         for n in ctxs:
             e = estimate(facts, settings.replace(n_ctx=n, type_k=tk, type_v=tv), hw)
             rows.append({
@@ -1082,57 +1079,3 @@ def summarize(errors: Iterable[dict[str, float | None]]) -> dict[str, dict[str, 
             if v is not None:
                 by.setdefault(k, []).append(abs(v))
     return {k: {"max": max(v), "median": statistics.median(v), "n": len(v)} for k, v in by.items()}
-
-
-# ------------------------------------------------------------------------- real load (weights check)
-
-
-def loaded_buffers(model_path: str, n_gpu_layers: int = 0, use_mmap: bool = True,
-                   timeout: float = 300) -> dict[str, int]:
-    """Model buffer sizes from a real engine load (CPU_Mapped, CPU_REPACK, ...), in a child process.
-
-    The dry run cannot see weight buffers; this is how the weights and repack predictions are checked.
-    It maps the file and repacks for real, so keep it to models that fit this machine."""
-    payload = json.dumps({"model": model_path, "n_gpu_layers": n_gpu_layers, "use_mmap": use_mmap})
-    try:
-        done = subprocess.run([sys.executable, "-m", "autotune.memory", "load"], input=payload,
-                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise ModelError(f"{model_path}: loading the model took longer than {timeout:.0f} s") from None
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-        raise ModelError(f"{model_path}: the engine could not load the model: {tail}")
-    return {k: int(v) for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
-
-
-def _load_in_process(model_path: str, n_gpu_layers: int, use_mmap: bool) -> dict[str, int]:
-    import llama_cpp
-
-    from . import engine
-
-    llama_cpp.llama_backend_init()
-    with engine.captured_log() as lines:
-        params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
-        params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
-        model = llama_cpp.llama_model_load_from_file(model_path.encode(), params)
-    if not model:
-        raise SystemExit(engine.last_error(lines) or "the engine could not load the model")
-    llama_cpp.llama_model_free(model)
-    return engine.parse_buffers(lines).model
-
-
-def _main(argv: list[str]) -> int:
-    if argv[:1] == ["load"]:
-        from . import engine
-
-        request = json.loads(sys.stdin.read())
-        engine.silence()
-        print(json.dumps(_load_in_process(request["model"], request["n_gpu_layers"], request["use_mmap"])))
-        return 0
-    print("usage: python -m autotune.memory load < request.json", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

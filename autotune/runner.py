@@ -264,7 +264,10 @@ def _measure(request: dict[str, Any]) -> dict[str, Any]:
                 from .draft import GreedyDraft
 
                 draft = GreedyDraft(settings.draft_model, settings)
-            llm = llama_cpp.Llama(model_path=request["model"], verbose=True, draft_model=draft, **kwargs)
+            # With a draft, the library keeps a logits row per evaluated token, but sizes its score array
+            # by n_batch unless logits_all is passed: a prompt longer than a batch would overflow it.
+            llm = llama_cpp.Llama(model_path=request["model"], verbose=True, draft_model=draft,
+                                  logits_all=draft is not None, **kwargs)
             failure = ""
         except Exception as e:
             failure = str(e) or type(e).__name__

@@ -13,30 +13,28 @@ catalog models and a Q4_0 synthetic one, since the dry run cannot see weight buf
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from autotune import catalog, memory, synth
+from autotune import catalog, engine, memory, synth
 from autotune.gguf_model import read_facts
 from autotune.probe import probe
 from autotune.settings import Settings
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import write_variant  # noqa: E402  (the tests' header-only writer for qwen2/qwen3 shapes)
-
 CTXS = (512, 2048, 8192, 32768, 131072)
 KV_TYPES = ("f16", "q8_0", "q4_0")
-SYNTH = ("135m", "1b", "8b", "14b", "70b", "gemma3-4b")
+SYNTH = ("135m", "1b", "8b", "14b", "70b", "gemma3-4b", "qwen3-8b")
 
 
 def grid(ctxs: tuple[int, ...], swa: bool) -> list[Settings]:
     out = []
     for n in ctxs:
         for fa in (False, True):
-            for tk, tv in memory.kv_pairs(KV_TYPES, fa):
+            for tk, tv in memory.cache_pairs(KV_TYPES, fa):
                 for batch, ubatch in ((512, 512), (2048, 256), (2048, 2048)):
                     for swa_full in ((True, False) if swa else (True,)):
                         out.append(Settings(n_ctx=n, n_batch=batch, n_ubatch=ubatch, flash_attn=fa, type_k=tk,
@@ -50,18 +48,17 @@ def models(tmp: Path, quick: bool) -> tuple[list[str], list[str]]:
     real = [str(catalog.fetch(n)) for n in names]
     donor = real[0]
     paths = list(real)
-    for shape in (("135m", "70b", "gemma3-4b") if quick else SYNTH):
+    for shape in (("135m", "70b", "gemma3-4b", "qwen3-8b") if quick else SYNTH):
         paths.append(str(synth.write_model(tmp / f"{shape}.gguf", donor, synth.SHAPES[shape], header_only=True)))
-    qwen3 = synth.Shape(n_layer=36, n_embd=4096, n_head=32, n_head_kv=8, n_ff=12288, head_dim=128, n_ctx_train=40960)
-    paths.append(str(write_variant(tmp / "qwen3-8b.gguf", Path(donor), qwen3, "qwen3")))
-    paths.append(str(write_variant(tmp / "qwen2-72b.gguf", Path(donor), synth.SHAPES["70b"], "qwen2")))
+    qwen2 = dataclasses.replace(synth.SHAPES["70b"], arch="qwen2")
+    paths.append(str(synth.write_model(tmp / "qwen2-72b.gguf", donor, qwen2, header_only=True)))
     q4 = synth.write_model(tmp / "135m-q4_0.gguf", donor, synth.SHAPES["135m"], weight_type="Q4_0", header_only=True)
     return paths, real + [str(q4)]
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="demo model and three synthetic shapes only")
+    ap.add_argument("--quick", action="store_true", help="demo model and a few synthetic shapes only")
     args = ap.parse_args(argv)
     hw = probe(measure_bandwidth=False)
     errors: list[dict[str, float | None]] = []
@@ -90,7 +87,7 @@ def main(argv: list[str]) -> int:
         for path in loadable:
             facts = read_facts(path)
             for mmap in (True, False):
-                real = memory.loaded_buffers(path, use_mmap=mmap)
+                real = engine.loaded_buffers(path, use_mmap=mmap)
                 e = memory.estimate(facts, Settings(n_threads=1, n_threads_batch=1, use_mmap=mmap), hw)
                 host = e.device(memory.HOST)
                 errors.append({

@@ -16,8 +16,6 @@ from autotune.gguf_model import read_facts
 from autotune.probe import GPU, Hardware
 from autotune.settings import Settings, row_bytes
 
-from conftest import write_variant
-
 GIB = 2**30
 MIB = 2**20
 BOUNDS = {"weights": 2.0, "kv": 2.0, "compute": 10.0, "total": 5.0}  # % of the engine's figure
@@ -46,15 +44,13 @@ def shapes(demo_model, tmp_path_factory) -> dict[str, Path]:
     of the donor's tokens: a full vocabulary costs seconds per file to write and read back."""
     d = tmp_path_factory.mktemp("shapes")
 
-    def write(name: str, shape: synth.Shape, arch: str | None = None, **kw) -> Path:
-        return write_variant(d / f"{name}.gguf", demo_model, shape, arch, vocab=2048, **kw)
+    def write(name: str, shape: synth.Shape, weight_type: str = "F16") -> Path:
+        return synth.write_model(d / f"{name}.gguf", demo_model, shape, weight_type, header_only=True, vocab=2048)
 
-    out = {k: write(k, synth.SHAPES[k]) for k in ("8b", "70b", "gemma3-4b")}
-    out["qwen3-8b"] = write("qwen3", synth.Shape(n_layer=36, n_embd=4096, n_head=32, n_head_kv=8, n_ff=12288,
-                                                  head_dim=128, n_ctx_train=40960), "qwen3")
-    out["qwen2-14b"] = write("qwen2", synth.SHAPES["14b"], "qwen2")
-    out["q4_0"] = write("q4_0", synth.SHAPES["135m"], weight_type="Q4_0")
-    out["starcoder2"] = write("sc2", synth.Shape(), "starcoder2")
+    out = {k: write(k, synth.SHAPES[k]) for k in ("8b", "70b", "gemma3-4b", "qwen3-8b")}
+    out["qwen2-14b"] = write("qwen2", dataclasses.replace(synth.SHAPES["14b"], arch="qwen2"))
+    out["q4_0"] = write("q4_0", synth.SHAPES["135m"], "Q4_0")
+    out["starcoder2"] = write("sc2", synth.Shape(arch="starcoder2"))
     return out
 
 
@@ -129,7 +125,7 @@ def test_repack_rules_follow_ggml_cpu(shapes):
 
 def test_weights_and_repack_match_a_real_load(shapes, demo_model):
     for path in (demo_model, shapes["q4_0"]):
-        real = memory.loaded_buffers(str(path))
+        real = engine.loaded_buffers(str(path))
         e = memory.estimate(read_facts(path), S(), host()).device("host")
         assert memory.as_logged(e.weights) == real["CPU_Mapped"]
         assert memory.as_logged(e.repack) == real.get("CPU_REPACK", 0)
@@ -271,7 +267,7 @@ def grid(ctxs: tuple[int, ...], swa: bool) -> list[Settings]:
     out = []
     for n in ctxs:
         for fa in (False, True):
-            for tk, tv in memory.kv_pairs(("f16", "q8_0", "q4_0"), fa):
+            for tk, tv in memory.cache_pairs(("f16", "q8_0", "q4_0"), fa):
                 for swa_full in ((True, False) if swa else (True,)):
                     out.append(S(n_ctx=n, flash_attn=fa, type_k=tk, type_v=tv, swa_full=swa_full))
     out.append(S(n_ctx=8192, n_batch=2048, n_ubatch=256, flash_attn=True))
