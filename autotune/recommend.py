@@ -93,6 +93,7 @@ class Recommendation:
 # Run indexes (for the runner's fault injection): trials count from 0, re-measurements and confirmations
 # from these offsets, so a test can fail exactly the confirmation run.
 REMEASURE = 10_000
+MIN_SAMPLES = 4  # per candidate, before the spread can support a claimed win
 CONFIRM = 20_000
 
 
@@ -168,6 +169,9 @@ def _judge(best: Candidate, baseline: Candidate, objective: str, workload: Workl
     if not baseline.runs:
         return True, "The engine defaults failed to run here; the chosen settings did."
     b, d = best.spread(objective, workload), baseline.spread(objective, workload)
+    if min(b.n, d.n) < MIN_SAMPLES:
+        return False, (f"{best.label} measured best, but with {min(b.n, d.n)} samples (fewer than {MIN_SAMPLES}) "
+                       "no win can be told from noise: recommending the engine defaults.")
     clear = b.q25 > d.q75 if objective != "ttft" else b.q75 < d.q25
     gain = (b.median / d.median) if objective != "ttft" else (d.median / b.median)
     if clear:

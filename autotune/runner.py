@@ -247,6 +247,22 @@ def _inject_fault(index: int) -> None:
         os._exit(3)
 
 
+def _peak_rss() -> int:
+    """This process's peak resident set, in bytes.
+
+    Linux's ru_maxrss survives exec and so reports the *parent's* peak when that was larger (a tuner
+    holding a study easily is); VmHWM belongs to this address space alone. macOS reports bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def _measure(request: dict[str, Any]) -> dict[str, Any]:
     import llama_cpp
 
@@ -255,7 +271,7 @@ def _measure(request: dict[str, Any]) -> dict[str, Any]:
     settings = Settings.from_dict(request["settings"])
     work = Workload(**request["workload"])
     kwargs = settings.llama_kwargs()
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base_rss = _peak_rss()
     t0 = time.perf_counter()
     with captured_log(echo=True) as lines:
         try:
@@ -313,7 +329,7 @@ def _measure(request: dict[str, Any]) -> dict[str, Any]:
         "ttft_s": [s[0] for s in samples],
         "load_s": load_s,
         "wall_s": 0.0,
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss": _peak_rss(),
         "base_rss": base_rss,
         "peak_vram": None,
         "buffers": buffers,

@@ -76,3 +76,12 @@ def test_kv_divergence_identity_and_quantized(tiny_model):
     r = runner.kv_divergence(str(tiny_model), [("f16", "f16"), ("q8_0", "q8_0")], S, n_tokens=48)
     assert r["f16/f16"]["top1_agreement"] == 1.0 and r["f16/f16"]["mean_kl"] == 0.0
     assert 0.0 <= r["q8_0/q8_0"]["mean_kl"] < 0.5 and r["q8_0/q8_0"]["tokens"] == 48
+
+
+def test_peak_rss_is_the_engine_process_own(tiny_model):
+    """Linux's ru_maxrss carries the parent's peak across exec; the runner must not report ours."""
+    ballast = bytearray(700 * 2**20)
+    ballast[:: 4096] = b"\x01" * len(ballast[:: 4096])  # touch every page so it is resident
+    m = runner.run(str(tiny_model), S, SMALL, timeout=120)
+    assert m.ok and 0 < m.base_rss <= m.peak_rss < 500 * 2**20
+    del ballast

@@ -145,3 +145,16 @@ def test_failed_confirmation_falls_back_to_the_next_confirmed_config(tiny_model,
     assert "confirmation run of" in rec.verdict and "failed" in rec.verdict
     first_choice = [c for c in rec.candidates if any("confirmation run failed" in f for f in c.failures)]
     assert len(first_choice) == 1 and first_choice[0] is not rec.chosen
+
+
+def test_no_win_is_claimed_from_too_few_samples():
+    from autotune.runner import Measurement
+    from autotune.settings import Settings
+
+    fast = recommend.Candidate("trial 7", Settings(n_threads=2), [Measurement(Settings(), True, decode_tps=[30.0, 31.0])])
+    slow = recommend.Candidate("defaults", Settings(), [Measurement(Settings(), True, decode_tps=[10.0, 11.0])])
+    supported, verdict = recommend._judge(fast, slow, "decode", WORK)
+    assert not supported and "fewer than" in verdict
+    fast.runs.append(Measurement(Settings(), True, decode_tps=[30.5, 29.5]))
+    slow.runs.append(Measurement(Settings(), True, decode_tps=[10.5, 9.5]))
+    assert recommend._judge(fast, slow, "decode", WORK)[0]
