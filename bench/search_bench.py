@@ -44,11 +44,11 @@ def grid_space(n_ctx: int) -> SearchSpace:
                        int_ranges={"n_threads": (1, 2), "n_threads_batch": (1, 2)})
 
 
-def measure_grid(model: str, sp: SearchSpace) -> dict[tuple, list[float]]:
-    """Decode tok/s samples for every grid config, two interleaved passes to spread the drift."""
+def measure_grid(model: str, sp: SearchSpace, passes: int) -> dict[tuple, list[float]]:
+    """Decode tok/s samples for every grid config; several passes spread the machine's drift."""
     keys = list(itertools.product(*GRID.values()))
     samples: dict[tuple, list[float]] = {k: [] for k in keys}
-    for _ in range(2):
+    for _ in range(passes):
         for k in keys:
             m = runner.run(model, sp.settings_from(dict(zip(GRID, k))), WORK)
             samples[k] += m.decode_tps if m.ok else []
@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b")
     ap.add_argument("--out", default="bench/search_results.md")
     ap.add_argument("--skip-default-search", action="store_true")
+    ap.add_argument("--passes", type=int, default=1, help="grid passes (each run repeats %d times)" % WORK.reps)
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     rows = []
@@ -102,7 +103,7 @@ def main() -> None:
         model = str(catalog.fetch(name, quiet=False))
         sp = grid_space(1024)
         t0 = time.perf_counter()
-        samples = measure_grid(model, sp)
+        samples = measure_grid(model, sp, args.passes)
         grid_s = time.perf_counter() - t0
         truth = {k: statistics.median(v) for k, v in samples.items() if v}
         best_key = max(truth, key=truth.get)
