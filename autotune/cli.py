@@ -145,7 +145,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
         notes.append("the GPU split follows llama.cpp's placement rules but was not checked against a GPU engine")
     out: dict[str, Any] = {"model": facts.path, "architecture": facts.architecture, "notes": notes}
     top = max(facts.n_ctx_train or 131072, s.n_ctx)
-    pairs = memory.kv_pairs(("f16", "q8_0", "q4_0"), s.flash_attn)
+    pairs = memory.cache_pairs(("f16", "q8_0", "q4_0"), s.flash_attn)
     if supported:
         out["estimate"] = memory.estimate(facts, s, hw).to_dict()
     if supported and args.ctx_sweep:
@@ -558,6 +558,23 @@ def draft_stage(args: argparse.Namespace, config: dict[str, Any], hw: Any) -> di
     return config
 
 
+# -------------------------------------------------------------------------------------------- report
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, none opened
+    from . import report
+
+    done = report.build(args.source, args.out, storage=args.storage)
+    names = ", ".join(p.name for p in done.images) or "none"
+    console.print(f"wrote {done.index} and {len(done.images)} plots: {names}")
+    for note in done.notes:
+        console.print(f"[yellow]note[/]: {note}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- parser
 
 
@@ -647,6 +664,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-measure", action="store_true", help="check compatibility and memory only")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_draft)
+
+    sp = sub.add_parser("report", help="plots and an HTML page for a study or a tuned config")
+    sp.add_argument("source", metavar="STUDY_OR_CONFIG", help="a tuned config JSON, or a study name")
+    sp.add_argument("--out", required=True, metavar="DIR", help="directory for index.html and the PNGs")
+    sp.add_argument("--storage", help="Optuna storage URL of the study (default: sqlite in ./studies, or the config's)")
+    sp.set_defaults(func=cmd_report)
     return p
 
 
