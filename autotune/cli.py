@@ -518,7 +518,7 @@ def print_draft_report(d: dict[str, Any]) -> None:
     for path in dict.fromkeys(r["draft_model"] for r in results[1:]):
         t = Table(title=f"decode with {os.path.basename(path)} vs the main alone (a speedup counts only when "
                         "the interquartile ranges are apart)")
-        for col in ("draft", "text", "tok/s", "IQR", "speedup", "accept", "acc/step", "output"):
+        for col in ("draft", "text", "tok/s", "IQR", "speedup", "accept", "acc/step", "drafting", "output"):
             t.add_column(col)
         for r in [results[0]] + [r for r in results[1:] if r["draft_model"] == path]:
             name = "none" if r is results[0] else f"n={r['draft_max']}" + (
@@ -527,13 +527,14 @@ def print_draft_report(d: dict[str, Any]) -> None:
                 s = e["decode"]
                 cells = [f"{s['median']:.1f}", f"{s['q25']:.1f}-{s['q75']:.1f}"] if s["n"] else ["failed", "-"]
                 if r is results[0]:
-                    t.add_row(name, kind, *cells, "-", "-", "-", "reference" if e["outputs_match"] else e["mismatch"])
+                    t.add_row(name, kind, *cells, "-", "-", "-", "-", "reference" if e["outputs_match"] else e["mismatch"])
                     continue
                 sp = "-" if e["speedup"] is None else f"x{e['speedup']:.2f}" + (
                     " [green]clear[/]" if e["clear_win"] else " [red]slower[/]" if e["clear_loss"] else "")
                 acc = "-" if e["acceptance"] is None else f"{e['acceptance']:.0%}"
                 aps = "-" if e["accepted_per_step"] is None else f"{e['accepted_per_step']:.2f}"
-                t.add_row(name, kind, *cells, sp, acc, aps, "same" if e["outputs_match"] else e["mismatch"] or "-")
+                share = "-" if e["draft_share"] is None else f"{e['draft_share']:.0%}"
+                t.add_row(name, kind, *cells, sp, acc, aps, share, "same" if e["outputs_match"] else e["mismatch"] or "-")
         console.print(t)
     for r in results:
         for f in r["failures"][:2]:
@@ -656,10 +657,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ctx", type=int, help="context length (default: the config's, else min(4096, trained))")
     sp.add_argument("--n", type=_int_list, default=(2, 4, 8, 16), metavar="N,N,...", help="draft lengths to measure")
     sp.add_argument("--kinds", type=_kinds, default=("code", "prose"), metavar="KIND,...", help="prompt kinds: code, prose")
-    sp.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each runs every configuration once per kind)")
-    sp.add_argument("--reps", type=int, default=2, help="repetitions inside each run")
+    sp.add_argument("--rounds", type=int, default=2, help="interleaved rounds (each runs every configuration once per kind)")
+    sp.add_argument("--reps", type=int, default=3, help="repetitions inside each run")
     sp.add_argument("--prompt-tokens", type=int, default=64)
-    sp.add_argument("--gen-tokens", type=int, default=32)
+    sp.add_argument("--gen-tokens", type=int, default=32,
+                    help="reply length; the draft's prompt processing counts as decode time, so longer replies "
+                         "show more of a draft's steady gain")
     sp.add_argument("--trial-timeout", type=float, default=300.0, help="kill one engine run after this many seconds")
     sp.add_argument("--no-measure", action="store_true", help="check compatibility and memory only")
     sp.add_argument("--json", action="store_true")

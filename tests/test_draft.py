@@ -323,7 +323,7 @@ class ScriptedRunner:
         if s.draft_max == self.fail:
             return Measurement(s, False, "aborted (SIGABRT)")
         speed = self.speeds[key][nth % len(self.speeds[key])]
-        stats = {"proposed": 8 * s.draft_max, "accepted": 6 * s.draft_max, "steps": 8} if s.draft_model else {}
+        stats = {"proposed": 8 * s.draft_max, "accepted": 6 * s.draft_max, "steps": 8, "draft_s": 0.1} if s.draft_model else {}
         return Measurement(s, True, decode_tps=[speed, speed + 0.1], draft=stats,
                            output_tokens=self.outputs.get(s.draft_max, [1, 2, 3, 4]))
 
@@ -355,6 +355,8 @@ def test_clear_win_on_both_kinds_is_recommended(monkeypatch: pytest.MonkeyPatch,
     assert (rec.draft_model, rec.draft_max, rec.draft_gpu_layers) == (compatible[1], 2, 0)
     code = report.rows[1]["kinds"]["code"]
     assert code["clear_win"] and code["acceptance"] == 0.75 and code["accepted_per_step"] == 1.5
+    decode_s = sum(3 / v for v in (12, 12.1, 12.5, 12.6, 12.2, 12.3))  # 4 tokens out: 3 decode intervals
+    assert code["draft_share"] == pytest.approx(3 * 0.1 / decode_s)
     assert code["outputs_match"] is True
     json.dumps(report.to_dict())
 
@@ -368,6 +370,12 @@ def test_overlap_means_no_speculative_decoding(monkeypatch: pytest.MonkeyPatch, 
     assert "prose x1.05 (within the noise)" in report.verdict and "draft.gguf n=2 on code" in report.verdict
     rec = report.recommended
     assert rec.draft_model is None and rec.draft_max == 0
+
+
+def test_too_few_samples_claim_nothing(monkeypatch: pytest.MonkeyPatch, compatible: tuple[str, str]) -> None:
+    speeds = {(0, "code"): [10], (0, "prose"): [10], (2, "code"): [20], (2, "prose"): [20]}
+    report = run_plan(monkeypatch, ScriptedRunner(speeds), *compatible, ns=(2,), rounds=1)  # 2 samples a side
+    assert report.chosen is None and "Only 2 samples a side" in report.verdict
 
 
 def test_output_mismatch_and_failures_are_reported(monkeypatch: pytest.MonkeyPatch, compatible: tuple[str, str]) -> None:
@@ -477,7 +485,7 @@ def test_real_qwen_pair_and_smollm2(demo_model: Path) -> None:
     main = str(catalog.fetch("qwen2.5-coder-1.5b"))
     small = str(catalog.fetch("qwen2.5-coder-0.5b"))
     hw = Hardware(cpu_model="test", physical_cores=2, logical_cores=2, ram_total=16 * GIB, ram_available=12 * GIB)
-    settings = Settings(n_ctx=1024, n_threads=2, n_threads_batch=2)
+    settings = Settings(n_ctx=1024, n_threads=1, n_threads_batch=1)  # steady on a busy small machine
     plan = draft.Plan(ns=(4,), kinds=("code",), rounds=2, prompt_tokens=48, gen_tokens=24, reps=1)
     report = draft.evaluate(main, [small, str(demo_model)], settings, hw, plan)
     verdicts = {Path(c.path).name: c for c in report.candidates}
