@@ -165,11 +165,12 @@ def llama_kwargs(s: Settings, model: str) -> dict[str, Any]:
 def python_kwargs(s: Settings, model: str) -> str:
     kwargs = llama_kwargs(s, model)
     body = ",\n".join(f"    {k}={v!r}" for k, v in kwargs.items())
-    text = f"from llama_cpp import Llama\n\nllm = Llama(\n{body},\n)\n"
-    if s.draft_model:
-        text += (f"# speculative decoding: draft_model=autotune.draft.GreedyDraft({s.draft_model!r}, ...)"
-                 f" proposing {s.draft_max} tokens per step\n")
-    return text
+    if not s.draft_model:
+        return f"from llama_cpp import Llama\n\nllm = Llama(\n{body},\n)\n"
+    # A draft needs every token's logits kept (the library sizes its score array by n_batch otherwise).
+    return ("from llama_cpp import Llama\n\nfrom autotune.draft import GreedyDraft\nfrom autotune.settings import Settings\n\n"
+            f"draft = GreedyDraft({s.draft_model!r}, Settings.from_dict({s.to_dict()!r}))\n"
+            f"llm = Llama(\n{body},\n    logits_all=True,\n    draft_model=draft,\n)\n")
 
 
 def lmstudio(s: Settings) -> dict[str, Any]:

@@ -85,3 +85,16 @@ def test_exported_kwargs_load_and_run_in_a_real_llama(demo_model):
     assert out["usage"]["completion_tokens"] >= 1
     assert llm.n_ctx() == 512
     llm.close()
+
+
+def test_python_export_with_a_draft_wires_it(tiny_model):
+    s = Settings(n_ctx=256, n_threads=1, n_threads_batch=1, draft_model=str(tiny_model), draft_max=2)
+    c = config(s)
+    c["model"]["path"] = str(tiny_model)
+    code = export.render(c, "python")
+    assert "logits_all=True" in code and "draft_model=draft" in code
+    scope: dict = {}
+    exec(code, scope)  # the pasted snippet builds a real Llama with a real draft
+    llm = scope["llm"]
+    assert llm("def f(x):", max_tokens=4, temperature=0.0)["usage"]["completion_tokens"] >= 1
+    llm.close()
