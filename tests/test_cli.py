@@ -156,6 +156,6 @@ def test_search_recommends_and_exports_end_to_end(tiny_model, tmp_path):
         exported = cli("export", name, "--format", fmt, cwd=tmp_path)
         assert exported.returncode == 0 and exported.stdout.strip(), exported.stderr
     again = cli("export", str(out), "--format", "llama-server")
-    assert again.stdout.startswith("llama-server -m ") and f"-c 256" in again.stdout
+    assert again.stdout.startswith("llama-server -m ") and "-c 256" in again.stdout
     missing = cli("export", "no-such-study", cwd=tmp_path)
     assert_one_line_error(missing, "no study named 'no-such-study'")
