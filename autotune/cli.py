@@ -125,10 +125,10 @@ def cmd_memory(args: argparse.Namespace) -> int:
     from .settings import Settings
 
     facts = read_facts(args.model)
-    s = memory.validate(Settings(
+    s = Settings(
         n_ctx=args.ctx, n_gpu_layers=args.ngl, n_batch=args.batch, n_ubatch=args.ubatch, flash_attn=args.fa == "on",
         type_k=args.type_k, type_v=args.type_v, swa_full=args.swa_full == "on",
-    ))
+    ).check()  # contradictory flags (n_ubatch > n_batch included) are the user's to fix, not ours to clamp
     try:
         memory.check_supported(facts)
     except ModelError:

@@ -909,7 +909,7 @@ def _plan(keys: Sequence[Any]) -> tuple[list[int], list[tuple[int, int]]]:
 
 def validate(settings: Settings) -> Settings:
     """SettingsError for what the engine would refuse; an n_ubatch above n_batch is fine (it is clamped)."""
-    found = [p for p in settings.problems(can_offload=True) if "clamps" not in p]
+    found = settings.refusals(can_offload=True)
     if found:
         raise SettingsError(found[0])
     return settings

@@ -66,12 +66,17 @@ class Settings:
 
     def problems(self, can_offload: bool = True) -> list[str]:
         """Contradictions the engine would refuse or silently override, one sentence each."""
+        found = self.refusals(can_offload)
+        if self.n_ubatch > self.n_batch:
+            found.insert(0, f"n_ubatch ({self.n_ubatch}) > n_batch ({self.n_batch}): the engine clamps it")
+        return found
+
+    def refusals(self, can_offload: bool = True) -> list[str]:
+        """What the engine refuses outright (a clamped value is not among them: the engine runs it)."""
         found = []
         for name in ("n_ctx", "n_batch", "n_ubatch", "n_threads", "n_threads_batch"):
             if getattr(self, name) < 1:
                 found.append(f"{name} must be at least 1 (got {getattr(self, name)})")
-        if self.n_ubatch > self.n_batch:
-            found.append(f"n_ubatch ({self.n_ubatch}) > n_batch ({self.n_batch}): the engine clamps it")
         for name in ("type_k", "type_v"):
             if getattr(self, name) not in KV_TYPES:
                 found.append(f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(KV_TYPES)}")

@@ -159,3 +159,12 @@ def test_search_recommends_and_exports_end_to_end(tiny_model, tmp_path):
     assert again.stdout.startswith("llama-server -m ") and "-c 256" in again.stdout
     missing = cli("export", "no-such-study", cwd=tmp_path)
     assert_one_line_error(missing, "no study named 'no-such-study'")
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [(["-ub", "1024", "-b", "512"], "n_ubatch (1024) > n_batch (512)"),
+     (["--type-v", "q8_0", "--fa", "off"], "needs flash attention")],
+)
+def test_contradictory_memory_flags(tiny_model, flags, fragment):
+    assert_one_line_error(cli("memory", str(tiny_model), *flags), fragment)
