@@ -37,8 +37,9 @@ from pathlib import Path
 import optuna
 
 from autotune import catalog, runner, study
-from autotune.gguf_model import read_facts
-from autotune.probe import probe
+from autotune.cli import build_parser
+from autotune.gguf_model import ModelFacts, read_facts
+from autotune.probe import Hardware, probe
 from autotune.recommend import Spread
 from autotune.runner import Workload
 from autotune.settings import Settings
@@ -53,14 +54,14 @@ GRID = {
 }
 N_CTX = 4096  # what the default search uses for these models: min(4096, trained context)
 WORK = Workload(prompt_tokens=256, gen_tokens=32, reps=3)
-TRIAL_REPS = 2  # repetitions inside one trial of the default search
+TRIAL_REPS = build_parser().parse_args(["search"]).reps  # repetitions inside one trial of the default search
 TARGET = 0.97
 
 
 def grid_space() -> SearchSpace:
     base = study.engine_defaults(N_CTX)
     return SearchSpace(base=base, params={k: v for k, v in GRID.items() if k in ("attention", "n_ubatch")},
-                       int_ranges={"n_threads": (1, 2), "n_threads_batch": (1, 2)})
+                       int_ranges={k: (min(GRID[k]), max(GRID[k])) for k in ("n_threads", "n_threads_batch")})
 
 
 def measure_grid(model: str, sp: SearchSpace, passes: int) -> dict[tuple, list[float]]:
@@ -76,14 +77,15 @@ def measure_grid(model: str, sp: SearchSpace, passes: int) -> dict[tuple, list[f
     return samples
 
 
-def replay(model: str, sp: SearchSpace, samples: dict[tuple, list[float]], truth: dict[tuple, float],
-           seeds: int, with_sensible: bool = True, n: int = 30) -> list[tuple[int | None, int | None]]:
+def replay(model: str, facts: ModelFacts, hw: Hardware, sp: SearchSpace, samples: dict[tuple, list[float]],
+           truth: dict[tuple, float], seeds: int, with_sensible: bool = True,
+           n: int = 30) -> list[tuple[int | None, int | None]]:
     """(trials to visit, trials until the best-measured trial is) a config with truth >= TARGET x optimum,
     for the study's own sampler (seeded TPE, defaults and sensible enqueued first) over measured samples.
+    A config the grid could not measure is told as failed, as the real study does.
 
     ``with_sensible=False`` takes the probe's sensible config out (told as failed, not counted), which
     shows what the TPE sampler finds on its own where that heuristic guessed wrong."""
-    facts, hw = read_facts(model), probe(measure_bandwidth=False)
     target = TARGET * max(truth.values())
     out = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,13 +100,16 @@ def replay(model: str, sp: SearchSpace, samples: dict[tuple, list[float]], truth
                 while not with_sensible and trial.user_attrs.get("role") == "sensible":
                     st.tell(trial, state=optuna.trial.TrialState.FAIL)
                     trial = st.ask()
-                key = tuple(sp.params_of(sp.suggest(trial))[k] for k in GRID)
-                got = samples.get(key) or [0.0]
-                st.tell(trial, statistics.median(draw.choice(got) for _ in range(TRIAL_REPS)))
+                sp.suggest(trial)
+                key = tuple(trial.params[k] for k in GRID)
+                if samples.get(key):
+                    st.tell(trial, statistics.median(draw.choice(samples[key]) for _ in range(TRIAL_REPS)))
+                else:
+                    st.tell(trial, state=optuna.trial.TrialState.FAIL)
                 if visited is None and truth.get(key, 0.0) >= target:
                     visited = i
-                best_key = tuple(st.best_trial.params[k] for k in GRID)
-                if best is None and truth.get(best_key, 0.0) >= target:
+                if best is None and study.best_value(st) is not None \
+                        and truth.get(tuple(st.best_trial.params[k] for k in GRID), 0.0) >= target:
                     best = i
             out.append((visited, best))
     return out
@@ -145,13 +150,10 @@ def fmt(values: list[float]) -> str:
 
 def fmt_trials(values: list[int | None]) -> str:
     """Median (range) of trials over the seeds; a seed that never got there counts as > 30."""
-    if not values:
-        return "-"
-    ranked = sorted(v if v is not None else float("inf") for v in values)
-    mid = ranked[(len(ranked) - 1) // 2]
-    text = f"{mid:.0f} ({ranked[0]:.0f}-{ranked[-1]:.0f})" if mid != float("inf") else "> 30"
-    missed = sum(v is None for v in values)
-    return text.replace("inf", "> 30") + (f", {missed}/{len(values)} seeds > 30" if missed else "")
+    ranked = sorted(values, key=lambda v: float("inf") if v is None else v)
+    shown = ["> 30" if v is None else str(v) for v in ranked]
+    missed = ranked.count(None)
+    return f"{shown[(len(shown) - 1) // 2]} ({shown[0]}-{shown[-1]})" + (f", {missed}/{len(values)} seeds > 30" if missed else "")
 
 
 def bench_model(name: str, args: argparse.Namespace) -> dict:
@@ -188,6 +190,7 @@ def grid_truth(row: dict) -> dict[tuple, float]:
 def analyse(row: dict, seeds: int) -> dict:
     """What the raw samples say: grid optimum, how many configs come within 97 %, replayed studies."""
     model = str(catalog.fetch(row["model"]))
+    facts, hw = read_facts(model), probe(measure_bandwidth=False)
     sp = grid_space()
     samples, truth = grid_samples(row), grid_truth(row)
     best_key = max(truth, key=truth.get)
@@ -201,7 +204,7 @@ def analyse(row: dict, seeds: int) -> dict:
         "replay": {},
     }
     for label, with_sensible in (("study", True), ("tpe_alone", False)):
-        runs = replay(model, sp, samples, truth, seeds, with_sensible)
+        runs = replay(model, facts, hw, sp, samples, truth, seeds, with_sensible)
         out["replay"][label] = {"visited": [v for v, _ in runs], "best_measured": [b for _, b in runs]}
     if "trial_values" in row:
         out["first_measured_97"] = next((i + 1 for i, v in enumerate(row["trial_values"])
