@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import optuna
+import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from . import memory, runner
@@ -146,10 +147,25 @@ def open_storage(storage: str | None) -> optuna.storages.BaseStorage:
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # wait on another tuner's write lock
-    try:
-        return optuna.storages.RDBStorage(url, **kwargs)
-    except Exception as e:  # sqlalchemy / alembic errors for corrupt or foreign databases
-        raise StudyError(f"cannot open study storage {url}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except Exception as e:  # sqlalchemy / alembic errors: corrupt or foreign databases, or a schema race
+            error = e
+            if not _schema_race(e):
+                break
+            time.sleep(0.1 * attempt)
+    raise StudyError(f"cannot open study storage {url}: {type(error).__name__}: {str(error).splitlines()[0]}")
+
+
+def _schema_race(e: Exception) -> bool:
+    """Did another process (a second tuner started at the same moment) create the schema while we did?
+
+    Optuna creates its tables and stamps their version on first open; two openers of a fresh storage
+    collide on a table that "already exists" or on the version row. The schema is whole by then, so
+    opening again succeeds."""
+    return isinstance(e, sqlalchemy.exc.IntegrityError) or (
+        isinstance(e, sqlalchemy.exc.DatabaseError) and "already exists" in str(e))
 
 
 def open_study(req: StudyRequest) -> optuna.Study:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import sqlite3
 import subprocess
 import sys
@@ -105,6 +106,30 @@ def test_foreign_and_corrupt_databases_are_refused(tiny_model, hw, tmp_path):
     corrupt.write_bytes(b"SQLite format 3\x00" + b"\xff" * 200)
     with pytest.raises(StudyError, match="not a usable study database"):
         study.open_study(make_request(tiny_model, hw, f"sqlite:///{corrupt}"))
+
+
+def _open_after(barrier, url: str, results) -> None:
+    barrier.wait()
+    try:
+        study.open_storage(url)
+        results.put("ok")
+    except StudyError as e:
+        results.put(str(e))
+
+
+def test_tuners_started_together_on_a_fresh_storage_all_open_it(tmp_path):
+    """Optuna creates the schema on first open; 4 openers released at once collide on it (about half of them
+    failed before open_storage retried the collision). 5 fresh databases, 4 processes each, all must open."""
+    ctx = multiprocessing.get_context("fork")
+    for i in range(5):
+        url = f"sqlite:///{tmp_path / f's{i}.db'}"
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_open_after, args=(barrier, url, results)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [results.get(timeout=5) for _ in procs] == ["ok"] * 4
 
 
 def test_unwritable_studies_directory(tmp_path, monkeypatch):
