@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import optuna
 import sqlalchemy.exc
+from optuna.storages._rdb import models as optuna_models
 from optuna.trial import TrialState
 
 from . import memory, runner
@@ -124,6 +125,11 @@ def storage_url(storage: str | None) -> str:
     return f"sqlite:///{DEFAULT_STORAGE_DIR / 'autotune.db'}"
 
 
+# Every table of Optuna's schema. A file holding only some of them is a schema another tuner is creating at this
+# moment (Optuna creates the tables one by one), not a database of something else.
+_OPTUNA_TABLES = frozenset(optuna_models.BaseModel.metadata.tables) | {"alembic_version"}
+
+
 def _check_sqlite(url: str) -> None:
     """Refuse a SQLite file that is corrupt or belongs to something else, before Optuna writes to it."""
     if not url.startswith("sqlite:///"):
@@ -136,7 +142,7 @@ def _check_sqlite(url: str) -> None:
             tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
     except sqlite3.DatabaseError as e:
         raise StudyError(f"{path}: not a usable study database ({e})") from None
-    if tables and not {"studies", "trials", "version_info"} <= tables:
+    if tables - _OPTUNA_TABLES:
         raise StudyError(f"{path}: a SQLite database of something else (tables: {', '.join(sorted(tables)[:5])}); "
                          "not touching it — pass another --storage")
 

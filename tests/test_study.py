@@ -10,6 +10,8 @@ import sys
 
 import optuna
 import pytest
+import sqlalchemy
+from optuna.storages._rdb import models as optuna_models
 from optuna.trial import TrialState
 
 from autotune import recommend, space, study
@@ -106,6 +108,17 @@ def test_foreign_and_corrupt_databases_are_refused(tiny_model, hw, tmp_path):
     corrupt.write_bytes(b"SQLite format 3\x00" + b"\xff" * 200)
     with pytest.raises(StudyError, match="not a usable study database"):
         study.open_study(make_request(tiny_model, hw, f"sqlite:///{corrupt}"))
+
+
+def test_a_schema_another_tuner_is_creating_is_not_taken_for_a_foreign_database(tmp_path):
+    """Optuna creates its tables one by one, so a second tuner can find only ``studies`` there; CI once refused
+    that file as "a SQLite database of something else". It is opened, and the schema completed."""
+    path = tmp_path / "half.db"
+    optuna_models.BaseModel.metadata.tables["studies"].create(sqlalchemy.create_engine(f"sqlite:///{path}"))
+    study.open_storage(f"sqlite:///{path}")
+    with sqlite3.connect(path) as con:
+        tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
+    assert {"studies", "trials", "version_info"} <= tables
 
 
 def _open_after(barrier, url: str, results) -> None:
