@@ -273,6 +273,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     req = dataclasses.replace(req, space=sp)
     if quality:
         print_kv_quality(quality)
+    print_space(sp, hw, pins)
 
     bar = Progress(TextColumn("[bold]trial {task.completed}/{task.total}"), BarColumn(), TimeElapsedColumn(),
                    TextColumn("{task.description}"), console=console)
@@ -341,6 +342,22 @@ def check_fits(req: Any) -> None:
     if not lean.fits:
         raise FitError(f"{req.facts.name} at context {req.n_ctx} cannot fit this machine in any searched setting: "
                        f"{lean.shortfall / MIB:,.0f} MiB short even at its leanest (try a smaller --ctx)")
+
+
+def print_space(sp: Any, hw: Any, pins: dict[str, Any]) -> None:
+    """What the study will search, so a user sees before the first trial what is tuned and what is held."""
+    t = Table(title="search space")
+    t.add_column("knob")
+    t.add_column("values")
+    for name, (low, high) in sp.int_ranges.items():
+        hint = f"  (physical cores: {hw.physical_cores})" if name.startswith("n_threads") else ""
+        t.add_row(name, f"{low} … {high}{hint}")
+    for name, choices in sp.params.items():
+        label = {"batch_factor": "n_batch = n_ubatch ×", "attention": "flash_attn:type_k:type_v"}.get(name, name)
+        t.add_row(label, ", ".join(str(c) for c in choices))
+    for name, value in pins.items():
+        t.add_row(name, f"{value}  [dim](pinned by --set)[/]")
+    console.print(t)
 
 
 def print_kv_quality(quality: dict[str, Any]) -> None:

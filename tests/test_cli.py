@@ -147,6 +147,7 @@ def test_search_recommends_and_exports_end_to_end(tiny_model, tmp_path):
                "8", "--top-k", "1", "--rounds", "2", "--out", str(out), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "recommended" in done.stdout and "KV cache quantization vs f16" in done.stdout
+    assert "search space" in done.stdout and "physical cores" in done.stdout
     config = json.loads(out.read_text())
     assert config["schema"] == 1 and config["model"]["sha256"] and config["metrics"]["decode"]["n"] >= 4
     assert config["recommendation"]["verdict"]
