@@ -97,6 +97,29 @@ MIN_SAMPLES = 4  # per candidate, before the spread can support a claimed win
 CONFIRM = 20_000
 
 
+def measure_rounds(
+    model_path: str,
+    candidates: list[Candidate],
+    workload: Workload,
+    rounds: int,
+    trial_timeout: float = 300.0,
+    on_run: Callable[[str, Measurement], None] | None = None,
+) -> None:
+    """Run every candidate once per round in a fresh process, adding to its runs or failures.
+
+    Each round starts one candidate later, so no config always runs first or right after the same other
+    config: the machine drifts, and a side-by-side comparison must not hand that drift to one config."""
+    runs = 0
+    for r in range(rounds):
+        order = candidates[r % len(candidates):] + candidates[: r % len(candidates)]
+        for c in order:
+            m = runner.run(model_path, c.settings, workload, timeout=trial_timeout, index=REMEASURE + runs)
+            runs += 1
+            (c.runs.append(m) if m.ok else c.failures.append(m.error))
+            if on_run:
+                on_run(c.label, m)
+
+
 def recommend(
     study: optuna.Study,
     req: StudyRequest,
@@ -122,16 +145,7 @@ def recommend(
             continue
         candidates.append(Candidate(t.user_attrs.get("role") or f"trial {t.number}", m.settings))
 
-    runs = 0
-    for r in range(rounds):
-        order = candidates[r % len(candidates):] + candidates[: r % len(candidates)]  # rotate: no fixed slot
-        for c in order:
-            m = runner.run(req.model_path, c.settings, req.workload, timeout=trial_timeout, index=REMEASURE + runs)
-            runs += 1
-            (c.runs.append(m) if m.ok else c.failures.append(m.error))
-            if on_run:
-                on_run(c.label, m)
-
+    measure_rounds(req.model_path, candidates, req.workload, rounds, trial_timeout, on_run)
     ran = [c for c in candidates if c.samples(objective, req.workload)]
     if not ran:
         raise AutotuneError("every re-measurement failed: " + "; ".join(f for c in candidates for f in c.failures[:1]))

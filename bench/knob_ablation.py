@@ -2,7 +2,7 @@
 
 Reads the recommended configs that ``bench/search_bench.py`` saved, then measures, per model, the
 recommended config and one variant per setting that differs from the engine defaults (that setting
-back to its default), in interleaved rounds of fresh processes.
+back to its default), in rotated rounds of fresh processes, as ``search_bench.py`` measures.
 
     python bench/knob_ablation.py [--models smollm2-135m,qwen2.5-coder-0.5b] [--rounds 4]
                                   [--source bench/search_results.json] [--out bench/knob_ablation.md]
@@ -16,13 +16,12 @@ import json
 import statistics
 from pathlib import Path
 
-from autotune import catalog, runner
+from autotune import catalog
 from autotune.probe import probe
 from autotune.recommend import Spread
 from autotune.settings import Settings
 from autotune.study import engine_defaults
-
-WORK = runner.Workload(prompt_tokens=256, gen_tokens=32, reps=3)  # as bench/search_bench.py
+from search_bench import WORK, fmt, measure
 
 
 def variants(rec: Settings) -> dict[str, Settings]:
@@ -46,22 +45,16 @@ def main() -> None:
     ap.add_argument("--out", default="bench/knob_ablation.md")
     args = ap.parse_args()
     recommended = {r["model"]: r["recommended_settings"] for r in json.loads(Path(args.source).read_text())}
-    lines = [f"Decode tok/s on this machine ({probe(measure_bandwidth=False).cpu_model}), {args.rounds} interleaved "
+    lines = [f"Decode tok/s on this machine ({probe(measure_bandwidth=False).cpu_model}), {args.rounds} rotated "
              f"rounds x {WORK.reps} repetitions; median (q25-q75) and ratio to the recommended config.", ""]
     for name in args.models.split(","):
         model = str(catalog.fetch(name, quiet=False))
         configs = variants(Settings.from_dict(recommended[name]))
-        samples: dict[str, list[float]] = {k: [] for k in configs}
-        for r in range(args.rounds):
-            for label, s in configs.items():
-                m = runner.run(model, s, WORK)
-                samples[label] += m.decode_tps if m.ok else []
-                print(f"  {name} round {r + 1}/{args.rounds} {label}: {m.decode if m.ok else m.error}", flush=True)
+        samples = measure(model, configs, args.rounds, name)
         ref = statistics.median(samples["recommended"])
         lines += [f"### {name}", "", "| config | decode tok/s | vs recommended |", "|---|---|---|"]
         for label, v in samples.items():
-            s = Spread.of(v)
-            lines.append(f"| {label} | {s.median:.1f} ({s.q25:.1f}-{s.q75:.1f}) | {s.median / ref:.2f} |")
+            lines.append(f"| {label} | {fmt(v)} | {Spread.of(v).median / ref:.2f} |")
         lines.append("")
         Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))

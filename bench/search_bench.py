@@ -10,8 +10,8 @@ For each model:
    trial is one — a distribution, where one live study would give a single noisy number;
 3. the default ``autotune search`` (full space, 30 trials, the side-by-side re-measurement) gives the
    tuning wall time and the recommended config;
-4. the recommended config, the grid optimum and the engine defaults are measured again, interleaved in
-   fresh processes, so "recommended / grid optimum" and "recommended / defaults" compare like with like.
+4. the recommended config, the grid optimum and the engine defaults are measured again in rotated
+   rounds of fresh processes, so "recommended / grid optimum" and "recommended / defaults" compare like with like.
 
     python bench/search_bench.py [--models smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b]
                                  [--out bench/search_results.md] [--skip-default-search] [--passes 1]
@@ -36,12 +36,12 @@ from pathlib import Path
 
 import optuna
 
-from autotune import catalog, runner, study
+from autotune import catalog, study
 from autotune.cli import build_parser
 from autotune.gguf_model import ModelFacts, read_facts
 from autotune.probe import Hardware, probe
-from autotune.recommend import Spread
-from autotune.runner import Workload
+from autotune.recommend import Candidate, Spread, measure_rounds
+from autotune.runner import Measurement, Workload
 from autotune.settings import Settings
 from autotune.space import SearchSpace, attention_label
 
@@ -64,17 +64,17 @@ def grid_space() -> SearchSpace:
                        int_ranges={k: (min(GRID[k]), max(GRID[k])) for k in ("n_threads", "n_threads_batch")})
 
 
-def measure_grid(model: str, sp: SearchSpace, passes: int) -> dict[tuple, list[float]]:
-    """Decode tok/s samples for every grid config; several passes spread the machine's drift."""
-    keys = list(itertools.product(*GRID.values()))
-    samples: dict[tuple, list[float]] = {k: [] for k in keys}
-    for p in range(passes):
-        for i, k in enumerate(keys):
-            m = runner.run(model, sp.settings_from(dict(zip(GRID, k))), WORK)
-            samples[k] += m.decode_tps if m.ok else []
-            print(f"  grid pass {p + 1} {i + 1}/{len(keys)} {dict(zip(GRID, k))}: "
-                  f"{statistics.median(m.decode_tps) if m.ok and m.decode_tps else m.error}", flush=True)
-    return samples
+def measure(model: str, configs: dict[str, Settings], rounds: int, what: str) -> dict[str, list[float]]:
+    """Decode tok/s samples per config label, in the recommender's own rotated rounds of fresh processes."""
+    candidates = [Candidate(label, s) for label, s in configs.items()]
+    done = itertools.count(1)
+
+    def show(label: str, m: Measurement) -> None:
+        result = f"{m.decode:.1f} tok/s" if m.ok else m.error
+        print(f"  {what} {next(done)}/{len(candidates) * rounds} {label}: {result}", flush=True)
+
+    measure_rounds(model, candidates, WORK, rounds, on_run=show)
+    return {c.label: c.samples("decode", WORK) for c in candidates}
 
 
 def replay(model: str, facts: ModelFacts, hw: Hardware, sp: SearchSpace, samples: dict[tuple, list[float]],
@@ -131,18 +131,6 @@ def default_search(model: str) -> tuple[float, dict, list[float | None]]:
         return wall, config, [t.value if t.state == optuna.trial.TrialState.COMPLETE else None for t in trials]
 
 
-def head_to_head(model: str, configs: dict[str, Settings], rounds: int) -> dict[str, list[float]]:
-    """Decode samples of each config, measured in interleaved rounds of fresh processes."""
-    samples: dict[str, list[float]] = {label: [] for label in configs}
-    for r in range(rounds):
-        for label, s in configs.items():
-            m = runner.run(model, s, WORK)
-            samples[label] += m.decode_tps if m.ok else []
-            print(f"  head-to-head round {r + 1}/{rounds} {label}: "
-                  f"{statistics.median(m.decode_tps) if m.ok and m.decode_tps else m.error}", flush=True)
-    return samples
-
-
 def fmt(values: list[float]) -> str:
     s = Spread.of(values)
     return f"{s.median:.1f} ({s.q25:.1f}-{s.q75:.1f})"
@@ -160,11 +148,11 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     """Every measurement for one model: the grid, the default search and the head-to-head (raw samples)."""
     model = str(catalog.fetch(name, quiet=False))
     sp = grid_space()
-    print(f"{name}: grid of {len(list(itertools.product(*GRID.values())))} configs", flush=True)
+    grid = {json.dumps(dict(zip(GRID, k))): sp.settings_from(dict(zip(GRID, k)))
+            for k in itertools.product(*GRID.values())}
     t0 = time.perf_counter()
-    samples = measure_grid(model, sp, args.passes)
-    row: dict = {"model": name, "grid_s": time.perf_counter() - t0, "passes": args.passes,
-                 "grid_samples": {json.dumps(dict(zip(GRID, k))): v for k, v in samples.items()}}
+    samples = measure(model, grid, args.passes, "grid")  # passes are rounds: several spread the machine's drift
+    row: dict = {"model": name, "grid_s": time.perf_counter() - t0, "passes": args.passes, "grid_samples": samples}
     if not args.skip_default_search:
         wall, config, values = default_search(model)
         rec = config["recommendation"]
@@ -175,7 +163,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
                    "engine defaults": sp.base}
         row.update(search_wall_s=wall, trial_values=values, chosen=rec["chosen"], supported=rec["supported"],
                    speedup=rec["speedup"], recommended_settings=config["settings"],
-                   head_to_head=head_to_head(model, configs, args.rounds))
+                   head_to_head=measure(model, configs, args.rounds, "head-to-head"))
     return row
 
 
@@ -240,7 +228,7 @@ def table(rows: list[dict], facts: list[dict], cpu: str) -> str:
         lines += [
             "",
             "Default `autotune search MODEL` (full space, 30 trials, re-measurement), then the recommended config, the grid "
-            "optimum and the engine defaults measured again side by side in interleaved rounds:",
+            "optimum and the engine defaults measured again side by side in rotated rounds:",
             "",
             "| model | search wall time | first trial measured >= 97 % of grid optimum | search says | recommended "
             "| grid optimum | engine defaults | recommended / grid optimum | recommended / defaults |",
