@@ -7,6 +7,7 @@ Every user-facing failure is an ``AutotuneError`` and becomes one line on stderr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -70,6 +71,33 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------- doctor
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """The engine self-check on its own: does a short real run of the model survive on this machine?"""
+    from . import catalog, health, space, study
+    from .gguf_model import read_facts
+    from .probe import probe
+
+    model = args.model or str(catalog.fetch(quiet=False))
+    facts = read_facts(model)
+    hw = probe(measure_bandwidth=False)
+    pins = space.parse_pins(args.set or [])
+    start = study.engine_defaults(min(4096, facts.n_ctx_train or 4096)).replace(**pins)
+    if args.recheck:
+        health.forget(model, start, hw)
+    with console.status("engine self-check: load, a multi-token batch, a few decode steps ..."):
+        verdict = health.check(model, start, hw, pinned=frozenset(pins))
+    if args.json:
+        print_json({**dataclasses.asdict(verdict), "model": model, "cpu_features": list(hw.cpu_features)})
+        return 0
+    console.print(f"engine: llama-cpp-python {hw.engine_version}, backend {hw.backend}; CPU features: "
+                  + " ".join(hw.cpu_features))
+    console.print(verdict.line())
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- inspect
 
 
@@ -127,7 +155,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
     facts = read_facts(args.model)
     s = Settings(
         n_ctx=args.ctx, n_gpu_layers=args.ngl, n_batch=args.batch, n_ubatch=args.ubatch, flash_attn=args.fa == "on",
-        type_k=args.type_k, type_v=args.type_v, swa_full=args.swa_full == "on",
+        type_k=args.type_k, type_v=args.type_v, swa_full=args.swa_full == "on", use_extra_bufts=args.repack == "on",
     ).check()  # contradictory flags (n_ubatch > n_batch included) are the user's to fix, not ours to clamp
     try:
         memory.check_supported(facts)
@@ -184,7 +212,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
         t.add_column("")
         for d in est["devices"]:
             t.add_column(d["device"], justify="right")
-        for key, label in (("weights", "weights"), ("repack", "CPU repack"), ("kv", "KV cache"), ("compute", "compute"),
+        for key, label in (("weights", "weights"), ("repack", "AMX / CPU repack"), ("kv", "KV cache"), ("compute", "compute"),
                            ("output", "output"), ("overhead", "fixed overhead"), ("total", "[bold]total[/bold]"),
                            ("budget", "free memory"), ("margin", "margin kept free")):
             t.add_row(label, *(mib(d[key]) for d in est["devices"]))
@@ -228,7 +256,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
             t.add_row(k, mib(r["predicted"][k]) if r["predicted"] else "unsupported", mib(r["engine"][k]),
                       "-" if err is None else f"{err:+.2f} %")
         console.print(t)
-        console.print("The dry run cannot see the CPU_REPACK buffer or the fixed overhead: both are left out here. "
+        console.print("The dry run cannot see the AMX / CPU_REPACK buffers or the fixed overhead: both are left out here. "
                       "Errors are taken at the log's 0.01 MiB resolution.")
     return 0
 
@@ -237,11 +265,10 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    import dataclasses
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from . import catalog, engine, export, recommend, space, study
+    from . import catalog, engine, export, health, recommend, space, study
     from .errors import ModelError, SettingsError
     from .gguf_model import file_sha256, read_facts
     from .probe import probe
@@ -263,6 +290,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     preflight = engine.dry_run(model, [sp.base])[0]  # the engine itself must accept the file (~1 s, no memory)
     if isinstance(preflight, str):
         raise ModelError(f"{model}: the engine refuses this model: {preflight}")
+    with console.status("engine self-check: a short real run with the starting settings ..."):
+        verdict = health.check(model, sp.base, hw, pinned=frozenset(pins), timeout=args.trial_timeout)
+    console.print(verdict.line())
+    if verdict.pins:  # the whole study runs with the switch that keeps the engine alive
+        sp = space.build_space(hw, facts, n_ctx, {**pins, **verdict.pins})
+        req = dataclasses.replace(req, space=sp, forced=verdict.pins)
     st = study.open_study(req)
     finished = [t for t in st.get_trials(deepcopy=False) if t.state.is_finished()]
     console.print(f"[bold]study[/] {st.study_name}  ({len(finished)} finished trials stored in "
@@ -272,8 +305,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         sp, quality = study.kv_quality(st, req, args.kv_quality)
     req = dataclasses.replace(req, space=sp)
     if quality:
-        print_kv_quality(quality)
-    print_space(sp, hw, pins)
+        print_kv_quality(quality, req.forced)
+    print_space(sp, hw, pins, req.forced)
 
     bar = Progress(TextColumn("[bold]trial {task.completed}/{task.total}"), BarColumn(), TimeElapsedColumn(),
                    TextColumn("{task.description}"), console=console)
@@ -311,8 +344,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         extra={"study": {"name": st.study_name, "storage": study.storage_url(args.storage),
                          "objective": "pareto" if args.pareto else args.objective},
                "workload": dataclasses.asdict(workload),
+               "engine_health": dataclasses.asdict(verdict),
                "recommendation": {"supported": rec.supported, "verdict": rec.verdict, "speedup": rec.speedup,
                                   "chosen": rec.chosen.label,
+                                  "baseline": rec.baseline.label,
+                                  "baselines": rec.baseline_report(),
                                   "baseline_metrics": rec.metrics(rec.baseline),
                                   "peak_rss": rec.confirmation.peak_rss if rec.confirmation else None,
                                   "base_rss": rec.confirmation.base_rss if rec.confirmation else None,
@@ -344,7 +380,7 @@ def check_fits(req: Any) -> None:
                        f"{lean.shortfall / MIB:,.0f} MiB short even at its leanest (try a smaller --ctx)")
 
 
-def print_space(sp: Any, hw: Any, pins: dict[str, Any]) -> None:
+def print_space(sp: Any, hw: Any, pins: dict[str, Any], forced: dict[str, Any]) -> None:
     """What the study will search, so a user sees before the first trial what is tuned and what is held."""
     t = Table(title="search space")
     t.add_column("knob")
@@ -357,11 +393,21 @@ def print_space(sp: Any, hw: Any, pins: dict[str, Any]) -> None:
         t.add_row(label, ", ".join(str(c) for c in choices))
     for name, value in pins.items():
         t.add_row(name, f"{value}  [dim](pinned by --set)[/]")
+    for name, value in forced.items():
+        t.add_row(name, f"{value}  [dim](pinned by the engine self-check)[/]")
     console.print(t)
 
 
-def print_kv_quality(quality: dict[str, Any]) -> None:
-    t = Table(title="KV cache quantization vs f16 (fixed text)")
+def print_kv_quality(quality: dict[str, Any], forced: dict[str, Any]) -> None:
+    errors = {r.get("error") for r in quality.values()}
+    if len(errors) == 1 and None not in errors and "f16 reference" in str(next(iter(errors))):
+        console.print(f"KV cache quality: no reference runs (the f16 cache {next(iter(errors))}): every quantized "
+                      "K/V cache is excluded, since its effect on the outputs cannot be measured")
+        return
+    switch = ", ".join(f"{k}={v}" for k, v in forced.items())
+    t = Table(title="KV cache quantization vs f16 (fixed text)",
+              caption="reference: an f16 K/V cache with the study's starting settings"
+                      + (f" and {switch} (pinned by the engine self-check)" if switch else ""))
     for col in ("K/V", "top-1 agreement", "mean KL", "verdict"):
         t.add_column(col)
     for pair, r in sorted(quality.items()):
@@ -388,7 +434,8 @@ def print_recommendation(config: dict[str, Any]) -> None:
     rec = config["recommendation"]
     m, base = config["metrics"], rec["baseline_metrics"]
     t = Table(title=f"recommended: {rec['chosen']}")
-    for col in ("metric", "recommended median", "spread (min-max)", "engine defaults median", "ratio"):
+    for col in ("metric", "recommended median", "spread (min-max)", f"engine {rec.get('baseline', 'defaults')} median",
+                "ratio"):
         t.add_column(col)
     for name, unit in (("decode", "tok/s"), ("prefill", "tok/s"), ("ttft", "s"), ("balanced", "tok/s")):
         a, b = m[name], base[name]
@@ -477,7 +524,7 @@ def _draft_arg(value: str) -> str:
 
 
 def cmd_draft(args: argparse.Namespace) -> int:
-    from . import draft, export, space, study
+    from . import draft, export, health, space, study
     from .gguf_model import read_facts
     from .probe import probe
 
@@ -487,7 +534,13 @@ def cmd_draft(args: argparse.Namespace) -> int:
         settings = export.settings_of(export.load_config(args.config))
     else:
         settings = study.sensible(hw, facts, min(4096, facts.n_ctx_train or 4096))
-    settings = settings.replace(**space.parse_pins(args.set or []), **({"n_ctx": args.ctx} if args.ctx else {}))
+    pins = space.parse_pins(args.set or [])
+    settings = settings.replace(**pins, **({"n_ctx": args.ctx} if args.ctx else {}))
+    if not args.no_measure:
+        with Console(stderr=True).status("engine self-check: a short real run with these settings ..."):
+            verdict = health.check(args.model, settings, hw, pinned=frozenset(pins), timeout=args.trial_timeout)
+        Console(stderr=True).print(verdict.line())
+        settings = settings.replace(**verdict.pins)
     plan = None if args.no_measure else draft.Plan(ns=args.n, kinds=args.kinds, rounds=args.rounds,
                                                    prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                                                    reps=args.reps, timeout=args.trial_timeout)
@@ -607,6 +660,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-bandwidth", action="store_true", help="skip the ~1 s bandwidth measurement")
     sp.set_defaults(func=cmd_probe)
 
+    sp = sub.add_parser("doctor", help="engine self-check: does a short real run survive here, and which "
+                                       "runtime switch avoids a crash")
+    sp.add_argument("model", nargs="?", help="GGUF file (default: the demo model)")
+    sp.add_argument("--set", action="append", metavar="NAME=VALUE", help="check with a setting pinned")
+    sp.add_argument("--recheck", action="store_true", help="run the check again instead of reading the remembered verdict")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_doctor)
+
     sp = sub.add_parser("inspect", help="what a GGUF file says about its model")
     sp.add_argument("model")
     sp.add_argument("--json", action="store_true")
@@ -623,6 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-b", "--batch", type=int, default=512)
     sp.add_argument("-ub", "--ubatch", type=int, default=512)
     sp.add_argument("--swa-full", choices=("on", "off"), default="on")
+    sp.add_argument("--repack", choices=("on", "off"), default="on",
+                    help="extra weight buffer types (AMX, CPU_REPACK); off is llama.cpp's --no-repack "
+                         "(setting use_extra_bufts)")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--ctx-sweep", action="store_true", help="footprint against context length per K/V type")
     sp.add_argument("--max-ctx", action="store_true", help="largest context that fits, per K/V type and offload")

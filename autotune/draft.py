@@ -240,10 +240,9 @@ class GreedyDraft(LlamaDraftModel):
     """
 
     def __init__(self, path: str, settings: Settings) -> None:
-        import llama_cpp
+        from .engine import load_llama
 
-        kwargs = settings.replace(n_gpu_layers=settings.draft_gpu_layers).llama_kwargs()
-        self.llm = llama_cpp.Llama(model_path=path, verbose=False, **kwargs)
+        self.llm = load_llama(path, settings.replace(n_gpu_layers=settings.draft_gpu_layers), verbose=False)
         self.n_max = settings.draft_max
         self._n_vocab = self.llm.n_vocab()
         self._pending: tuple[npt.NDArray[np.intc], list[int]] | None = None  # history, proposals

@@ -17,6 +17,9 @@ from .errors import ConfigError, SettingsError
 from .settings import Settings
 
 SCHEMA_VERSION = 1
+NO_REPACK_MISSING = ("{tool} has no setting for extra buffer types (llama.cpp --no-repack); the tuned settings turn "
+                     "them off (use_extra_bufts=False), so {tool} may run slower or faster, and where autotune's "
+                     "engine self-check saw a crash with them on, {tool}'s engine may crash too")
 FORMATS = ("json", "llama-server", "python", "lmstudio", "ollama", "koboldcpp")
 _KOBOLD_QUANTKV = {"f16": 0, "q8_0": 1, "q4_0": 2}
 
@@ -87,7 +90,8 @@ def render(config: dict[str, Any], fmt: str) -> str:
     if fmt == "ollama":
         return ollama_modelfile(s, model)
     if fmt == "koboldcpp":
-        return shlex.join(["koboldcpp", *koboldcpp_flags(s, model)])
+        command = shlex.join(["koboldcpp", *koboldcpp_flags(s, model)])
+        return command if s.use_extra_bufts else command + "\n# " + NO_REPACK_MISSING.format(tool="KoboldCpp")
     raise ConfigError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
 
 
@@ -113,6 +117,8 @@ def server_flags(s: Settings, model: str) -> list[str]:
         flags.append("--no-mmap")
     if s.use_mlock:
         flags.append("--mlock")
+    if not s.use_extra_bufts:
+        flags.append("--no-repack")
     if s.draft_model:
         flags += ["-md", s.draft_model, "--draft-max", str(s.draft_max), "--draft-min", "0",
                   "-ngld", str(s.draft_gpu_layers)]
@@ -132,7 +138,8 @@ def parse_server_flags(argv: list[str]) -> tuple[str, Settings]:
         "--gpu-layers-draft": "draft_gpu_layers",
     }
     switches = {"--swa-full": ("swa_full", True), "--no-kv-offload": ("offload_kqv", False),
-                "-nkvo": ("offload_kqv", False), "--no-mmap": ("use_mmap", False), "--mlock": ("use_mlock", True)}
+                "-nkvo": ("offload_kqv", False), "--no-mmap": ("use_mmap", False), "--mlock": ("use_mlock", True),
+                "--no-repack": ("use_extra_bufts", False), "-nr": ("use_extra_bufts", False)}
     model = ""
     args = list(argv[1:] if argv and not argv[0].startswith("-") else argv)
     i = 0
@@ -162,13 +169,32 @@ def llama_kwargs(s: Settings, model: str) -> dict[str, Any]:
     return {"model_path": model, **s.llama_kwargs()}
 
 
+# Llama(...) has no keyword for the model parameter use_extra_bufts: the pasted code sets it on the default
+# model parameters Llama starts from (what autotune.engine.load_llama does for one load).
+_NO_REPACK = """import llama_cpp.llama_cpp
+
+# llama.cpp --no-repack: Llama() has no keyword for it, so set it on the model parameters it starts from.
+_default_model_params = llama_cpp.llama_cpp.llama_model_default_params
+
+
+def _no_repack_params():
+    params = _default_model_params()
+    params.use_extra_bufts = False
+    return params
+
+
+llama_cpp.llama_cpp.llama_model_default_params = _no_repack_params
+"""
+
+
 def python_kwargs(s: Settings, model: str) -> str:
     kwargs = llama_kwargs(s, model)
     body = ",\n".join(f"    {k}={v!r}" for k, v in kwargs.items())
+    head = "from llama_cpp import Llama\n" + ("" if s.use_extra_bufts else _NO_REPACK)
     if not s.draft_model:
-        return f"from llama_cpp import Llama\n\nllm = Llama(\n{body},\n)\n"
+        return f"{head}\nllm = Llama(\n{body},\n)\n"
     # A draft needs every token's logits kept (the library sizes its score array by n_batch otherwise).
-    return ("from llama_cpp import Llama\n\nfrom autotune.draft import GreedyDraft\nfrom autotune.settings import Settings\n\n"
+    return (f"{head}\nfrom autotune.draft import GreedyDraft\nfrom autotune.settings import Settings\n\n"
             f"draft = GreedyDraft({s.draft_model!r}, Settings.from_dict({s.to_dict()!r}))\n"
             f"llm = Llama(\n{body},\n    logits_all=True,\n    draft_model=draft,\n)\n")
 
@@ -188,6 +214,8 @@ def lmstudio(s: Settings) -> dict[str, Any]:
         "cpuThreadPoolSize": s.n_threads,
     }
     out: dict[str, Any] = {"load": load}
+    if not s.use_extra_bufts:
+        out["notes"] = [NO_REPACK_MISSING.format(tool="LM Studio")]
     if s.draft_model:
         out["prediction"] = {"draftModel": s.draft_model}
     return out
@@ -208,6 +236,8 @@ def ollama_modelfile(s: Settings, model: str) -> str:
         lines.append(f"#   (Ollama uses one type for K and V; autotune measured K={s.type_k}, V={s.type_v})")
     if s.draft_model:
         lines.append(f"# Ollama has no draft-model setting; the tuned draft was {s.draft_model}")
+    if not s.use_extra_bufts:
+        lines.append("# " + NO_REPACK_MISSING.format(tool="Ollama"))
     return "\n".join(lines) + "\n"
 
 

@@ -276,11 +276,44 @@ def _repack_ok(type_name: str, shape: tuple[int, ...], features: frozenset[str])
     return bool(rules.get(type_name, False))
 
 
+# AMX (ggml-cpu/amx): the weight types it has kernels for, with the multiple of the row length each needs,
+# and the bytes per block its packed layout adds (a compensation term, or K-quant scales kept apart).
+_AMX_ROW_MULTIPLE = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "IQ4_XS": 256,
+                     "F16": 16}
+_AMX_BLOCK_EXTRA = {"Q8_0": 4, "Q4_K": 4, "Q5_K": 4, "IQ4_XS": 2}
+
+
+def _amx_bytes(type_name: str, shape: tuple[int, ...], n_bytes: int, features: frozenset[str]) -> int:
+    """Bytes this matrix takes in the AMX buffer, 0 if it does not go there (amx.cpp supports_op and
+    ggml_backend_amx_get_alloc_size). The engine offers that buffer first, before CPU_REPACK."""
+    if len(shape) != 2 or not {"AMX_INT8", "AVX512_VNNI"} <= features:
+        return 0
+    k, n = shape
+    multiple = _AMX_ROW_MULTIPLE.get(type_name)
+    if multiple is None or k % multiple or n % 32:
+        return 0
+    if type_name == "F16":
+        return n_bytes
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    return n * (k // block) * (size + _AMX_BLOCK_EXTRA.get(type_name, 0))
+
+
+def _extra_bytes(type_name: str, shape: tuple[int, ...], n_bytes: int, features: frozenset[str]) -> int:
+    """Bytes a matrix multiplied on the host takes in an extra buffer (AMX, else CPU_REPACK); 0 for none."""
+    amx = _amx_bytes(type_name, shape, n_bytes, features)
+    if amx:
+        return pad(amx, TENSOR_ALIGNMENT)
+    return pad(n_bytes, TENSOR_ALIGNMENT) if _repack_ok(type_name, shape, features) else 0
+
+
 def _weights(facts: ModelFacts, s: Settings, hw: Hardware, where: Placement) -> tuple[dict[str, int], int]:
-    """Weight bytes per device and the CPU_REPACK buffer, the way llama.cpp builds its model buffers."""
+    """Weight bytes per device and the extra (AMX / CPU_REPACK) buffers, the way llama.cpp builds its model
+    buffers."""
     # A GPU backend with a pinned host buffer type (all but Metal) comes first in llama.cpp's CPU buffer
-    # list: host weights then go to plain (mapped) CPU memory and are never repacked.
-    features = frozenset(hw.cpu_features) if all(g.backend == "metal" for g in hw.offload_gpus) else frozenset()
+    # list: host weights then go to plain (mapped) CPU memory and are never repacked. Extra buffers off
+    # (--no-repack) has the same effect.
+    metal_only = all(g.backend == "metal" for g in hw.offload_gpus)
+    features = frozenset(hw.cpu_features) if metal_only and s.use_extra_bufts else frozenset()
     offsets, off = [], 0
     for t in facts.tensors:  # tensor data is laid out in table order, each padded to the alignment
         offsets.append(off)
@@ -307,8 +340,9 @@ def _weights(facts: ModelFacts, s: Settings, hw: Hardware, where: Placement) -> 
             dev = HOST  # input layer (token embedding) always stays on the host
         # only MUL_MAT weights can live in CPU_REPACK; the embedding is read with GET_ROWS
         matmul = t.name.endswith(".weight") and t.name != "token_embd.weight" and len(t.shape) == 2
-        if dev == HOST and matmul and _repack_ok(t.type, t.shape, features):
-            repack += pad(t.n_bytes, TENSOR_ALIGNMENT)
+        extra = _extra_bytes(t.type, t.shape, t.n_bytes, features) if dev == HOST and matmul else 0
+        if extra:
+            repack += extra
         else:
             place(dev, i)
     if facts.tied_embeddings:
@@ -317,8 +351,8 @@ def _weights(facts: ModelFacts, s: Settings, hw: Hardware, where: Placement) -> 
         embd = next(t for t in facts.tensors if t.name == "token_embd.weight")
         if where.output != HOST:
             plain[where.output] = plain.get(where.output, 0) + pad(embd.n_bytes, TENSOR_ALIGNMENT)
-        elif _repack_ok(embd.type, embd.shape, features):
-            repack += pad(embd.n_bytes, TENSOR_ALIGNMENT)
+        else:
+            repack += _extra_bytes(embd.type, embd.shape, embd.n_bytes, features)
     out = dict(plain)
     for dev, (first, last) in mapped.items():
         out[dev] = out.get(dev, 0) + last - first
@@ -1016,7 +1050,7 @@ def as_logged(n: int) -> int:
 
 def verify(facts: ModelFacts, settings_list: Sequence[Settings], hw: Hardware | None = None) -> list[dict[str, Any]]:
     """Prediction against the engine's no-allocation dry run for each settings (one engine load per
-    n_gpu_layers). Totals compare what the dry run can see: weights (llama_model_size), KV, compute and
+    n_gpu_layers and use_extra_bufts). Totals compare what the dry run can see: weights (llama_model_size), KV, compute and
     output; the repack buffer and the fixed overhead are left out of both sides. ``hw`` must describe
     the machine the engine runs on (default: probe it). For an unsupported architecture the rows carry
     the engine's figures only."""
@@ -1030,9 +1064,9 @@ def verify(facts: ModelFacts, settings_list: Sequence[Settings], hw: Hardware | 
         supported = False
     hw = hw or probe(measure_bandwidth=False)
     rows: list[dict[str, Any]] = []
-    groups: dict[int, list[Settings]] = {}
+    groups: dict[tuple[int, bool], list[Settings]] = {}
     for s in settings_list:
-        groups.setdefault(s.n_gpu_layers, []).append(s)
+        groups.setdefault((s.n_gpu_layers, s.use_extra_bufts), []).append(s)
     for group in groups.values():
         for s, report in zip(group, engine.dry_run(facts.path, [validate(s) for s in group])):
             row: dict[str, Any] = {"settings": s, "estimate": None, "predicted": None, "engine": None,

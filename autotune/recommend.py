@@ -47,7 +47,7 @@ class Spread:
 
 @dataclass
 class Candidate:
-    label: str  # "defaults", "sensible" or "trial 12"
+    label: str  # "defaults", "defaults with use_extra_bufts=False", "sensible" or "trial 12"
     settings: Settings
     runs: list[Measurement] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -64,13 +64,19 @@ class Recommendation:
     objective: str
     workload: Workload
     chosen: Candidate
-    baseline: Candidate
+    baseline: Candidate  # the best baseline that ran: every speed-up is stated against it
     candidates: list[Candidate]
     supported: bool  # the spread supports the chosen config beating the defaults
     verdict: str
     confirmation: Measurement | None
     predicted: dict[str, Any]
     roofline: dict[str, Any]
+    baselines: list[Candidate] = field(default_factory=list)  # every baseline measured, those that crashed too
+
+    def baseline_report(self) -> dict[str, Any]:
+        """Per baseline: whether it ran, and why not."""
+        return {b.label: {"ran": bool(b.runs), "failures": b.failures[:3], "settings": b.settings.to_dict()}
+                for b in self.baselines}
 
     @property
     def speedup(self) -> float | None:
@@ -135,11 +141,10 @@ def recommend(
         raise AutotuneError("no trial of this study completed: nothing to recommend (see the failed/pruned reasons)")
     key = (lambda tm: tm[0].values[0]) if not req.pareto else (lambda tm: tm[1].decode)
     ranked = sorted(done, key=key, reverse=objective != "ttft" or req.pareto)
-    defaults = engine_defaults(req.n_ctx).replace(**req.pins)
-    baseline = Candidate("defaults", defaults)
-    candidates = [baseline]
+    baselines = baseline_candidates(req)
+    candidates = list(baselines)
     for t, m in ranked:
-        if len(candidates) > top_k:
+        if len(candidates) >= len(baselines) + top_k:
             break
         if m.settings in (c.settings for c in candidates):
             continue
@@ -151,7 +156,12 @@ def recommend(
         raise AutotuneError("every re-measurement failed: " + "; ".join(f for c in candidates for f in c.failures[:1]))
     ranked_c = sorted(ran, key=lambda c: c.spread(objective, req.workload).median, reverse=objective != "ttft")
     best = ranked_c[0]
+    baseline = next((c for c in ranked_c if c in baselines), baselines[0])
     supported, verdict = _judge(best, baseline, objective, req.workload)
+    crashed = [b for b in baselines if not b.runs]
+    if crashed and baseline.runs:
+        verdict = " ".join(f"The engine {b.label} crash on this machine ({b.failures[0]})." for b in crashed if b.failures) + \
+            f" Speed-ups are stated against the engine {baseline.label}, the best baseline that runs. " + verdict
     order = ranked_c if supported or best is baseline else [baseline] + [c for c in ranked_c if c is not baseline]
     if not baseline.runs:
         order = ranked_c  # the defaults never ran: any confirmed config beats them
@@ -173,27 +183,39 @@ def recommend(
         supported, verdict2 = _judge(chosen, baseline, objective, req.workload)
         verdict += " " + verdict2
     predicted = _predicted(req.facts, chosen.settings, req.hw)
-    return Recommendation(objective, req.workload, chosen, baseline, candidates, supported and chosen is not baseline,
-                          verdict, confirmation, predicted, roofline(req.facts, req.hw, chosen, req.workload))
+    return Recommendation(objective, req.workload, chosen, baseline, candidates,
+                          supported and chosen not in baselines, verdict, confirmation, predicted,
+                          roofline(req.facts, req.hw, chosen, req.workload), baselines)
+
+
+def baseline_candidates(req: StudyRequest) -> list[Candidate]:
+    """What a user would run without us: the engine defaults (with the user's pins) and, where the engine
+    self-check pinned a switch to avoid a crash, the same defaults with that switch."""
+    defaults = engine_defaults(req.n_ctx).replace(**req.pins)
+    out = [Candidate("defaults", defaults)]
+    if req.forced and defaults.replace(**req.forced) != defaults:
+        switch = ", ".join(f"{k}={v}" for k, v in req.forced.items())
+        out.append(Candidate(f"defaults with {switch}", defaults.replace(**req.forced)))
+    return out
 
 
 def _judge(best: Candidate, baseline: Candidate, objective: str, workload: Workload) -> tuple[bool, str]:
     if best is baseline:
-        return False, "The engine defaults measured best: keep them."
+        return False, f"The engine {baseline.label} measured best: keep them."
     if not baseline.runs:
         return True, "The engine defaults failed to run here; the chosen settings did."
     b, d = best.spread(objective, workload), baseline.spread(objective, workload)
     if min(b.n, d.n) < MIN_SAMPLES:
         return False, (f"{best.label} measured best, but with {min(b.n, d.n)} samples (fewer than {MIN_SAMPLES}) "
-                       "no win can be told from noise: recommending the engine defaults.")
+                       f"no win can be told from noise: recommending the engine {baseline.label}.")
     clear = b.q25 > d.q75 if objective != "ttft" else b.q75 < d.q25
     gain = (b.median / d.median) if objective != "ttft" else (d.median / b.median)
     if clear:
-        return True, (f"{best.label} beats the engine defaults on {objective}: median x{gain:.2f}, "
+        return True, (f"{best.label} beats the engine {baseline.label} on {objective}: median x{gain:.2f}, "
                       f"interquartile ranges apart ({b.n} vs {d.n} samples).")
-    return False, (f"{best.label} measured x{gain:.2f} on {objective}, but its spread overlaps the defaults' "
-                   f"({b.q25:.1f}-{b.q75:.1f} vs {d.q25:.1f}-{d.q75:.1f}): not a supported win; "
-                   "recommending the engine defaults.")
+    return False, (f"{best.label} measured x{gain:.2f} on {objective}, but its spread overlaps that of the "
+                   f"engine {baseline.label} ({b.q25:.1f}-{b.q75:.1f} vs {d.q25:.1f}-{d.q75:.1f}): not a supported win; "
+                   f"recommending the engine {baseline.label}.")
 
 
 def _predicted(facts: ModelFacts, s: Settings, hw: Hardware) -> dict[str, Any]:

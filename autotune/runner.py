@@ -154,26 +154,12 @@ def _parse_result(out: str) -> dict[str, Any] | None:
 
 
 def _failure_reason(code: int, out: str, err: str, result: dict[str, Any] | None) -> str:
-    tail = _engine_line(err)
-    if code < 0:
-        sig = signal.Signals(-code)
-        what = {
-            signal.SIGKILL: "killed by SIGKILL (the out-of-memory killer, most likely)",
-            signal.SIGSEGV: "crashed with SIGSEGV (segmentation fault)",
-            signal.SIGABRT: "aborted (SIGABRT)",
-            signal.SIGBUS: "crashed with SIGBUS",
-        }.get(sig, f"killed by {sig.name}")
-        return f"{what}" + (f": {tail}" if tail else "")
+    from .engine import child_failure
+
     if code != 0:
-        return f"exit code {code}" + (f": {tail}" if tail else "")
+        return child_failure(code, err)
     junk = out.strip().splitlines()[-1][:80] if out.strip() else "nothing"
     return f"no result from the engine process (it printed {junk!r})"
-
-
-def _engine_line(err: str) -> str:
-    from .engine import last_error
-
-    return last_error(err.strip().splitlines()[-40:])
 
 
 class _VramWatch:
@@ -264,13 +250,10 @@ def _peak_rss() -> int:
 
 
 def _measure(request: dict[str, Any]) -> dict[str, Any]:
-    import llama_cpp
-
-    from .engine import captured_log, last_error, parse_buffers
+    from .engine import captured_log, last_error, load_llama, parse_buffers
 
     settings = Settings.from_dict(request["settings"])
     work = Workload(**request["workload"])
-    kwargs = settings.llama_kwargs()
     base_rss = _peak_rss()
     t0 = time.perf_counter()
     with captured_log(echo=True) as lines:
@@ -282,8 +265,7 @@ def _measure(request: dict[str, Any]) -> dict[str, Any]:
                 draft = GreedyDraft(settings.draft_model, settings)
             # With a draft, the library keeps a logits row per evaluated token, but sizes its score array
             # by n_batch unless logits_all is passed: a prompt longer than a batch would overflow it.
-            llm = llama_cpp.Llama(model_path=request["model"], verbose=True, draft_model=draft,
-                                  logits_all=draft is not None, **kwargs)
+            llm = load_llama(request["model"], settings, verbose=True, draft_model=draft, logits_all=draft is not None)
             failure = ""
         except Exception as e:
             failure = str(e) or type(e).__name__
@@ -359,15 +341,17 @@ def kv_divergence(
 
 
 def _divergence(request: dict[str, Any]) -> dict[str, Any]:
-    import llama_cpp
     import numpy as np
+
+    from .engine import load_llama, mark
 
     base = Settings.from_dict(request["settings"]).replace(flash_attn=True, draft_model=None)
     n = int(request["tokens"])
 
     def log_probs(type_k: str, type_v: str) -> Any:
         s = base.replace(type_k=type_k, type_v=type_v, n_ctx=max(base.n_ctx, 512))
-        llm = llama_cpp.Llama(model_path=request["model"], verbose=False, logits_all=True, **s.llama_kwargs())
+        mark(f"the {'f16 reference' if (type_k, type_v) == ('f16', 'f16') else f'{type_k}/{type_v}'} cache", phase=True)
+        llm = load_llama(request["model"], s, verbose=False, logits_all=True)
         tokens = llm.tokenize(prompt_text("prose").encode())[:n]
         llm.eval(tokens)
         logits = np.array(llm.scores[: len(tokens)], dtype=np.float64)
@@ -406,7 +390,10 @@ def _exit_with_parent() -> None:
 
 
 def _child_main() -> int:
+    from .engine import instrument
+
     _exit_with_parent()
+    instrument()
     request = json.loads(sys.stdin.read())
     try:
         result = _divergence(request) if request.get("mode") == "divergence" else _measure(request)

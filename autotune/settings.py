@@ -56,6 +56,9 @@ class Settings:
     offload_kqv: bool = True
     use_mmap: bool = True
     use_mlock: bool = False
+    # Extra weight buffer types (llama.cpp's repack: CPU_REPACK and, on CPUs with AMX, the AMX buffer);
+    # off is llama.cpp's --no-repack. Llama(...) has no keyword for it: engine.load_llama sets it.
+    use_extra_bufts: bool = True
     # Speculative decoding: a draft model file, how many tokens it proposes per step, its GPU layers.
     draft_model: str | None = None
     draft_max: int = 0
@@ -113,7 +116,8 @@ class Settings:
         return cls(**values)
 
     def llama_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``llama_cpp.Llama`` (the draft model is wired by the runner)."""
+        """Keyword arguments for ``llama_cpp.Llama`` (the draft model is wired by the runner; the model
+        parameters Llama has no keyword for, ``use_extra_bufts``, by ``engine.load_llama``)."""
         return {
             "n_ctx": self.n_ctx,
             "n_gpu_layers": self.n_gpu_layers,

@@ -13,7 +13,8 @@ from typing import Any
 import optuna
 from gguf import GGML_QUANT_SIZES
 
-from .errors import SettingsError
+from . import memory
+from .errors import ModelError, SettingsError
 from .gguf_model import ModelFacts
 from .probe import Hardware
 from .settings import QUANTIZED_KV, Settings, coerce, ggml_type
@@ -123,6 +124,15 @@ def _nearest(value: Any, choices: tuple[Any, ...]) -> Any:
     return choices[0]
 
 
+def _extra_buffers_hold_weights(facts: ModelFacts, base: Settings, hw: Hardware) -> bool:
+    """Extra buffer types (AMX, CPU_REPACK) are a choice only where the engine would put weights in them;
+    they move both speed and memory. Without a memory model for the architecture, assume they might."""
+    try:
+        return memory.estimate(facts, base.replace(use_extra_bufts=True), hw).device(memory.HOST).repack > 0
+    except ModelError:
+        return True
+
+
 def parse_pins(items: list[str]) -> dict[str, Any]:
     """``--set name=value`` items into typed Settings values (SettingsError for unknown names or types)."""
     pins: dict[str, Any] = {}
@@ -169,6 +179,8 @@ def build_space(
     }
     if facts.uses_swa:
         params["swa_full"] = (True, False)
+    if _extra_buffers_hold_weights(facts, base, hw):
+        params["use_extra_bufts"] = (True, False)
     if hw.offload_gpus:
         ints["n_gpu_layers"] = (0, facts.n_layer + 1)
         params["offload_kqv"] = (True, False)

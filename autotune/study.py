@@ -94,7 +94,8 @@ class StudyRequest:
     workload: Workload = field(default_factory=Workload)
     storage: str | None = None
     seed: int = 0
-    pins: dict[str, Any] = field(default_factory=dict)
+    pins: dict[str, Any] = field(default_factory=dict)  # what the user pinned (--set)
+    forced: dict[str, Any] = field(default_factory=dict)  # what the engine self-check pinned to avoid a crash
 
     @property
     def n_ctx(self) -> int:
@@ -106,8 +107,9 @@ class StudyRequest:
         w = self.workload
         parts = [Path(self.model_path).stem, sha, self.hw.fingerprint(), f"ctx{self.n_ctx}", goal,
                  f"p{w.prompt_tokens}g{w.gen_tokens}"]
-        if self.pins:
-            parts.append("pins" + hashlib.sha256(json.dumps(self.pins, sort_keys=True).encode()).hexdigest()[:8])
+        for label, pinned in (("pins", self.pins), ("forced", self.forced)):
+            if pinned:
+                parts.append(label + hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()[:8])
         return "-".join(parts)
 
 
@@ -191,6 +193,7 @@ def open_study(req: StudyRequest) -> optuna.Study:
         study.set_user_attr("objective", "pareto" if req.pareto else req.objective)
         study.set_user_attr("n_ctx", req.n_ctx)
         study.set_user_attr("pins", req.pins)
+        study.set_user_attr("forced", req.forced)
         study.set_user_attr("space", req.space.describe())
     fail_orphans(study)
     seeded = {t.user_attrs.get("role") for t in study.get_trials(deepcopy=False)}

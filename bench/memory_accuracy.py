@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
         for path in loadable:
             facts = read_facts(path)
             for mmap in (True, False):
-                real = engine.loaded_buffers(path, use_mmap=mmap)
+                real = engine.loaded_buffers(path, Settings(use_mmap=mmap))
                 e = memory.estimate(facts, Settings(n_threads=1, n_threads_batch=1, use_mmap=mmap), hw)
                 host = e.device(memory.HOST)
                 errors.append({

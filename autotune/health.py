@@ -1,0 +1,142 @@
+"""Engine self-check: does the engine survive a short real run of this model on this machine, and if not,
+which runtime switch lets it.
+
+Some native builds crash on some CPUs: llama-cpp-python 0.3.36's AMX kernel kills every batch of two or
+more tokens on Sapphire Rapids Xeons (llama.cpp issue #20824). A study whose every trial crashes teaches
+nothing, so before anything is measured one child process loads the model with the starting settings,
+runs a multi-token batch and a few decode steps. If it dies, the switches below are tried in order and the
+first that survives is pinned for the whole run. The verdict is remembered per engine build, hardware
+fingerprint, model and starting settings, so it is paid for once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import catalog, engine, runner
+from .errors import AutotuneError
+from .gguf_model import file_sha256
+from .probe import Hardware
+from .runner import Workload
+from .settings import Settings
+
+# Runtime switches that avoid a native crash, in the order they are tried: (settings, what it is, what it costs).
+SWITCHES: tuple[tuple[dict[str, Any], str, str], ...] = (
+    ({"use_extra_bufts": False},
+     "extra buffer types off (llama.cpp --no-repack)",
+     "weights stay in their file layout: the AMX / CPU_REPACK layouts and their speed-up on this CPU are lost"),
+    ({"use_extra_bufts": False, "flash_attn": False, "type_k": "f16", "type_v": "f16"},
+     "extra buffer types and flash attention off",
+     "no repacked weight layouts, no flash attention and no quantized K/V cache"),
+)
+# Long enough for a multi-token batch (prompt) and several one-token decode steps; the warm-up adds more.
+CHECK = Workload(prompt_tokens=32, gen_tokens=4, reps=1, prompt_kind="prose")
+CHECK_CTX = 512  # the context length does not choose kernels; a small one keeps the check cheap
+
+
+class EngineCrash(AutotuneError):
+    """The engine dies on this machine with every runtime switch we know of."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the self-check found. ``pins`` is empty when the starting settings run as they are."""
+
+    ok: bool  # the starting settings ran
+    pins: dict[str, Any] = field(default_factory=dict)  # settings that avoid the crash, pinned for the study
+    crash: str = ""  # how the starting settings failed (stage, buffers), when they did
+    switch: str = ""  # the pinned switch, in words
+    cost: str = ""  # what the switch gives up
+    seconds: float = 0.0  # the check's own time
+    cached: bool = False  # read back from an earlier check
+
+    def line(self) -> str:
+        """The one line a person reads."""
+        when = "remembered from an earlier check" if self.cached else f"{self.seconds:.1f} s"
+        if self.ok:
+            return f"engine self-check: a multi-token batch and decode steps run ({when})"
+        return (f"engine self-check: the engine {self.crash}; with {self.switch} it runs, so that is pinned "
+                f"({', '.join(f'{k}={v}' for k, v in self.pins.items())}). Cost: {self.cost}. ({when})")
+
+
+def cache_path() -> Path:
+    return catalog.cache_dir() / "engine-health.json"
+
+
+def _key(model_path: str, start: Settings, hw: Hardware) -> str:
+    fake = "fake-amx-crash" if os.environ.get(engine.FAKE_AMX_CRASH) == "1" else ""
+    settings = hashlib.sha256(json.dumps(start.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    return "-".join(x for x in (engine.build_key(), hw.fingerprint(), file_sha256(model_path)[:16], settings, fake) if x)
+
+
+def _read_cache() -> dict[str, Any]:
+    try:
+        data = json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remember(key: str, verdict: Verdict) -> None:
+    data = _read_cache()
+    data[key] = {k: v for k, v in asdict(verdict).items() if k != "cached"}
+    _write_cache(data)
+
+
+def _write_cache(data: dict[str, Any]) -> None:
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.replace(path)  # atomic: two tuners checking at once never leave half a file
+    except OSError:
+        pass  # an unwritable cache only costs a check next time
+
+
+def forget(model_path: str, settings: Settings, hw: Hardware) -> None:
+    """Drop the remembered verdict for these settings (``doctor --recheck``)."""
+    data = _read_cache()
+    if data.pop(_key(model_path, starting_settings(settings), hw), None) is not None:
+        _write_cache(data)
+
+
+def starting_settings(settings: Settings) -> Settings:
+    return settings.replace(n_ctx=min(settings.n_ctx, CHECK_CTX), draft_model=None, draft_max=0)
+
+
+def check(model_path: str, settings: Settings, hw: Hardware, pinned: frozenset[str] = frozenset(),
+          timeout: float = 300.0) -> Verdict:
+    """Run the self-check for ``settings`` (or read its verdict back). Switches that would override a setting
+    the user pinned (``pinned``) are not tried. EngineCrash when nothing runs."""
+    start = starting_settings(settings)
+    key = _key(model_path, start, hw)
+    known = _read_cache().get(key)
+    if known is not None:
+        return Verdict(**{**known, "cached": True})
+    t0 = time.perf_counter()
+    first = runner.run(model_path, start, CHECK, timeout=timeout)
+    if first.ok:
+        verdict = Verdict(ok=True, seconds=time.perf_counter() - t0)
+    else:
+        crash = first.error
+        crash = crash if crash.startswith(("crashed", "aborted", "killed")) else f"failed: {crash}"
+        verdict = None
+        for pins, switch, cost in SWITCHES:
+            if pinned & set(pins) or all(getattr(start, k) == v for k, v in pins.items()):
+                continue
+            if runner.run(model_path, start.replace(**pins), CHECK, timeout=timeout).ok:
+                verdict = Verdict(False, dict(pins), crash, switch, cost, time.perf_counter() - t0)
+                break
+        if verdict is None:
+            raise EngineCrash(f"the engine {crash}, and no runtime switch avoids it "
+                              f"(tried: {'; '.join(s for _, s, _ in SWITCHES)}); see the README's troubleshooting "
+                              "section for rebuilds that do")
+    _remember(key, verdict)
+    return verdict
