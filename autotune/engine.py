@@ -62,7 +62,7 @@ def build_key() -> str:
     import llama_cpp
 
     info = build_info()
-    libs = sorted(Path(llama_cpp.__file__).parent.glob("lib/*"))
+    libs = sorted(Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).parent / "lib").glob("*"))
     stamp = "|".join(f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in libs)
     return hashlib.sha256(f"{info.version}|{info.system_info}|{stamp}".encode()).hexdigest()[:12]
 

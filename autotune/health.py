@@ -66,7 +66,9 @@ class Verdict:
 
 
 def cache_path() -> Path:
-    return catalog.cache_dir() / "engine-health.json"
+    """Where verdicts are remembered: ``AUTOTUNE_HEALTH_CACHE``, else beside the model cache."""
+    override = os.environ.get("AUTOTUNE_HEALTH_CACHE")
+    return Path(override) if override else catalog.cache_dir() / "engine-health.json"
 
 
 def _key(model_path: str, start: Settings, hw: Hardware) -> str:
@@ -108,7 +110,9 @@ def forget(model_path: str, settings: Settings, hw: Hardware) -> None:
 
 
 def starting_settings(settings: Settings) -> Settings:
-    return settings.replace(n_ctx=min(settings.n_ctx, CHECK_CTX), draft_model=None, draft_max=0)
+    """What the check runs: the settings at a small fixed context (it does not choose kernels), no draft."""
+    return settings.replace(n_ctx=CHECK_CTX, n_batch=min(settings.n_batch, CHECK_CTX),
+                            n_ubatch=min(settings.n_ubatch, CHECK_CTX), draft_model=None, draft_max=0)
 
 
 def check(model_path: str, settings: Settings, hw: Hardware, pinned: frozenset[str] = frozenset(),

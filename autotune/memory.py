@@ -1087,8 +1087,11 @@ def verify(facts: ModelFacts, settings_list: Sequence[Settings], hw: Hardware | 
                 row["error"] = f"unsupported architecture {facts.architecture!r}: no prediction"
                 continue
             e = estimate(facts, s, hw)
+            # llama_model_size counts every weight once, whatever buffer holds it: compare the layout with no
+            # extra (AMX / CPU_REPACK) buffers, where every weight sits in a plain or mapped buffer.
+            plain = estimate(facts, s.replace(use_extra_bufts=False), hw)
             pred = {
-                "weights": sum(d.weights for d in e.devices),
+                "weights": sum(d.weights for d in plain.devices),
                 "kv": e.kv_k + e.kv_v,
                 "compute": sum(d.compute for d in e.devices),
                 "output": sum(d.output for d in e.devices),

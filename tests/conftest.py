@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from autotune import catalog, synth
+
+
+@pytest.fixture(scope="session", autouse=True)
+def health_verdicts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Engine self-check verdicts of this test run go to a file of its own (child processes inherit it), so
+    tests neither read the user's remembered verdicts nor leave theirs behind."""
+    import os
+
+    path = tmp_path_factory.mktemp("health") / "engine-health.json"
+    os.environ["AUTOTUNE_HEALTH_CACHE"] = str(path)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +36,14 @@ def tiny_model(demo_model, tmp_path_factory) -> Path:
     shape = synth.Shape(n_layer=2, n_embd=64, n_head=2, n_head_kv=1, n_ff=128)
     return synth.write_model(tmp_path_factory.mktemp("tiny") / "tiny.gguf", demo_model, shape)
 
+
+
+def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 300) -> Any:
+    """Run ``code`` in a fresh Python process and return the JSON its last stdout line holds. Tests that need
+    the engine in Python run it here: a native crash then fails one test instead of killing the suite."""
+    import os
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    assert done.returncode == 0, f"child exited {done.returncode}: {done.stderr[-2000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,10 @@ from gguf import GGUFWriter
 from autotune import synth
 
 
-def cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, cwd: Path | None = None, timeout: float = 300,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "autotune.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout)
+                          cwd=cwd, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess[str], fragment: str) -> None:
@@ -148,6 +150,8 @@ def test_search_recommends_and_exports_end_to_end(tiny_model, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "recommended" in done.stdout and "KV cache quantization vs f16" in done.stdout
     assert "search space" in done.stdout and "physical cores" in done.stdout
+    assert "engine self-check: a multi-token batch and decode steps run" in done.stdout  # nothing pinned
+    assert "pinned by the engine self-check" not in done.stdout
     config = json.loads(out.read_text())
     assert config["schema"] == 1 and config["model"]["sha256"] and config["metrics"]["decode"]["n"] >= 4
     assert config["recommendation"]["verdict"]
@@ -169,3 +173,34 @@ def test_search_recommends_and_exports_end_to_end(tiny_model, tmp_path):
 )
 def test_contradictory_memory_flags(tiny_model, flags, fragment):
     assert_one_line_error(cli("memory", str(tiny_model), *flags), fragment)
+
+
+FAKE_AMX = {"AUTOTUNE_FAKE_AMX_CRASH": "1"}
+
+
+def test_search_with_fake_amx_crash_pins_the_switch_end_to_end(tiny_model, tmp_path):
+    """The Xeon whose engine crashes on every multi-token batch with extra buffers on, injected: the search
+    still completes, with the switch pinned, the crashing defaults reported, and --no-repack exported."""
+    out = tmp_path / "tuned.json"
+    done = cli("search", str(tiny_model), "--trials", "4", "--ctx", "256", "--prompt-tokens", "32", "--gen-tokens",
+               "8", "--top-k", "1", "--rounds", "2", "--out", str(out), cwd=tmp_path, env=FAKE_AMX)
+    assert done.returncode == 0, done.stderr
+    flat = " ".join(done.stdout.split())
+    assert "engine self-check: the engine crashed with SIGSEGV" in flat and "during a batch of" in flat
+    assert "use_extra_bufts False (pinned by the engine self-check)" in flat
+    config = json.loads(out.read_text())
+    rec = config["recommendation"]
+    assert config["settings"]["use_extra_bufts"] is False
+    assert config["engine_health"]["pins"] == {"use_extra_bufts": False}
+    assert rec["baselines"]["defaults"]["ran"] is False and "SIGSEGV" in rec["baselines"]["defaults"]["failures"][0]
+    assert rec["baselines"]["defaults with use_extra_bufts=False"]["ran"] is True
+    assert rec["baseline"] == "defaults with use_extra_bufts=False" and rec["baseline_metrics"]["decode"]["n"] >= 4
+    assert "The engine defaults crash on this machine" in rec["verdict"]
+    assert config["kv_quality"] and not any("error" in r for r in config["kv_quality"].values())  # a reference ran
+    assert cli("export", str(out), "--format", "llama-server").stdout.strip().endswith("--no-repack")
+
+
+def test_search_refuses_in_one_line_when_no_switch_helps_fake_amx_crash(tiny_model, tmp_path):
+    done = cli("search", str(tiny_model), "--ctx", "256", "--set", "use_extra_bufts=on", cwd=tmp_path, env=FAKE_AMX)
+    assert_one_line_error(done, "no runtime switch avoids it")
+    assert "crashed with SIGSEGV" in done.stderr

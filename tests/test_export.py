@@ -9,6 +9,8 @@ from autotune import export
 from autotune.errors import ConfigError
 from autotune.settings import Settings
 
+from conftest import run_python
+
 TUNED = Settings(n_ctx=8192, n_gpu_layers=0, n_threads=2, n_threads_batch=2, n_batch=1024, n_ubatch=256,
                  flash_attn=True, type_k="q8_0", type_v="q8_0", swa_full=False, use_mmap=False, use_mlock=True)
 
@@ -19,6 +21,7 @@ def config(s: Settings = TUNED) -> dict:
 
 
 @pytest.mark.parametrize("s", [TUNED, Settings(), Settings(n_ctx=2048, swa_full=True, offload_kqv=False),
+                               TUNED.replace(use_extra_bufts=False),
                                TUNED.replace(draft_model="/m/draft.gguf", draft_max=4, draft_gpu_layers=0)])
 def test_llama_server_flags_round_trip(s):
     line = export.render(config(s), "llama-server")
@@ -75,16 +78,38 @@ def test_bad_config_files(tmp_path, text, fragment):
         export.load_config(p)
 
 
-def test_exported_kwargs_load_and_run_in_a_real_llama(demo_model):
-    """The python export is what a user pastes: it must construct a working Llama."""
-    from llama_cpp import Llama
+# What a user pastes must build a working Llama. It runs in a child process: a native crash (the AMX kernel on
+# some Xeons) then fails this test instead of killing pytest. The probe prints the loaded model buffers.
+_RUN_SNIPPET = """
+import json, sys
+from llama_cpp import llama_cpp as C
+buffers = []
+@C.llama_log_callback
+def log(level, text, user_data):
+    if b"model buffer size" in text:
+        buffers.append(text.decode().split(":")[1].split()[0])
+C.llama_log_set(log, None)
+{code}
+llm.verbose = False
+out = llm("def f(x):", max_tokens=4, temperature=0.0)
+print(json.dumps({{"tokens": out["usage"]["completion_tokens"], "n_ctx": llm.n_ctx(), "buffers": buffers}}))
+"""
 
-    s = TUNED.replace(n_ctx=512, use_mlock=False)
-    llm = Llama(**export.llama_kwargs(s, str(demo_model)), verbose=False)
-    out = llm("The capital of France is", max_tokens=4, temperature=0.0)
-    assert out["usage"]["completion_tokens"] >= 1
-    assert llm.n_ctx() == 512
-    llm.close()
+
+@pytest.mark.parametrize("extra_bufts", [True, False])
+def test_exported_python_loads_and_runs_in_a_real_llama(demo_model, tiny_model, extra_bufts):
+    """With extra buffers on (the engine default) on the F16 tiny model, which no known CPU crashes on, and
+    off on the real Q4_1 demo model, where the snippet must keep AMX and CPU_REPACK buffers away."""
+    model = demo_model if not extra_bufts else tiny_model
+    s = TUNED.replace(n_ctx=512, use_mlock=False, use_extra_bufts=extra_bufts)
+    c = config(s)
+    c["model"]["path"] = str(model)
+    code = export.render(c, "python")
+    assert ("use_extra_bufts = False" in code) is (not extra_bufts)
+    result = run_python(_RUN_SNIPPET.format(code=code))
+    assert result["tokens"] >= 1 and result["n_ctx"] == 512
+    if not extra_bufts:
+        assert result["buffers"] == ["CPU"]  # mmap off: one plain host buffer, no AMX / CPU_REPACK
 
 
 def test_python_export_with_a_draft_wires_it(tiny_model):
@@ -93,8 +118,14 @@ def test_python_export_with_a_draft_wires_it(tiny_model):
     c["model"]["path"] = str(tiny_model)
     code = export.render(c, "python")
     assert "logits_all=True" in code and "draft_model=draft" in code
-    scope: dict = {}
-    exec(code, scope)  # the pasted snippet builds a real Llama with a real draft
-    llm = scope["llm"]
-    assert llm("def f(x):", max_tokens=4, temperature=0.0)["usage"]["completion_tokens"] >= 1
-    llm.close()
+    result = run_python(_RUN_SNIPPET.format(code=code))  # the pasted snippet builds a real Llama with a real draft
+    assert result["tokens"] >= 1
+
+
+def test_no_repack_reaches_every_format():
+    c = config(TUNED.replace(use_extra_bufts=False))
+    assert export.render(c, "llama-server").endswith("--no-repack")
+    for fmt in ("koboldcpp", "ollama", "lmstudio"):
+        assert "has no setting for extra buffer types" in export.render(c, fmt), fmt
+    assert "--no-repack" not in export.render(config(), "llama-server")
+    assert export.parse_server_flags(["llama-server", "-m", "m.gguf", "-nr"])[1].use_extra_bufts is False

@@ -123,12 +123,35 @@ def test_repack_rules_follow_ggml_cpu(shapes):
     assert unmapped.weights == f.weight_bytes - matrices and unmapped.repack == e.repack
 
 
-def test_weights_and_repack_match_a_real_load(shapes, demo_model):
+@pytest.mark.parametrize("extra_bufts", [True, False])
+@pytest.mark.parametrize("mmap", [True, False])
+def test_weights_and_extra_buffers_match_a_real_load(shapes, demo_model, extra_bufts, mmap):
+    """On this machine's engine: CPU_REPACK on most x86 CPUs, the AMX buffer on Sapphire Rapids, nothing with
+    extra buffers off (--no-repack)."""
     for path in (demo_model, shapes["q4_0"]):
-        real = engine.loaded_buffers(str(path))
-        e = memory.estimate(read_facts(path), S(), host()).device("host")
-        assert memory.as_logged(e.weights) == real["CPU_Mapped"]
-        assert memory.as_logged(e.repack) == real.get("CPU_REPACK", 0)
+        s = S(use_extra_bufts=extra_bufts, use_mmap=mmap)
+        real = engine.loaded_buffers(str(path), s)
+        e = memory.estimate(read_facts(path), s, host()).device("host")
+        extra = {k: v for k, v in real.items() if k in ("AMX", "CPU_REPACK")}
+        assert memory.as_logged(e.weights) == real["CPU_Mapped" if mmap else "CPU"]
+        assert memory.as_logged(e.repack) == sum(extra.values())
+        assert extra if extra_bufts and e.repack else not extra
+
+
+def test_amx_buffer_rules_fake_amx_cpu(shapes):
+    """A Sapphire Rapids CPU described (not this machine's): AMX takes the Q4_0 matrices before CPU_REPACK,
+    with its packed size; extra buffers off leaves every weight in the mapped file."""
+    amx = ("AVX2", "AVX512_VNNI", "AMX_INT8", "REPACK")
+    assert memory._amx_bytes("Q8_0", (576, 1536), 576 // 32 * 34 * 1536, frozenset(amx)) == 1536 * 18 * (34 + 4)
+    assert memory._amx_bytes("Q4_K", (576, 1536), 0, frozenset(amx)) == 0  # rows must hold whole 256-blocks
+    assert memory._amx_bytes("Q4_0", (576, 1530), 0, frozenset(amx)) == 0  # outputs must be a multiple of 32
+    assert memory._amx_bytes("Q4_0", (576, 1536), 0, frozenset(("AVX2", "REPACK"))) == 0
+    f = read_facts(shapes["q4_0"])
+    on = memory.estimate(f, S(), host(features=amx)).device("host")
+    matrices = sum(t.n_bytes for t in f.tensors if t.layer is not None and len(t.shape) == 2)
+    assert on.repack == matrices + f.token_embd_bytes  # Q4_0 packs to its own size; the tied output copied
+    off = memory.estimate(f, S(use_extra_bufts=False), host(features=amx)).device("host")
+    assert off.repack == 0 and off.weights == f.weight_bytes
 
 
 def test_fits_keeps_a_margin_and_reports_the_shortfall(smol):

@@ -85,3 +85,16 @@ def test_kv_pairs_and_exclusion(demo_model):
     assert space.kv_pairs(sp) == [("q4_0", "f16"), ("q4_0", "q4_0"), ("q8_0", "f16"), ("q8_0", "q8_0")]
     kept = sp.without_kv({("q4_0", "q4_0"), ("q4_0", "f16")})
     assert space.kv_pairs(kept) == [("q8_0", "f16"), ("q8_0", "q8_0")]
+
+
+def test_extra_buffers_are_a_knob_only_where_weights_would_use_them(demo_model, tiny_model):
+    """CPU_REPACK (AVX2) or AMX (a described Sapphire Rapids) would take SmolLM2's Q4_1 matrices: a knob; with
+    no extra buffer type in the engine build, or an F16 model on an AVX2 CPU, there is nothing to choose."""
+    smol = read_facts(demo_model)
+    amx = dataclasses.replace(CPU_HW, cpu_features=("AVX2", "AVX512_VNNI", "AMX_INT8", "REPACK"))
+    assert space.build_space(amx, smol, 4096).params["use_extra_bufts"] == (True, False)
+    assert "use_extra_bufts" not in space.build_space(CPU_HW, smol, 4096).params
+    avx2 = dataclasses.replace(CPU_HW, cpu_features=("AVX2", "REPACK"))
+    assert "use_extra_bufts" not in space.build_space(avx2, read_facts(tiny_model), 4096).params
+    pinned = space.build_space(amx, smol, 4096, {"use_extra_bufts": False})
+    assert "use_extra_bufts" not in pinned.params and pinned.base.use_extra_bufts is False

@@ -196,3 +196,24 @@ def test_no_win_is_claimed_from_too_few_samples():
     fast.runs.append(Measurement(Settings(), True, decode_tps=[30.5, 29.5]))
     slow.runs.append(Measurement(Settings(), True, decode_tps=[10.5, 9.5]))
     assert recommend._judge(fast, slow, "decode", WORK)[0]
+
+
+def test_crashing_defaults_are_a_result_and_the_best_working_baseline_is_the_bar_fake_amx_crash(
+        tiny_model, hw, tmp_path, monkeypatch):
+    """Extra buffers on crash (injected); the self-check pinned them off for the study. The engine defaults are
+    still measured, crash, and are reported; the claim is made against the defaults with the switch."""
+    monkeypatch.setenv("AUTOTUNE_FAKE_AMX_CRASH", "1")
+    forced = {"use_extra_bufts": False}
+    facts = read_facts(tiny_model)
+    req = study.StudyRequest(model_path=str(tiny_model), facts=facts, hw=hw, space=space.build_space(hw, facts, 256, forced),
+                             workload=WORK, storage=f"sqlite:///{tmp_path / 's.db'}", forced=forced)
+    assert req.name() != dataclasses.replace(req, forced={}).name()  # its own study
+    st = study.open_study(req)
+    study.run_trials(st, req, 3, trial_timeout=120)
+    assert states(st) == [TrialState.COMPLETE] * 3  # every trial runs with the switch
+    rec = recommend.recommend(st, req, top_k=1, rounds=2, trial_timeout=120)
+    by = {b.label: b for b in rec.baselines}
+    assert not by["defaults"].runs and all("SIGSEGV" in f for f in by["defaults"].failures)
+    assert rec.baseline is by["defaults with use_extra_bufts=False"] and len(rec.baseline.runs) == 2
+    assert "The engine defaults crash on this machine" in rec.verdict
+    assert rec.baseline_report()["defaults"]["ran"] is False

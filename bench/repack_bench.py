@@ -1,0 +1,97 @@
+"""Extra buffer types (llama.cpp's repack: AMX / CPU_REPACK weight layouts) on vs off, per catalog model.
+
+For each model, both arms are measured in rotated rounds of fresh processes (``recommend.measure_rounds``):
+decode and prefill tok/s as median (q25-q75) over every repetition, the model buffers the engine logged and
+the peak RSS. An arm that crashes is reported with its reason. The engine self-check's time is measured too
+(a fresh verdict, not a remembered one). Which build ran is printed: on a Xeon with AMX the default build
+crashes with extra buffers on; a build without AMX kernels shows what CPU_REPACK is worth.
+
+    python bench/repack_bench.py [--rounds 4] [--models smollm2-135m,...] [--out bench/repack_results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from autotune import catalog, engine, health, recommend
+from autotune.probe import probe
+from autotune.recommend import Candidate, Spread
+from autotune.runner import Workload
+from autotune.settings import Settings
+
+WORK = Workload(prompt_tokens=256, gen_tokens=32, reps=3)
+MIB = 2**20
+
+
+def fmt(s: Spread) -> str:
+    return f"{s.median:.1f} ({s.q25:.1f}-{s.q75:.1f})" if s.n else "crashed"
+
+
+def measure(name: str, rounds: int, threads: int) -> dict:
+    path = str(catalog.fetch(name))
+    base = Settings(n_ctx=2048, n_threads=threads, n_threads_batch=threads)
+    arms = [Candidate("on", base), Candidate("off", base.replace(use_extra_bufts=False))]
+    recommend.measure_rounds(path, arms, WORK, rounds)
+    hw = probe(measure_bandwidth=False)
+    with tempfile.TemporaryDirectory() as d:  # a fresh verdict: the check's own cost
+        os.environ["AUTOTUNE_HEALTH_CACHE"] = str(Path(d) / "h.json")
+        verdict = health.check(path, base, hw)
+    out = {"model": name, "self_check_s": verdict.seconds, "self_check_pins": verdict.pins}
+    for arm in arms:
+        m = arm.runs[0] if arm.runs else None
+        out[arm.label] = {
+            "decode": arm.spread("decode", WORK).to_dict(), "prefill": arm.spread("prefill", WORK).to_dict(),
+            "buffers": m.buffers.get("model", {}) if m else {}, "peak_rss": max((r.peak_rss for r in arm.runs), default=0),
+            "failures": arm.failures[:1],
+        }
+    return out
+
+
+def table(rows: list[dict], build: str) -> str:
+    lines = [f"Engine build: {build}", "",
+             "| model | repack | decode tok/s | prefill tok/s | model buffers (MiB) | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        for arm in ("on", "off"):
+            a = r[arm]
+            bufs = ", ".join(f"{k} {v / MIB:,.1f}" for k, v in a["buffers"].items()) or "-"
+            decode = Spread(**a["decode"])
+            lines.append(f"| {r['model']} | {arm} | {fmt(decode)} | {fmt(Spread(**a['prefill']))} | {bufs} | "
+                         f"{a['peak_rss'] / MIB:,.0f} |" + (f" {a['failures'][0][:90]}" if not decode.n else ""))
+    lines.append("")
+    lines.append("Self-check: " + "; ".join(f"{r['model']} {r['self_check_s']:.1f} s"
+                                             + (f" (pinned {r['self_check_pins']})" if r["self_check_pins"] else "")
+                                             for r in rows))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--models", default=",".join(catalog.CATALOG))
+    p.add_argument("--out", help="append the markdown table here; the JSON goes beside it")
+    args = p.parse_args()
+    info = engine.build_info()
+    build = f"llama-cpp-python {info.version}, features {' '.join(info.cpu_features)}"
+    rows = []
+    for name in args.models.split(","):
+        rows.append(measure(name, args.rounds, args.threads))
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    text = table(rows, build)
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text + "\n\n")
+        with open(Path(args.out).with_suffix(".json"), "a") as f:
+            f.write(json.dumps({"build": build, "rows": rows}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

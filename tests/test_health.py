@@ -1,0 +1,83 @@
+"""Engine health: crash reasons a person can act on, and the self-check that finds and pins a runtime switch.
+
+The Intel Xeon whose AMX kernel crashes every multi-token batch is faked at one seam (``fake_amx_crash``:
+``AUTOTUNE_FAKE_AMX_CRASH=1`` in the engine's child processes), so these tests mean the same on any CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from autotune import engine, health, runner
+from autotune.probe import probe
+from autotune.runner import Workload
+from autotune.settings import Settings
+
+ONE = Settings(n_ctx=256, n_threads=1, n_threads_batch=1)
+WORK = Workload(prompt_tokens=24, gen_tokens=4, reps=1)
+
+
+@pytest.fixture()
+def fake_amx_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(engine.FAKE_AMX_CRASH, "1")
+
+
+@pytest.fixture(scope="module")
+def hw():
+    return probe(measure_bandwidth=False)
+
+
+def test_fake_amx_crash_kills_multi_token_batches_only_with_extra_buffers(tiny_model, fake_amx_crash):
+    crashed = runner.run(str(tiny_model), ONE, WORK)
+    assert not crashed.ok
+    assert crashed.error.startswith("crashed with SIGSEGV (segmentation fault) during a batch of 16 tokens")
+    assert "model buffers" in crashed.error and "fault injection" in crashed.error
+    survived = runner.run(str(tiny_model), ONE.replace(use_extra_bufts=False), WORK)
+    assert survived.ok and survived.decode > 0, survived.error
+
+
+def test_crash_context_names_stage_phase_buffers_and_error():
+    stderr = "\n".join([
+        "autotune-phase: the f16 reference cache",
+        "autotune-stage: loading the model (extra buffer types on)",
+        "load_tensors:          AMX model buffer size =    95.34 MiB",
+        "load_tensors:   CPU_Mapped model buffer size =    92.10 MiB",
+        "Using chat bos_token: <|im_start|>",  # the misleading last line a crash used to be blamed on
+        "autotune-stage: a batch of 256 tokens",
+    ])
+    assert engine.crash_context(stderr) == ("during a batch of 256 tokens (the f16 reference cache); "
+                                            "model buffers AMX 95.3 MiB, CPU_Mapped 92.1 MiB")
+    assert engine.child_failure(-11, stderr).startswith("crashed with SIGSEGV (segmentation fault) during a batch")
+    assert engine.child_failure(3, "llama_model_load: error loading model: bad\nautotune-stage: x") == \
+        "exit code 3: llama_model_load: error loading model: bad"
+
+
+def test_self_check_with_fake_amx_crash_pins_extra_buffers_off_once(tiny_model, hw, fake_amx_crash,
+                                                                      health_verdicts):
+    verdict = health.check(str(tiny_model), ONE, hw)
+    assert not verdict.ok and verdict.pins == {"use_extra_bufts": False} and not verdict.cached
+    assert "crashed with SIGSEGV" in verdict.crash and "during a batch of" in verdict.crash
+    assert "--no-repack" in verdict.line() and "use_extra_bufts=False" in verdict.line()
+    assert verdict.seconds > 0
+    again = health.check(str(tiny_model), ONE.replace(n_ctx=4096), hw)  # the context does not choose kernels
+    assert again.cached and again.pins == verdict.pins and "remembered" in again.line()
+    assert any(json.loads(health_verdicts.read_text()).values())
+
+
+def test_self_check_without_fault_pins_nothing(tiny_model, hw):
+    verdict = health.check(str(tiny_model), ONE, hw)
+    assert verdict.ok and verdict.pins == {} and verdict.crash == ""
+
+
+def test_self_check_stops_in_one_line_when_no_switch_helps_fake_amx_crash(tiny_model, hw, fake_amx_crash):
+    with pytest.raises(health.EngineCrash, match="no runtime switch avoids it"):
+        health.check(str(tiny_model), ONE.replace(n_threads=2), hw, pinned=frozenset({"use_extra_bufts"}))
+
+
+def test_doctor_reports_the_verdict_fake_amx_crash(tiny_model, capsys, fake_amx_crash):
+    from autotune import cli
+
+    assert cli.main(["doctor", str(tiny_model), "--json", "--recheck"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["pins"] == {"use_extra_bufts": False} and not out["cached"]
