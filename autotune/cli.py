@@ -86,7 +86,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     pins = space.parse_pins(args.set or [])
     start = study.engine_defaults(min(4096, facts.n_ctx_train or 4096)).replace(**pins)
     if args.recheck:
-        health.forget(model, start, hw)
+        health.forget(model, start, hw, frozenset(pins))
     with console.status("engine self-check: load, a multi-token batch, a few decode steps ..."):
         verdict = health.check(model, start, hw, pinned=frozenset(pins))
     if args.json:

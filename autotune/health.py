@@ -21,7 +21,6 @@ from typing import Any
 
 from . import catalog, engine, runner
 from .errors import AutotuneError
-from .gguf_model import file_sha256
 from .probe import Hardware
 from .runner import Workload
 from .settings import Settings
@@ -71,10 +70,16 @@ def cache_path() -> Path:
     return Path(override) if override else catalog.cache_dir() / "engine-health.json"
 
 
-def _key(model_path: str, start: Settings, hw: Hardware) -> str:
+def _key(model_path: str, start: Settings, hw: Hardware, pinned: frozenset[str]) -> str:
+    """Engine build, machine, model file (path, size, time: hashing a 40 GB file would cost more than the
+    check), starting settings, which of them the user pinned (a switch may not override those), and whether
+    the AMX crash is injected."""
     fake = "fake-amx-crash" if os.environ.get(engine.FAKE_AMX_CRASH) == "1" else ""
-    settings = hashlib.sha256(json.dumps(start.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-    return "-".join(x for x in (engine.build_key(), hw.fingerprint(), file_sha256(model_path)[:16], settings, fake) if x)
+    p = Path(model_path).resolve()
+    st = p.stat()
+    model = f"{p}|{st.st_size}|{st.st_mtime_ns}|{sorted(pinned)}"
+    digest = hashlib.sha256(f"{model}|{json.dumps(start.to_dict(), sort_keys=True)}".encode()).hexdigest()[:16]
+    return "-".join(x for x in (engine.build_key(), hw.fingerprint(), digest, fake) if x)
 
 
 def _read_cache() -> dict[str, Any]:
@@ -102,10 +107,10 @@ def _write_cache(data: dict[str, Any]) -> None:
         pass  # an unwritable cache only costs a check next time
 
 
-def forget(model_path: str, settings: Settings, hw: Hardware) -> None:
+def forget(model_path: str, settings: Settings, hw: Hardware, pinned: frozenset[str] = frozenset()) -> None:
     """Drop the remembered verdict for these settings (``doctor --recheck``)."""
     data = _read_cache()
-    if data.pop(_key(model_path, starting_settings(settings), hw), None) is not None:
+    if data.pop(_key(model_path, starting_settings(settings), hw, pinned), None) is not None:
         _write_cache(data)
 
 
@@ -120,7 +125,7 @@ def check(model_path: str, settings: Settings, hw: Hardware, pinned: frozenset[s
     """Run the self-check for ``settings`` (or read its verdict back). Switches that would override a setting
     the user pinned (``pinned``) are not tried. EngineCrash when nothing runs."""
     start = starting_settings(settings)
-    key = _key(model_path, start, hw)
+    key = _key(model_path, start, hw, pinned)
     known = _read_cache().get(key)
     if known is not None:
         return Verdict(**{**known, "cached": True})

@@ -325,8 +325,11 @@ def recommendation(config: dict[str, Any]) -> Figure:
     if not chosen.get("decode", {}).get("n"):
         raise NoData("the config holds no re-measured samples (no recommendation stage)")
     label = rec.get("chosen", "tuned")
-    arms = [("engine defaults", "engine\ndefaults", base, HIGHLIGHT_COLORS["engine defaults"])]
-    if label != "defaults":
+    baseline = rec.get("baseline", "defaults")  # the best baseline that ran (the defaults with a switch, where
+    # the defaults themselves crash on this machine)
+    arms = [(f"engine {baseline}", "engine\n" + baseline.replace(" with ", "\nwith "), base,
+             HIGHLIGHT_COLORS["engine defaults"])]
+    if label != baseline:
         arms.append((f"recommended ({label})", "recommended", chosen, HIGHLIGHT_COLORS["recommended"]))
     fig = _figure(11, 5)
     axes = fig.subplots(1, 3)
@@ -352,15 +355,15 @@ def recommendation(config: dict[str, Any]) -> Figure:
         ax.grid(alpha=0.3, axis="y")
         ax.set_title(metric + (" (lower is better)" if metric == "ttft" else ""), fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=4, fontsize=8)
+    fig.legend(handles, labels, loc="outside lower center", ncols=4 if max(map(len, labels)) < 45 else 2, fontsize=8)
     objective = (config.get("study") or {}).get("objective", "")
-    if label == "defaults":
-        head = f"the engine defaults are the recommendation ({objective}), re-measured"
+    if label == baseline:
+        head = f"the engine {baseline} are the recommendation ({objective}), re-measured"
     else:
         speed = rec.get("speedup")
         gain = f" x{speed:.2f}" if speed else ""
         verdict = "supported" if rec.get("supported") else "not a supported win"
-        head = f"recommended vs engine defaults, re-measured side by side: {objective}{gain} ({verdict})"
+        head = f"recommended vs engine {baseline}, re-measured side by side: {objective}{gain} ({verdict})"
     fig.suptitle(head + "\n" + textwrap.fill(rec.get("verdict", ""), 150), fontsize=9)
     return fig
 

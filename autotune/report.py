@@ -223,7 +223,8 @@ def _config_html(config: dict[str, Any]) -> str:
             rows.append([key, f"{m['median']:.2f} {unit}", f"{m['q25']:.2f}-{m['q75']:.2f}", m["n"],
                          f"{b['median']:.2f} {unit}" if b.get("n") else "-"])
     if rows:
-        header = ["metric", "tuned median", "interquartile range", "samples", "engine defaults median"]
+        header = ["metric", "tuned median", "interquartile range", "samples",
+                  f"engine {rec.get('baseline', 'defaults')} median"]
         parts.append(_table(header, rows))
     roof = rec.get("roofline") or {}
     if roof.get("fraction"):

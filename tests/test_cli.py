@@ -187,7 +187,7 @@ def test_search_with_fake_amx_crash_pins_the_switch_end_to_end(tiny_model, tmp_p
     assert done.returncode == 0, done.stderr
     flat = " ".join(done.stdout.split())
     assert "engine self-check: the engine crashed with SIGSEGV" in flat and "during a batch of" in flat
-    assert "use_extra_bufts False (pinned by the engine self-check)" in flat
+    assert "use_extra_bufts │ False (pinned by the engine self-check)" in flat
     config = json.loads(out.read_text())
     rec = config["recommendation"]
     assert config["settings"]["use_extra_bufts"] is False
@@ -201,6 +201,7 @@ def test_search_with_fake_amx_crash_pins_the_switch_end_to_end(tiny_model, tmp_p
 
 
 def test_search_refuses_in_one_line_when_no_switch_helps_fake_amx_crash(tiny_model, tmp_path):
-    done = cli("search", str(tiny_model), "--ctx", "256", "--set", "use_extra_bufts=on", cwd=tmp_path, env=FAKE_AMX)
+    done = cli("search", str(tiny_model), "--ctx", "256", "--prompt-tokens", "32", "--set", "use_extra_bufts=on",
+               cwd=tmp_path, env=FAKE_AMX)
     assert_one_line_error(done, "no runtime switch avoids it")
     assert "crashed with SIGSEGV" in done.stderr
