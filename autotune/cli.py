@@ -76,7 +76,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """The engine self-check on its own: does a short real run of the model survive on this machine?"""
-    from . import catalog, health, space, study
+    from . import catalog, engine, health, space
     from .gguf_model import read_facts
     from .probe import probe
 
@@ -84,7 +84,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     facts = read_facts(model)
     hw = probe(measure_bandwidth=False)
     pins = space.parse_pins(args.set or [])
-    start = study.engine_defaults(min(4096, facts.n_ctx_train or 4096)).replace(**pins)
+    start = engine.defaults(min(4096, facts.n_ctx_train or 4096)).replace(**pins)
     if args.recheck:
         health.forget(model, start, hw, frozenset(pins))
     with console.status("engine self-check: load, a multi-token batch, a few decode steps ..."):
@@ -269,10 +269,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from . import catalog, engine, export, health, recommend, space, study
+    from .engine import Workload
     from .errors import ModelError, SettingsError
     from .gguf_model import file_sha256, read_facts
     from .probe import probe
-    from .runner import Workload
 
     model = args.model or str(catalog.fetch(quiet=False))
     facts = read_facts(model)

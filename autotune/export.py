@@ -194,7 +194,7 @@ def python_kwargs(s: Settings, model: str) -> str:
     if not s.draft_model:
         return f"{head}\nllm = Llama(\n{body},\n)\n"
     # A draft needs every token's logits kept (the library sizes its score array by n_batch otherwise).
-    return (f"{head}\nfrom autotune.draft import GreedyDraft\nfrom autotune.settings import Settings\n\n"
+    return (f"{head}\nfrom autotune.engine.greedy_draft import GreedyDraft\nfrom autotune.settings import Settings\n\n"
             f"draft = GreedyDraft({s.draft_model!r}, Settings.from_dict({s.to_dict()!r}))\n"
             f"llm = Llama(\n{body},\n    logits_all=True,\n    draft_model=draft,\n)\n")
 

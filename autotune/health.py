@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import catalog, engine, runner
+from . import catalog, engine
+from .engine import Workload
 from .errors import AutotuneError
 from .probe import Hardware
-from .runner import Workload
 from .settings import Settings
 
 # Runtime switches that avoid a native crash, in the order they are tried: (settings, what it is, what it costs).
@@ -130,7 +130,7 @@ def check(model_path: str, settings: Settings, hw: Hardware, pinned: frozenset[s
     if known is not None:
         return Verdict(**{**known, "cached": True})
     t0 = time.perf_counter()
-    first = runner.run(model_path, start, CHECK, timeout=timeout)
+    first = engine.measure(model_path, start, CHECK, timeout=timeout)
     if first.ok:
         verdict = Verdict(ok=True, seconds=time.perf_counter() - t0)
     else:
@@ -140,7 +140,7 @@ def check(model_path: str, settings: Settings, hw: Hardware, pinned: frozenset[s
         for pins, switch, cost in SWITCHES:
             if pinned & set(pins) or all(getattr(start, k) == v for k, v in pins.items()):
                 continue
-            if runner.run(model_path, start.replace(**pins), CHECK, timeout=timeout).ok:
+            if engine.measure(model_path, start.replace(**pins), CHECK, timeout=timeout).ok:
                 verdict = Verdict(False, dict(pins), crash, switch, cost, time.perf_counter() - t0)
                 break
         if verdict is None:

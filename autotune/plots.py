@@ -26,10 +26,10 @@ from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
 from . import memory
+from .engine import Measurement
 from .errors import AutotuneError
 from .gguf_model import ModelFacts
 from .probe import Hardware
-from .runner import Measurement
 from .settings import KV_TYPES, Settings, ggml_type
 from .space import KV_CHOICES
 from .study import completed

@@ -15,13 +15,13 @@ from typing import Any, Callable
 import numpy as np
 import optuna
 
-from . import memory, runner
+from . import engine, memory
+from .engine import Measurement, Workload
 from .errors import AutotuneError, ModelError
 from .gguf_model import ModelFacts
 from .probe import Hardware
-from .runner import Measurement, Workload
 from .settings import Settings
-from .study import StudyRequest, completed, engine_defaults, objective_samples
+from .study import StudyRequest, completed, objective_samples
 
 
 @dataclass
@@ -96,7 +96,7 @@ class Recommendation:
         return out
 
 
-# Run indexes (for the runner's fault injection): trials count from 0, re-measurements and confirmations
+# Run indexes (for the engine child's fault injection): trials count from 0, re-measurements and confirmations
 # from these offsets, so a test can fail exactly the confirmation run.
 REMEASURE = 10_000
 MIN_SAMPLES = 4  # per candidate, before the spread can support a claimed win
@@ -119,7 +119,7 @@ def measure_rounds(
     for r in range(rounds):
         order = candidates[r % len(candidates):] + candidates[: r % len(candidates)]
         for c in order:
-            m = runner.run(model_path, c.settings, workload, timeout=trial_timeout, index=REMEASURE + runs)
+            m = engine.measure(model_path, c.settings, workload, timeout=trial_timeout, index=REMEASURE + runs)
             runs += 1
             (c.runs.append(m) if m.ok else c.failures.append(m.error))
             if on_run:
@@ -169,7 +169,7 @@ def recommend(
     confirmation = None
     chosen = order[0]
     for attempt, c in enumerate(order):
-        m = runner.run(req.model_path, c.settings, req.workload, timeout=trial_timeout, index=CONFIRM + attempt)
+        m = engine.measure(req.model_path, c.settings, req.workload, timeout=trial_timeout, index=CONFIRM + attempt)
         if on_run:
             on_run(f"confirm {c.label}", m)
         if m.ok:  # proof that it runs; kept apart so the verdict rests on the interleaved rounds only
@@ -191,7 +191,7 @@ def recommend(
 def baseline_candidates(req: StudyRequest) -> list[Candidate]:
     """What a user would run without us: the engine defaults (with the user's pins) and, where the engine
     self-check pinned a switch to avoid a crash, the same defaults with that switch."""
-    defaults = engine_defaults(req.n_ctx).replace(**req.pins)
+    defaults = engine.defaults(req.n_ctx).replace(**req.pins)
     out = [Candidate("defaults", defaults)]
     if req.forced and defaults.replace(**req.forced) != defaults:
         switch = ", ".join(f"{k}={v}" for k, v in req.forced.items())

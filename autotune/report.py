@@ -20,11 +20,11 @@ import optuna
 from matplotlib.figure import Figure
 from optuna.trial import TrialState
 
-from . import export, plots, recommend, study
+from . import engine, export, plots, recommend, study
+from .engine import Workload
 from .errors import AutotuneError, ConfigError, StudyError
 from .gguf_model import ModelFacts, read_facts
 from .probe import Hardware
-from .runner import Workload
 from .settings import Settings
 
 
@@ -207,7 +207,7 @@ def _table(header: list[str], rows: list[list[Any]], changed: list[bool] | None 
 def _config_html(config: dict[str, Any]) -> str:
     rec = config.get("recommendation") or {}
     s = export.settings_of(config)
-    defaults = study.engine_defaults(s.n_ctx)
+    defaults = engine.defaults(s.n_ctx)
     parts = []
     if rec.get("verdict"):
         parts.append(f"<p class='verdict'>{html.escape(rec['verdict'])}</p>")

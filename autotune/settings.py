@@ -1,4 +1,4 @@
-"""The engine settings we tune: one frozen value that the memory model, the runner and every exporter read.
+"""The engine settings we tune: one frozen value that the memory model, the engine and every exporter read.
 
 Names follow llama-cpp-python's ``Llama(...)`` keyword arguments so that a ``Settings`` maps onto the
 engine without a translation table; ``export`` maps it onto the other tools' flags.
@@ -116,7 +116,7 @@ class Settings:
         return cls(**values)
 
     def llama_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``llama_cpp.Llama`` (the draft model is wired by the runner; the model
+        """Keyword arguments for ``llama_cpp.Llama`` (the draft model is wired by the engine; the model
         parameters Llama has no keyword for, ``use_extra_bufts``, by ``engine.load_llama``)."""
         return {
             "n_ctx": self.n_ctx,

@@ -1,7 +1,7 @@
 """The Optuna study: real engine runs over the search space, stored in a database and resumed.
 
 Each trial is asked for, checked against the memory model (a configuration that cannot fit is recorded
-as pruned with the reason and never run), measured by the runner in its own process, and told back:
+as pruned with the reason and never run), measured by the engine in its own process, and told back:
 complete with its objective value(s), or failed with the engine's reason. A failure is never scored as
 0 tok/s, which would teach the sampler something false.
 """
@@ -12,8 +12,8 @@ import hashlib
 import json
 import os
 import socket
-import statistics
 import sqlite3
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,12 +25,12 @@ import sqlalchemy.exc
 from optuna.storages._rdb import models as optuna_models
 from optuna.trial import TrialState
 
-from . import memory, runner
+from . import engine, memory
+from .engine import Measurement, Workload
 from .errors import ModelError, StudyError
 from .gguf_model import ModelFacts, file_sha256
 from .probe import Hardware
-from .runner import Measurement, Workload
-from .settings import Settings, default_threads, row_bytes
+from .settings import Settings, row_bytes
 from .space import SearchSpace, kv_pairs, parse_attention
 
 OBJECTIVES = ("decode", "prefill", "ttft", "balanced")
@@ -62,12 +62,6 @@ def directions(objective: str, pareto: bool) -> list[str]:
     if pareto:
         return ["maximize", "maximize", "minimize"]  # decode tok/s, prefill tok/s, peak memory
     return ["minimize" if objective == "ttft" else "maximize"]
-
-
-def engine_defaults(n_ctx: int) -> Settings:
-    """What llama-cpp-python does when the user sets nothing but the context: the baseline to beat."""
-    threads, threads_batch = default_threads()
-    return Settings(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads_batch)
 
 
 def sensible(hw: Hardware, facts: ModelFacts, n_ctx: int) -> Settings:
@@ -197,7 +191,7 @@ def open_study(req: StudyRequest) -> optuna.Study:
         study.set_user_attr("space", req.space.describe())
     fail_orphans(study)
     seeded = {t.user_attrs.get("role") for t in study.get_trials(deepcopy=False)}
-    for role, s in (("defaults", engine_defaults(req.n_ctx).replace(**req.pins)),
+    for role, s in (("defaults", engine.defaults(req.n_ctx).replace(**req.pins)),
                     ("sensible", sensible(req.hw, req.facts, req.n_ctx).replace(**req.pins))):
         if role not in seeded:
             study.enqueue_trial(req.space.params_of(s), user_attrs={"role": role}, skip_if_exists=True)
@@ -243,7 +237,7 @@ def kv_quality(study: optuna.Study, req: StudyRequest, level: str = "strict") ->
     report = dict(study.user_attrs.get("kv_quality", {}))
     missing = [p for p in pairs if f"{p[0]}/{p[1]}" not in report]
     if missing:
-        report.update(runner.kv_divergence(req.model_path, missing, req.space.base))
+        report.update(engine.divergence(req.model_path, missing, req.space.base))
         study.set_user_attr("kv_quality", report)
     max_kl, min_top1 = KV_QUALITY[level]
     excluded = set()
@@ -341,7 +335,7 @@ def _evaluate(trial: optuna.Trial, s: Settings, req: StudyRequest, trial_timeout
         if not est.fits:
             trial.set_user_attr("reason", f"does not fit: predicted {est.shortfall / 2**20:,.0f} MiB over the memory budget")
             return TrialState.PRUNED, None
-    m = runner.run(req.model_path, s, req.workload, timeout=trial_timeout, index=trial.number)
+    m = engine.measure(req.model_path, s, req.workload, timeout=trial_timeout, index=trial.number)
     trial.set_user_attr("measurement", m.to_dict())
     if not m.ok:
         trial.set_user_attr("reason", m.error)

@@ -20,7 +20,7 @@ from autotune import catalog
 from autotune.probe import probe
 from autotune.recommend import Spread
 from autotune.settings import Settings
-from autotune.study import engine_defaults
+from autotune.engine import defaults as engine_defaults
 from search_bench import WORK, fmt, measure
 
 

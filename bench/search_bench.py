@@ -36,12 +36,12 @@ from pathlib import Path
 
 import optuna
 
-from autotune import catalog, study
+from autotune import catalog, engine, study
 from autotune.cli import build_parser
 from autotune.gguf_model import ModelFacts, read_facts
 from autotune.probe import Hardware, probe
 from autotune.recommend import Candidate, Spread, measure_rounds
-from autotune.runner import Measurement, Workload
+from autotune.engine import Measurement, Workload
 from autotune.settings import Settings
 from autotune.space import SearchSpace, attention_label
 
@@ -59,7 +59,7 @@ TARGET = 0.97
 
 
 def grid_space() -> SearchSpace:
-    base = study.engine_defaults(N_CTX)
+    base = engine.defaults(N_CTX)
     return SearchSpace(base=base, params={k: v for k, v in GRID.items() if k in ("attention", "n_ubatch")},
                        int_ranges={k: (min(GRID[k]), max(GRID[k])) for k in ("n_threads", "n_threads_batch")})
 

@@ -12,14 +12,13 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pytest
 from gguf import GGUFValueType, GGUFWriter
 
-from autotune import catalog, cli, draft, export, runner, synth
+from autotune import catalog, cli, draft, engine, export, synth
 from autotune.gguf_model import FastReader, ModelFacts, read_facts
 from autotune.probe import GPU, Hardware
-from autotune.runner import Measurement, Workload
+from autotune.engine import Measurement, Workload
 from autotune.settings import Settings
 from conftest import run_python
 
@@ -241,14 +240,14 @@ def tiny_draft(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 _GREEDY_SCENARIOS = """
 import json
 import numpy as np
-from autotune import draft
+from autotune.engine.greedy_draft import GreedyDraft
 from autotune.settings import Settings
 
 path = {path!r}
 one = Settings(n_ctx=512, n_threads=1, n_threads_batch=1, n_batch=64, n_ubatch=64, draft_model=path, draft_max=4)
 
 def fresh():
-    g = draft.GreedyDraft(path, one)
+    g = GreedyDraft(path, one)
     g.evaluated = []
     real_eval = g.llm.eval
     g.llm.eval = lambda tokens: (g.evaluated.append(len(tokens)), real_eval(tokens))[1]
@@ -324,8 +323,8 @@ def test_greedy_draft_reset_and_limits(greedy_runs: dict[str, Any]) -> None:
 
 def test_runner_with_draft_keeps_greedy_output(tiny_model: Path, tiny_draft: Path) -> None:
     work = Workload(prompt_tokens=24, gen_tokens=12, reps=1, prompt_kind="code")
-    alone = runner.run(str(tiny_model), ONE_THREAD, work)
-    with_draft = runner.run(str(tiny_model), ONE_THREAD.replace(draft_model=str(tiny_draft), draft_max=3), work)
+    alone = engine.measure(str(tiny_model), ONE_THREAD, work)
+    with_draft = engine.measure(str(tiny_model), ONE_THREAD.replace(draft_model=str(tiny_draft), draft_max=3), work)
     assert alone.ok and with_draft.ok, (alone.error, with_draft.error)
     assert with_draft.output_tokens == alone.output_tokens and len(alone.output_tokens) == 12
     assert with_draft.draft["steps"] > 0 and with_draft.draft["draft_max"] == 3
@@ -335,7 +334,7 @@ def test_runner_with_draft_keeps_greedy_output(tiny_model: Path, tiny_draft: Pat
 def test_draft_run_longer_than_a_batch(tiny_model: Path, tiny_draft: Path) -> None:
     work = Workload(prompt_tokens=48, gen_tokens=8, reps=1, prompt_kind="code")
     s = ONE_THREAD.replace(n_batch=32, n_ubatch=32, draft_model=str(tiny_draft), draft_max=4)
-    m = runner.run(str(tiny_model), s, work)
+    m = engine.measure(str(tiny_model), s, work)
     assert m.ok, m.error
 
 
@@ -343,7 +342,7 @@ def test_draft_run_longer_than_a_batch(tiny_model: Path, tiny_draft: Path) -> No
 
 
 class ScriptedRunner:
-    """Stands in for runner.run: decode speed per (draft_max, kind) from a table, fixed outputs."""
+    """Stands in for engine.measure: decode speed per (draft_max, kind) from a table, fixed outputs."""
 
     def __init__(self, speeds: dict[tuple[int, str], list[float]], outputs: dict[int, list[int]] | None = None,
                  fail: int | None = None) -> None:
@@ -371,7 +370,7 @@ def compatible(header_main: Path, header_small: Path) -> tuple[str, str]:
 
 def run_plan(monkeypatch: pytest.MonkeyPatch, script: ScriptedRunner, main: str, d: str, ns: tuple[int, ...] = (2, 4),
              rounds: int = 3) -> draft.DraftReport:
-    monkeypatch.setattr(draft.runner, "run", script)
+    monkeypatch.setattr(draft.engine, "measure", script)
     plan = draft.Plan(ns=ns, rounds=rounds)
     return draft.evaluate(main, [d], Settings(n_ctx=4096), cpu_host(), plan)
 
@@ -429,7 +428,7 @@ def test_output_mismatch_and_failures_are_reported(monkeypatch: pytest.MonkeyPat
 def test_no_compatible_candidate(monkeypatch: pytest.MonkeyPatch, header_main: Path, smol_fields: dict[str, Any],
                                  tmp_path: Path) -> None:
     d = header_draft(tmp_path, smol_fields, {"tokenizer.ggml.model": lambda v: "llama"})
-    monkeypatch.setattr(draft.runner, "run", lambda *a, **k: pytest.fail("nothing should run"))
+    monkeypatch.setattr(draft.engine, "measure", lambda *a, **k: pytest.fail("nothing should run"))
     report = draft.evaluate(str(header_main), [str(d)], Settings(), cpu_host())
     assert report.chosen is None and report.verdict.startswith("No compatible draft")
 
@@ -464,7 +463,7 @@ def test_cli_check_only(capsys: pytest.CaptureFixture[str], header_main: Path, h
 def test_cli_measured_table(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                             compatible: tuple[str, str]) -> None:
     speeds = {(0, "code"): [10, 10.2], (2, "code"): [13, 13.1]}
-    monkeypatch.setattr(draft.runner, "run", ScriptedRunner(speeds))
+    monkeypatch.setattr(draft.engine, "measure", ScriptedRunner(speeds))
     monkeypatch.setattr(cli.console, "width", 200)
     code = cli.main(["draft", compatible[0], "--candidates", compatible[1], "--n", "2", "--kinds", "code",
                      "--rounds", "2"])
@@ -488,7 +487,7 @@ def test_search_stage_puts_the_draft_into_config_and_exports(monkeypatch: pytest
                                                               compatible: tuple[str, str]) -> None:
     main, d = compatible
     speeds = {(n, k): [10 + n, 10.1 + n] for n in (0, 2, 4, 8, 16) for k in ("code", "prose")}
-    monkeypatch.setattr(draft.runner, "run", ScriptedRunner(speeds))
+    monkeypatch.setattr(draft.engine, "measure", ScriptedRunner(speeds))
     config = export.build_config(Settings(n_ctx=4096, n_threads=2), model={"path": main}, hardware={})
     new, report = draft.search_stage(config, d, cpu_host(), draft.Plan(rounds=2))
     assert report is not None and new["settings"]["draft_model"] == d and new["settings"]["draft_max"] == 16
@@ -496,7 +495,7 @@ def test_search_stage_puts_the_draft_into_config_and_exports(monkeypatch: pytest
     assert f"-md {d} --draft-max 16" in export.render(new, "llama-server")
     # Nothing pays: the settings stay without a draft, the report says why.
     flat = {(n, k): [10, 10.1] for n in (0, 2, 4, 8, 16) for k in ("code", "prose")}
-    monkeypatch.setattr(draft.runner, "run", ScriptedRunner(flat))
+    monkeypatch.setattr(draft.engine, "measure", ScriptedRunner(flat))
     new, _ = draft.search_stage(config, d, cpu_host(), draft.Plan(rounds=2))
     assert new["settings"]["draft_model"] is None and not new["draft"]["recommendation"]["use_draft"]
 

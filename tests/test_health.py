@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from autotune import engine, health, runner
+from autotune import engine, health
 from autotune.probe import probe
-from autotune.runner import Workload
+from autotune.engine import Workload
 from autotune.settings import Settings
 
 ONE = Settings(n_ctx=256, n_threads=1, n_threads_batch=1)
@@ -29,11 +29,11 @@ def hw():
 
 
 def test_fake_amx_crash_kills_multi_token_batches_only_with_extra_buffers(tiny_model, fake_amx_crash):
-    crashed = runner.run(str(tiny_model), ONE, WORK)
+    crashed = engine.measure(str(tiny_model), ONE, WORK)
     assert not crashed.ok
     assert crashed.error.startswith("crashed with SIGSEGV (segmentation fault) during a batch of 16 tokens")
     assert "model buffers" in crashed.error and "fault injection" in crashed.error
-    survived = runner.run(str(tiny_model), ONE.replace(use_extra_bufts=False), WORK)
+    survived = engine.measure(str(tiny_model), ONE.replace(use_extra_bufts=False), WORK)
     assert survived.ok and survived.decode > 0, survived.error
 
 

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from autotune import export, memory, plots, report
 from autotune.gguf_model import read_facts
 from autotune.probe import GPU, Hardware
-from autotune.runner import Measurement
+from autotune.engine import Measurement
 from autotune.settings import Settings
 
 GIB = 2**30

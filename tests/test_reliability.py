@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from autotune import space, study
 from autotune.gguf_model import read_facts
 from autotune.probe import probe
-from autotune.runner import Workload
+from autotune.engine import Workload
 
 FAST = ["--ctx", "256", "--prompt-tokens", "16", "--gen-tokens", "4", "--reps", "1", "--kv-quality", "off"]
 
@@ -135,7 +135,7 @@ def test_two_tuners_on_one_sqlite_study(tiny_model, tmp_path):
 def _engine_children_alive() -> bool:
     """Any engine child of this test's tuners still running? (They carry the test's fault setting.)"""
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    pids = [int(line.split()[0]) for line in out.splitlines() if "autotune.runner" in line]
+    pids = [int(line.split()[0]) for line in out.splitlines() if "autotune.engine" in line]
     for pid in pids:
         try:
             if b"AUTOTUNE_FAULT=hang" in Path(f"/proc/{pid}/environ").read_bytes():

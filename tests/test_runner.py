@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from autotune import runner
-from autotune.runner import Workload
+from autotune import engine
+from autotune.engine import Workload
 from autotune.settings import Settings
 
 SMALL = Workload(prompt_tokens=32, gen_tokens=8, reps=2)
@@ -13,7 +13,7 @@ S = Settings(n_ctx=256, n_threads=2, n_threads_batch=2)
 
 
 def test_real_run_measures_everything(tiny_model):
-    m = runner.run(str(tiny_model), S, SMALL, timeout=120)
+    m = engine.measure(str(tiny_model), S, SMALL, timeout=120)
     assert m.ok, m.error
     assert len(m.prefill_tps) == len(m.decode_tps) == len(m.ttft_s) == SMALL.reps
     assert all(v > 0 for v in m.prefill_tps + m.decode_tps + m.ttft_s)
@@ -26,8 +26,8 @@ def test_real_run_measures_everything(tiny_model):
 
 
 def test_greedy_output_is_deterministic(tiny_model):
-    a = runner.run(str(tiny_model), S, SMALL, timeout=120)
-    b = runner.run(str(tiny_model), S.replace(n_batch=64, n_ubatch=64), SMALL, timeout=120)
+    a = engine.measure(str(tiny_model), S, SMALL, timeout=120)
+    b = engine.measure(str(tiny_model), S.replace(n_batch=64, n_ubatch=64), SMALL, timeout=120)
     assert a.ok and b.ok and a.output_tokens == b.output_tokens
 
 
@@ -43,37 +43,37 @@ def test_greedy_output_is_deterministic(tiny_model):
 )
 def test_injected_faults_become_reasons(tiny_model, monkeypatch, fault, reason):
     monkeypatch.setenv("AUTOTUNE_FAULT", fault)
-    m = runner.run(str(tiny_model), S, SMALL, timeout=120)
+    m = engine.measure(str(tiny_model), S, SMALL, timeout=120)
     assert not m.ok and reason in m.error
 
 
 def test_hang_is_killed_at_the_timeout(tiny_model, monkeypatch):
     monkeypatch.setenv("AUTOTUNE_FAULT", "hang")
-    m = runner.run(str(tiny_model), S, SMALL, timeout=8)
+    m = engine.measure(str(tiny_model), S, SMALL, timeout=8)
     assert not m.ok and m.error.startswith("timeout: no result after 8 s")
 
 
 def test_fault_every_n_runs(tiny_model, monkeypatch):
     monkeypatch.setenv("AUTOTUNE_FAULT", "exit")
     monkeypatch.setenv("AUTOTUNE_FAULT_EVERY", "2")
-    assert not runner.run(str(tiny_model), S, SMALL, index=5).ok
-    assert runner.run(str(tiny_model), S, SMALL, index=4).ok
+    assert not engine.measure(str(tiny_model), S, SMALL, index=5).ok
+    assert engine.measure(str(tiny_model), S, SMALL, index=4).ok
 
 
 def test_engine_refusal_is_a_reason_not_a_crash(tiny_model):
-    m = runner.run(str(tiny_model), S.replace(type_v="q8_0", flash_attn=False), SMALL, timeout=120)
+    m = engine.measure(str(tiny_model), S.replace(type_v="q8_0", flash_attn=False), SMALL, timeout=120)
     assert not m.ok and "refused" in m.error
 
 
 def test_unloadable_model(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + bytes(64))
-    m = runner.run(str(bad), S, SMALL, timeout=120)
+    m = engine.measure(str(bad), S, SMALL, timeout=120)
     assert not m.ok and m.error
 
 
 def test_kv_divergence_identity_and_quantized(tiny_model):
-    r = runner.kv_divergence(str(tiny_model), [("f16", "f16"), ("q8_0", "q8_0")], S, n_tokens=48)
+    r = engine.divergence(str(tiny_model), [("f16", "f16"), ("q8_0", "q8_0")], S, n_tokens=48)
     assert r["f16/f16"]["top1_agreement"] == 1.0 and r["f16/f16"]["mean_kl"] == 0.0
     assert 0.0 <= r["q8_0/q8_0"]["mean_kl"] < 0.5 and r["q8_0/q8_0"]["tokens"] == 48
 
@@ -82,6 +82,6 @@ def test_peak_rss_is_the_engine_process_own(tiny_model):
     """Linux's ru_maxrss carries the parent's peak across exec; the runner must not report ours."""
     ballast = bytearray(700 * 2**20)
     ballast[:: 4096] = b"\x01" * len(ballast[:: 4096])  # touch every page so it is resident
-    m = runner.run(str(tiny_model), S, SMALL, timeout=120)
+    m = engine.measure(str(tiny_model), S, SMALL, timeout=120)
     assert m.ok and 0 < m.base_rss <= m.peak_rss < 500 * 2**20
     del ballast

@@ -14,11 +14,11 @@ import sqlalchemy
 from optuna.storages._rdb import models as optuna_models
 from optuna.trial import TrialState
 
-from autotune import recommend, space, study
+from autotune import engine, recommend, space, study
 from autotune.errors import StudyError
 from autotune.gguf_model import read_facts
 from autotune.probe import probe
-from autotune.runner import Workload
+from autotune.engine import Workload
 
 WORK = Workload(prompt_tokens=32, gen_tokens=8, reps=2)
 
@@ -47,7 +47,7 @@ def test_study_measures_baselines_first_and_resumes(tiny_model, hw, tmp_path):
     study.run_trials(st, req, 3, trial_timeout=120)
     trials = st.get_trials()
     assert [t.user_attrs.get("role") for t in trials[:2]] == ["defaults", "sensible"]
-    assert trials[0].user_attrs["settings"] == study.engine_defaults(256).to_dict()
+    assert trials[0].user_attrs["settings"] == engine.defaults(256).to_dict()
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert all(t.value == pytest.approx(study.objective_value(
         study.Measurement.from_dict(t.user_attrs["measurement"]), "decode", WORK)) for t in trials)
@@ -186,7 +186,7 @@ def test_failed_confirmation_falls_back_to_the_next_confirmed_config(tiny_model,
 
 
 def test_no_win_is_claimed_from_too_few_samples():
-    from autotune.runner import Measurement
+    from autotune.engine import Measurement
     from autotune.settings import Settings
 
     fast = recommend.Candidate("trial 7", Settings(n_threads=2), [Measurement(Settings(), True, decode_tps=[30.0, 31.0])])
