@@ -171,30 +171,33 @@ def _schema_race(e: Exception) -> bool:
 
 
 def open_study(req: StudyRequest) -> optuna.Study:
+    """Create the study, or load it to resume. Only the tuner whose ``create_study`` succeeds (the database's
+    unique study name decides, however many tuners start at once) describes it and enqueues the baselines,
+    so they are measured once."""
     storage = open_storage(req.storage)
     sampler = optuna.samplers.TPESampler(seed=req.seed, n_startup_trials=8, multivariate=True,
                                          constant_liar=True)
     try:
         study = optuna.create_study(study_name=req.name(), storage=storage, sampler=sampler,
-                                    directions=directions(req.objective, req.pareto), load_if_exists=True)
+                                    directions=directions(req.objective, req.pareto))
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=req.name(), storage=storage, sampler=sampler)
+        fail_orphans(study)
+        return study
     except ValueError as e:
         raise StudyError(f"study {req.name()}: {e}") from None
-    if "model" not in study.user_attrs:
-        study.set_user_attr("model", {"path": req.model_path, "sha256": file_sha256(req.model_path),
-                                      "architecture": req.facts.architecture, "name": req.facts.name})
-        study.set_user_attr("hardware", req.hw.to_dict())
-        study.set_user_attr("workload", req.workload.__dict__)
-        study.set_user_attr("objective", "pareto" if req.pareto else req.objective)
-        study.set_user_attr("n_ctx", req.n_ctx)
-        study.set_user_attr("pins", req.pins)
-        study.set_user_attr("forced", req.forced)
-        study.set_user_attr("space", req.space.describe())
-    fail_orphans(study)
-    seeded = {t.user_attrs.get("role") for t in study.get_trials(deepcopy=False)}
+    study.set_user_attr("model", {"path": req.model_path, "sha256": file_sha256(req.model_path),
+                                  "architecture": req.facts.architecture, "name": req.facts.name})
+    study.set_user_attr("hardware", req.hw.to_dict())
+    study.set_user_attr("workload", req.workload.__dict__)
+    study.set_user_attr("objective", "pareto" if req.pareto else req.objective)
+    study.set_user_attr("n_ctx", req.n_ctx)
+    study.set_user_attr("pins", req.pins)
+    study.set_user_attr("forced", req.forced)
+    study.set_user_attr("space", req.space.describe())
     for role, s in (("defaults", engine.defaults(req.n_ctx).replace(**req.pins)),
                     ("sensible", sensible(req.hw, req.facts, req.n_ctx).replace(**req.pins))):
-        if role not in seeded:
-            study.enqueue_trial(req.space.params_of(s), user_attrs={"role": role}, skip_if_exists=True)
+        study.enqueue_trial(req.space.params_of(s), user_attrs={"role": role})
     return study
 
 

@@ -117,8 +117,7 @@ def test_kill_9_then_resume_keeps_every_finished_trial(tiny_model, tmp_path):
 
 def test_two_tuners_on_one_sqlite_study(tiny_model, tmp_path):
     db = tmp_path / "s.db"
-    first = search(tiny_model, db, "--trials", "5", "--no-recommend")
-    time.sleep(1.0)
+    first = search(tiny_model, db, "--trials", "5", "--no-recommend")  # both at once: one seeds the baselines
     second = search(tiny_model, db, "--trials", "5", "--no-recommend")
     for p in (first, second):
         out, err = p.communicate(timeout=300)

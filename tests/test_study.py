@@ -145,6 +145,34 @@ def test_tuners_started_together_on_a_fresh_storage_all_open_it(tmp_path):
         assert [results.get(timeout=5) for _ in procs] == ["ok"] * 4
 
 
+def _open_study_after(barrier, req, results) -> None:
+    barrier.wait()
+    try:
+        study.open_study(req)
+        results.put("ok")
+    except Exception as e:
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def test_tuners_opening_one_new_study_together_seed_the_baselines_once(tiny_model, hw, tmp_path):
+    """4 tuners released at once on a new study (its storage created first): exactly one creates it and
+    enqueues the baselines; the others load it. 5 studies."""
+    ctx = multiprocessing.get_context("fork")
+    for i in range(5):
+        url = f"sqlite:///{tmp_path / f's{i}.db'}"
+        study.open_storage(url)
+        req = make_request(tiny_model, hw, url)
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_open_study_after, args=(barrier, req, results)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [results.get(timeout=5) for _ in procs] == ["ok"] * 4
+        roles = [t.user_attrs.get("role") for t in study.open_study(req).trials]
+        assert roles == ["defaults", "sensible"]
+
+
 def test_unwritable_studies_directory(tmp_path, monkeypatch):
     ro = tmp_path / "ro"
     ro.mkdir()
