@@ -7,11 +7,12 @@ Every user-facing failure is an ``AutotuneError`` and becomes one line on stderr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.table import Table
@@ -265,119 +266,78 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from . import catalog, engine, export, health, recommend, space, study
+    from . import export, pipeline, space
     from .engine import Workload
-    from .errors import ModelError, SettingsError
-    from .gguf_model import file_sha256, read_facts
-    from .probe import probe
 
-    model = args.model or str(catalog.fetch(quiet=False))
-    facts = read_facts(model)
-    hw = probe()
-    n_ctx = args.ctx or min(4096, facts.n_ctx_train or 4096)
-    workload = Workload(args.prompt_tokens, args.gen_tokens, args.reps)
-    if workload.prompt_tokens + workload.gen_tokens > n_ctx:
-        raise SettingsError(f"--ctx {n_ctx} is smaller than the measured prompt + reply "
-                            f"({workload.prompt_tokens} + {workload.gen_tokens} tokens)")
-    pins = space.parse_pins(args.set or [])
-    sp = space.build_space(hw, facts, n_ctx, pins)
-    req = study.StudyRequest(model_path=model, facts=facts, hw=hw, space=sp, objective=args.objective,
-                             pareto=args.pareto, workload=workload, storage=args.storage, seed=args.seed, pins=pins)
-    check_fits(req)
-    preflight = engine.dry_run(model, [sp.base])[0]  # the engine itself must accept the file (~1 s, no memory)
-    if isinstance(preflight, str):
-        raise ModelError(f"{model}: the engine refuses this model: {preflight}")
-    with console.status("engine self-check: a short real run with the starting settings ..."):
-        verdict = health.check(model, sp.base, hw, pinned=frozenset(pins), timeout=args.trial_timeout)
-    console.print(verdict.line())
-    if verdict.pins:  # the whole study runs with the switch that keeps the engine alive
-        sp = space.build_space(hw, facts, n_ctx, {**pins, **verdict.pins})
-        req = dataclasses.replace(req, space=sp, forced=verdict.pins)
-    st = study.open_study(req)
-    finished = [t for t in st.get_trials(deepcopy=False) if t.state.is_finished()]
-    console.print(f"[bold]study[/] {st.study_name}  ({len(finished)} finished trials stored in "
-                  f"{study.storage_url(args.storage)})")
-
-    with console.status("measuring how quantized K/V caches change the outputs (once per study) ..."):
-        sp, quality = study.kv_quality(st, req, args.kv_quality)
-    req = dataclasses.replace(req, space=sp)
-    if quality:
-        print_kv_quality(quality, req.forced)
-    print_space(sp, hw, pins, req.forced)
-
-    bar = Progress(TextColumn("[bold]trial {task.completed}/{task.total}"), BarColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.description}"), console=console)
-    unit = "s" if args.objective == "ttft" else "tok/s"
-    interrupted = False
-    with bar:
-        task = bar.add_task("starting", total=args.trials)
-
-        def show(p: study.Progress) -> None:
-            best = f"best {p.best:.2f} {unit}" if p.best is not None else "best -"
-            bar.update(task, completed=p.done, description=f"{best} | {p.complete} ok, {p.pruned} pruned, "
-                       f"{p.failed} failed | {p.last[:60]}")
-
-        try:
-            study.run_trials(st, req, args.trials, timeout=args.timeout, trial_timeout=args.trial_timeout,
-                             on_progress=show)
-        except KeyboardInterrupt:
-            interrupted = True
-    print_trials_summary(st)
-    if interrupted:
+    options = pipeline.TuneOptions(
+        ctx=args.ctx, objective=args.objective, pareto=args.pareto, trials=args.trials, timeout=args.timeout,
+        trial_timeout=args.trial_timeout, storage=args.storage, pins=space.parse_pins(args.set or []), seed=args.seed,
+        workload=Workload(args.prompt_tokens, args.gen_tokens, args.reps), top_k=args.top_k, rounds=args.rounds,
+        kv_quality=args.kv_quality, recommend=not args.no_recommend, draft=args.draft)
+    try:
+        tuned = pipeline.tune(args.model, options, CliReporter())
+    except KeyboardInterrupt:
         console.print("[yellow]interrupted: the study is saved; run the same command again to resume[/]")
         return 130
-    if args.no_recommend:
+    if tuned is None:
         return 0
-    with console.status("re-measuring the best candidates against the engine defaults ...") as status:
-        rec = recommend.recommend(st, req, top_k=args.top_k, rounds=args.rounds, trial_timeout=args.trial_timeout,
-                                  on_run=lambda label, m: status.update(
-                                      f"re-measured {label}: " + (f"{m.decode:.1f} tok/s decode" if m.ok else m.error[:60])))
-    config = export.build_config(
-        rec.chosen.settings,
-        model={"path": model, "sha256": file_sha256(model), "architecture": facts.architecture, "name": facts.name},
-        hardware=hw.to_dict(),
-        metrics=rec.metrics(),
-        predicted=rec.predicted,
-        extra={"study": {"name": st.study_name, "storage": study.storage_url(args.storage),
-                         "objective": "pareto" if args.pareto else args.objective},
-               "workload": dataclasses.asdict(workload),
-               "engine_health": dataclasses.asdict(verdict),
-               "recommendation": {"supported": rec.supported, "verdict": rec.verdict, "speedup": rec.speedup,
-                                  "chosen": rec.chosen.label,
-                                  "baseline": rec.baseline.label,
-                                  "baselines": rec.baseline_report(),
-                                  "baseline_metrics": rec.metrics(rec.baseline),
-                                  "peak_rss": rec.confirmation.peak_rss if rec.confirmation else None,
-                                  "base_rss": rec.confirmation.base_rss if rec.confirmation else None,
-                                  "roofline": rec.roofline},
-               "kv_quality": quality},
-    )
-    config = draft_stage(args, config, hw)  # --draft: speculative decoding stage (cmd_draft section)
-    st.set_user_attr("recommendation", config)
-    print_recommendation(config)
+    print_recommendation(tuned.record)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(export.render(config, args.format))
+            f.write(export.render(tuned.record, args.format))
         console.print(f"wrote {args.out} ({args.format})")
     return 0
 
 
-def check_fits(req: Any) -> None:
-    """Refuse up front, with the size of the gap, a model that no setting in the space can fit."""
-    from . import study
-    from .errors import FitError, ModelError
+class CliReporter:
+    """``tune``'s progress on the terminal: spinners, tables, a progress bar."""
 
-    try:
-        lean = study.leanest(req)
-    except ModelError as e:  # unsupported architecture: no prediction, the trials will tell
-        console.print(f"[yellow]memory model: {e}; trials run without a fit check[/]")
-        return
-    if not lean.fits:
-        raise FitError(f"{req.facts.name} at context {req.n_ctx} cannot fit this machine in any searched setting: "
-                       f"{lean.shortfall / MIB:,.0f} MiB short even at its leanest (try a smaller --ctx)")
+    @contextlib.contextmanager
+    def step(self, text: str) -> Iterator[Callable[[str], None]]:
+        with console.status(text) as status:
+            yield status.update
+
+    def note(self, text: str) -> None:
+        console.print(f"[yellow]{text}[/]")
+
+    def health(self, verdict: Any) -> None:
+        console.print(verdict.line())
+
+    def study(self, st: Any, storage_url: str) -> None:
+        finished = [t for t in st.get_trials(deepcopy=False) if t.state.is_finished()]
+        console.print(f"[bold]study[/] {st.study_name}  ({len(finished)} finished trials stored in {storage_url})")
+
+    def kv_quality(self, quality: dict[str, Any], forced: dict[str, Any]) -> None:
+        print_kv_quality(quality, forced)
+
+    def space(self, sp: Any, hw: Any, pins: dict[str, Any], forced: dict[str, Any]) -> None:
+        print_space(sp, hw, pins, forced)
+
+    @contextlib.contextmanager
+    def trials(self, total: int, objective: str) -> Iterator[Callable[[Any], None]]:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn("[bold]trial {task.completed}/{task.total}"), BarColumn(), TimeElapsedColumn(),
+                       TextColumn("{task.description}"), console=console)
+        unit = "s" if objective == "ttft" else "tok/s"
+        with bar:
+            task = bar.add_task("starting", total=total)
+
+            def show(p: Any) -> None:
+                best = f"best {p.best:.2f} {unit}" if p.best is not None else "best -"
+                bar.update(task, completed=p.done, description=f"{best} | {p.complete} ok, {p.pruned} pruned, "
+                           f"{p.failed} failed | {p.last[:60]}")
+
+            yield show
+
+    def trials_done(self, st: Any) -> None:
+        print_trials_summary(st)
+
+    def draft(self, config: dict[str, Any], report: Any) -> None:
+        if report is not None:
+            print_draft_report(report.to_dict())
+        else:
+            console.print(config["draft"]["recommendation"]["verdict"])
 
 
 def print_space(sp: Any, hw: Any, pins: dict[str, Any], forced: dict[str, Any]) -> None:
@@ -613,22 +573,6 @@ def print_draft_report(d: dict[str, Any]) -> None:
     console.print(f"({d['wall_s']:.0f} s)")
 
 
-def draft_stage(args: argparse.Namespace, config: dict[str, Any], hw: Any) -> dict[str, Any]:
-    """``search --draft``: measure drafts with the tuned main settings; the config carries the result."""
-    if not args.draft:
-        return config
-    from . import draft
-
-    with console.status("measuring speculative decoding with the tuned settings ...") as status:
-        config, report = draft.search_stage(config, args.draft, hw, on_run=lambda label, kind, m: status.update(
-            f"draft stage, {label} [{kind}]: " + (f"{m.decode:.1f} tok/s" if m.ok else m.error[:60])))
-    if report is not None:
-        print_draft_report(report.to_dict())
-    else:
-        console.print(config["draft"]["recommendation"]["verdict"])
-    return config
-
-
 # -------------------------------------------------------------------------------------------- report
 
 
@@ -694,29 +638,33 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_memory)
 
     from .export import FORMATS
+    from .pipeline import TuneOptions
     from .study import OBJECTIVES
+
+    default = TuneOptions()
 
     sp = sub.add_parser("search", help="tune the settings with real engine runs (default: the demo model)")
     sp.add_argument("model", nargs="?", help="GGUF file (default: the SmolLM2-135M demo model, fetched once)")
     sp.add_argument("--ctx", type=int, help="context length you need (default: min(4096, trained context))")
-    sp.add_argument("--objective", choices=OBJECTIVES, default="decode")
+    sp.add_argument("--objective", choices=OBJECTIVES, default=default.objective)
     sp.add_argument("--pareto", action="store_true", help="multi-objective: decode vs prefill vs memory")
-    sp.add_argument("--trials", type=int, default=30)
+    sp.add_argument("--trials", type=int, default=default.trials)
     sp.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
-    sp.add_argument("--trial-timeout", type=float, default=300.0, help="kill one engine run after this many seconds")
+    sp.add_argument("--trial-timeout", type=float, default=default.trial_timeout,
+                    help="kill one engine run after this many seconds")
     sp.add_argument("--storage", help="Optuna storage URL (default: sqlite in ./studies)")
     sp.add_argument("--set", action="append", metavar="NAME=VALUE", help="pin a setting, e.g. n_threads=2")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--prompt-tokens", type=int, default=256)
-    sp.add_argument("--gen-tokens", type=int, default=32)
-    sp.add_argument("--reps", type=int, default=2, help="repetitions inside each trial's run")
-    sp.add_argument("--top-k", type=int, default=3, help="candidates re-measured against the defaults")
-    sp.add_argument("--rounds", type=int, default=3, help="interleaved re-measurement rounds")
-    sp.add_argument("--kv-quality", choices=("strict", "relaxed", "off"), default="strict")
+    sp.add_argument("--seed", type=int, default=default.seed)
+    sp.add_argument("--prompt-tokens", type=int, default=default.workload.prompt_tokens)
+    sp.add_argument("--gen-tokens", type=int, default=default.workload.gen_tokens)
+    sp.add_argument("--reps", type=int, default=default.workload.reps, help="repetitions inside each trial's run")
+    sp.add_argument("--top-k", type=int, default=default.top_k, help="candidates re-measured against the defaults")
+    sp.add_argument("--rounds", type=int, default=default.rounds, help="interleaved re-measurement rounds")
+    sp.add_argument("--kv-quality", choices=("strict", "relaxed", "off"), default=default.kv_quality)
     sp.add_argument("--no-recommend", action="store_true", help="only run trials")
     sp.add_argument("--out", help="write the tuned config here")
     sp.add_argument("--format", choices=FORMATS, default="json")
-    # draft stage (autotune.draft, cmd_draft section): runs after the main settings are tuned
+    # draft stage (pipeline._draft_stage): runs after the main settings are tuned
     sp.add_argument("--draft", type=_draft_arg, metavar="auto|PATH",
                     help="then measure speculative decoding with this draft (auto: compatible GGUFs next to the model "
                          "or in the cache); the config carries the draft when it pays")

@@ -16,12 +16,13 @@ import json
 import statistics
 from pathlib import Path
 
+from search_bench import WORK, fmt, measure
+
 from autotune import catalog
+from autotune.engine import defaults as engine_defaults
 from autotune.probe import probe
 from autotune.recommend import Spread
 from autotune.settings import Settings
-from autotune.engine import defaults as engine_defaults
-from search_bench import WORK, fmt, measure
 
 
 def variants(rec: Settings) -> dict[str, Settings]:

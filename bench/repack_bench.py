@@ -19,9 +19,9 @@ import tempfile
 from pathlib import Path
 
 from autotune import catalog, engine, health, recommend
+from autotune.engine import Workload
 from autotune.probe import probe
 from autotune.recommend import Candidate, Spread
-from autotune.engine import Workload
 from autotune.settings import Settings
 
 WORK = Workload(prompt_tokens=256, gen_tokens=32, reps=3)

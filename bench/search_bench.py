@@ -28,20 +28,17 @@ import itertools
 import json
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import optuna
 
-from autotune import catalog, engine, study
-from autotune.cli import build_parser
+from autotune import catalog, engine, pipeline, study
+from autotune.engine import Measurement, Workload
 from autotune.gguf_model import ModelFacts, read_facts
 from autotune.probe import Hardware, probe
 from autotune.recommend import Candidate, Spread, measure_rounds
-from autotune.engine import Measurement, Workload
 from autotune.settings import Settings
 from autotune.space import SearchSpace, attention_label
 
@@ -54,7 +51,7 @@ GRID = {
 }
 N_CTX = 4096  # what the default search uses for these models: min(4096, trained context)
 WORK = Workload(prompt_tokens=256, gen_tokens=32, reps=3)
-TRIAL_REPS = build_parser().parse_args(["search"]).reps  # repetitions inside one trial of the default search
+TRIAL_REPS = pipeline.TuneOptions().workload.reps  # repetitions inside one trial of the default search
 TARGET = 0.97
 
 
@@ -116,19 +113,16 @@ def replay(model: str, facts: ModelFacts, hw: Hardware, sp: SearchSpace, samples
 
 
 def default_search(model: str) -> tuple[float, dict, list[float | None]]:
-    """Wall time, tuned config and per-trial decode values of the default ``autotune search``."""
+    """Wall time, tuned config and per-trial decode values of the default ``autotune search`` (``tune()`` with
+    the default options, on a fresh storage)."""
     with tempfile.TemporaryDirectory() as tmp:
+        storage = f"sqlite:///{tmp}/studies.db"
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "autotune.cli", "search", model, "--out", f"{tmp}/tuned.json"],
-                              capture_output=True, text=True, cwd=tmp)
+        tuned = pipeline.tune(model, pipeline.TuneOptions(storage=storage))
         wall = time.perf_counter() - start
-        if done.returncode != 0:
-            raise SystemExit(f"search failed on {model}: {done.stderr.strip()[-500:]}")
-        config = json.loads(Path(f"{tmp}/tuned.json").read_text())
-        storage = f"sqlite:///{tmp}/studies/autotune.db"
-        (name,) = optuna.get_all_study_names(storage)
-        trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-        return wall, config, [t.value if t.state == optuna.trial.TrialState.COMPLETE else None for t in trials]
+        assert tuned is not None
+        trials = optuna.load_study(study_name=tuned.study_name, storage=storage).get_trials(deepcopy=False)
+        return wall, tuned.record, [t.value if t.state == optuna.trial.TrialState.COMPLETE else None for t in trials]
 
 
 def fmt(values: list[float]) -> str:

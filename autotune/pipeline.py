@@ -1,0 +1,189 @@
+"""``tune()``: the one path from a model file to a tuned config, for the CLI, the benches and the notebooks.
+
+probe -> facts -> search space -> fit check -> engine dry run -> engine self-check -> study -> K/V quality
+guard -> trials -> side-by-side re-measurement -> (draft stage) -> the tuned-config record. What happens on
+the way is told to a ``Reporter``; the CLI's prints it, the default says nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import optuna
+
+from . import catalog, engine, export, health, recommend, space, study
+from .engine import Measurement, Workload
+from .errors import FitError, ModelError, SettingsError
+from .gguf_model import ModelFacts, file_sha256, read_facts
+from .probe import Hardware, probe
+from .settings import Settings
+
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """Everything ``autotune search`` takes besides the model; the defaults are the CLI's."""
+
+    ctx: int | None = None  # default: min(4096, the trained context)
+    objective: str = "decode"
+    pareto: bool = False
+    trials: int = 30
+    timeout: float | None = None  # stop starting trials after this many seconds
+    trial_timeout: float = 300.0
+    storage: str | None = None
+    pins: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    workload: Workload = Workload(prompt_tokens=256, gen_tokens=32, reps=2)
+    top_k: int = 3
+    rounds: int = 3
+    kv_quality: str = "strict"
+    recommend: bool = True  # False: only run trials
+    draft: str | None = None  # "auto" or a draft GGUF: the speculative decoding stage
+
+
+@dataclass
+class TunedConfig:
+    """A tuning run's answer: the recommended settings, the evidence, and the schema-1 record that
+    ``export`` renders and ``report`` plots."""
+
+    settings: Settings
+    recommendation: recommend.Recommendation
+    engine_health: health.Verdict
+    study_name: str
+    record: dict[str, Any]
+
+
+class Reporter:
+    """What ``tune`` tells as it goes. Every method does nothing here; the CLI overrides them to print."""
+
+    @contextlib.contextmanager
+    def step(self, text: str) -> Iterator[Callable[[str], None]]:
+        """A stage that takes a while; yields a function to update its one-line status."""
+        yield lambda _text: None
+
+    def note(self, text: str) -> None:
+        """Something the user should know that changes nothing (a missing memory model, say)."""
+
+    def health(self, verdict: health.Verdict) -> None: ...
+
+    def study(self, st: optuna.Study, storage_url: str) -> None: ...
+
+    def kv_quality(self, quality: dict[str, Any], forced: dict[str, Any]) -> None: ...
+
+    def space(self, sp: space.SearchSpace, hw: Hardware, pins: dict[str, Any], forced: dict[str, Any]) -> None: ...
+
+    @contextlib.contextmanager
+    def trials(self, total: int, objective: str) -> Iterator[Callable[[study.Progress], None]]:
+        yield lambda _progress: None
+
+    def trials_done(self, st: optuna.Study) -> None: ...
+
+    def draft(self, config: dict[str, Any], report: Any) -> None: ...
+
+
+def tune(model: str | None, options: TuneOptions = TuneOptions(), reporter: Reporter = Reporter()) -> TunedConfig | None:
+    """Tune ``model`` (None: the demo model). Returns None when ``options.recommend`` is off. A
+    KeyboardInterrupt leaves the study consistent and propagates; AutotuneError for anything the user can fix."""
+    model = model or str(catalog.fetch(quiet=False))
+    facts = read_facts(model)
+    hw = probe()
+    n_ctx = options.ctx or min(4096, facts.n_ctx_train or 4096)
+    work = options.workload
+    if work.prompt_tokens + work.gen_tokens > n_ctx:
+        raise SettingsError(f"--ctx {n_ctx} is smaller than the measured prompt + reply "
+                            f"({work.prompt_tokens} + {work.gen_tokens} tokens)")
+    pins = options.pins
+    req = study.StudyRequest(model_path=model, facts=facts, hw=hw, space=space.build_space(hw, facts, n_ctx, pins),
+                             objective=options.objective, pareto=options.pareto, workload=work,
+                             storage=options.storage, seed=options.seed, pins=pins)
+    check_fits(req, reporter)
+    preflight = engine.dry_run(model, [req.space.base])[0]  # the engine itself must accept the file (~1 s)
+    if isinstance(preflight, str):
+        raise ModelError(f"{model}: the engine refuses this model: {preflight}")
+    with reporter.step("engine self-check: a short real run with the starting settings ..."):
+        verdict = health.check(model, req.space.base, hw, pinned=frozenset(pins), timeout=options.trial_timeout)
+    reporter.health(verdict)
+    if verdict.pins:  # the whole study runs with the switch that keeps the engine alive
+        req = dataclasses.replace(req, space=space.build_space(hw, facts, n_ctx, {**pins, **verdict.pins}),
+                                  forced=verdict.pins)
+    st = study.open_study(req)
+    reporter.study(st, study.storage_url(options.storage))
+    with reporter.step("measuring how quantized K/V caches change the outputs (once per study) ..."):
+        sp, quality = study.kv_quality(st, req, options.kv_quality)
+    req = dataclasses.replace(req, space=sp)
+    if quality:
+        reporter.kv_quality(quality, req.forced)
+    reporter.space(sp, hw, pins, req.forced)
+    try:
+        with reporter.trials(options.trials, options.objective) as show:
+            study.run_trials(st, req, options.trials, timeout=options.timeout, trial_timeout=options.trial_timeout,
+                             on_progress=show)
+    finally:
+        reporter.trials_done(st)
+    if not options.recommend:
+        return None
+    with reporter.step("re-measuring the best candidates against the engine defaults ...") as status:
+        def on_run(label: str, m: Measurement) -> None:
+            status(f"re-measured {label}: " + (f"{m.decode:.1f} tok/s decode" if m.ok else m.error[:60]))
+
+        rec = recommend.recommend(st, req, top_k=options.top_k, rounds=options.rounds,
+                                  trial_timeout=options.trial_timeout, on_run=on_run)
+    record = _record(req, st, rec, verdict, quality, options)
+    if options.draft:
+        record = _draft_stage(record, options.draft, hw, reporter)
+    st.set_user_attr("recommendation", record)
+    return TunedConfig(export.settings_of(record), rec, verdict, st.study_name, record)
+
+
+def check_fits(req: study.StudyRequest, reporter: Reporter) -> None:
+    """Refuse up front, with the size of the gap, a model that no setting in the space can fit."""
+    try:
+        lean = study.leanest(req)
+    except ModelError as e:  # unsupported architecture: no prediction, the trials will tell
+        reporter.note(f"memory model: {e}; trials run without a fit check")
+        return
+    if not lean.fits:
+        raise FitError(f"{req.facts.name} at context {req.n_ctx} cannot fit this machine in any searched setting: "
+                       f"{lean.shortfall / MIB:,.0f} MiB short even at its leanest (try a smaller --ctx)")
+
+
+def _record(req: study.StudyRequest, st: optuna.Study, rec: recommend.Recommendation, verdict: health.Verdict,
+            quality: dict[str, Any], options: TuneOptions) -> dict[str, Any]:
+    """The tuned-config record (schema 1): the settings and every piece of evidence behind them."""
+    facts: ModelFacts = req.facts
+    return export.build_config(
+        rec.chosen.settings,
+        model={"path": req.model_path, "sha256": file_sha256(req.model_path), "architecture": facts.architecture,
+               "name": facts.name},
+        hardware=req.hw.to_dict(),
+        metrics=rec.metrics(),
+        predicted=rec.predicted,
+        extra={"study": {"name": st.study_name, "storage": study.storage_url(options.storage),
+                         "objective": "pareto" if options.pareto else options.objective},
+               "workload": dataclasses.asdict(req.workload),
+               "engine_health": dataclasses.asdict(verdict),
+               "recommendation": {"supported": rec.supported, "verdict": rec.verdict, "speedup": rec.speedup,
+                                  "chosen": rec.chosen.label,
+                                  "baseline": rec.baseline.label,
+                                  "baselines": rec.baseline_report(),
+                                  "baseline_metrics": rec.metrics(rec.baseline),
+                                  "peak_rss": rec.confirmation.peak_rss if rec.confirmation else None,
+                                  "base_rss": rec.confirmation.base_rss if rec.confirmation else None,
+                                  "roofline": rec.roofline},
+               "kv_quality": quality},
+    )
+
+
+def _draft_stage(record: dict[str, Any], choice: str, hw: Hardware, reporter: Reporter) -> dict[str, Any]:
+    """Measure drafts with the tuned main settings; the record carries a draft only when it pays."""
+    from . import draft
+
+    with reporter.step("measuring speculative decoding with the tuned settings ...") as status:
+        record, report = draft.search_stage(record, choice, hw, on_run=lambda label, kind, m: status(
+            f"draft stage, {label} [{kind}]: " + (f"{m.decode:.1f} tok/s" if m.ok else m.error[:60])))
+    reporter.draft(record, report)
+    return record
