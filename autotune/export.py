@@ -1,7 +1,8 @@
 """The tuned config: a versioned JSON record, and the same settings as other tools want them.
 
-Every format reads one ``Settings``. ``parse_server_flags`` is the inverse of the llama-server format,
-so a command line someone already uses can be read back into Settings.
+Every format reads one ``Settings`` and spells it with the knob table (``knobs.KNOBS``).
+``parse_server_flags`` is the inverse of the llama-server format, so a command line someone already uses
+can be read back into Settings.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ from typing import Any
 
 from . import __version__
 from .errors import ConfigError, SettingsError
+from .knobs import KNOBS
 from .settings import Settings
 
 SCHEMA_VERSION = 1
-NO_REPACK_MISSING = ("{tool} has no setting for extra buffer types (llama.cpp --no-repack); the tuned settings turn "
-                     "them off (use_extra_bufts=False), so {tool} may run slower or faster, and where autotune's "
-                     "engine self-check saw a crash with them on, {tool}'s engine may crash too")
 FORMATS = ("json", "llama-server", "python", "lmstudio", "ollama", "koboldcpp")
 _KOBOLD_QUANTKV = {"f16": 0, "q8_0": 1, "q4_0": 2}
 
@@ -90,75 +89,70 @@ def render(config: dict[str, Any], fmt: str) -> str:
     if fmt == "ollama":
         return ollama_modelfile(s, model)
     if fmt == "koboldcpp":
-        command = shlex.join(["koboldcpp", *koboldcpp_flags(s, model)])
-        return command if s.use_extra_bufts else command + "\n# " + NO_REPACK_MISSING.format(tool="KoboldCpp")
+        notes = _missing(s, "kobold", "KoboldCpp")
+        return "\n# ".join([shlex.join(["koboldcpp", *koboldcpp_flags(s, model)]), *notes])
     raise ConfigError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
 
 
+def _flags(s: Settings, tool: str) -> list[str]:
+    """The command-line spelling of every knob ``tool`` has one for, in table order."""
+    out: list[str] = []
+    for k in KNOBS:
+        flag = getattr(k, tool)
+        if flag is not None and not (k.needs and not getattr(s, k.needs)):
+            out += flag.render(getattr(s, k.name))
+    return out
+
+
+def _missing(s: Settings, spelling: str, tool: str) -> list[str]:
+    """Notes for the tuned values ``tool`` has no setting for (knobs that say so: ``Knob.missing``)."""
+    return [k.missing.format(tool=tool, value=getattr(s, k.name)) for k in KNOBS
+            if k.missing and getattr(k, spelling) is None and getattr(s, k.name) != k.default_value()]
+
+
 def server_flags(s: Settings, model: str) -> list[str]:
-    """llama-server (and llama-cli) flags, current llama.cpp names; defaults are written out too."""
-    flags = [
-        "-m", model,
-        "-c", str(s.n_ctx),
-        "-ngl", str(s.n_gpu_layers),
-        "-t", str(s.n_threads),
-        "-tb", str(s.n_threads_batch),
-        "-b", str(s.n_batch),
-        "-ub", str(s.n_ubatch),
-        "-fa", "on" if s.flash_attn else "off",
-        "-ctk", s.type_k,
-        "-ctv", s.type_v,
-    ]
-    if s.swa_full:
-        flags.append("--swa-full")  # the CLI default is off; llama-cpp-python's is on
-    if not s.offload_kqv:
-        flags.append("--no-kv-offload")
-    if not s.use_mmap:
-        flags.append("--no-mmap")
-    if s.use_mlock:
-        flags.append("--mlock")
-    if not s.use_extra_bufts:
-        flags.append("--no-repack")
-    if s.draft_model:
-        flags += ["-md", s.draft_model, "--draft-max", str(s.draft_max), "--draft-min", "0",
-                  "-ngld", str(s.draft_gpu_layers)]
-    return flags
+    """llama-server (and llama-cli) flags, current llama.cpp names; defaults are written out too (its
+    defaults differ from llama-cpp-python's: ``--swa-full`` is off there)."""
+    return ["-m", model, *_flags(s, "server")]
 
 
 def parse_server_flags(argv: list[str]) -> tuple[str, Settings]:
     """Read llama-server flags (as ``server_flags`` writes them) back into (model path, Settings)."""
-    values: dict[str, Any] = {"swa_full": False}
-    takes = {
-        "-c": "n_ctx", "--ctx-size": "n_ctx", "-ngl": "n_gpu_layers", "--n-gpu-layers": "n_gpu_layers",
-        "-t": "n_threads", "--threads": "n_threads", "-tb": "n_threads_batch", "--threads-batch": "n_threads_batch",
-        "-b": "n_batch", "--batch-size": "n_batch", "-ub": "n_ubatch", "--ubatch-size": "n_ubatch",
-        "-fa": "flash_attn", "--flash-attn": "flash_attn", "-ctk": "type_k", "--cache-type-k": "type_k",
-        "-ctv": "type_v", "--cache-type-v": "type_v", "-md": "draft_model", "--model-draft": "draft_model",
-        "--draft-max": "draft_max", "--draft": "draft_max", "-ngld": "draft_gpu_layers",
-        "--gpu-layers-draft": "draft_gpu_layers",
-    }
-    switches = {"--swa-full": ("swa_full", True), "--no-kv-offload": ("offload_kqv", False),
-                "-nkvo": ("offload_kqv", False), "--no-mmap": ("use_mmap", False), "--mlock": ("use_mlock", True),
-                "--no-repack": ("use_extra_bufts", False), "-nr": ("use_extra_bufts", False)}
+    takes: dict[str, str] = {}
+    switches: dict[str, tuple[str, Any]] = {}
+    skips: dict[str, int] = {}  # flags written alongside another, read past
+    values: dict[str, Any] = {}
+    for k in KNOBS:
+        if k.server is None:
+            continue
+        for name in (k.server.name, *k.server.aliases):
+            if k.server.switch:
+                switches[name] = (k.name, k.server.when)
+            else:
+                takes[name] = k.name
+        if k.server.switch:
+            values[k.name] = not k.server.when  # a switch's absence means the other value
+        if k.server.extra:
+            skips[k.server.extra[0]] = len(k.server.extra) - 1
     model = ""
     args = list(argv[1:] if argv and not argv[0].startswith("-") else argv)
     i = 0
     while i < len(args):
         a = args[i]
-        if a in ("-m", "--model"):
-            model = args[i + 1]
-            i += 2
-        elif a in takes:
+        if a in ("-m", "--model") or a in takes:
             if i + 1 >= len(args):
                 raise SettingsError(f"flag {a} needs a value")
-            values[takes[a]] = args[i + 1]
+            if a in takes:
+                values[takes[a]] = args[i + 1]
+            else:
+                model = args[i + 1]
             i += 2
         elif a in switches:
             name, value = switches[a]
             values[name] = value
             i += 1
-        elif a == "--draft-min":
-            i += 2
+        elif a in skips:
+            i += 1 + skips[a]
         else:
             raise SettingsError(f"unknown llama-server flag {a!r}")
     return model, Settings.from_dict(values)
@@ -201,64 +195,37 @@ def python_kwargs(s: Settings, model: str) -> str:
 
 def lmstudio(s: Settings) -> dict[str, Any]:
     """An LM Studio SDK load config (``client.llm.model(key, config=...)``), plus the draft model."""
-    load = {
-        "contextLength": s.n_ctx,
-        "gpu": {"ratio": "max" if s.n_gpu_layers > 0 else 0},
-        "evalBatchSize": s.n_batch,
-        "flashAttention": s.flash_attn,
-        "llamaKCacheQuantizationType": s.type_k,
-        "llamaVCacheQuantizationType": s.type_v,
-        "offloadKVCacheToGpu": s.offload_kqv,
-        "tryMmap": s.use_mmap,
-        "keepModelInMemory": s.use_mlock,
-        "cpuThreadPoolSize": s.n_threads,
-    }
-    out: dict[str, Any] = {"load": load}
-    if not s.use_extra_bufts:
-        out["notes"] = [NO_REPACK_MISSING.format(tool="LM Studio")]
-    if s.draft_model:
-        out["prediction"] = {"draftModel": s.draft_model}
+    out: dict[str, Any] = {}
+    for k in KNOBS:
+        if k.lmstudio is None or (k.needs and not getattr(s, k.needs)):
+            continue
+        path, encode = k.lmstudio
+        *parents, key = path.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[key] = encode(getattr(s, k.name))
+    notes = _missing(s, "lmstudio", "LM Studio")
+    if notes:
+        out["notes"] = notes
     return out
 
 
 def ollama_modelfile(s: Settings, model: str) -> str:
-    lines = [
-        f"FROM {model}",
-        f"PARAMETER num_ctx {s.n_ctx}",
-        f"PARAMETER num_gpu {s.n_gpu_layers}",
-        f"PARAMETER num_thread {s.n_threads}",
-        f"PARAMETER num_batch {s.n_batch}",
-        f"PARAMETER use_mmap {'true' if s.use_mmap else 'false'}",
+    lines = [f"FROM {model}"]
+    lines += [f"PARAMETER {k.ollama[0]} {k.ollama[1](getattr(s, k.name))}" for k in KNOBS if k.ollama is not None]
+    lines += [
         "# Ollama sets flash attention and the KV cache type for the whole server, not per model:",
         f"#   OLLAMA_FLASH_ATTENTION={1 if s.flash_attn else 0} OLLAMA_KV_CACHE_TYPE={s.type_k} ollama serve",
     ]
     if s.type_k != s.type_v:
         lines.append(f"#   (Ollama uses one type for K and V; autotune measured K={s.type_k}, V={s.type_v})")
-    if s.draft_model:
-        lines.append(f"# Ollama has no draft-model setting; the tuned draft was {s.draft_model}")
-    if not s.use_extra_bufts:
-        lines.append("# " + NO_REPACK_MISSING.format(tool="Ollama"))
+    lines += [f"# {note}" for note in _missing(s, "ollama", "Ollama")]
     return "\n".join(lines) + "\n"
 
 
 def koboldcpp_flags(s: Settings, model: str) -> list[str]:
-    flags = [
-        "--model", model,
-        "--contextsize", str(s.n_ctx),
-        "--gpulayers", str(s.n_gpu_layers),
-        "--threads", str(s.n_threads),
-        "--blasthreads", str(s.n_threads_batch),
-        "--blasbatchsize", str(s.n_batch),
-    ]
-    if s.flash_attn:
-        flags.append("--flashattention")
-    if s.type_k == s.type_v and s.type_k in _KOBOLD_QUANTKV and s.type_k != "f16":
+    flags = ["--model", model, *_flags(s, "kobold")]
+    if s.type_k == s.type_v and s.type_k in _KOBOLD_QUANTKV and s.type_k != "f16":  # one setting for K and V
         flags += ["--quantkv", str(_KOBOLD_QUANTKV[s.type_k])]
-    if not s.use_mmap:
-        flags.append("--nommap")
-    if s.use_mlock:
-        flags.append("--usemlock")
-    if s.draft_model:
-        flags += ["--draftmodel", s.draft_model, "--draftamount", str(s.draft_max),
-                  "--draftgpulayers", str(s.draft_gpu_layers)]
     return flags

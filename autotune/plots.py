@@ -25,7 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
-from . import memory
+from . import knobs, memory
 from .engine import Measurement
 from .errors import AutotuneError
 from .gguf_model import ModelFacts
@@ -206,20 +206,8 @@ def memory_vs_engine(rows: Sequence[dict[str, Any]]) -> Figure:
 
 # ------------------------------------------------------------------------------------ speed per knob
 
-# (Settings field, axis label); "kv" is the K/V cache pair.
-KNOBS = (
-    ("n_threads", "decode threads (n_threads)"),
-    ("n_threads_batch", "prompt threads (n_threads_batch)"),
-    ("n_batch", "n_batch"),
-    ("n_ubatch", "n_ubatch"),
-    ("n_gpu_layers", "GPU layers (n_gpu_layers)"),
-    ("flash_attn", "flash attention"),
-    ("kv", "K/V cache type"),
-    ("offload_kqv", "KV cache on the GPU"),
-    ("swa_full", "full-size sliding-window cache"),
-    ("use_mmap", "mmap"),
-    ("use_mlock", "mlock"),
-)
+# (Settings field, axis label), from the knob table; "kv" is the K/V cache pair, one axis for two knobs.
+KNOBS = tuple((k.name, k.label) for k in knobs.KNOBS if k.plotted) + (("kv", "K/V cache type"),)
 METRICS = {"decode": ("decode (tok/s)", "decode_tps"), "prefill": ("prefill (tok/s)", "prefill_tps")}
 HIGHLIGHT_COLORS = {"recommended": "#d62728", "engine defaults": "#1f77b4"}
 OTHER_COLORS = ("#2ca02c", "#9467bd", "#8c564b")

@@ -1,19 +1,19 @@
 """The engine settings we tune: one frozen value that the memory model, the engine and every exporter read.
 
-Names follow llama-cpp-python's ``Llama(...)`` keyword arguments so that a ``Settings`` maps onto the
-engine without a translation table; ``export`` maps it onto the other tools' flags.
+Its fields are the knob table's (``knobs.KNOBS``): names follow llama-cpp-python's ``Llama(...)`` keyword
+arguments, types and defaults are the table's, and so is every other tool's spelling. What lives here is
+what the engine refuses, which no single knob can tell.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from dataclasses import dataclass
 from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import SettingsError
+from .knobs import BY_NAME, KNOBS
 
 # Cache types the engine accepts for K and V, in the order a search should try them (cheapest last).
 KV_TYPES: tuple[str, ...] = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl", "f32")
@@ -33,39 +33,14 @@ def row_bytes(type_name: str, n_elements: int) -> int:
     return n_elements // block * size
 
 
-def default_threads() -> tuple[int, int]:
-    """What llama-cpp-python picks when threads are left unset: half the logical CPUs, and all of them."""
-    cpus = os.cpu_count() or 1
-    return max(cpus // 2, 1), cpus
+_TYPES = {"int": int, "bool": bool, "str": str, "path": "str | None"}
 
 
-@dataclass(frozen=True)
-class Settings:
-    """One engine configuration. Defaults are llama-cpp-python's own, except the context length."""
-
-    n_ctx: int = 4096
-    n_gpu_layers: int = 0
-    n_threads: int = dataclasses.field(default_factory=lambda: default_threads()[0])
-    n_threads_batch: int = dataclasses.field(default_factory=lambda: default_threads()[1])
-    n_batch: int = 512
-    n_ubatch: int = 512
-    flash_attn: bool = False
-    type_k: str = "f16"
-    type_v: str = "f16"
-    swa_full: bool = True
-    offload_kqv: bool = True
-    use_mmap: bool = True
-    use_mlock: bool = False
-    # Extra weight buffer types (llama.cpp's repack: CPU_REPACK and, on CPUs with AMX, the AMX buffer);
-    # off is llama.cpp's --no-repack. Llama(...) has no keyword for it: engine.load_llama sets it.
-    use_extra_bufts: bool = True
-    # Speculative decoding: a draft model file, how many tokens it proposes per step, its GPU layers.
-    draft_model: str | None = None
-    draft_max: int = 0
-    draft_gpu_layers: int = 0
+class _Rules:
+    """The methods of Settings (its fields come from the knob table)."""
 
     def replace(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
     def problems(self, can_offload: bool = True) -> list[str]:
         """Contradictions the engine would refuse or silently override, one sentence each."""
@@ -98,41 +73,34 @@ class Settings:
         found = self.problems(can_offload)
         if found:
             raise SettingsError(found[0])
-        return self
+        return self  # type: ignore[return-value]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:
         """Build from a mapping, refusing unknown keys and wrong types with one clear sentence."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
+        unknown = sorted(set(data) - set(BY_NAME))
         if unknown:
             raise SettingsError(f"unknown setting(s): {', '.join(unknown)}")
-        values = {}
-        for key, value in data.items():
-            values[key] = coerce(key, value)
-        return cls(**values)
+        return cls(**{key: coerce(key, value) for key, value in data.items()})  # type: ignore[return-value]
 
     def llama_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``llama_cpp.Llama`` (the draft model is wired by the engine; the model
         parameters Llama has no keyword for, ``use_extra_bufts``, by ``engine.load_llama``)."""
-        return {
-            "n_ctx": self.n_ctx,
-            "n_gpu_layers": self.n_gpu_layers,
-            "n_threads": self.n_threads,
-            "n_threads_batch": self.n_threads_batch,
-            "n_batch": self.n_batch,
-            "n_ubatch": self.n_ubatch,
-            "flash_attn": self.flash_attn,
-            "type_k": int(ggml_type(self.type_k)),
-            "type_v": int(ggml_type(self.type_v)),
-            "swa_full": self.swa_full,
-            "offload_kqv": self.offload_kqv,
-            "use_mmap": self.use_mmap,
-            "use_mlock": self.use_mlock,
-        }
+        return {k.name: k.llama(getattr(self, k.name)) for k in KNOBS if k.llama is not None}
+
+
+Settings = dataclasses.make_dataclass(
+    "Settings",
+    [(k.name, _TYPES[k.kind], dataclasses.field(default_factory=k.default) if callable(k.default)
+      else dataclasses.field(default=k.default)) for k in KNOBS],
+    bases=(_Rules,),
+    frozen=True,
+    namespace={"__module__": __name__, "__doc__": "One engine configuration, a field per knob (``knobs.KNOBS``); "
+               "defaults are llama-cpp-python's own, except the context length."},
+)
 
 
 _BOOL_WORDS = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
@@ -140,10 +108,9 @@ _BOOL_WORDS = {"1": True, "true": True, "on": True, "yes": True, "0": False, "fa
 
 def coerce(name: str, value: Any) -> Any:
     """Turn a value (possibly a command-line string) into the type of Settings field ``name``."""
-    fields = {f.name: f for f in dataclasses.fields(Settings)}
-    if name not in fields:
-        raise SettingsError(f"unknown setting {name!r}: choose one of {', '.join(fields)}")
-    kind = fields[name].type
+    if name not in BY_NAME:
+        raise SettingsError(f"unknown setting {name!r}: choose one of {', '.join(BY_NAME)}")
+    kind = BY_NAME[name].kind
     try:
         if kind == "bool":
             if isinstance(value, bool):
@@ -153,7 +120,7 @@ def coerce(name: str, value: Any) -> Any:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             return int(value)
-        if kind == "str | None":
+        if kind == "path":
             return None if value in (None, "", "none") else str(value)
         return str(value)
     except (KeyError, ValueError, TypeError):

@@ -13,13 +13,12 @@ from typing import Any
 import optuna
 from gguf import GGML_QUANT_SIZES
 
-from . import memory
-from .errors import ModelError, SettingsError
+from .errors import SettingsError
 from .gguf_model import ModelFacts
+from .knobs import KNOBS, IntRange
 from .probe import Hardware
 from .settings import QUANTIZED_KV, Settings, coerce, ggml_type
 
-UBATCH_CHOICES = (64, 128, 256, 512, 1024)
 BATCH_FACTORS = (1, 2, 4)
 KV_CHOICES = ("f16", "q8_0", "q4_0")
 
@@ -124,15 +123,6 @@ def _nearest(value: Any, choices: tuple[Any, ...]) -> Any:
     return choices[0]
 
 
-def _extra_buffers_hold_weights(facts: ModelFacts, base: Settings, hw: Hardware) -> bool:
-    """Extra buffer types (AMX, CPU_REPACK) are a choice only where the engine would put weights in them;
-    they move both speed and memory. Without a memory model for the architecture, assume they might."""
-    try:
-        return memory.estimate(facts, base.replace(use_extra_bufts=True), hw).device(memory.HOST).repack > 0
-    except ModelError:
-        return True
-
-
 def parse_pins(items: list[str]) -> dict[str, Any]:
     """``--set name=value`` items into typed Settings values (SettingsError for unknown names or types)."""
     pins: dict[str, Any] = {}
@@ -166,24 +156,17 @@ def build_space(
     if "n_batch" not in pins:  # ... and a pinned micro-batch above the default batch brings that up
         base = base.replace(n_batch=max(base.n_batch, base.n_ubatch))
     base.check(hw.can_offload)
-    ints: dict[str, tuple[int, int]] = {
-        "n_threads": (1, hw.logical_cores),
-        "n_threads_batch": (1, hw.logical_cores),
-    }
-    params: dict[str, tuple[Any, ...]] = {
-        "n_ubatch": UBATCH_CHOICES,
-        "batch_factor": BATCH_FACTORS,
-        "attention": attention_choices(kv_types),
-        "use_mmap": (True, False),
-        "use_mlock": (False, True),
-    }
-    if facts.uses_swa:
-        params["swa_full"] = (True, False)
-    if _extra_buffers_hold_weights(facts, base, hw):
-        params["use_extra_bufts"] = (True, False)
-    if hw.offload_gpus:
-        ints["n_gpu_layers"] = (0, facts.n_layer + 1)
-        params["offload_kqv"] = (True, False)
+    ints: dict[str, tuple[int, int]] = {}
+    params: dict[str, tuple[Any, ...]] = {}
+    for knob in KNOBS:
+        domain = knob.domain(facts, hw, base) if knob.domain else None
+        if isinstance(domain, IntRange):
+            ints[knob.name] = (domain.low, domain.high)
+        elif domain is not None:
+            params[knob.name] = domain
+    # Joint encodings, so no trial is spent on what the engine would refuse or clamp.
+    params["batch_factor"] = BATCH_FACTORS
+    params["attention"] = attention_choices(kv_types)
     for name in pins:
         ints.pop(name, None)
         params.pop(name, None)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import ModelError
-from ..settings import Settings, default_threads
+from ..settings import Settings
 from . import faults, process
 from .base import (
     BufferReport,
@@ -103,9 +103,9 @@ def load_llama(model_path: str, settings: Settings, **kwargs: Any) -> Any:
 
 
 def defaults(n_ctx: int) -> Settings:
-    """What llama-cpp-python does when the user sets nothing but the context: the baseline to beat."""
-    threads, threads_batch = default_threads()
-    return Settings(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads_batch)
+    """What llama-cpp-python does when the user sets nothing but the context: the baseline to beat (the knob
+    table's defaults are its own)."""
+    return Settings(n_ctx=n_ctx)
 
 
 def context_params(settings: Settings) -> Any:

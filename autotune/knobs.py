@@ -1,0 +1,188 @@
+"""The knob table: every engine setting autotune knows, written down once.
+
+Each entry gives the setting's type and default (llama-cpp-python's own, except the context length), its
+``Llama(...)`` keyword, its spelling in llama-server, KoboldCpp, LM Studio and Ollama (None: that tool has
+none), and its label in plots. ``Settings`` is built from this table; ``export`` writes and reads flags
+from it; ``plots`` labels axes from it. Where a tool has no spelling for a setting that matters, the
+knob's ``missing`` sentence becomes a note in that export. Adding a knob is one entry here plus its
+engine wiring (``autotune.engine.bundled``) when ``Llama(...)`` has no keyword for it.
+
+What stays outside the table is joint, not per knob: the search space samples flash attention with the
+cache types, and ``n_batch`` as a multiple of ``n_ubatch`` (``space``); KoboldCpp's one ``--quantkv`` for
+both cache types and Ollama's server-wide cache settings (``export``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Union
+
+from gguf import GGMLQuantizationType
+
+if TYPE_CHECKING:
+    from .gguf_model import ModelFacts
+    from .probe import Hardware
+    from .settings import Settings
+
+
+def default_threads() -> tuple[int, int]:
+    """What llama-cpp-python picks when threads are left unset: half the logical CPUs, and all of them."""
+    cpus = os.cpu_count() or 1
+    return max(cpus // 2, 1), cpus
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line spelling. A value flag takes the setting (``-c 4096``); a switch (``when`` set) is
+    written alone when the setting has that value and means the other value when absent (``--no-mmap``)."""
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    when: Any = None
+    encode: Callable[[Any], str] = str
+    extra: tuple[str, ...] = ()  # written right after it (llama-server's ``--draft-min 0``)
+
+    @property
+    def switch(self) -> bool:
+        return self.when is not None
+
+    def render(self, value: Any) -> list[str]:
+        if self.switch:
+            return [self.name] if value == self.when else []
+        return [self.name, self.encode(value), *self.extra]
+
+
+@dataclass(frozen=True)
+class IntRange:
+    """An integer knob searched over low..high (Optuna ``suggest_int``)."""
+
+    low: int
+    high: int
+
+
+# Which values the search may try on this machine for this model (None: not searched here): a tuple of
+# choices (Optuna ``suggest_categorical``) or an IntRange. ``base`` holds the context and the pins.
+Domain = Callable[["ModelFacts", "Hardware", "Settings"], Union[tuple[Any, ...], IntRange, None]]
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str  # the Settings field
+    kind: str  # "bool", "int", "str" or "path" (a file, or None)
+    default: Any  # a value, or a function of nothing (the machine decides)
+    label: str  # axis and table label
+    llama: Callable[[Any], Any] | None = None  # the Llama(...) keyword's value (None: not a keyword)
+    server: Flag | None = None  # llama-server / llama-cli
+    kobold: Flag | None = None  # KoboldCpp
+    lmstudio: tuple[str, Callable[[Any], Any]] | None = None  # LM Studio config key path ("load.x"), value
+    ollama: tuple[str, Callable[[Any], Any]] | None = None  # Ollama Modelfile PARAMETER, value
+    domain: Domain | None = None  # searched values; None: never searched alone (see space for joint ones)
+    needs: str | None = None  # written only when this other setting is set (a draft model)
+    missing: str | None = None  # the note ({tool}, {value}) for a tool without a spelling, when not the default
+    plotted: bool = True  # a knob the speed-per-knob plot may vary
+
+    def default_value(self) -> Any:
+        return self.default() if callable(self.default) else self.default
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _on_off(value: bool) -> str:
+    return "on" if value else "off"
+
+
+def _ggml_type(name: str) -> int:
+    return int(GGMLQuantizationType[name.upper()])
+
+
+def _true_false(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _threads(facts: ModelFacts, hw: Hardware, base: Settings) -> IntRange:
+    return IntRange(1, hw.logical_cores)
+
+
+def _gpu_layers(facts: ModelFacts, hw: Hardware, base: Settings) -> IntRange | None:
+    return IntRange(0, facts.n_layer + 1) if hw.offload_gpus else None
+
+
+def _on_gpus(facts: ModelFacts, hw: Hardware, base: Settings) -> tuple[bool, ...] | None:
+    return (True, False) if hw.offload_gpus else None
+
+
+def _on_off_first(facts: ModelFacts, hw: Hardware, base: Settings) -> tuple[bool, ...]:
+    return (True, False)
+
+
+def _off_on_first(facts: ModelFacts, hw: Hardware, base: Settings) -> tuple[bool, ...]:
+    return (False, True)
+
+
+def _ubatches(facts: ModelFacts, hw: Hardware, base: Settings) -> tuple[int, ...]:
+    return (64, 128, 256, 512, 1024)
+
+
+def _sliding_window(facts: ModelFacts, hw: Hardware, base: Settings) -> tuple[bool, ...] | None:
+    return (True, False) if facts.uses_swa else None
+
+
+def _extra_buffers(facts: ModelFacts, hw: Hardware, base: Settings) -> tuple[bool, ...] | None:
+    """A choice only where the engine would put weights in an extra buffer (AMX, CPU_REPACK); it moves both
+    speed and memory. Without a memory model for the architecture, assume it might."""
+    from . import memory
+    from .errors import ModelError
+
+    try:
+        holds = memory.estimate(facts, base.replace(use_extra_bufts=True), hw).device(memory.HOST).repack > 0
+    except ModelError:
+        holds = True
+    return (True, False) if holds else None
+
+
+KNOBS: tuple[Knob, ...] = (
+    Knob("n_ctx", "int", 4096, "context length (n_ctx)", _same, Flag("-c", ("--ctx-size",)),
+         Flag("--contextsize"), ("load.contextLength", _same), ("num_ctx", str), plotted=False),
+    Knob("n_gpu_layers", "int", 0, "GPU layers (n_gpu_layers)", _same, Flag("-ngl", ("--n-gpu-layers",)),
+         Flag("--gpulayers"), ("load.gpu", lambda n: {"ratio": "max" if n > 0 else 0}), ("num_gpu", str),
+         domain=_gpu_layers),
+    Knob("n_threads", "int", lambda: default_threads()[0], "decode threads (n_threads)", _same,
+         Flag("-t", ("--threads",)), Flag("--threads"), ("load.cpuThreadPoolSize", _same), ("num_thread", str),
+         domain=_threads),
+    Knob("n_threads_batch", "int", lambda: default_threads()[1], "prompt threads (n_threads_batch)", _same,
+         Flag("-tb", ("--threads-batch",)), Flag("--blasthreads"), domain=_threads),
+    Knob("n_batch", "int", 512, "n_batch", _same, Flag("-b", ("--batch-size",)), Flag("--blasbatchsize"),
+         ("load.evalBatchSize", _same), ("num_batch", str)),
+    Knob("n_ubatch", "int", 512, "n_ubatch", _same, Flag("-ub", ("--ubatch-size",)), domain=_ubatches),
+    Knob("flash_attn", "bool", False, "flash attention", _same, Flag("-fa", ("--flash-attn",), encode=_on_off),
+         Flag("--flashattention", when=True), ("load.flashAttention", _same)),
+    Knob("type_k", "str", "f16", "K cache type", _ggml_type, Flag("-ctk", ("--cache-type-k",)),
+         lmstudio=("load.llamaKCacheQuantizationType", _same), plotted=False),
+    Knob("type_v", "str", "f16", "V cache type", _ggml_type, Flag("-ctv", ("--cache-type-v",)),
+         lmstudio=("load.llamaVCacheQuantizationType", _same), plotted=False),
+    Knob("swa_full", "bool", True, "full-size sliding-window cache", _same, Flag("--swa-full", when=True),
+         domain=_sliding_window),
+    Knob("offload_kqv", "bool", True, "KV cache on the GPU", _same,
+         Flag("--no-kv-offload", ("-nkvo",), when=False), lmstudio=("load.offloadKVCacheToGpu", _same),
+         domain=_on_gpus),
+    Knob("use_mmap", "bool", True, "mmap", _same, Flag("--no-mmap", when=False), Flag("--nommap", when=False),
+         ("load.tryMmap", _same), ("use_mmap", _true_false), domain=_on_off_first),
+    Knob("use_mlock", "bool", False, "mlock", _same, Flag("--mlock", when=True), Flag("--usemlock", when=True),
+         ("load.keepModelInMemory", _same), domain=_off_on_first),
+    Knob("use_extra_bufts", "bool", True, "extra buffer types (repack)", None,
+         Flag("--no-repack", ("-nr",), when=False), domain=_extra_buffers,
+         missing="{tool} has no setting for extra buffer types (llama.cpp --no-repack); the tuned settings turn "
+                 "them off (use_extra_bufts=False), so {tool} may run slower or faster, and where autotune's "
+                 "engine self-check saw a crash with them on, {tool}'s engine may crash too"),
+    Knob("draft_model", "path", None, "draft model", None, Flag("-md", ("--model-draft",)), Flag("--draftmodel"),
+         ("prediction.draftModel", _same), needs="draft_model", plotted=False,
+         missing="{tool} has no draft-model setting; the tuned draft was {value}"),
+    Knob("draft_max", "int", 0, "draft tokens per step", None, Flag("--draft-max", ("--draft",), extra=("--draft-min", "0")),
+         Flag("--draftamount"), needs="draft_model", plotted=False),
+    Knob("draft_gpu_layers", "int", 0, "draft GPU layers", None, Flag("-ngld", ("--gpu-layers-draft",)),
+         Flag("--draftgpulayers"), needs="draft_model", plotted=False),
+)
+BY_NAME = {k.name: k for k in KNOBS}
