@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
                         worst[k] = (abs(v), f"{facts.name} ctx {s.n_ctx} {s.type_k}/{s.type_v} "
                                             f"fa {s.flash_attn} ub {s.n_ubatch}")
             for s in settings[:: max(1, len(settings) // 10)]:
-                memory._compute.cache_clear()
+                memory.reserve.compute_buffers.cache_clear()
                 t0 = time.perf_counter()
                 memory.estimate(facts, s, hw)
                 timings.append(time.perf_counter() - t0)
@@ -91,9 +91,9 @@ def main(argv: list[str]) -> int:
                 e = memory.estimate(facts, Settings(n_threads=1, n_threads_batch=1, use_mmap=mmap), hw)
                 host = e.device(memory.HOST)
                 errors.append({
-                    "weights (real load)": memory._err(memory.as_logged(host.weights),
+                    "weights (real load)": memory.error_pct(memory.as_logged(host.weights),
                                                        real.get("CPU_Mapped" if mmap else "CPU", 0)),
-                    "repack (real load)": memory._err(memory.as_logged(host.repack), real.get("CPU_REPACK", 0)),
+                    "repack (real load)": memory.error_pct(memory.as_logged(host.repack), real.get("CPU_REPACK", 0)),
                 })
     summary = memory.summarize(errors)
     print(f"memory model vs engine ({len(errors)} comparisons; errors at the log's 0.01 MiB resolution)\n")

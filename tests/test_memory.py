@@ -109,11 +109,11 @@ def test_output_buffer_is_one_row_of_logits(smol):
 
 def test_repack_rules_follow_ggml_cpu(shapes):
     avx2 = frozenset({"AVX2", "REPACK"})
-    assert memory._repack_ok("Q4_0", (576, 1536), avx2)
-    assert not memory._repack_ok("Q4_0", (576, 1532), avx2)  # rows must be a multiple of 8
-    assert not memory._repack_ok("Q6_K", (576, 1536), avx2)  # Q6_K repacks on ARM only
-    assert memory._repack_ok("Q6_K", (576, 1536), frozenset({"NEON", "DOTPROD", "REPACK"}))
-    assert not memory._repack_ok("Q4_0", (576, 1536), frozenset({"AVX2"}))  # engine built without repack
+    assert memory.layout.repack_ok("Q4_0", (576, 1536), avx2)
+    assert not memory.layout.repack_ok("Q4_0", (576, 1532), avx2)  # rows must be a multiple of 8
+    assert not memory.layout.repack_ok("Q6_K", (576, 1536), avx2)  # Q6_K repacks on ARM only
+    assert memory.layout.repack_ok("Q6_K", (576, 1536), frozenset({"NEON", "DOTPROD", "REPACK"}))
+    assert not memory.layout.repack_ok("Q4_0", (576, 1536), frozenset({"AVX2"}))  # engine built without repack
     f = read_facts(shapes["q4_0"])
     e = memory.estimate(f, S(), host(features=("AVX2", "REPACK"))).device("host")
     matrices = sum(t.n_bytes for t in f.tensors if t.layer is not None and len(t.shape) == 2)
@@ -142,10 +142,10 @@ def test_amx_buffer_rules_fake_amx_cpu(shapes):
     """A Sapphire Rapids CPU described (not this machine's): AMX takes the Q4_0 matrices before CPU_REPACK,
     with its packed size; extra buffers off leaves every weight in the mapped file."""
     amx = ("AVX2", "AVX512_VNNI", "AMX_INT8", "REPACK")
-    assert memory._amx_bytes("Q8_0", (576, 1536), 576 // 32 * 34 * 1536, frozenset(amx)) == 1536 * 18 * (34 + 4)
-    assert memory._amx_bytes("Q4_K", (576, 1536), 0, frozenset(amx)) == 0  # rows must hold whole 256-blocks
-    assert memory._amx_bytes("Q4_0", (576, 1530), 0, frozenset(amx)) == 0  # outputs must be a multiple of 32
-    assert memory._amx_bytes("Q4_0", (576, 1536), 0, frozenset(("AVX2", "REPACK"))) == 0
+    assert memory.layout.amx_bytes("Q8_0", (576, 1536), 576 // 32 * 34 * 1536, frozenset(amx)) == 1536 * 18 * (34 + 4)
+    assert memory.layout.amx_bytes("Q4_K", (576, 1536), 0, frozenset(amx)) == 0  # rows must hold whole 256-blocks
+    assert memory.layout.amx_bytes("Q4_0", (576, 1530), 0, frozenset(amx)) == 0  # outputs must be a multiple of 32
+    assert memory.layout.amx_bytes("Q4_0", (576, 1536), 0, frozenset(("AVX2", "REPACK"))) == 0
     f = read_facts(shapes["q4_0"])
     on = memory.estimate(f, S(), host(features=amx)).device("host")
     matrices = sum(t.n_bytes for t in f.tensors if t.layer is not None and len(t.shape) == 2)
@@ -186,7 +186,7 @@ def test_one_estimate_takes_at_most_50_ms(shapes):
     f = read_facts(shapes["70b"])
     times = []
     for n in (4096, 8192, 16384, 32768, 65536):
-        memory._compute.cache_clear()
+        memory.reserve.compute_buffers.cache_clear()
         t0 = time.perf_counter()
         memory.estimate(f, S(n_ctx=n, flash_attn=True, type_k="q8_0", type_v="q8_0"), host())
         times.append(time.perf_counter() - t0)

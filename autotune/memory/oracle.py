@@ -1,0 +1,96 @@
+"""The engine's own figures as the oracle: a prediction beside the engine's no-allocation dry run."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Iterable, Sequence
+
+from ..errors import ModelError
+from ..gguf_model import ModelFacts
+from ..probe import Hardware
+from ..settings import Settings
+from .estimate import check_supported, estimate, validate
+from .layout import MIB
+
+COMPONENTS = ("weights", "kv", "compute", "output", "total")
+
+
+def error_pct(pred: int, real: int) -> float:
+    if real == 0:
+        return 0.0 if pred == 0 else float("inf")
+    return (pred - real) / real * 100
+
+
+def as_logged(n: int) -> int:
+    """``n`` at the resolution of the engine's log (MiB with two decimals), for a like-for-like error."""
+    return round(round(n / MIB, 2) * MIB)
+
+
+def verify(facts: ModelFacts, settings_list: Sequence[Settings], hw: Hardware | None = None) -> list[dict[str, Any]]:
+    """Prediction against the engine's no-allocation dry run for each settings (one engine load per
+    n_gpu_layers and use_extra_bufts). Totals compare what the dry run can see: weights (llama_model_size), KV, compute and
+    output; the repack buffer and the fixed overhead are left out of both sides. ``hw`` must describe
+    the machine the engine runs on (default: probe it). For an unsupported architecture the rows carry
+    the engine's figures only."""
+    from .. import engine
+    from ..probe import probe
+
+    try:
+        check_supported(facts)
+        supported = True
+    except ModelError:
+        supported = False
+    hw = hw or probe(measure_bandwidth=False)
+    rows: list[dict[str, Any]] = []
+    groups: dict[tuple[int, bool], list[Settings]] = {}
+    for s in settings_list:
+        groups.setdefault((s.n_gpu_layers, s.use_extra_bufts), []).append(s)
+    for group in groups.values():
+        for s, report in zip(group, engine.dry_run(facts.path, [validate(s) for s in group])):
+            row: dict[str, Any] = {"settings": s, "estimate": None, "predicted": None, "engine": None,
+                                   "error_pct": None, "error": None}
+            rows.append(row)
+            if isinstance(report, str):
+                row["error"] = report
+                continue
+            real = {
+                "weights": report.weights_total,
+                "kv": report.kv_k + report.kv_v,
+                "compute": sum(report.compute.values()),
+                "output": sum(report.output.values()),
+            }
+            real["total"] = sum(real.values())
+            row["engine"] = real
+            if not supported:
+                row["error"] = f"unsupported architecture {facts.architecture!r}: no prediction"
+                continue
+            e = estimate(facts, s, hw)
+            # llama_model_size counts every weight once, whatever buffer holds it: compare the layout with no
+            # extra (AMX / CPU_REPACK) buffers, where every weight sits in a plain or mapped buffer.
+            plain = estimate(facts, s.replace(use_extra_bufts=False), hw)
+            pred = {
+                "weights": sum(d.weights for d in plain.devices),
+                "kv": e.kv_k + e.kv_v,
+                "compute": sum(d.compute for d in e.devices),
+                "output": sum(d.output for d in e.devices),
+            }
+            pred["total"] = sum(pred.values())
+            seen = {
+                "weights": pred["weights"],
+                "kv": sum(as_logged(c.k) + as_logged(c.v) for c in e.kv_caches),
+                "compute": sum(as_logged(d.compute) for d in e.devices if d.compute),
+                "output": as_logged(pred["output"]),
+            }
+            seen["total"] = sum(seen.values())
+            row.update(estimate=e, predicted=pred, error_pct={k: error_pct(seen[k], real[k]) for k in COMPONENTS})
+    return rows
+
+
+def summarize(errors: Iterable[dict[str, float | None]]) -> dict[str, dict[str, float]]:
+    """Max and median absolute error (%) per component over verify rows' ``error_pct``."""
+    by: dict[str, list[float]] = {}
+    for e in errors:
+        for k, v in e.items():
+            if v is not None:
+                by.setdefault(k, []).append(abs(v))
+    return {k: {"max": max(v), "median": statistics.median(v), "n": len(v)} for k, v in by.items()}
