@@ -428,14 +428,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if source.endswith(".json") or os.path.isfile(source):
         config = export.load_config(source)
     else:
-        storage = study.open_storage(args.storage)
-        import optuna
-
-        try:
-            st = optuna.load_study(study_name=source, storage=storage)
-        except KeyError:
-            names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-            raise ConfigError(f"no study named {source!r}; stored studies: {', '.join(names) or 'none'}") from None
+        st = study.load_existing(source, args.storage or study.default_url())
         if "recommendation" not in st.user_attrs:
             raise ConfigError(f"study {source} has no recommendation yet: run autotune search to finish it")
         config = st.user_attrs["recommendation"]

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from . import engine, export, plots, recommend, study
 from .engine import Workload
-from .errors import AutotuneError, ConfigError, StudyError
+from .errors import AutotuneError, ConfigError
 from .gguf_model import ModelFacts, read_facts
 from .probe import Hardware
 from .settings import Settings
@@ -50,32 +50,19 @@ class Source:
         return Hardware.from_dict(data) if data else None
 
 
-def _existing_study(name: str, url: str) -> optuna.Study:
-    """Load study ``name``; a SQLite file that is not there is an error here, not a new empty database."""
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-        raise StudyError(f"no study database at {url[len('sqlite:///'):]} (pass --storage, or run the "
-                         "report where autotune search ran)")
-    storage = study.open_storage(url)
-    try:
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        names = optuna.get_all_study_names(storage)
-        raise ConfigError(f"no study named {name!r} in {url}; stored studies: {', '.join(names) or 'none'}") from None
-
-
 def load(source: str, storage: str | None = None) -> Source:
     """A tuned-config JSON path (its study is loaded too where reachable) or a study name in ``storage``."""
-    default = f"sqlite:///{study.DEFAULT_STORAGE_DIR / 'autotune.db'}"
+    default = study.default_url()
     if source.endswith(".json") or Path(source).is_file():
         config = export.load_config(source)
         ref = config.get("study") or {}
         if not ref.get("name"):
             return Source(config, None, ["the config names no study: knob and study plots left out"])
         try:
-            return Source(config, _existing_study(ref["name"], storage or ref.get("storage") or default))
+            return Source(config, study.load_existing(ref["name"], storage or ref.get("storage") or default))
         except AutotuneError as e:
             return Source(config, None, [f"study {ref['name']} not reachable ({e}): knob and study plots left out"])
-    st = _existing_study(source, storage or default)
+    st = study.load_existing(source, storage or default)
     recommended = st.user_attrs.get("recommendation")
     notes = [] if recommended else ["the study has no recommendation yet (finish it with autotune search): "
                                     "the tuned config and the recommended-vs-defaults plot are left out"]

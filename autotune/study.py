@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 
 from . import engine, memory
 from .engine import Measurement, Workload
-from .errors import ModelError, StudyError
+from .errors import ConfigError, ModelError, StudyError
 from .gguf_model import ModelFacts, file_sha256
 from .probe import Hardware
 from .settings import Settings, row_bytes
@@ -107,6 +107,11 @@ class StudyRequest:
         return "-".join(parts)
 
 
+def default_url() -> str:
+    """Where studies are stored unless told otherwise (read only: ``storage_url`` checks it is writable)."""
+    return f"sqlite:///{DEFAULT_STORAGE_DIR / 'autotune.db'}"
+
+
 def storage_url(storage: str | None) -> str:
     """The Optuna storage URL; by default SQLite in ./studies, which must be writable."""
     if storage:
@@ -118,7 +123,7 @@ def storage_url(storage: str | None) -> str:
         probe_file.unlink()
     except OSError as e:
         raise StudyError(f"cannot write study databases to {DEFAULT_STORAGE_DIR.resolve()}: {e.strerror}") from None
-    return f"sqlite:///{DEFAULT_STORAGE_DIR / 'autotune.db'}"
+    return default_url()
 
 
 # Every table of Optuna's schema. A file holding only some of them is a schema another tuner is creating at this
@@ -168,6 +173,20 @@ def _schema_race(e: Exception) -> bool:
     opening again succeeds."""
     return isinstance(e, sqlalchemy.exc.IntegrityError) or (
         isinstance(e, sqlalchemy.exc.DatabaseError) and "already exists" in str(e))
+
+
+def load_existing(name: str, url: str) -> optuna.Study:
+    """Load study ``name`` to read it (report, export); a SQLite file that is not there is an error here, not
+    a new empty database."""
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        raise StudyError(f"no study database at {url[len('sqlite:///'):]} (pass --storage, or run this "
+                         "where autotune search ran)")
+    storage = open_storage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = optuna.get_all_study_names(storage)
+        raise ConfigError(f"no study named {name!r} in {url}; stored studies: {', '.join(names) or 'none'}") from None
 
 
 def open_study(req: StudyRequest) -> optuna.Study:
