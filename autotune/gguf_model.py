@@ -6,6 +6,7 @@ because the memory model places whole tensors on devices.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import pickle
@@ -157,8 +158,13 @@ def read_facts(path: str | os.PathLike[str]) -> ModelFacts:
     Facts of a file already read (same path, size and mtime) come from a small on-disk cache.
     """
     p = Path(path)
-    facts = _cached(p, "facts", lambda: _read_facts(p))
+    facts = _cached(p, _FACTS_KIND, lambda: _read_facts(p))
     return facts if isinstance(facts, ModelFacts) and facts.path == str(p) else _read_facts(p)
+
+
+# The facts' own shape is part of their cache key: a field added or changed makes older pickles misses.
+_FACTS_KIND = "facts:" + hashlib.sha256(
+    repr([(f.name, str(f.type)) for f in dataclasses.fields(ModelFacts)]).encode()).hexdigest()[:8]
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -65,9 +65,8 @@ class Verdict:
 
 
 def cache_path() -> Path:
-    """Where verdicts are remembered: ``AUTOTUNE_HEALTH_CACHE``, else beside the model cache."""
-    override = os.environ.get("AUTOTUNE_HEALTH_CACHE")
-    return Path(override) if override else catalog.cache_dir() / "engine-health.json"
+    """Where verdicts are remembered: beside the model cache."""
+    return catalog.cache_dir() / "engine-health.json"
 
 
 def _key(model_path: str, start: Settings, hw: Hardware, pinned: frozenset[str]) -> str:

@@ -174,9 +174,9 @@ KNOBS: tuple[Knob, ...] = (
          ("load.keepModelInMemory", _same), domain=_off_on_first),
     Knob("use_extra_bufts", "bool", True, "extra buffer types (repack)", None,
          Flag("--no-repack", ("-nr",), when=False), domain=_extra_buffers,
-         missing="{tool} has no setting for extra buffer types (llama.cpp --no-repack); the tuned settings turn "
-                 "them off (use_extra_bufts=False), so {tool} may run slower or faster, and where autotune's "
-                 "engine self-check saw a crash with them on, {tool}'s engine may crash too"),
+         missing="{tool} has no setting we know of for extra buffer types (llama.cpp --no-repack); the tuned "
+                 "settings turn them off (use_extra_bufts=False), so {tool} may run slower or faster, and where "
+                 "autotune's engine self-check saw a crash with them on, {tool}'s engine may crash too"),
     Knob("draft_model", "path", None, "draft model", None, Flag("-md", ("--model-draft",)), Flag("--draftmodel"),
          ("prediction.draftModel", _same), needs="draft_model", plotted=False,
          missing="{tool} has no draft-model setting; the tuned draft was {value}"),

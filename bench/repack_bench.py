@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from autotune import catalog, engine, health, recommend
@@ -38,9 +36,8 @@ def measure(name: str, rounds: int, threads: int) -> dict:
     arms = [Candidate("on", base), Candidate("off", base.replace(use_extra_bufts=False))]
     recommend.measure_rounds(path, arms, WORK, rounds)
     hw = probe(measure_bandwidth=False)
-    with tempfile.TemporaryDirectory() as d:  # a fresh verdict: the check's own cost
-        os.environ["AUTOTUNE_HEALTH_CACHE"] = str(Path(d) / "h.json")
-        verdict = health.check(path, base, hw)
+    health.forget(path, base, hw)  # a fresh verdict: the check's own cost
+    verdict = health.check(path, base, hw)
     out = {"model": name, "self_check_s": verdict.seconds, "self_check_pins": verdict.pins}
     for arm in arms:
         out[arm.label] = {

@@ -14,14 +14,18 @@ from autotune import catalog, synth
 
 
 @pytest.fixture(scope="session", autouse=True)
-def health_verdicts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Engine self-check verdicts of this test run go to a file of its own (child processes inherit it), so
-    tests neither read the user's remembered verdicts nor leave theirs behind."""
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test run's own autotune cache (child processes inherit it): fact pickles and engine self-check
+    verdicts land there, so tests neither read the user's nor leave theirs behind. Catalog models are read
+    from (and, the first time, fetched into) the user's cache, shared through a link."""
     import os
 
-    path = tmp_path_factory.mktemp("health") / "engine-health.json"
-    os.environ["AUTOTUNE_HEALTH_CACHE"] = str(path)
-    return path
+    models = catalog.cache_dir() / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    cache = tmp_path_factory.mktemp("cache")
+    (cache / "models").symlink_to(models, target_is_directory=True)
+    os.environ["AUTOTUNE_CACHE"] = str(cache)
+    return cache
 
 
 @pytest.fixture(scope="session")

@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from conftest import run_python
 from gguf import GGUFValueType, GGUFWriter
 
 from autotune import catalog, cli, draft, engine, export, synth
+from autotune.engine import Measurement, Workload
 from autotune.gguf_model import FastReader, ModelFacts, read_facts
 from autotune.probe import GPU, Hardware
-from autotune.engine import Measurement, Workload
 from autotune.settings import Settings
-from conftest import run_python
 
 GIB = 2**30
 ONE_THREAD = Settings(n_ctx=512, n_threads=1, n_threads_batch=1, n_batch=64, n_ubatch=64)

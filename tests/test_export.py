@@ -4,12 +4,11 @@ import json
 import shlex
 
 import pytest
+from conftest import run_python
 
 from autotune import export
 from autotune.errors import ConfigError
 from autotune.settings import Settings
-
-from conftest import run_python
 
 TUNED = Settings(n_ctx=8192, n_gpu_layers=0, n_threads=2, n_threads_batch=2, n_batch=1024, n_ubatch=256,
                  flash_attn=True, type_k="q8_0", type_v="q8_0", swa_full=False, use_mmap=False, use_mlock=True)
@@ -126,6 +125,6 @@ def test_no_repack_reaches_every_format():
     c = config(TUNED.replace(use_extra_bufts=False))
     assert export.render(c, "llama-server").endswith("--no-repack")
     for fmt in ("koboldcpp", "ollama", "lmstudio"):
-        assert "has no setting for extra buffer types" in export.render(c, fmt), fmt
+        assert "has no setting we know of for extra buffer types" in export.render(c, fmt), fmt
     assert "--no-repack" not in export.render(config(), "llama-server")
     assert export.parse_server_flags(["llama-server", "-m", "m.gguf", "-nr"])[1].use_extra_bufts is False

@@ -10,8 +10,8 @@ import json
 import pytest
 
 from autotune import engine, health
-from autotune.probe import probe
 from autotune.engine import Workload
+from autotune.probe import probe
 from autotune.settings import Settings
 
 ONE = Settings(n_ctx=256, n_threads=1, n_threads_batch=1)
@@ -53,8 +53,7 @@ def test_crash_context_names_stage_phase_buffers_and_error():
         "exit code 3: llama_model_load: error loading model: bad"
 
 
-def test_self_check_with_fake_amx_crash_pins_extra_buffers_off_once(tiny_model, hw, fake_amx_crash,
-                                                                      health_verdicts):
+def test_self_check_with_fake_amx_crash_pins_extra_buffers_off_once(tiny_model, hw, fake_amx_crash):
     verdict = health.check(str(tiny_model), ONE, hw)
     assert not verdict.ok and verdict.pins == {"use_extra_bufts": False} and not verdict.cached
     assert "crashed with SIGSEGV" in verdict.crash and "during a batch of" in verdict.crash
@@ -62,7 +61,7 @@ def test_self_check_with_fake_amx_crash_pins_extra_buffers_off_once(tiny_model, 
     assert verdict.seconds > 0
     again = health.check(str(tiny_model), ONE.replace(n_ctx=4096), hw)  # the context does not choose kernels
     assert again.cached and again.pins == verdict.pins and "remembered" in again.line()
-    assert any(json.loads(health_verdicts.read_text()).values())
+    assert any(json.loads(health.cache_path().read_text()).values())
 
 
 def test_self_check_without_fault_pins_nothing(tiny_model, hw):

@@ -16,9 +16,9 @@ from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from autotune import export, memory, plots, report
+from autotune.engine import Measurement
 from autotune.gguf_model import read_facts
 from autotune.probe import GPU, Hardware
-from autotune.engine import Measurement
 from autotune.settings import Settings
 
 GIB = 2**30

@@ -14,9 +14,9 @@ import optuna
 from optuna.trial import TrialState
 
 from autotune import space, study
+from autotune.engine import Workload
 from autotune.gguf_model import read_facts
 from autotune.probe import probe
-from autotune.engine import Workload
 
 FAST = ["--ctx", "256", "--prompt-tokens", "16", "--gen-tokens", "4", "--reps", "1", "--kv-quality", "off"]
 

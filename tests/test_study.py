@@ -15,10 +15,10 @@ from optuna.storages._rdb import models as optuna_models
 from optuna.trial import TrialState
 
 from autotune import engine, recommend, space, study
+from autotune.engine import Workload
 from autotune.errors import StudyError
 from autotune.gguf_model import read_facts
 from autotune.probe import probe
-from autotune.engine import Workload
 
 WORK = Workload(prompt_tokens=32, gen_tokens=8, reps=2)
 
@@ -121,54 +121,42 @@ def test_a_schema_another_tuner_is_creating_is_not_taken_for_a_foreign_database(
     assert {"studies", "trials", "version_info"} <= tables
 
 
-def _open_after(barrier, url: str, results) -> None:
+def _call_after(barrier, fn, arg, results) -> None:
     barrier.wait()
     try:
-        study.open_storage(url)
-        results.put("ok")
-    except StudyError as e:
-        results.put(str(e))
-
-
-def test_tuners_started_together_on_a_fresh_storage_all_open_it(tmp_path):
-    """Optuna creates the schema on first open; 4 openers released at once collide on it (about half of them
-    failed before open_storage retried the collision). 5 fresh databases, 4 processes each, all must open."""
-    ctx = multiprocessing.get_context("fork")
-    for i in range(5):
-        url = f"sqlite:///{tmp_path / f's{i}.db'}"
-        barrier, results = ctx.Barrier(4), ctx.Queue()
-        procs = [ctx.Process(target=_open_after, args=(barrier, url, results)) for _ in range(4)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(60)
-        assert [results.get(timeout=5) for _ in procs] == ["ok"] * 4
-
-
-def _open_study_after(barrier, req, results) -> None:
-    barrier.wait()
-    try:
-        study.open_study(req)
+        fn(arg)
         results.put("ok")
     except Exception as e:
         results.put(f"{type(e).__name__}: {e}")
 
 
+def released_together(fn, arg, n: int = 4) -> list[str]:
+    """Call ``fn(arg)`` in ``n`` processes released at the same moment; each one's "ok" or error."""
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_call_after, args=(barrier, fn, arg, results)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    return [results.get(timeout=5) for _ in procs]
+
+
+def test_tuners_started_together_on_a_fresh_storage_all_open_it(tmp_path):
+    """Optuna creates the schema on first open; 4 openers released at once collide on it (about half of them
+    failed before open_storage retried the collision). 5 fresh databases, 4 processes each, all must open."""
+    for i in range(5):
+        assert released_together(study.open_storage, f"sqlite:///{tmp_path / f's{i}.db'}") == ["ok"] * 4
+
+
 def test_tuners_opening_one_new_study_together_seed_the_baselines_once(tiny_model, hw, tmp_path):
     """4 tuners released at once on a new study (its storage created first): exactly one creates it and
     enqueues the baselines; the others load it. 5 studies."""
-    ctx = multiprocessing.get_context("fork")
     for i in range(5):
         url = f"sqlite:///{tmp_path / f's{i}.db'}"
         study.open_storage(url)
         req = make_request(tiny_model, hw, url)
-        barrier, results = ctx.Barrier(4), ctx.Queue()
-        procs = [ctx.Process(target=_open_study_after, args=(barrier, req, results)) for _ in range(4)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(60)
-        assert [results.get(timeout=5) for _ in procs] == ["ok"] * 4
+        assert released_together(study.open_study, req) == ["ok"] * 4
         roles = [t.user_attrs.get("role") for t in study.open_study(req).trials]
         assert roles == ["defaults", "sensible"]
 
