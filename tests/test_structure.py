@@ -86,3 +86,9 @@ def test_no_import_cycles_between_modules():
         if name not in state:
             visit(name, [name])
     assert cycles == []
+
+
+def test_the_bundled_engine_implements_the_engine_protocol():
+    from autotune.engine import Engine, bundled
+
+    assert isinstance(bundled, Engine)

@@ -13,7 +13,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from ..settings import Settings
 
@@ -211,6 +211,7 @@ def crash_context(stderr: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+@runtime_checkable
 class Engine(Protocol):
     """What autotune needs from an engine. ``autotune.engine.bundled`` (llama-cpp-python) is the first; every
     call that creates a model or a context runs in a child process."""
