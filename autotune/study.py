@@ -201,7 +201,7 @@ def open_study(req: StudyRequest) -> optuna.Study:
                                     directions=directions(req.objective, req.pareto))
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=req.name(), storage=storage, sampler=sampler)
-        fail_orphans(study)
+        fail_orphans(study, storage)
         return study
     except ValueError as e:
         raise StudyError(f"study {req.name()}: {e}") from None
@@ -220,18 +220,19 @@ def open_study(req: StudyRequest) -> optuna.Study:
     return study
 
 
-def fail_orphans(study: optuna.Study) -> list[int]:
-    """Mark as failed the trials left RUNNING by a tuner process that no longer exists (kill -9, power loss).
-
-    Trials of a live process (another ``autotune search`` on the same study) are left alone.
-    """
+def fail_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[int]:
+    """Mark as failed the trials left RUNNING by a tuner process of this host that no longer exists (kill -9,
+    power loss), through the storage's public API. Trials of a live process (another ``autotune search`` on
+    the same study) are left alone; workers on other hosts are the business of heartbeats."""
     host = socket.gethostname()
+    study_id = storage.get_study_id_from_name(study.study_name)
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid, owner = t.user_attrs.get("pid"), t.user_attrs.get("host")
         if owner == host and pid is not None and not _alive(int(pid)):
-            study._storage.set_trial_user_attr(t._trial_id, "reason", f"tuner process {pid} died mid-trial")
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            storage.set_trial_user_attr(trial_id, "reason", f"tuner process {pid} died mid-trial")
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
             failed.append(t.number)
     return failed
 

@@ -93,7 +93,7 @@ def test_trial_left_running_by_a_dead_tuner_is_marked_failed(tiny_model, hw, tmp
     live = st.ask()
     live.set_user_attr("pid", __import__("os").getpid())
     live.set_user_attr("host", __import__("socket").gethostname())
-    assert study.fail_orphans(st) == [t.number]
+    assert study.fail_orphans(st, study.open_storage(req.storage)) == [t.number]
     assert st.trials[t.number].state == TrialState.FAIL and "died" in st.trials[t.number].user_attrs["reason"]
     assert st.trials[live.number].state == TrialState.RUNNING
 
