@@ -137,14 +137,15 @@ def check(model_path: str, settings: Settings, hw: Hardware, pinned: frozenset[s
         crash = crash if crash.startswith(("crashed", "aborted", "killed")) else f"failed: {crash}"
         verdict = None
         for pins, switch, cost in SWITCHES:
-            if pinned & set(pins) or all(getattr(start, k) == v for k, v in pins.items()):
+            overrides_a_pin = any(k in pinned and getattr(start, k) != v for k, v in pins.items())
+            if overrides_a_pin or all(getattr(start, k) == v for k, v in pins.items()):
                 continue
             if engine.measure(model_path, start.replace(**pins), CHECK, timeout=timeout).ok:
                 verdict = Verdict(False, dict(pins), crash, switch, cost, time.perf_counter() - t0)
                 break
         if verdict is None:
-            raise EngineCrash(f"the engine {crash}, and no runtime switch avoids it "
-                              f"(tried: {'; '.join(s for _, s, _ in SWITCHES)}); see the README's troubleshooting "
-                              "section for rebuilds that do")
+            raise EngineCrash(f"the engine {crash}, and no runtime switch avoids it (known: "
+                              f"{'; '.join(s for _, s, _ in SWITCHES)}; a switch that would override a --set pin is "
+                              "not tried); see the README's troubleshooting section for rebuilds that do")
     _remember(key, verdict)
     return verdict

@@ -80,3 +80,9 @@ def test_doctor_reports_the_verdict_fake_amx_crash(tiny_model, capsys, fake_amx_
     assert cli.main(["doctor", str(tiny_model), "--json", "--recheck"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["pins"] == {"use_extra_bufts": False} and not out["cached"]
+
+
+def test_extra_buffers_pinned_off_by_the_user_pass_the_check_fake_amx_crash(tiny_model, hw, fake_amx_crash):
+    """Extra buffers pinned off already: the injected crash never happens, and nothing is pinned."""
+    verdict = health.check(str(tiny_model), ONE.replace(use_extra_bufts=False), hw, pinned=frozenset({"use_extra_bufts"}))
+    assert verdict.ok and verdict.pins == {}
