@@ -36,7 +36,12 @@ from .space import SearchSpace, kv_pairs, parse_attention
 OBJECTIVES = ("decode", "prefill", "ttft", "balanced")
 DEFAULT_STORAGE_DIR = Path("studies")
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+# Optuna would log every failed trial as a warning; the reasons are recorded and shown by autotune itself.
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+# A running trial's tuner records a heartbeat this often; one silent for GRACE_S seconds is dead and its
+# trial is failed (Optuna's heartbeat: works for tuners on other machines sharing the storage, too).
+HEARTBEAT_S = 10
+GRACE_S = 60
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
@@ -156,7 +161,7 @@ def open_storage(storage: str | None) -> optuna.storages.BaseStorage:
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # wait on another tuner's write lock
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(url, **kwargs)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **kwargs)
         except Exception as e:  # sqlalchemy / alembic errors: corrupt or foreign databases, or a schema race
             error = e
             if not _schema_race(e):
@@ -223,7 +228,8 @@ def open_study(req: StudyRequest) -> optuna.Study:
 def fail_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[int]:
     """Mark as failed the trials left RUNNING by a tuner process of this host that no longer exists (kill -9,
     power loss), through the storage's public API. Trials of a live process (another ``autotune search`` on
-    the same study) are left alone; workers on other hosts are the business of heartbeats."""
+    the same study) are left alone. Tuners on other machines are caught by their stopped heartbeat (``GRACE_S``);
+    on this one a dead pid says it at once."""
     host = socket.gethostname()
     study_id = storage.get_study_id_from_name(study.study_name)
     failed = []
@@ -300,6 +306,10 @@ class Progress:
     best: float | None = None
 
 
+class TrialFailed(Exception):
+    """An engine run that failed: the trial is recorded as failed, with its reason, and the study goes on."""
+
+
 def run_trials(
     study: optuna.Study,
     req: StudyRequest,
@@ -308,38 +318,50 @@ def run_trials(
     trial_timeout: float = 300.0,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> Progress:
-    """Ask, gate, measure and tell ``n_trials`` trials (fewer when ``timeout`` seconds pass first).
+    """Gate, measure and record ``n_trials`` trials (fewer when ``timeout`` seconds pass first), through
+    Optuna's ``optimize``: each running trial's heartbeat is recorded, and trials of tuners whose heartbeat
+    stopped are failed before each new trial.
 
     A KeyboardInterrupt stops the engine run in progress, records that trial as failed (interrupted)
     and propagates, leaving the study consistent.
     """
     progress = Progress(total=n_trials)
-    started = time.monotonic()
-    while progress.done < n_trials and (timeout is None or time.monotonic() - started < timeout):
-        trial = study.ask()
-        trial.set_user_attr("pid", os.getpid())
-        trial.set_user_attr("host", socket.gethostname())
+
+    def objective(trial: optuna.Trial) -> float | list[float]:
+        pid, host = os.getpid(), socket.gethostname()
+        trial.set_user_attr("pid", pid)
+        trial.set_user_attr("host", host)
+        # What the trial says if this tuner dies now and the trial is failed by heartbeat (a finished trial
+        # can no longer be written to); every way this function ends replaces it.
+        trial.set_user_attr("reason", f"tuner process {pid} on {host} died mid-trial (no heartbeat for {GRACE_S} s)")
         try:
-            s = req.space.suggest(trial)
-            state, values = _evaluate(trial, s, req, trial_timeout)
+            state, values = _evaluate(trial, req.space.suggest(trial), req, trial_timeout)
         except KeyboardInterrupt:
             trial.set_user_attr("reason", "interrupted by the user")
-            study.tell(trial, state=TrialState.FAIL)
             raise
-        study.tell(trial, values, state=state)
+        if state == TrialState.PRUNED:
+            raise optuna.TrialPruned(trial.user_attrs["reason"])
+        if state == TrialState.FAIL or values is None:
+            raise TrialFailed(trial.user_attrs["reason"])
+        trial.set_user_attr("reason", "")
+        return values if len(values) > 1 else values[0]
+
+    def told(st: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
         progress.done += 1
-        if state == TrialState.COMPLETE:
+        if t.state == TrialState.COMPLETE:
             progress.complete += 1
-            progress.last = f"#{trial.number}: " + ", ".join(f"{v:.1f}" for v in values or [])
-        elif state == TrialState.PRUNED:
+            progress.last = f"#{t.number}: " + ", ".join(f"{v:.1f}" for v in t.values or [])
+        elif t.state == TrialState.PRUNED:
             progress.pruned += 1
-            progress.last = f"#{trial.number} pruned: {trial.user_attrs.get('reason', '')}"
+            progress.last = f"#{t.number} pruned: {t.user_attrs.get('reason', '')}"
         else:
             progress.failed += 1
-            progress.last = f"#{trial.number} failed: {trial.user_attrs.get('reason', '')}"
-        progress.best = best_value(study)
+            progress.last = f"#{t.number} failed: {t.user_attrs.get('reason', '')}"
+        progress.best = best_value(st)
         if on_progress:
             on_progress(progress)
+
+    study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(TrialFailed,), callbacks=[told])
     return progress
 
 

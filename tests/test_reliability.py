@@ -142,3 +142,28 @@ def _engine_children_alive() -> bool:
         except OSError:
             pass
     return False
+
+
+def test_a_tuner_killed_mid_trial_is_failed_by_its_stopped_heartbeat(tiny_model, tmp_path):
+    """What a tuner on another machine gets (no pid to check there): the dead tuner's trial stops sending
+    heartbeats, and Optuna's stale-trial check fails it with the reason the trial carried."""
+    db = tmp_path / "s.db"
+    proc = search(tiny_model, db, "--trials", "200", env={"AUTOTUNE_FAULT": "hang", "AUTOTUNE_FAULT_EVERY": "3"})
+    try:
+        wait_for(lambda: count(db, TrialState.COMPLETE) >= 2 and count(db, TrialState.RUNNING) == 1)
+    finally:
+        proc.kill()
+        proc.communicate()
+    # a checker with a one-second grace period, as if the dead tuner had gone quiet long ago
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}", heartbeat_interval=1, grace_period=1)
+    (name,) = optuna.get_all_study_names(storage)
+    st = optuna.load_study(study_name=name, storage=storage)
+    (orphan,) = st.get_trials(states=(TrialState.RUNNING,))
+
+    def failed_by_heartbeat() -> bool:
+        optuna.storages.fail_stale_trials(st)
+        return st.trials[orphan.number].state == TrialState.FAIL
+
+    wait_for(failed_by_heartbeat, timeout=30)
+    assert "died mid-trial (no heartbeat" in st.trials[orphan.number].user_attrs["reason"]
+    assert all(t.user_attrs["reason"] == "" for t in st.get_trials(states=(TrialState.COMPLETE,)))
