@@ -91,14 +91,19 @@ def test_ctrl_c_stops_the_trial_and_leaves_the_study_consistent(tiny_model, tmp_
     assert not _engine_children_alive()
 
 
-def test_kill_9_then_resume_keeps_every_finished_trial(tiny_model, tmp_path):
-    db = tmp_path / "s.db"
-    proc = search(tiny_model, db, "--trials", "200", env={"AUTOTUNE_FAULT": "hang", "AUTOTUNE_FAULT_EVERY": "3"})
+def kill_9_mid_trial(model: Path, db: Path) -> None:
+    """A tuner killed with SIGKILL while a trial runs (its engine hangs), after two finished trials."""
+    proc = search(model, db, "--trials", "200", env={"AUTOTUNE_FAULT": "hang", "AUTOTUNE_FAULT_EVERY": "3"})
     try:
         wait_for(lambda: count(db, TrialState.COMPLETE) >= 2 and count(db, TrialState.RUNNING) == 1)
     finally:
         proc.kill()
         proc.communicate()
+
+
+def test_kill_9_then_resume_keeps_every_finished_trial(tiny_model, tmp_path):
+    db = tmp_path / "s.db"
+    kill_9_mid_trial(tiny_model, db)
     wait_for(lambda: not _engine_children_alive(), timeout=10)  # the hung engine child follows its tuner
     before = load(db)
     finished = {t.number: t.values for t in before.get_trials(states=(TrialState.COMPLETE,))}
@@ -148,12 +153,7 @@ def test_a_tuner_killed_mid_trial_is_failed_by_its_stopped_heartbeat(tiny_model,
     """What a tuner on another machine gets (no pid to check there): the dead tuner's trial stops sending
     heartbeats, and Optuna's stale-trial check fails it with the reason the trial carried."""
     db = tmp_path / "s.db"
-    proc = search(tiny_model, db, "--trials", "200", env={"AUTOTUNE_FAULT": "hang", "AUTOTUNE_FAULT_EVERY": "3"})
-    try:
-        wait_for(lambda: count(db, TrialState.COMPLETE) >= 2 and count(db, TrialState.RUNNING) == 1)
-    finally:
-        proc.kill()
-        proc.communicate()
+    kill_9_mid_trial(tiny_model, db)
     # a checker with a one-second grace period, as if the dead tuner had gone quiet long ago
     storage = optuna.storages.RDBStorage(f"sqlite:///{db}", heartbeat_interval=1, grace_period=1)
     (name,) = optuna.get_all_study_names(storage)
