@@ -16,10 +16,10 @@ import pytest
 from conftest import run_python
 from gguf import GGUFValueType, GGUFWriter
 
-from autotune import catalog, cli, draft, engine, export, synth
+from autotune import catalog, cli, draft, engine, export, health, synth
 from autotune.engine import Measurement, Workload
 from autotune.gguf_model import FastReader, ModelFacts, read_facts
-from autotune.probe import GPU, Hardware
+from autotune.probe import GPU, Hardware, probe
 from autotune.settings import Settings
 
 GIB = 2**30
@@ -521,6 +521,8 @@ def test_real_qwen_pair_and_smollm2(demo_model: Path) -> None:
     small = str(catalog.fetch("qwen2.5-coder-0.5b"))
     hw = Hardware(cpu_model="test", physical_cores=2, logical_cores=2, ram_total=16 * GIB, ram_available=12 * GIB)
     settings = Settings(n_ctx=1024, n_threads=1, n_threads_batch=1)  # steady on a busy small machine
+    # where the engine crashes (AMX Xeons), the self-check's switch, as `autotune draft` applies it
+    settings = settings.replace(**health.check(main, settings, probe(measure_bandwidth=False)).pins)
     plan = draft.Plan(ns=(4,), kinds=("code",), rounds=2, prompt_tokens=48, gen_tokens=24, reps=1)
     report = draft.evaluate(main, [small, str(demo_model)], settings, hw, plan)
     verdicts = {Path(c.path).name: c for c in report.candidates}
