@@ -45,9 +45,9 @@ def build_info() -> BuildInfo:
     can_offload = bool(llama_cpp.llama_supports_gpu_offload())
     lowered = info.lower()
     backend = "cpu"
-    for name in ("cuda", "metal", "vulkan", "hip", "sycl"):
-        if f"{name} :" in lowered or f"{name} =" in lowered or f"{name}:" in lowered:
-            backend = name
+    for candidate in ("cuda", "metal", "vulkan", "hip", "sycl"):
+        if f"{candidate} :" in lowered or f"{candidate} =" in lowered or f"{candidate}:" in lowered:
+            backend = candidate
             break
     if backend == "cpu" and can_offload:
         backend = "gpu"
@@ -71,11 +71,12 @@ def build_key() -> str:
 # Loading: every Settings field reaches the engine here, those Llama(...) has no keyword for included.
 
 
-def model_params(settings: Settings) -> Any:
-    """``llama_model_params`` for ``settings`` (placement and buffer types; the load mode is the caller's)."""
+def model_params(settings: Settings, defaults: Any = None) -> Any:
+    """``llama_model_params`` for ``settings`` (placement and buffer types; the load mode is the caller's),
+    starting from ``defaults()`` (the engine's ``llama_model_default_params``)."""
     import llama_cpp.llama_cpp as C
 
-    params = C.llama_model_default_params()
+    params = (defaults or C.llama_model_default_params)()
     params.n_gpu_layers = settings.n_gpu_layers
     params.use_extra_bufts = settings.use_extra_bufts
     return params
@@ -89,13 +90,7 @@ def load_llama(model_path: str, settings: Settings, **kwargs: Any) -> Any:
     import llama_cpp.llama_cpp as C
 
     real = C.llama_model_default_params
-
-    def defaults() -> Any:
-        params = real()
-        params.use_extra_bufts = settings.use_extra_bufts
-        return params
-
-    C.llama_model_default_params = defaults
+    C.llama_model_default_params = lambda: model_params(settings, real)
     try:
         return llama_cpp.Llama(model_path=model_path, **settings.llama_kwargs(), **kwargs)
     finally:
@@ -204,14 +199,9 @@ def dry_run(model_path: str, settings: list[Settings], timeout: float = 300) -> 
     if len({(s.n_gpu_layers, s.use_extra_bufts) for s in settings}) > 1:
         raise ValueError("dry_run takes settings with a single n_gpu_layers and use_extra_bufts")
     request = {"mode": "dry-run", "model": model_path, "settings": [s.to_dict() for s in settings]}
-    done = process.spawn(request, timeout)
-    if done.timed_out:
-        raise ModelError(f"{model_path}: the engine's dry run did not finish in {timeout:.0f} s")
-    if done.result is None or "reports" not in done.result:
-        reason = (done.result or {}).get("error") or done.failure()
-        raise ModelError(f"{model_path}: the engine's dry run failed: {reason}")
+    result = _answer(request, timeout, "the engine's dry run failed")
     out: list[BufferReport | str] = []
-    for item in done.result["reports"]:
+    for item in result["reports"]:
         if "error" in item:
             out.append(item["error"])
         else:
@@ -228,13 +218,20 @@ def dry_run(model_path: str, settings: list[Settings], timeout: float = 300) -> 
 def loaded_buffers(model_path: str, settings: Settings = Settings(), timeout: float = 300) -> dict[str, int]:
     """Model buffer sizes from a real engine load with ``settings`` (placement, mmap, extra buffer types), in a
     child process. It maps the file and repacks for real, so keep it to models that fit this machine."""
-    done = process.spawn({"mode": "load", "model": model_path, "settings": settings.to_dict()}, timeout)
+    request = {"mode": "load", "model": model_path, "settings": settings.to_dict()}
+    result = _answer(request, timeout, "the engine could not load the model")
+    return {k: int(v) for k, v in result["buffers"].items()}
+
+
+def _answer(request: dict[str, Any], timeout: float, failed: str) -> dict[str, Any]:
+    """The child's result for a request that must succeed; ModelError ("<model>: <failed>: why") otherwise."""
+    done = process.spawn(request, timeout)
     if done.timed_out:
-        raise ModelError(f"{model_path}: loading the model took longer than {timeout:.0f} s")
+        raise ModelError(f"{request['model']}: {failed}: no answer in {timeout:.0f} s")
     if done.result is None or "error" in done.result:
         reason = (done.result or {}).get("error") or done.failure()
-        raise ModelError(f"{model_path}: the engine could not load the model: {reason}")
-    return {k: int(v) for k, v in done.result["buffers"].items()}
+        raise ModelError(f"{request['model']}: {failed}: {reason}")
+    return done.result
 
 
 def _load_in_process(model_path: str, settings: Settings) -> dict[str, Any]:
