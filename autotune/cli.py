@@ -19,6 +19,9 @@ from rich.table import Table
 
 from . import __version__
 from .errors import AutotuneError
+from .pipeline import (
+    Reporter,  # parsing the arguments loads Optuna anyway (the search choices come from it)
+)
 
 console = Console()
 MIB = 2**20
@@ -289,7 +292,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-class CliReporter:
+class CliReporter(Reporter):
     """``tune``'s progress on the terminal: spinners, tables, a progress bar."""
 
     @contextlib.contextmanager
@@ -489,15 +492,15 @@ def cmd_draft(args: argparse.Namespace) -> int:
         settings = study.sensible(hw, facts, min(4096, facts.n_ctx_train or 4096))
     pins = space.parse_pins(args.set or [])
     settings = settings.replace(**pins, **({"n_ctx": args.ctx} if args.ctx else {}))
+    status_console = Console(stderr=True)
     if not args.no_measure:
-        with Console(stderr=True).status("engine self-check: a short real run with these settings ..."):
+        with status_console.status("engine self-check: a short real run with these settings ..."):
             verdict = health.check(args.model, settings, hw, pinned=frozenset(pins), timeout=args.trial_timeout)
-        Console(stderr=True).print(verdict.line())
+        status_console.print(verdict.line())
         settings = settings.replace(**verdict.pins)
     plan = None if args.no_measure else draft.Plan(ns=args.n, kinds=args.kinds, rounds=args.rounds,
                                                    prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                                                    reps=args.reps, timeout=args.trial_timeout)
-    status_console = Console(stderr=True)
     with status_console.status("checking candidates ...") as status:
         report = draft.evaluate(args.model, args.candidates, settings, hw, plan, on_run=lambda label, kind, m:
                                 status.update(f"{label} [{kind}]: " + (f"{m.decode:.1f} tok/s" if m.ok else m.error[:60])))
