@@ -82,7 +82,18 @@ def test_doctor_reports_the_verdict_fake_amx_crash(tiny_model, capsys, fake_amx_
     assert out["pins"] == {"use_extra_bufts": False} and not out["cached"]
 
 
-def test_extra_buffers_pinned_off_by_the_user_pass_the_check_fake_amx_crash(tiny_model, hw, fake_amx_crash):
-    """Extra buffers pinned off already: the injected crash never happens, and nothing is pinned."""
-    verdict = health.check(str(tiny_model), ONE.replace(use_extra_bufts=False), hw, pinned=frozenset({"use_extra_bufts"}))
-    assert verdict.ok and verdict.pins == {}
+def test_a_pin_the_switch_agrees_with_does_not_rule_the_switch_out(tiny_model, hw, monkeypatch):
+    """Extra buffers pinned off by the user, and a crash only flash attention off avoids (a scripted engine:
+    the decision, not the engine): the second switch keeps the pinned value, so it is tried and pinned."""
+    from autotune.engine import Measurement
+
+    def scripted(model, s, work, timeout=0.0, index=0):
+        return Measurement(s, True, decode_tps=[1.0]) if not s.flash_attn else \
+            Measurement(s, False, "crashed with SIGSEGV (segmentation fault) during a batch of 16 tokens")
+
+    monkeypatch.setattr(engine, "measure", scripted)
+    start = ONE.replace(use_extra_bufts=False, flash_attn=True)
+    verdict = health.check(str(tiny_model), start, hw, pinned=frozenset({"use_extra_bufts"}))
+    assert verdict.pins == {"use_extra_bufts": False, "flash_attn": False, "type_k": "f16", "type_v": "f16"}
+    with pytest.raises(health.EngineCrash):  # a pin the switch would change still rules it out
+        health.check(str(tiny_model), start, hw, pinned=frozenset({"flash_attn"}))
