@@ -28,17 +28,28 @@ class Shape:
     n_ff: int = 128
     n_ctx_train: int = 4096
     head_dim: int | None = None  # None: n_embd // n_head
-    n_swa: int = 0  # sliding window (gemma3 architecture when set)
-    # llama, qwen2 (Q/K/V biases), qwen3 (per-head Q/K norms), gemma3 (those norms and post-norms); any
-    # other name gets llama's tensors (a model of an architecture the memory model does not know)
+    n_swa: int = 0  # sliding window (gemma2, gemma3, gpt-oss)
+    # llama, qwen2 (Q/K/V biases), qwen3 (per-head Q/K norms), gemma3 (those norms and post-norms), gemma2,
+    # phi3 (fused QKV), qwen3moe, gpt-oss, deepseek2 (MLA with shared experts); any other name gets llama's
+    # tensors (a model of an architecture nothing here knows)
     arch: str = "llama"
+    n_expert: int = 0  # mixture of experts: experts per layer, of which n_expert_used run per token
+    n_expert_used: int = 0
+    n_ff_exp: int = 0  # an expert's hidden size
+    n_expert_shared: int = 0  # deepseek2: always-on shared experts
+    n_dense_lead: int = 0  # deepseek2: leading layers with a dense FFN
+    kv_lora_rank: int = 0  # deepseek2 (MLA): the compressed K/V width that is cached
+    rope_dim: int = 0  # deepseek2: the rotary part of each head; MLA heads are head_dim (nope + rope) wide
+    head_dim_v: int = 0  # deepseek2: value head size (0: head_dim)
+    expert_type: str | None = None  # header-only files: the experts' weight type (None: the weight type)
 
     @property
     def head_dim_(self) -> int:
         return self.head_dim or self.n_embd // self.n_head
 
 
-# Named shapes of real model families (dimensions only; the weights are never real).
+# Named shapes of real model families (dimensions only; the weights are never real, the vocabulary is the
+# donor's).
 SHAPES = {
     "135m": Shape(n_layer=30, n_embd=576, n_head=9, n_head_kv=3, n_ff=1536, n_ctx_train=8192),
     "1b": Shape(n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, n_ff=8192, n_ctx_train=131072),
@@ -52,7 +63,28 @@ SHAPES = {
     "qwen3-8b": Shape(
         n_layer=36, n_embd=4096, n_head=32, n_head_kv=8, n_ff=12288, n_ctx_train=40960, head_dim=128, arch="qwen3",
     ),
+    "qwen3-30b-a3b": Shape(
+        n_layer=48, n_embd=2048, n_head=32, n_head_kv=4, n_ff=6144, n_ctx_train=40960, head_dim=128,
+        arch="qwen3moe", n_expert=128, n_expert_used=8, n_ff_exp=768,
+    ),
+    "gpt-oss-20b": Shape(
+        n_layer=24, n_embd=2880, n_head=64, n_head_kv=8, n_ff=2880, n_ctx_train=131072, head_dim=64, n_swa=128,
+        arch="gpt-oss", n_expert=32, n_expert_used=4, n_ff_exp=2880, expert_type="MXFP4",
+    ),
+    "gemma2-2b": Shape(
+        n_layer=26, n_embd=2304, n_head=8, n_head_kv=4, n_ff=9216, n_ctx_train=8192, head_dim=256, n_swa=4096,
+        arch="gemma2",
+    ),
+    "phi3-mini": Shape(n_layer=32, n_embd=3072, n_head=32, n_head_kv=32, n_ff=8192, n_ctx_train=4096, arch="phi3"),
+    "deepseek-v2-lite": Shape(
+        n_layer=27, n_embd=2048, n_head=16, n_head_kv=1, n_ff=10944, n_ctx_train=163840, head_dim=192,
+        arch="deepseek2", n_expert=64, n_expert_used=6, n_ff_exp=1408, n_expert_shared=2, n_dense_lead=1,
+        kv_lora_rank=512, rope_dim=64, head_dim_v=128,
+    ),
 }
+
+# The architectures ``write_model`` knows; SHAPES has one of each beyond the dense llama family.
+MOE_ARCHS = ("qwen3moe", "gpt-oss", "deepseek2")
 
 
 def write_model(
@@ -79,7 +111,8 @@ def write_model(
     kept = set(tokens[:n_vocab])
     arch = shape.arch
     w = GGUFWriter(path, arch)
-    w.add_name(f"synthetic-{arch}-{shape.n_layer}x{shape.n_embd}")
+    # no architecture in the name: llama.cpp's vocabulary loader treats a name containing "phi3" as Phi-3's
+    w.add_name(f"synthetic-{shape.n_layer}x{shape.n_embd}")
     w.add_file_type(1 if weight_type == "F16" else 0)
     w.add_context_length(shape.n_ctx_train)
     w.add_embedding_length(shape.n_embd)
@@ -87,12 +120,11 @@ def write_model(
     w.add_block_count(shape.n_layer)
     w.add_head_count(shape.n_head)
     w.add_head_count_kv(shape.n_head_kv)
-    w.add_key_length(shape.head_dim_)
-    w.add_value_length(shape.head_dim_)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
     if shape.n_swa:
         w.add_sliding_window(shape.n_swa)
+    _arch_keys(w, shape)
     for key, value, kind, sub in fields:
         if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
             value = value[:n_vocab]
@@ -103,50 +135,20 @@ def write_model(
     rng = np.random.default_rng(seed)
     dtype = GGMLQuantizationType[weight_type]
     np_dtype = np.float16 if dtype == GGMLQuantizationType.F16 else np.float32
-    e, hd, ff = shape.n_embd, shape.head_dim_, shape.n_ff
-    q, kv = shape.n_head * hd, shape.n_head_kv * hd
-    tensors: list[tuple[str, tuple[int, ...], bool]] = [("token_embd.weight", (n_vocab, e), True)]
-    tensors.append(("output_norm.weight", (e,), False))
-    for i in range(shape.n_layer):
-        tensors += [
-            (f"blk.{i}.attn_norm.weight", (e,), False),
-            (f"blk.{i}.attn_q.weight", (q, e), True),
-            (f"blk.{i}.attn_k.weight", (kv, e), True),
-            (f"blk.{i}.attn_v.weight", (kv, e), True),
-            (f"blk.{i}.attn_output.weight", (e, q), True),
-            (f"blk.{i}.ffn_norm.weight", (e,), False),
-            (f"blk.{i}.ffn_gate.weight", (ff, e), True),
-            (f"blk.{i}.ffn_up.weight", (ff, e), True),
-            (f"blk.{i}.ffn_down.weight", (e, ff), True),
-        ]
-        if arch == "qwen2":
-            tensors += [
-                (f"blk.{i}.attn_q.bias", (q,), False),
-                (f"blk.{i}.attn_k.bias", (kv,), False),
-                (f"blk.{i}.attn_v.bias", (kv,), False),
-            ]
-        if arch in ("qwen3", "gemma3"):
-            tensors += [
-                (f"blk.{i}.attn_q_norm.weight", (hd,), False),
-                (f"blk.{i}.attn_k_norm.weight", (hd,), False),
-            ]
-        if arch == "gemma3":
-            tensors += [
-                (f"blk.{i}.post_attention_norm.weight", (e,), False),
-                (f"blk.{i}.post_ffw_norm.weight", (e,), False),
-            ]
     data_bytes = 0
-    for name, dims, is_matrix in tensors:
-        t = dtype if is_matrix else GGMLQuantizationType.F32
+    for name, dims, kind in _tensors(shape, n_vocab):
+        t = {"vec": GGMLQuantizationType.F32, "exp": GGMLQuantizationType[shape.expert_type or weight_type]}.get(kind, dtype)
+        if dims[-1] % GGML_QUANT_SIZES[t][0]:  # rows too short for the type's blocks: a quantizer falls back
+            t = GGMLQuantizationType.Q8_0 if dims[-1] % 32 == 0 else GGMLQuantizationType.F16
         block, size = GGML_QUANT_SIZES[t]
         nbytes = int(np.prod(dims)) // block * size
         if header_only:
             w.add_tensor_info(name, dims, np.dtype(np.float16 if t == GGMLQuantizationType.F16 else np.float32), nbytes, t)
             data_bytes += GGUFWriter.ggml_pad(nbytes, w.data_alignment)
-        elif is_matrix:
-            w.add_tensor(name, (rng.standard_normal(dims) * 0.02).astype(np_dtype))
-        else:  # norms 1, biases 0
+        elif kind == "vec":  # norms 1, biases 0
             w.add_tensor(name, np.full(dims, 0.0 if name.endswith(".bias") else 1.0, dtype=np.float32))
+        else:
+            w.add_tensor(name, (rng.standard_normal(dims) * 0.02).astype(np_dtype))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     if header_only:
@@ -161,6 +163,106 @@ def write_model(
         w.write_tensors_to_file()
         w.close()
     return path
+
+
+def _arch_keys(w: GGUFWriter, s: Shape) -> None:
+    """The metadata an architecture needs besides the common keys (llama.cpp's load_arch_hparams)."""
+    arch = s.arch
+    hd_v = s.head_dim_v or s.head_dim_
+    if arch == "deepseek2":  # MLA: one cached "head" of the compressed K/V plus the rotary part
+        w.add_key_length(s.kv_lora_rank + s.rope_dim)
+        w.add_value_length(s.kv_lora_rank)
+        w.add_uint32(f"{arch}.attention.key_length_mla", s.head_dim_)
+        w.add_uint32(f"{arch}.attention.value_length_mla", hd_v)
+        w.add_uint32(f"{arch}.attention.kv_lora_rank", s.kv_lora_rank)
+        w.add_rope_dimension_count(s.rope_dim)
+        w.add_uint32(f"{arch}.leading_dense_block_count", s.n_dense_lead)
+        w.add_uint32(f"{arch}.expert_shared_count", s.n_expert_shared)
+        w.add_float32(f"{arch}.expert_weights_scale", 1.0)
+    else:
+        w.add_key_length(s.head_dim_)
+        w.add_value_length(hd_v)
+    if s.n_expert:
+        w.add_expert_count(s.n_expert)
+        w.add_expert_used_count(s.n_expert_used)
+        w.add_expert_feed_forward_length(s.n_ff_exp)
+    if arch == "gemma2":
+        w.add_float32(f"{arch}.attn_logit_softcapping", 50.0)
+        w.add_float32(f"{arch}.final_logit_softcapping", 30.0)
+
+
+Tensor = tuple[str, tuple[int, ...], str]  # name, numpy-order dims, kind: "mat", "exp" (expert) or "vec" (F32)
+
+
+def _tensors(s: Shape, n_vocab: int) -> list[Tensor]:
+    """The tensor table of ``s.arch`` as llama.cpp's load_arch_tensors asks for it."""
+    e, hd, ff = s.n_embd, s.head_dim_, s.n_ff
+    q, kv = s.n_head * hd, s.n_head_kv * hd
+    out: list[Tensor] = [("token_embd.weight", (n_vocab, e), "mat"), ("output_norm.weight", (e,), "vec")]
+    if s.arch in ("qwen3moe", "gpt-oss", "phi3", "deepseek2"):
+        out.append(("output.weight", (n_vocab, e), "mat"))
+    for i in range(s.n_layer):
+        b = f"blk.{i}."
+        out.append((b + "attn_norm.weight", (e,), "vec"))
+        if s.arch == "deepseek2":
+            out += _mla(s, b)
+        elif s.arch == "phi3":
+            out += [(b + "attn_qkv.weight", (q + 2 * kv, e), "mat"), (b + "attn_output.weight", (e, q), "mat")]
+        else:
+            out += [(b + "attn_q.weight", (q, e), "mat"), (b + "attn_k.weight", (kv, e), "mat"),
+                    (b + "attn_v.weight", (kv, e), "mat"), (b + "attn_output.weight", (e, q), "mat")]
+        if s.arch in ("qwen2", "gpt-oss"):
+            out += [(b + "attn_q.bias", (q,), "vec"), (b + "attn_k.bias", (kv,), "vec"), (b + "attn_v.bias", (kv,), "vec")]
+        if s.arch in ("qwen3", "gemma3", "qwen3moe"):
+            out += [(b + "attn_q_norm.weight", (hd,), "vec"), (b + "attn_k_norm.weight", (hd,), "vec")]
+        if s.arch in ("gemma2", "gemma3", "gpt-oss"):
+            out.append((b + "post_attention_norm.weight", (e,), "vec"))
+        if s.arch == "gpt-oss":
+            out += [(b + "attn_output.bias", (e,), "vec"), (b + "attn_sinks.weight", (s.n_head,), "vec")]
+        if s.arch != "gpt-oss":
+            out.append((b + "ffn_norm.weight", (e,), "vec"))
+        if s.arch == "phi3":
+            out += [(b + "ffn_up.weight", (2 * ff, e), "mat"), (b + "ffn_down.weight", (e, ff), "mat")]
+        elif s.n_expert and i >= s.n_dense_lead:
+            out += _experts(s, b)
+        else:
+            out += [(b + "ffn_gate.weight", (ff, e), "mat"), (b + "ffn_up.weight", (ff, e), "mat"),
+                    (b + "ffn_down.weight", (e, ff), "mat")]
+        if s.arch in ("gemma2", "gemma3"):
+            out.append((b + "post_ffw_norm.weight", (e,), "vec"))
+    return out
+
+
+def _mla(s: Shape, b: str) -> list[Tensor]:
+    """DeepSeek-V2 attention (Lite: no Q compression): K/V compressed to kv_lora_rank, per-head up-projections."""
+    e, nope, r, v = s.n_embd, s.head_dim_ - s.rope_dim, s.kv_lora_rank, s.head_dim_v or s.head_dim_
+    return [
+        (b + "attn_q.weight", (s.n_head * s.head_dim_, e), "mat"),
+        (b + "attn_kv_a_mqa.weight", (r + s.rope_dim, e), "mat"),
+        (b + "attn_kv_a_norm.weight", (r,), "vec"),
+        (b + "attn_k_b.weight", (s.n_head, r, nope), "mat"),
+        (b + "attn_v_b.weight", (s.n_head, v, r), "mat"),
+        (b + "attn_output.weight", (e, s.n_head * v), "mat"),
+    ]
+
+
+def _experts(s: Shape, b: str) -> list[Tensor]:
+    """A mixture-of-experts FFN: the router, the experts' stacked matrices, and shared experts or biases."""
+    e, x, f = s.n_embd, s.n_expert, s.n_ff_exp
+    out: list[Tensor] = [
+        (b + "ffn_gate_inp.weight", (x, e), "vec"),
+        (b + "ffn_gate_exps.weight", (x, f, e), "exp"),
+        (b + "ffn_up_exps.weight", (x, f, e), "exp"),
+        (b + "ffn_down_exps.weight", (x, e, f), "exp"),
+    ]
+    if s.arch == "gpt-oss":
+        out += [(b + "ffn_gate_inp.bias", (x,), "vec"), (b + "ffn_gate_exps.bias", (x, f), "vec"),
+                (b + "ffn_up_exps.bias", (x, f), "vec"), (b + "ffn_down_exps.bias", (x, e), "vec")]
+    if s.n_expert_shared:
+        sh = f * s.n_expert_shared
+        out += [(b + "ffn_gate_shexp.weight", (sh, e), "mat"), (b + "ffn_up_shexp.weight", (sh, e), "mat"),
+                (b + "ffn_down_shexp.weight", (e, sh), "mat")]
+    return out
 
 
 @functools.lru_cache(maxsize=4)
