@@ -27,7 +27,9 @@ _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 # Layers that use a sliding window, when the file does not say: llama.cpp's built-in pattern per
 # architecture (every n-th layer is a full-attention layer).
-SWA_PATTERN_DEFAULT = {"gemma2": 2, "gemma3": 6}
+SWA_PATTERN_DEFAULT = {"gemma2": 2, "gemma3": 6, "gpt-oss": 2}
+# Expert tensors, as llama.cpp's ``--n-cpu-moe`` matches them (common.h, LLM_FFN_EXPS_REGEX).
+EXPERTS = re.compile(r"\.ffn_(up|down|gate|gate_up)_(ch|)exps")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ class ModelFacts:
     eos_id: int | None
     add_bos: bool
     add_eos: bool
+    n_expert: int  # experts per MoE layer (0: a dense model)
+    n_expert_used: int
+    header_sha256: str  # of the metadata and tensor table: all the engine's dry run reads
     tensors: tuple[TensorInfo, ...] = field(repr=False)
     tokens: tuple[str, ...] = field(repr=False, compare=False)
 
@@ -94,6 +99,11 @@ class ModelFacts:
     @property
     def weight_bytes(self) -> int:
         return sum(t.n_bytes for t in self.tensors)
+
+    @cached_property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Layers holding expert tensors (what ``n_cpu_moe`` can keep in host memory)."""
+        return tuple(sorted({t.layer for t in self.tensors if t.layer is not None and EXPERTS.search(t.name)}))
 
     @property
     def uses_swa(self) -> bool:
@@ -256,15 +266,17 @@ def _facts(p: Path, size: int, reader: GGUFReader) -> ModelFacts:
                 layer=int(m.group(1)) if m else None,
             )
         )
+    # Only what the engine itself requires of every architecture is required here; recurrent models have
+    # no attention heads, and per-layer arrays hold 0 for layers without attention.
     n_layer = int(need("block_count"))
     n_embd = int(need("embedding_length"))
-    n_head = _first(need("attention.head_count"))
+    n_head = _first(get(f"{arch}.attention.head_count", 0))
     head_kv = get(f"{arch}.attention.head_count_kv", n_head)
     n_head_kv = tuple(int(h) for h in head_kv) if isinstance(head_kv, list) else (int(head_kv),) * n_layer
-    if len(n_head_kv) != n_layer or n_head < 1:
+    if len(n_head_kv) != n_layer or n_head < 0:
         raise ModelError(f"{p}: inconsistent attention head counts")
-    head_dim_k = int(get(f"{arch}.attention.key_length", n_embd // n_head))
-    head_dim_v = int(get(f"{arch}.attention.value_length", n_embd // n_head))
+    head_dim_k = int(get(f"{arch}.attention.key_length", n_embd // n_head if n_head else 0))
+    head_dim_v = int(get(f"{arch}.attention.value_length", n_embd // n_head if n_head else 0))
     n_swa = int(get(f"{arch}.attention.sliding_window", 0) or 0)
     swa_layers = _swa_layers(arch, n_layer, n_swa, get(f"{arch}.attention.sliding_window_pattern"))
     tokens = get("tokenizer.ggml.tokens") or []
@@ -296,9 +308,21 @@ def _facts(p: Path, size: int, reader: GGUFReader) -> ModelFacts:
         eos_id=_opt_int(get("tokenizer.ggml.eos_token_id")),
         add_bos=bool(get("tokenizer.ggml.add_bos_token", False)),
         add_eos=bool(get("tokenizer.ggml.add_eos_token", False)),
+        n_expert=int(get(f"{arch}.expert_count", 0) or 0),
+        n_expert_used=_first(get(f"{arch}.expert_used_count", 0) or 0),
+        header_sha256=_header_sha256(p, int(reader.data_offset), size),
         tensors=tuple(tensors),
         tokens=tuple(tokens),
     )
+
+
+def _header_sha256(p: Path, data_offset: int, size: int) -> str:
+    """sha256 of the bytes before the tensor data, and the file size: a no-allocation dry run reads nothing
+    else, so two files with equal digests get equal answers (and a 60 GB file hashes in milliseconds)."""
+    h = hashlib.sha256(f"{size}|".encode())
+    with open(p, "rb") as f:
+        h.update(f.read(data_offset))
+    return h.hexdigest()
 
 
 def _first(value: Any) -> int:

@@ -99,6 +99,7 @@ class BufferReport:
     kv_k: int = 0
     kv_v: int = 0
     kv_cells: list[int] = field(default_factory=list)  # one entry per cache (two for SWA models)
+    kv_caches: list[list[int]] = field(default_factory=list)  # [cells, K (or R) bytes, V (or S) bytes] per cache
     compute: dict[str, int] = field(default_factory=dict)
     output: dict[str, int] = field(default_factory=dict)
     weights_total: int = 0  # llama_model_size: all weight bytes wherever they live
@@ -109,7 +110,8 @@ class BufferReport:
 
 _MODEL_BUF = re.compile(r"load_tensors:\s+(\S+) model buffer size =\s+([\d.]+) MiB")
 _KV_BUF = re.compile(r"llama_kv_cache\w*:\s+(\S+) KV buffer size =\s+([\d.]+) MiB")
-_KV_SIZE = re.compile(r"size =\s+[\d.]+ MiB \(\s*(\d+) cells.*K \(\w+\):\s+([\d.]+) MiB, V \(\w+\):\s+([\d.]+) MiB")
+# a KV cache ("K (f16): .. MiB, V (f16): .. MiB") or a recurrent state ("R (f32): .., S (f32): ..")
+_KV_SIZE = re.compile(r"size =\s+[\d.]+ MiB \(\s*(\d+) cells.*[KR] \(\w+\):\s+([\d.]+) MiB, [VS] \(\w+\):\s+([\d.]+) MiB")
 _COMPUTE = re.compile(r"^\w+:\s+(\S+) compute buffer size =\s+([\d.]+) MiB")
 _OUTPUT = re.compile(r"llama_context:\s+(\S+)\s+output buffer size =\s+([\d.]+) MiB")
 
@@ -127,9 +129,11 @@ def parse_buffers(lines: list[str]) -> BufferReport:
         elif m := _KV_BUF.search(line):
             add(report.kv, m.group(1), m.group(2))
         elif m := _KV_SIZE.search(line):
-            report.kv_cells.append(int(m.group(1)))
-            report.kv_k += round(float(m.group(2)) * MIB)
-            report.kv_v += round(float(m.group(3)) * MIB)
+            cache = [int(m.group(1)), round(float(m.group(2)) * MIB), round(float(m.group(3)) * MIB)]
+            report.kv_cells.append(cache[0])
+            report.kv_k += cache[1]
+            report.kv_v += cache[2]
+            report.kv_caches.append(cache)
         elif m := _COMPUTE.search(line):
             add(report.compute, m.group(1), m.group(2))
         elif m := _OUTPUT.search(line):
