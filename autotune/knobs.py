@@ -42,6 +42,7 @@ class Flag:
     when: Any = None
     encode: Callable[[Any], str] = str
     extra: tuple[str, ...] = ()  # written right after it (llama-server's ``--draft-min 0``)
+    unless: Any = None  # a value that is not written (the same in every tool: ``--n-cpu-moe 0``)
 
     @property
     def switch(self) -> bool:
@@ -50,6 +51,8 @@ class Flag:
     def render(self, value: Any) -> list[str]:
         if self.switch:
             return [self.name] if value == self.when else []
+        if self.unless is not None and value == self.unless:
+            return []
         return [self.name, self.encode(value), *self.extra]
 
 
@@ -81,6 +84,7 @@ class Knob:
     needs: str | None = None  # written only when this other setting is set (a draft model)
     missing: str | None = None  # the note ({tool}, {value}) for a tool without a spelling, when not the default
     plotted: bool = True  # a knob the speed-per-knob plot may vary
+    memory: bool = False  # changes what the engine allocates (part of a cached dry-run answer's key)
 
     def default_value(self) -> Any:
         return self.default() if callable(self.default) else self.default
@@ -143,40 +147,50 @@ def _extra_buffers(facts: ModelFacts, hw: Hardware, base: Settings) -> tuple[boo
     return (True, False) if holds else None
 
 
+def _experts_on_host(facts: ModelFacts, hw: Hardware, base: Settings) -> IntRange | None:
+    """Searched only with a GPU to keep the other experts on: on the host alone it moves no memory."""
+    return IntRange(0, max(facts.moe_layers) + 1) if hw.offload_gpus and facts.moe_layers else None
+
+
 KNOBS: tuple[Knob, ...] = (
     Knob("n_ctx", "int", 4096, "context length (n_ctx)", _same, Flag("-c", ("--ctx-size",)),
-         Flag("--contextsize"), ("load.contextLength", _same), ("num_ctx", str), plotted=False),
+         Flag("--contextsize"), ("load.contextLength", _same), ("num_ctx", str), plotted=False, memory=True),
     Knob("n_gpu_layers", "int", 0, "GPU layers (n_gpu_layers)", _same, Flag("-ngl", ("--n-gpu-layers",)),
          Flag("--gpulayers"), ("load.gpu", lambda n: {"ratio": "max" if n > 0 else 0}), ("num_gpu", str),
-         domain=_gpu_layers),
+         domain=_gpu_layers, memory=True),
     Knob("n_threads", "int", lambda: default_threads()[0], "decode threads (n_threads)", _same,
          Flag("-t", ("--threads",)), Flag("--threads"), ("load.cpuThreadPoolSize", _same), ("num_thread", str),
          domain=_threads),
     Knob("n_threads_batch", "int", lambda: default_threads()[1], "prompt threads (n_threads_batch)", _same,
          Flag("-tb", ("--threads-batch",)), Flag("--blasthreads"), domain=_threads),
     Knob("n_batch", "int", 512, "n_batch", _same, Flag("-b", ("--batch-size",)), Flag("--blasbatchsize"),
-         ("load.evalBatchSize", _same), ("num_batch", str)),
-    Knob("n_ubatch", "int", 512, "n_ubatch", _same, Flag("-ub", ("--ubatch-size",)), domain=_ubatches),
+         ("load.evalBatchSize", _same), ("num_batch", str), memory=True),
+    Knob("n_ubatch", "int", 512, "n_ubatch", _same, Flag("-ub", ("--ubatch-size",)), domain=_ubatches, memory=True),
     Knob("flash_attn", "bool", False, "flash attention", _same, Flag("-fa", ("--flash-attn",), encode=_on_off),
-         Flag("--flashattention", when=True), ("load.flashAttention", _same)),
+         Flag("--flashattention", when=True), ("load.flashAttention", _same), memory=True),
     Knob("type_k", "str", "f16", "K cache type", _ggml_type, Flag("-ctk", ("--cache-type-k",)),
-         lmstudio=("load.llamaKCacheQuantizationType", _same), plotted=False),
+         lmstudio=("load.llamaKCacheQuantizationType", _same), plotted=False, memory=True),
     Knob("type_v", "str", "f16", "V cache type", _ggml_type, Flag("-ctv", ("--cache-type-v",)),
-         lmstudio=("load.llamaVCacheQuantizationType", _same), plotted=False),
+         lmstudio=("load.llamaVCacheQuantizationType", _same), plotted=False, memory=True),
     Knob("swa_full", "bool", True, "full-size sliding-window cache", _same, Flag("--swa-full", when=True),
-         domain=_sliding_window),
+         domain=_sliding_window, memory=True),
     Knob("offload_kqv", "bool", True, "KV cache on the GPU", _same,
          Flag("--no-kv-offload", ("-nkvo",), when=False), lmstudio=("load.offloadKVCacheToGpu", _same),
-         domain=_on_gpus),
+         domain=_on_gpus, memory=True),
     Knob("use_mmap", "bool", True, "mmap", _same, Flag("--no-mmap", when=False), Flag("--nommap", when=False),
          ("load.tryMmap", _same), ("use_mmap", _true_false), domain=_on_off_first),
     Knob("use_mlock", "bool", False, "mlock", _same, Flag("--mlock", when=True), Flag("--usemlock", when=True),
          ("load.keepModelInMemory", _same), domain=_off_on_first),
     Knob("use_extra_bufts", "bool", True, "extra buffer types (repack)", None,
-         Flag("--no-repack", ("-nr",), when=False), domain=_extra_buffers,
+         Flag("--no-repack", ("-nr",), when=False), domain=_extra_buffers, memory=True,
          missing="{tool} has no setting we know of for extra buffer types (llama.cpp --no-repack); the tuned "
                  "settings turn them off (use_extra_bufts=False), so {tool} may run slower or faster, and where "
                  "autotune's engine self-check saw a crash with them on, {tool}'s engine may crash too"),
+    Knob("n_cpu_moe", "int", 0, "expert layers in host memory (n_cpu_moe)", None,
+         Flag("-ncmoe", ("--n-cpu-moe",), unless=0), Flag("--moecpu", unless=0), domain=_experts_on_host, memory=True,
+         missing="{tool} has no setting for keeping the experts of the first N layers in host memory (llama.cpp "
+                 "--n-cpu-moe); the tuned N is {value} (LM Studio's 'Force Model Expert Weights onto CPU' is N = "
+                 "every layer)"),
     Knob("draft_model", "path", None, "draft model", None, Flag("-md", ("--model-draft",)), Flag("--draftmodel"),
          ("prediction.draftModel", _same), needs="draft_model", plotted=False,
          missing="{tool} has no draft-model setting; the tuned draft was {value}"),

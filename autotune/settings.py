@@ -60,8 +60,9 @@ class _Rules:
                 found.append(f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(KV_TYPES)}")
         if self.type_v in QUANTIZED_KV and not self.flash_attn:
             found.append(f"a quantized V cache ({self.type_v}) needs flash attention: set flash_attn on")
-        if self.n_gpu_layers < 0:
-            found.append(f"n_gpu_layers must be 0 or more (got {self.n_gpu_layers})")
+        for name in ("n_gpu_layers", "n_cpu_moe"):
+            if getattr(self, name) < 0:
+                found.append(f"{name} must be 0 or more (got {getattr(self, name)})")
         if not can_offload and (self.n_gpu_layers > 0 or self.draft_gpu_layers > 0):
             found.append("GPU layers were asked for, but this engine build cannot offload (CPU-only build)")
         if self.draft_model is not None and self.draft_max < 1:
@@ -88,7 +89,7 @@ class _Rules:
 
     def llama_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``llama_cpp.Llama`` (the draft model is wired by the engine; the model
-        parameters Llama has no keyword for, ``use_extra_bufts``, by ``engine.load_llama``)."""
+        parameters Llama has no keyword for, ``use_extra_bufts`` and ``n_cpu_moe``, by ``engine.load_llama``)."""
         return {k.name: k.llama(getattr(self, k.name)) for k in KNOBS if k.llama is not None}
 
 

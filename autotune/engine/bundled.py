@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import ModelError
+from ..gguf_model import EXPERTS
 from ..settings import Settings
 from . import faults, process
 from .base import (
@@ -79,7 +80,30 @@ def model_params(settings: Settings, defaults: Any = None) -> Any:
     params = (defaults or C.llama_model_default_params)()
     params.n_gpu_layers = settings.n_gpu_layers
     params.use_extra_bufts = settings.use_extra_bufts
+    if settings.n_cpu_moe:
+        params.tensor_buft_overrides = ctypes.addressof(_experts_on_host(settings.n_cpu_moe))
     return params
+
+
+@lru_cache(maxsize=16)
+def _experts_on_host(n: int) -> Any:
+    """llama.cpp's ``--n-cpu-moe n``: a NULL-terminated override list sending the expert tensors of layers
+    0..n-1 to the CPU buffer type. Cached, so the array and its pattern strings outlive every load using them."""
+    import llama_cpp
+    import llama_cpp._ctypes_extensions as ext
+
+    class Override(ctypes.Structure):  # struct llama_model_tensor_buft_override (not bound by llama-cpp-python)
+        _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+    lib_dir = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).parent / "lib")
+    base = ext.load_shared_library("ggml-base", lib_dir)
+    base.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
+    cpu = base.ggml_backend_cpu_buffer_type()
+    array = (Override * (n + 1))()
+    for i in range(n):
+        array[i].pattern = f"blk\\.{i}{EXPERTS.pattern}".encode()
+        array[i].buft = cpu
+    return array
 
 
 def load_llama(model_path: str, settings: Settings, **kwargs: Any) -> Any:
@@ -159,45 +183,54 @@ def silence() -> None:
 
 
 def _dry_run_in_process(model_path: str, settings_list: list[dict[str, Any]]) -> dict[str, Any]:
-    """Load ``model_path`` without allocating, then create one context per settings; report the buffers."""
+    """Load ``model_path`` without allocating (once per model-level settings), create one context per settings,
+    and report the buffers the engine would allocate."""
     import llama_cpp
 
     llama_cpp.llama_backend_init()
-    results = []
-    with captured_log() as model_lines:
-        mparams = model_params(Settings.from_dict(settings_list[0]) if settings_list else Settings())
-        mparams.no_alloc = True
-        mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE  # mmap together with no_alloc aborts
-        model = llama_cpp.llama_model_load_from_file(model_path.encode(), mparams)
-    if not model:
-        return {"reports": [{"error": last_error(model_lines) or "the engine could not load the model"}]}
-    weights_total = int(llama_cpp.llama_model_size(model))
-    model_report = parse_buffers(model_lines)
-    try:
-        for data in settings_list:
-            s = Settings.from_dict(data)
-            with captured_log() as lines:
-                ctx = llama_cpp.llama_init_from_model(model, context_params(s))
-            if not ctx:
-                results.append({"error": last_error(lines) or "the engine refused the context"})
-                continue
-            report = parse_buffers(lines)
-            report.model = model_report.model
-            report.weights_total = weights_total
-            results.append(report.to_dict())
-            llama_cpp.llama_free(ctx)
-    finally:
-        llama_cpp.llama_model_free(model)
+    results: list[dict[str, Any] | None] = [None] * len(settings_list)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, data in enumerate(settings_list):
+        groups.setdefault(load_key(Settings.from_dict(data)), []).append(i)
+    for indices in groups.values():
+        with captured_log() as model_lines:
+            mparams = model_params(Settings.from_dict(settings_list[indices[0]]))
+            mparams.no_alloc = True
+            mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE  # mmap together with no_alloc aborts
+            model = llama_cpp.llama_model_load_from_file(model_path.encode(), mparams)
+        if not model:
+            for i in indices:
+                results[i] = {"error": last_error(model_lines) or "the engine could not load the model"}
+            continue
+        weights_total = int(llama_cpp.llama_model_size(model))
+        try:
+            for i in indices:
+                mark(f"a no-allocation context of {settings_list[i]['n_ctx']} tokens")
+                with captured_log() as lines:
+                    ctx = llama_cpp.llama_init_from_model(model, context_params(Settings.from_dict(settings_list[i])))
+                if not ctx:
+                    results[i] = {"error": last_error(lines) or "the engine refused the context"}
+                    continue
+                report = parse_buffers(lines)
+                report.model = parse_buffers(model_lines).model
+                report.weights_total = weights_total
+                results[i] = report.to_dict()
+                llama_cpp.llama_free(ctx)
+        finally:
+            llama_cpp.llama_model_free(model)
     return {"reports": results}
 
 
+def load_key(s: Settings) -> tuple[Any, ...]:
+    """The settings one model load fixes; contexts with any other settings can share that load."""
+    return (s.n_gpu_layers, s.use_extra_bufts, s.n_cpu_moe)
+
+
 def dry_run(model_path: str, settings: list[Settings], timeout: float = 300) -> list[BufferReport | str]:
-    """The engine's own accounting for each settings, from a child process: a BufferReport, or the
-    engine's error line where it refused. All settings must share one model load (n_gpu_layers, use_extra_bufts)."""
+    """The engine's own accounting for each settings, from one child process: a BufferReport, or the engine's
+    error line where it refused. ModelError when the child dies (some CPUs abort inside the dry run)."""
     if not settings:
         return []
-    if len({(s.n_gpu_layers, s.use_extra_bufts) for s in settings}) > 1:
-        raise ValueError("dry_run takes settings with a single n_gpu_layers and use_extra_bufts")
     request = {"mode": "dry-run", "model": model_path, "settings": [s.to_dict() for s in settings]}
     result = _answer(request, timeout, "the engine's dry run failed")
     out: list[BufferReport | str] = []
@@ -206,8 +239,6 @@ def dry_run(model_path: str, settings: list[Settings], timeout: float = 300) -> 
             out.append(item["error"])
         else:
             out.append(BufferReport(**item))
-    if len(out) == 1 and len(settings) > 1 and isinstance(out[0], str):
-        raise ModelError(f"{model_path}: the engine could not load the model: {out[0]}")
     return out
 
 
