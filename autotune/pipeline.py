@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import optuna
 
-from . import catalog, engine, export, health, recommend, space, study
+from . import catalog, engine, export, health, memory, recommend, space, study
 from .engine import Measurement, Workload
 from .errors import FitError, ModelError, SettingsError
 from .gguf_model import ModelFacts, file_sha256, read_facts
@@ -100,6 +100,9 @@ def tune(model: str | None, options: TuneOptions = TuneOptions(), reporter: Repo
     req = study.StudyRequest(model_path=model, facts=facts, hw=hw, space=space.build_space(hw, facts, n_ctx, pins),
                              objective=options.objective, pareto=options.pareto, workload=work,
                              storage=options.storage, seed=options.seed, pins=pins)
+    warning = memory.beyond_trained(facts, n_ctx)
+    if warning:
+        reporter.note(warning)
     check_fits(req, reporter)
     preflight = engine.dry_run(model, [req.space.base])[0]  # the engine itself must accept the file (~1 s)
     if isinstance(preflight, str):
@@ -143,7 +146,7 @@ def check_fits(req: study.StudyRequest, reporter: Reporter) -> None:
     """Refuse up front, with the size of the gap, a model that no setting in the space can fit."""
     try:
         lean = study.leanest(req)
-    except ModelError as e:  # unsupported architecture: no prediction, the trials will tell
+    except ModelError as e:  # the engine's dry run died on the leanest settings; the trials will tell
         reporter.note(f"memory model: {e}; trials run without a fit check")
         return
     if not lean.fits:

@@ -373,8 +373,10 @@ def _evaluate(trial: optuna.Trial, s: Settings, req: StudyRequest, trial_timeout
         return TrialState.PRUNED, None
     try:
         est = memory.estimate(req.facts, s, req.hw)
-    except ModelError as e:  # unsupported architecture: no prediction to gate on, the run decides
+    except ModelError as e:  # the engine's own dry run refuses or dies on these settings: a real run would too
         trial.set_user_attr("predicted", {"error": str(e)})
+        trial.set_user_attr("reason", f"the engine's dry run: {str(e).removeprefix(f'{req.facts.path}: ')}")
+        return TrialState.PRUNED, None
     else:
         trial.set_user_attr("predicted", est.to_dict())
         if not est.fits:

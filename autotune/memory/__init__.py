@@ -1,31 +1,34 @@
-"""Analytic memory model: what a configuration needs per device, predicted without loading the engine.
+"""Memory model: what a configuration needs per device, for any model the engine loads.
 
-Everything follows the rules of the vendored llama.cpp (0.3.36), read from its source:
+Weights are placed from the GGUF tensor table by the rules of the vendored llama.cpp (0.3.36), read from its
+source: whole tensors by llama.cpp's layer rule (input layer on the host, the last ``n_gpu_layers - 1``
+repeating layers plus the output layer on the GPUs), experts of the first ``n_cpu_moe`` layers in host
+memory, the mapped file range with mmap, and a second copy in the AMX / CPU_REPACK buffers for the matrices
+ggml-cpu repacks (checked against real loads).
 
-* weights: whole tensors placed by llama.cpp's layer rule (input layer on the host, the last
-  ``n_gpu_layers - 1`` repeating layers plus the output layer on the GPUs); with mmap the host part is
-  the mapped file range of its tensors, and quantized matrices with a repacked CPU layout get a second
-  copy in the ``CPU_REPACK`` buffer (ggml-cpu/repack.cpp decides which);
-* KV cache: ``n_head_kv * head_dim`` elements per layer and cell at the cache type's row size, cells
-  padded to 256, sliding-window layers in their own, smaller cache unless ``swa_full``;
-* compute buffer: the engine's reserve graph is rebuilt tensor by tensor (same ops, shapes, order) and
-  replayed through a copy of ggml-alloc's allocator, so flash attention, n_ubatch and the context
-  change it exactly as they change the engine's;
-* output buffer: logits of one sequence (n_vocab floats).
+KV cache, compute and output buffers come from one of two sources, named in every estimate:
 
-Only architectures whose graph was checked against the engine's dry run are accepted; anything else
-raises ModelError saying "unsupported architecture" rather than printing a number we cannot back.
-The GPU split (layer placement, per-GPU KV and compute) follows the same source rules but has not been
-checked against a real GPU engine.
+* ``replay``: for the architectures in ``REPLAY_ARCHS`` the reserve graph is rebuilt tensor by tensor and
+  replayed through a copy of ggml-alloc's allocator, and the KV cache is computed from the head counts;
+  pure Python, a few milliseconds, equal to the engine's dry run;
+* ``engine dry run``: any other architecture (mixture of experts, MLA, fused QKV, recurrent state, ...) is
+  priced by the engine's own no-allocation dry run in a child process, cached on disk (``dryrun``).
+
+The GPU split follows the same source rules but has not been checked against a real GPU engine.
 """
 
 from .estimate import (
-           SUPPORTED_ARCHS,
+           DRY_RUN,
+           DRY_RUN_PROJECTED,
+           REPLAY,
+           REPLAY_ARCHS,
+           beyond_trained,
            cache_pairs,
-           check_supported,
            ctx_sweep,
            estimate,
            max_ctx,
+           prefetch,
+           replay_gap,
            validate,
 )
 from .layout import (
@@ -44,6 +47,7 @@ from .layout import (
 )
 from .oracle import COMPONENTS, as_logged, error_pct, summarize, verify
 
-__all__ = ["COMPONENTS", "GIB", "GPU_OVERHEAD", "HOST", "HOST_OVERHEAD", "MARGIN_MIN", "MIB", "SUPPORTED_ARCHS",
-           "DeviceMemory", "KVCache", "MemoryEstimate", "as_logged", "cache_pairs", "check_supported", "ctx_sweep",
-           "error_pct", "estimate", "margin", "max_ctx", "pad", "placement", "summarize", "validate", "verify"]
+__all__ = ["COMPONENTS", "DRY_RUN", "DRY_RUN_PROJECTED", "GIB", "GPU_OVERHEAD", "HOST", "HOST_OVERHEAD", "MARGIN_MIN",
+           "MIB", "REPLAY", "REPLAY_ARCHS", "DeviceMemory", "KVCache", "MemoryEstimate", "as_logged", "beyond_trained", "cache_pairs",
+           "ctx_sweep", "error_pct", "estimate", "margin", "max_ctx", "pad", "placement", "prefetch", "replay_gap",
+           "summarize", "validate", "verify"]

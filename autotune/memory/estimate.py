@@ -9,14 +9,18 @@ from ..errors import ModelError, SettingsError
 from ..gguf_model import ModelFacts
 from ..probe import Hardware
 from ..settings import QUANTIZED_KV, Settings
+from . import dryrun
 from .graph import Attn, shape_of
 from .graphs import BUILDERS
 from .layout import (
     GPU_OVERHEAD,
     HOST,
     HOST_OVERHEAD,
+    Ctx,
     DeviceMemory,
+    KVCache,
     MemoryEstimate,
+    Placement,
     context,
     kv_buffers,
     placement,
@@ -24,24 +28,32 @@ from .layout import (
 )
 from .reserve import compute_buffers
 
-SUPPORTED_ARCHS = tuple(BUILDERS)  # an architecture with a graph builder checked against the engine's dry run
+REPLAY_ARCHS = tuple(BUILDERS)  # architectures whose reserve graph is rebuilt here, checked against the dry run
+REPLAY = "replay"
+DRY_RUN = "engine dry run"
+DRY_RUN_PROJECTED = "engine dry run on the host; GPU split projected by the layer rule"
 
 
-def check_supported(facts: ModelFacts) -> None:
-    """ModelError unless this model's graph is one we rebuilt and checked against the engine."""
-    if facts.architecture not in SUPPORTED_ARCHS:
-        raise ModelError(
-            f"{facts.path}: unsupported architecture {facts.architecture!r} for the memory model "
-            f"(validated: {', '.join(SUPPORTED_ARCHS)}); use --verify for the engine's own figures"
-        )
+def replay_gap(facts: ModelFacts) -> str | None:
+    """Why the analytic replay cannot price this model (then the engine's dry run does); None if it can."""
+    if facts.architecture not in REPLAY_ARCHS:
+        return f"no replay of the {facts.architecture!r} graph (replayed: {', '.join(REPLAY_ARCHS)})"
     names = {t.name for t in facts.tensors}
-    if any("_exps" in n or "ffn_gate_inp" in n for n in names):
-        raise ModelError(f"{facts.path}: unsupported architecture (mixture-of-experts {facts.architecture}) "
-                         "for the memory model")
+    if facts.n_expert or any("_exps" in n or "ffn_gate_inp" in n for n in names):
+        return "mixture-of-experts layers are not replayed"
     if "blk.0.attn_qkv.weight" in names or any(n.endswith((".scale", ".input_scale")) for n in names):
-        raise ModelError(f"{facts.path}: unsupported architecture (fused QKV or scaled weights) for the memory model")
+        return "fused QKV or scaled weights are not replayed"
     if len(set(facts.n_head_kv)) != 1 or facts.head_dim_k != facts.head_dim_v or min(facts.n_head_kv) < 1:
-        raise ModelError(f"{facts.path}: unsupported architecture (per-layer head counts or K/V head sizes differ)")
+        return "per-layer head counts or unequal K/V head sizes are not replayed"
+    return None
+
+
+def beyond_trained(facts: ModelFacts, n_ctx: int) -> str | None:
+    """A warning when ``n_ctx`` exceeds the context the model was trained for; None otherwise."""
+    if facts.n_ctx_train and n_ctx > facts.n_ctx_train:
+        return (f"n_ctx {n_ctx:,} is beyond the {facts.n_ctx_train:,} tokens this model was trained for: "
+                "it may lose track of text that far back unless it was made for RoPE scaling")
+    return None
 
 
 def validate(settings: Settings) -> Settings:
@@ -53,31 +65,101 @@ def validate(settings: Settings) -> Settings:
 
 
 def estimate(facts: ModelFacts, settings: Settings, hw: Hardware) -> MemoryEstimate:
-    """Per-device memory for ``settings`` on ``hw``; pure and fast (no engine, a few ms)."""
-    check_supported(facts)
+    """Per-device memory for ``settings`` on ``hw``: the analytic replay where it is exact (pure, a few ms),
+    else the engine's cached dry run (a child process on a miss, a fraction of a second)."""
     validate(settings)
+    if replay_gap(facts) is None:
+        return _replayed(facts, settings, hw)
+    found = dryrun.figures(facts, [settings])[0]
+    if isinstance(found, str):
+        hint = "; with extra buffer types off (--no-repack) it may not" if settings.use_extra_bufts else ""
+        raise ModelError(f"{facts.path}: {found}{hint}" if found.startswith("the engine's dry run failed")
+                         else f"{facts.path}: the engine refuses these settings: {found}")
+    return _from_engine(facts, settings, hw, found)
+
+
+def prefetch(facts: ModelFacts, settings: Sequence[Settings]) -> None:
+    """Ask the engine about many settings in one child process (a no-op where the replay prices them)."""
+    if replay_gap(facts) is not None:
+        dryrun.figures(facts, [validate(s) for s in settings])
+
+
+def _budgets(hw: Hardware) -> dict[str, int]:
+    budgets = {HOST: hw.ram_available}
+    budgets.update({f"gpu{g.index}": g.vram_free for g in hw.offload_gpus})
+    return budgets
+
+
+def _replayed(facts: ModelFacts, settings: Settings, hw: Hardware) -> MemoryEstimate:
     where = placement(facts, settings, hw)
     c = context(facts, settings)
     weights, repack = weight_buffers(facts, settings, hw, where)
     kv, caches = kv_buffers(facts, settings, c, where)
     attn = Attn(settings.flash_attn, settings.type_k, settings.type_v, settings.offload_kqv)
     compute = compute_buffers(shape_of(facts, where), c, attn)
-    budgets = {HOST: hw.ram_available}
-    budgets.update({f"gpu{g.index}": g.vram_free for g in hw.offload_gpus})
-    devices = []
-    for dev in (HOST, *where.gpus):
-        devices.append(
-            DeviceMemory(
-                device=dev,
-                weights=weights.get(dev, 0),
-                repack=repack if dev == HOST else 0,
-                kv=kv.get(dev, 0),
-                compute=compute.get(dev, 0),
-                output=facts.n_vocab * 4 if dev == HOST else 0,  # logits of one sequence, host memory
-                overhead=HOST_OVERHEAD if dev == HOST else GPU_OVERHEAD,
-                budget=budgets[dev],
-            )
+    output = {HOST: facts.n_vocab * 4}  # logits of one sequence, host memory
+    return _assemble(settings, hw, where, c, weights, repack, kv, compute, output, caches, REPLAY)
+
+
+def _device_of(buffer: str) -> str:
+    """The device of an engine buffer name: host memory for CPU, AMX, CPU_REPACK and pinned ``*_Host``
+    buffers; "gpuN" for a GPU backend's buffer numbered N (CUDA0, Vulkan1, MTL0)."""
+    if buffer.startswith("CPU") or buffer.endswith("_Host") or buffer == "AMX":
+        return HOST
+    digits = buffer[len(buffer.rstrip("0123456789")):]
+    return f"gpu{int(digits or 0)}"
+
+
+def _from_engine(facts: ModelFacts, settings: Settings, hw: Hardware, found: dryrun.Figures) -> MemoryEstimate:
+    """An estimate from the engine's figures, weights placed from the tensor table. The dry run reports
+    each cache's size but not its devices: a cache is split over the devices holding its layers."""
+    where = placement(facts, settings, hw)
+    c = context(facts, settings)
+    weights, repack = weight_buffers(facts, settings, hw, where)
+    caches = tuple(KVCache(*cache) for cache in found.kv_caches)
+    kv: dict[str, int] = {}
+    for i, cache in enumerate(caches):
+        if len(caches) == 2 and facts.uses_swa:  # the full-attention cache, then the sliding-window one
+            layers = [il for il in range(facts.n_layer) if facts.swa_layers[il] == (i == 1)]
+        else:
+            layers = list(range(facts.n_layer))
+        for il in layers:
+            dev = where.layers[il] if settings.offload_kqv else HOST
+            kv[dev] = kv.get(dev, 0) + (cache.k + cache.v) // max(len(layers), 1)
+    compute: dict[str, int] = {}
+    output: dict[str, int] = {}
+    for name, n in found.compute.items():
+        compute[_device_of(name)] = compute.get(_device_of(name), 0) + n
+    for name, n in found.output.items():
+        output[_device_of(name)] = output.get(_device_of(name), 0) + n
+    source = DRY_RUN
+    if where.gpus and not any(d != HOST for d in compute):
+        # A host-only engine priced this for a machine with GPUs (a constructed Hardware): each GPU holding
+        # layers is given the host graph's compute buffer, an allowance not checked against a GPU engine.
+        for dev in set(where.layers) | {where.output}:
+            if dev != HOST:
+                compute[dev] = compute.get(HOST, 0)
+        source = DRY_RUN_PROJECTED
+    return _assemble(settings, hw, where, c, weights, repack, kv, compute, output, caches, source)
+
+
+def _assemble(settings: Settings, hw: Hardware, where: Placement, c: Ctx, weights: dict[str, int], repack: int,
+              kv: dict[str, int], compute: dict[str, int], output: dict[str, int], caches: tuple[KVCache, ...],
+              source: str) -> MemoryEstimate:
+    budgets = _budgets(hw)
+    devices = [
+        DeviceMemory(
+            device=dev,
+            weights=weights.get(dev, 0),
+            repack=repack if dev == HOST else 0,
+            kv=kv.get(dev, 0),
+            compute=compute.get(dev, 0),
+            output=output.get(dev, 0),
+            overhead=HOST_OVERHEAD if dev == HOST else GPU_OVERHEAD,
+            budget=budgets[dev],
         )
+        for dev in (HOST, *where.gpus)
+    ]
     return MemoryEstimate(
         settings=settings,
         devices=tuple(devices),
@@ -87,21 +169,38 @@ def estimate(facts: ModelFacts, settings: Settings, hw: Hardware) -> MemoryEstim
         n_ctx=c.n_ctx,
         n_ubatch=c.n_ubatch,
         shared_memory=hw.backend == "metal" and bool(where.gpus),
+        source=source,
     )
 
 
-def max_ctx(facts: ModelFacts, settings: Settings, hw: Hardware, limit: int | None = None) -> int:
-    """Largest context (a multiple of 256, at most ``limit`` or the trained context) that fits; 0 if none.
+def max_ctx(facts: ModelFacts, settings: Settings, hw: Hardware, limit: int | None = None,
+            keep: int | None = None) -> int:
+    """Largest context (a multiple of 256, at most ``limit`` or the trained context) that fits, keeping
+    ``keep`` bytes free per device (None: the default margin); 0 if none.
 
-    Memory grows with the context, so a binary search over multiples of 256 finds it."""
+    Memory grows with the context, so the answer is found by narrowing a bracket: one midpoint at a time
+    for the replay, 31 points per round (one child process) for the engine's dry run."""
     top = (limit or facts.n_ctx_train or 131072) // 256
+    width = 1 if replay_gap(facts) is None else 31
     lo, hi = 0, top
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if estimate(facts, settings.replace(n_ctx=mid * 256), hw).fits:
-            lo = mid
+
+    def fits(m: int) -> bool:
+        try:
+            return estimate(facts, settings.replace(n_ctx=m * 256), hw).fits_keeping(keep)
+        except ModelError:  # the engine refuses this context: it does not fit either
+            return False
+
+    while lo < hi:  # lo fits (or is 0); nothing above hi fits
+        if width == 1:
+            points = [(lo + hi + 1) // 2]
         else:
-            hi = mid - 1
+            points = sorted({lo + max(1, (hi - lo) * i // (width + 1)) for i in range(1, width + 1)} | {hi})
+        prefetch(facts, [settings.replace(n_ctx=m * 256) for m in points])
+        for m in points:
+            if not fits(m):
+                hi = m - 1
+                break
+            lo = m
     return lo * 256
 
 
@@ -119,7 +218,9 @@ def ctx_sweep(facts: ModelFacts, settings: Settings, hw: Hardware, ctxs: Sequenc
               kv_types: Sequence[str]) -> list[dict[str, Any]]:
     """Footprint against context length for each K/V type: one row per (type, context)."""
     rows = []
-    for tk, tv in cache_pairs(kv_types, settings.flash_attn):
+    pairs = cache_pairs(kv_types, settings.flash_attn)
+    prefetch(facts, [settings.replace(n_ctx=n, type_k=tk, type_v=tv) for tk, tv in pairs for n in ctxs])
+    for tk, tv in pairs:
         for n in ctxs:
             e = estimate(facts, settings.replace(n_ctx=n, type_k=tk, type_v=tv), hw)
             rows.append({

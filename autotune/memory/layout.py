@@ -10,7 +10,7 @@ from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ..gguf_model import ModelFacts
+from ..gguf_model import EXPERTS, ModelFacts
 from ..probe import Hardware
 from ..settings import Settings, row_bytes
 
@@ -93,6 +93,7 @@ class MemoryEstimate:
     n_ctx: int  # after the engine's padding
     n_ubatch: int  # after the engine's clamping
     shared_memory: bool = False  # GPU memory is host RAM (Apple unified memory)
+    source: str = "replay"  # where the KV and compute figures come from: the replay or the engine's dry run
 
     @property
     def total(self) -> int:
@@ -116,17 +117,23 @@ class MemoryEstimate:
                 return d
         raise KeyError(name)
 
-    def _misses(self) -> list[int]:
-        """Bytes by which each checked budget is exceeded (negative: room left)."""
-        out = [d.total - (d.budget - margin(d.budget)) for d in self.devices]
+    def _misses(self, keep: int | None = None) -> list[int]:
+        """Bytes by which each checked budget is exceeded (negative: room left), keeping ``keep`` bytes free
+        on each device (None: ``margin`` of its budget)."""
+        def room(budget: int) -> int:
+            return budget - (margin(budget) if keep is None else keep)
+
+        out = [d.total - room(d.budget) for d in self.devices]
         if self.shared_memory:
-            host = self.device(HOST)
-            out.append(self.total - (host.budget - margin(host.budget)))
+            out.append(self.total - room(self.device(HOST).budget))
         return out
 
     @property
     def fits(self) -> bool:
-        return all(m <= 0 for m in self._misses())
+        return self.fits_keeping(None)
+
+    def fits_keeping(self, keep: int | None) -> bool:
+        return all(m <= 0 for m in self._misses(keep))
 
     @property
     def shortfall(self) -> int:
@@ -137,6 +144,7 @@ class MemoryEstimate:
         """The JSON shape of ``autotune memory --json`` (stable: keys are only ever added)."""
         return {
             "settings": self.settings.to_dict(),
+            "source": self.source,
             "n_ctx": self.n_ctx,
             "n_ubatch": self.n_ubatch,
             "gpu_layers": self.gpu_layers,
@@ -213,9 +221,10 @@ def placement(facts: ModelFacts, s: Settings, hw: Hardware) -> Placement:
 # ------------------------------------------------------------------------------------------ weights
 
 
-def repack_ok(type_name: str, shape: tuple[int, ...], features: frozenset[str]) -> bool:
-    """Whether ggml-cpu gives this matrix a repacked layout (ggml_repack_get_optimal_repack_type)."""
-    if len(shape) != 2 or "REPACK" not in features:
+def repack_ok(type_name: str, shape: tuple[int, ...], features: frozenset[str], indexed: bool = False) -> bool:
+    """Whether ggml-cpu gives this matrix a repacked layout (ggml_repack_get_optimal_repack_type): 2-D weights
+    of a MUL_MAT, or the 3-D stacked experts of a MUL_MAT_ID (``indexed``)."""
+    if len(shape) != (3 if indexed else 2) or "REPACK" not in features:
         return False
     rows = shape[1]
     x86 = "AVX2" in features
@@ -242,11 +251,12 @@ _AMX_BLOCK_EXTRA = {"Q8_0": 4, "Q4_K": 4, "Q5_K": 4, "IQ4_XS": 2}
 
 
 def amx_bytes(type_name: str, shape: tuple[int, ...], n_bytes: int, features: frozenset[str]) -> int:
-    """Bytes this matrix takes in the AMX buffer, 0 if it does not go there (amx.cpp supports_op and
-    ggml_backend_amx_get_alloc_size). The engine offers that buffer first, before CPU_REPACK."""
-    if len(shape) != 2 or not {"AMX_INT8", "AVX512_VNNI"} <= features:
+    """Bytes this MUL_MAT weight takes in the AMX buffer, 0 if it does not go there (amx.cpp supports_op and
+    ggml_backend_amx_get_alloc_size). The engine offers that buffer first, before CPU_REPACK. A 3-D weight
+    (DeepSeek's per-head attn_k_b) is accepted too, sized by its first two dimensions only, as amx.cpp does."""
+    if len(shape) not in (2, 3) or not {"AMX_INT8", "AVX512_VNNI"} <= features:
         return 0
-    k, n = shape
+    k, n = shape[0], shape[1]
     multiple = _AMX_ROW_MULTIPLE.get(type_name)
     if multiple is None or k % multiple or n % 32:
         return 0
@@ -256,12 +266,14 @@ def amx_bytes(type_name: str, shape: tuple[int, ...], n_bytes: int, features: fr
     return n * (k // block) * (size + _AMX_BLOCK_EXTRA.get(type_name, 0))
 
 
-def extra_bytes(type_name: str, shape: tuple[int, ...], n_bytes: int, features: frozenset[str]) -> int:
-    """Bytes a matrix multiplied on the host takes in an extra buffer (AMX, else CPU_REPACK); 0 for none."""
-    amx = amx_bytes(type_name, shape, n_bytes, features)
+def extra_bytes(type_name: str, shape: tuple[int, ...], n_bytes: int, features: frozenset[str],
+                indexed: bool = False) -> int:
+    """Bytes a matrix multiplied on the host takes in an extra buffer (AMX, else CPU_REPACK); 0 for none.
+    ``indexed``: stacked experts (MUL_MAT_ID), which AMX has no kernel for."""
+    amx = 0 if indexed else amx_bytes(type_name, shape, n_bytes, features)
     if amx:
         return pad(amx, TENSOR_ALIGNMENT)
-    return pad(n_bytes, TENSOR_ALIGNMENT) if repack_ok(type_name, shape, features) else 0
+    return pad(n_bytes, TENSOR_ALIGNMENT) if repack_ok(type_name, shape, features, indexed) else 0
 
 
 def weight_buffers(facts: ModelFacts, s: Settings, hw: Hardware, where: Placement) -> tuple[dict[str, int], int]:
@@ -290,15 +302,21 @@ def weight_buffers(facts: ModelFacts, s: Settings, hw: Hardware, where: Placemen
             plain[dev] = plain.get(dev, 0) + pad(t.n_bytes, TENSOR_ALIGNMENT)
 
     for i, t in enumerate(facts.tensors):
-        if t.layer is not None:
+        expert = t.layer is not None and bool(EXPERTS.search(t.name))
+        # --n-cpu-moe: an override to the plain CPU buffer type, which also bypasses the extra buffers
+        pinned = expert and t.layer is not None and t.layer < s.n_cpu_moe
+        if pinned:
+            dev = HOST
+        elif t.layer is not None:
             dev = where.layers[t.layer] if t.layer < facts.n_layer else HOST
         elif t.name.startswith("output"):
             dev = where.output
         else:
             dev = HOST  # input layer (token embedding) always stays on the host
-        # only MUL_MAT weights can live in CPU_REPACK; the embedding is read with GET_ROWS
-        matmul = t.name.endswith(".weight") and t.name != "token_embd.weight" and len(t.shape) == 2
-        extra = extra_bytes(t.type, t.shape, t.n_bytes, features) if dev == HOST and matmul else 0
+        # only matrix-multiply weights can live in an extra buffer; the embedding is read with GET_ROWS
+        matmul = t.name.endswith(".weight") and t.name != "token_embd.weight" and len(t.shape) in (2, 3)
+        host = dev == HOST and matmul and not pinned
+        extra = extra_bytes(t.type, t.shape, t.n_bytes, features, indexed=expert) if host else 0
         if extra:
             repack += extra
         else:

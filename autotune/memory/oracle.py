@@ -9,7 +9,7 @@ from ..errors import ModelError
 from ..gguf_model import ModelFacts
 from ..probe import Hardware
 from ..settings import Settings
-from .estimate import check_supported, estimate, validate
+from .estimate import estimate, validate
 from .layout import MIB
 
 COMPONENTS = ("weights", "kv", "compute", "output", "total")
@@ -27,62 +27,56 @@ def as_logged(n: int) -> int:
 
 
 def verify(facts: ModelFacts, settings_list: Sequence[Settings], hw: Hardware | None = None) -> list[dict[str, Any]]:
-    """Prediction against the engine's no-allocation dry run for each settings (one engine load per
-    n_gpu_layers and use_extra_bufts). Totals compare what the dry run can see: weights (llama_model_size), KV, compute and
-    output; the repack buffer and the fixed overhead are left out of both sides. ``hw`` must describe
-    the machine the engine runs on (default: probe it). For an unsupported architecture the rows carry
-    the engine's figures only."""
+    """Each estimate against a fresh no-allocation dry run of the engine (one child process for all).
+    Totals compare what the dry run can see: weights (llama_model_size), KV, compute and output; the repack
+    buffer and the fixed overhead are left out of both sides. ``hw`` must describe the machine the engine
+    runs on (default: probe it). Rows carry the estimate's source: for an architecture the replay does not
+    price, KV, compute and output come from the (cached) dry run and only the weights are predicted."""
     from .. import engine
     from ..probe import probe
 
-    try:
-        check_supported(facts)
-        supported = True
-    except ModelError:
-        supported = False
     hw = hw or probe(measure_bandwidth=False)
     rows: list[dict[str, Any]] = []
-    groups: dict[tuple[int, bool], list[Settings]] = {}
-    for s in settings_list:
-        groups.setdefault((s.n_gpu_layers, s.use_extra_bufts), []).append(s)
-    for group in groups.values():
-        for s, report in zip(group, engine.dry_run(facts.path, [validate(s) for s in group])):
-            row: dict[str, Any] = {"settings": s, "estimate": None, "predicted": None, "engine": None,
-                                   "error_pct": None, "error": None}
-            rows.append(row)
-            if isinstance(report, str):
-                row["error"] = report
-                continue
-            real = {
-                "weights": report.weights_total,
-                "kv": report.kv_k + report.kv_v,
-                "compute": sum(report.compute.values()),
-                "output": sum(report.output.values()),
-            }
-            real["total"] = sum(real.values())
-            row["engine"] = real
-            if not supported:
-                row["error"] = f"unsupported architecture {facts.architecture!r}: no prediction"
-                continue
+    checked = [validate(s) for s in settings_list]
+    for s, report in zip(checked, engine.dry_run(facts.path, checked)):
+        row: dict[str, Any] = {"settings": s, "estimate": None, "predicted": None, "engine": None,
+                               "error_pct": None, "error": None, "source": None}
+        rows.append(row)
+        if isinstance(report, str):
+            row["error"] = report
+            continue
+        real = {
+            "weights": report.weights_total,
+            "kv": report.kv_k + report.kv_v,
+            "compute": sum(report.compute.values()),
+            "output": sum(report.output.values()),
+        }
+        real["total"] = sum(real.values())
+        row["engine"] = real
+        try:
             e = estimate(facts, s, hw)
-            # llama_model_size counts every weight once, whatever buffer holds it: compare the layout with no
-            # extra (AMX / CPU_REPACK) buffers, where every weight sits in a plain or mapped buffer.
-            plain = estimate(facts, s.replace(use_extra_bufts=False), hw)
-            pred = {
-                "weights": sum(d.weights for d in plain.devices),
-                "kv": e.kv_k + e.kv_v,
-                "compute": sum(d.compute for d in e.devices),
-                "output": sum(d.output for d in e.devices),
-            }
-            pred["total"] = sum(pred.values())
-            seen = {
-                "weights": pred["weights"],
-                "kv": sum(as_logged(c.k) + as_logged(c.v) for c in e.kv_caches),
-                "compute": sum(as_logged(d.compute) for d in e.devices if d.compute),
-                "output": as_logged(pred["output"]),
-            }
-            seen["total"] = sum(seen.values())
-            row.update(estimate=e, predicted=pred, error_pct={k: error_pct(seen[k], real[k]) for k in COMPONENTS})
+        except ModelError as err:
+            row["error"] = str(err)
+            continue
+        # llama_model_size counts every weight once, whatever buffer holds it: compare the layout with no
+        # extra (AMX / CPU_REPACK) buffers, where every weight sits in a plain or mapped buffer.
+        plain = estimate(facts, s.replace(use_extra_bufts=False), hw) if s.use_extra_bufts else e
+        pred = {
+            "weights": sum(d.weights for d in plain.devices),
+            "kv": e.kv_k + e.kv_v,
+            "compute": sum(d.compute for d in e.devices),
+            "output": sum(d.output for d in e.devices),
+        }
+        pred["total"] = sum(pred.values())
+        seen = {
+            "weights": pred["weights"],
+            "kv": sum(as_logged(c.k) + as_logged(c.v) for c in e.kv_caches),
+            "compute": sum(as_logged(d.compute) for d in e.devices if d.compute),
+            "output": as_logged(pred["output"]),
+        }
+        seen["total"] = sum(seen.values())
+        row.update(estimate=e, predicted=pred, source=e.source,
+                   error_pct={k: error_pct(seen[k], real[k]) for k in COMPONENTS})
     return rows
 
 
