@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from typing import Any, Callable, Iterator
 
 from rich.console import Console
@@ -160,17 +161,16 @@ def cmd_memory(args: argparse.Namespace) -> int:
     s = Settings(
         n_ctx=args.ctx, n_gpu_layers=args.ngl, n_batch=args.batch, n_ubatch=args.ubatch, flash_attn=args.fa == "on",
         type_k=args.type_k, type_v=args.type_v, swa_full=args.swa_full == "on", use_extra_bufts=args.repack == "on",
+        n_cpu_moe=args.n_cpu_moe,
     ).check()  # contradictory flags (n_ubatch > n_batch included) are the user's to fix, not ours to clamp
-    try:
-        memory.check_supported(facts)
-    except ModelError:
-        if not args.verify:
-            raise
-        supported = False  # --verify still shows the engine's own figures
-    else:
-        supported = True
     hw = probe(measure_bandwidth=False)
     notes = []
+    warning = memory.beyond_trained(facts, s.n_ctx)
+    if warning:
+        notes.append(warning)
+    gap = memory.replay_gap(facts)
+    if gap:
+        notes.append(f"priced by the engine's own dry run ({gap})")
     if s.n_gpu_layers and not hw.offload_gpus:
         notes.append("no GPU this engine build can offload to: --ngl is ignored, everything stays on the host")
     elif s.n_gpu_layers:
@@ -178,15 +178,15 @@ def cmd_memory(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"model": facts.path, "architecture": facts.architecture, "notes": notes}
     top = max(facts.n_ctx_train or 131072, s.n_ctx)
     pairs = memory.cache_pairs(("f16", "q8_0", "q4_0"), s.flash_attn)
-    if supported:
-        out["estimate"] = memory.estimate(facts, s, hw).to_dict()
-    if supported and args.ctx_sweep:
+    started = time.perf_counter()
+    out["estimate"] = memory.estimate(facts, s, hw).to_dict()
+    if args.ctx_sweep:
         ctxs, n = [], 512
         while n < top:
             ctxs.append(n)
             n *= 2
         out["ctx_sweep"] = memory.ctx_sweep(facts, s, hw, ctxs + [top], [k for k, _ in pairs])
-    if supported and args.max_ctx:
+    if args.max_ctx:
         gpus = bool(hw.offload_gpus)
         offloads = sorted({0, s.n_gpu_layers, facts.n_layer + 1} if gpus else {0})
         rows = []
@@ -203,29 +203,34 @@ def cmd_memory(args: argparse.Namespace) -> int:
             {"predicted": r["predicted"], "engine": r["engine"], "error_pct": r["error_pct"], "error": r["error"]}
             for r in memory.verify(facts, [s], hw)
         ]
+    cost = memory.dryrun.COST
+    out["dry_runs"] = {"children": cost.runs, "settings": cost.settings, "seconds": round(cost.seconds, 3),
+                       "wall_s": round(time.perf_counter() - started, 3)}
     if args.json:
         print_json(out)
         return 0
     for note in notes:
         console.print(f"note: {note}")
-    if supported:
-        est = out["estimate"]
-        t = Table(title=f"memory: {facts.name}, n_ctx {est['n_ctx']:,}, K {s.type_k} / V {s.type_v}, "
-                        f"FA {args.fa}, ub {est['n_ubatch']}, GPU layers {est['gpu_layers']}"
-                        + (" + output" if est["output_on_gpu"] else ""))
-        t.add_column("")
-        for d in est["devices"]:
-            t.add_column(d["device"], justify="right")
-        for key, label in (("weights", "weights"), ("repack", "AMX / CPU repack"), ("kv", "KV cache"), ("compute", "compute"),
-                           ("output", "output"), ("overhead", "fixed overhead"), ("total", "[bold]total[/bold]"),
-                           ("budget", "free memory"), ("margin", "margin kept free")):
-            t.add_row(label, *(mib(d[key]) for d in est["devices"]))
-        t.add_row("fits", *("[green]yes[/green]" if d["fits"] else "[red]no[/red]" for d in est["devices"]))
-        console.print(t)
-        caches = ", ".join(f"{c['cells']:,} cells (K {mib(c['k'])}, V {mib(c['v'])})" for c in est["kv_caches"])
-        verdict = "fits" if est["fits"] else f"does NOT fit: {mib(est['shortfall'])} over"
-        console.print(f"KV caches: {caches}\ntotal {mib(est['total'])}: {verdict} "
-                      "(keeping max(512 MiB, 5 %) of each device free; overhead is a fixed allowance)")
+    est = out["estimate"]
+    t = Table(title=f"memory: {facts.name}, n_ctx {est['n_ctx']:,}, K {s.type_k} / V {s.type_v}, "
+                    f"FA {args.fa}, ub {est['n_ubatch']}, GPU layers {est['gpu_layers']}"
+                    + (" + output" if est["output_on_gpu"] else ""))
+    t.add_column("")
+    for d in est["devices"]:
+        t.add_column(d["device"], justify="right")
+    for key, label in (("weights", "weights"), ("repack", "AMX / CPU repack"), ("kv", "KV cache"), ("compute", "compute"),
+                       ("output", "output"), ("overhead", "fixed overhead"), ("total", "[bold]total[/bold]"),
+                       ("budget", "free memory"), ("margin", "margin kept free")):
+        t.add_row(label, *(mib(d[key]) for d in est["devices"]))
+    t.add_row("fits", *("[green]yes[/green]" if d["fits"] else "[red]no[/red]" for d in est["devices"]))
+    console.print(t)
+    caches = ", ".join(f"{c['cells']:,} cells (K {mib(c['k'])}, V {mib(c['v'])})" for c in est["kv_caches"])
+    verdict = "fits" if est["fits"] else f"does NOT fit: {mib(est['shortfall'])} over"
+    console.print(f"KV caches: {caches}\ntotal {mib(est['total'])}: {verdict} "
+                  "(keeping max(512 MiB, 5 %) of each device free; overhead is a fixed allowance)")
+    paid = (f": {cost.settings} settings in {cost.runs} child process(es), {cost.seconds:.2f} s"
+            if cost.runs else ", answered from the cache" if est["source"] != memory.REPLAY else "")
+    console.print(f"source: {est['source']}{paid}")
     if "ctx_sweep" in out:
         t = Table(title=f"footprint against context (FA {'on' if s.flash_attn else 'off'}, ub {s.n_ubatch}, "
                         f"{'GPU layers ' + str(s.n_gpu_layers) if hw.offload_gpus else 'CPU'})")
@@ -262,6 +267,62 @@ def cmd_memory(args: argparse.Namespace) -> int:
         console.print(t)
         console.print("The dry run cannot see the AMX / CPU_REPACK buffers or the fixed overhead: both are left out here. "
                       "Errors are taken at the log's 0.01 MiB resolution.")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- fit
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from . import memory
+    from .fit import fit
+    from .gguf_model import read_facts
+    from .probe import probe
+    from .settings import Settings
+
+    facts = read_facts(args.model)
+    base = Settings(n_batch=args.batch, n_ubatch=args.ubatch, use_extra_bufts=args.repack == "on").check()
+    keep = None if args.margin is None else int(args.margin * 2**20)
+    hw = probe(measure_bandwidth=False)
+    started = time.perf_counter()
+    rows = fit(facts, hw, args.ctx, base, tuple(t.strip() for t in args.kv.split(",") if t.strip()), keep,
+               args.beyond_trained)
+    target = rows[0].settings.n_ctx
+    cost = memory.dryrun.COST
+    if args.json:
+        print_json({"model": facts.path, "n_ctx": target, "margin": "default" if keep is None else keep,
+                    "placements": [r.to_dict() for r in rows], "wall_s": round(time.perf_counter() - started, 3),
+                    "dry_runs": {"children": cost.runs, "settings": cost.settings, "seconds": round(cost.seconds, 3)}})
+        return 0
+    warning = memory.beyond_trained(facts, target)
+    if warning:
+        console.print(f"note: {warning}")
+    devices = [d.device for d in next((r.estimate for r in rows if r.estimate), None).devices] if any(
+        r.estimate for r in rows) else ["host"]
+    t = Table(title=f"fit: {facts.name} at n_ctx {target:,} (flash attention on; keeping "
+                    f"{'max(512 MiB, 5 %)' if keep is None else mib(keep)} free per device)")
+    for col in ("K / V", "placement", *(f"{d} at {target:,}" for d in devices), "holds it", "largest n_ctx"):
+        t.add_column(col, justify="left" if col in ("K / V", "placement") else "right")
+    for r in rows:
+        use = [mib(r.estimate.device(d).total) if r.estimate else "refused" for d in devices]
+        t.add_row(f"{r.settings.type_k} / {r.settings.type_v}", r.what, *use,
+                  "[green]yes[/green]" if r.holds_target else "[red]no[/red]",
+                  f"{r.max_ctx:,}" if r.max_ctx else "[red]none[/red]")
+    console.print(t)
+    holding = [r for r in rows if r.holds_target]
+    if holding:
+        pins = ["--set " + " --set ".join(f"{k}={getattr(r.settings, k)}" for k in ("type_k", "type_v", "n_gpu_layers",
+                "n_cpu_moe") if getattr(r.settings, k) != getattr(Settings(), k) or k.startswith("type"))
+                for r in holding]
+        console.print(f"measure: {len(holding)} placement(s) hold {target:,} tokens; the search measures them with "
+                      f"autotune search {facts.path} --ctx {target} and, to pin one, e.g. {pins[0]}")
+    else:
+        best = max(rows, key=lambda r: r.max_ctx)
+        console.print(f"[red]no placement holds {target:,} tokens[/red]; the most is {best.max_ctx:,} "
+                      f"({best.settings.type_k} / {best.settings.type_v}, {best.what})")
+    console.print(f"priced by {rows[0].estimate.source if rows[0].estimate else 'the engine'}"
+                  + (f": {cost.settings} settings in {cost.runs} dry-run child process(es), {cost.seconds:.2f} s"
+                     if cost.runs else "") + f"; {time.perf_counter() - started:.2f} s in all")
     return 0
 
 
@@ -618,6 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ctx", type=int, default=4096,
                     help="context length; above the trained context it also raises the --ctx-sweep/--max-ctx limit")
     sp.add_argument("--ngl", type=int, default=0, help="layers offloaded to the GPU")
+    sp.add_argument("--n-cpu-moe", type=int, default=0, metavar="N",
+                    help="keep the experts of the first N layers in host memory (mixture-of-experts models)")
     sp.add_argument("--type-k", default="f16")
     sp.add_argument("--type-v", default="f16")
     sp.add_argument("--fa", choices=("on", "off"), default="off")
@@ -632,6 +695,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-ctx", action="store_true", help="largest context that fits, per K/V type and offload")
     sp.add_argument("--verify", action="store_true", help="compare with the engine's own dry run")
     sp.set_defaults(func=cmd_memory)
+
+    sp = sub.add_parser("fit", help="placements that hold a context on this machine, and the largest context each allows")
+    sp.add_argument("model")
+    sp.add_argument("--ctx", type=int, help="the context you need (default: the trained context)")
+    sp.add_argument("--beyond-trained", action="store_true",
+                    help="allow and offer contexts beyond the trained one (RoPE-scaled use)")
+    sp.add_argument("--margin", type=float, metavar="MIB",
+                    help="memory to keep free on each device (default: max(512 MiB, 5 %% of its free memory))")
+    sp.add_argument("--kv", default=",".join(("f16", "q8_0", "q4_0")), help="K/V cache types to consider")
+    sp.add_argument("-b", "--batch", type=int, default=512)
+    sp.add_argument("-ub", "--ubatch", type=int, default=512)
+    sp.add_argument("--repack", choices=("on", "off"), default="on", help="extra weight buffer types (see memory)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_fit)
 
     from .export import FORMATS
     from .pipeline import TuneOptions

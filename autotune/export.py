@@ -181,10 +181,29 @@ llama_cpp.llama_cpp.llama_model_default_params = _no_repack_params
 """
 
 
+# Experts kept in host memory need llama.cpp's tensor buffer-type overrides, a C array: autotune's engine
+# builds it (the pasted code then needs autotune installed, as a draft model does).
+_MODEL_PARAMS = """import llama_cpp.llama_cpp
+
+from autotune.engine.bundled import model_params
+from autotune.settings import Settings
+
+# llama.cpp --n-cpu-moe{no_repack}: Llama() has no keyword for it, so set it on the model parameters it starts from.
+_default_model_params = llama_cpp.llama_cpp.llama_model_default_params
+llama_cpp.llama_cpp.llama_model_default_params = lambda: model_params(
+    Settings(n_cpu_moe={n_cpu_moe}, use_extra_bufts={use_extra_bufts}), _default_model_params)
+"""
+
+
 def python_kwargs(s: Settings, model: str) -> str:
     kwargs = llama_kwargs(s, model)
     body = ",\n".join(f"    {k}={v!r}" for k, v in kwargs.items())
-    head = "from llama_cpp import Llama\n" + ("" if s.use_extra_bufts else _NO_REPACK)
+    if s.n_cpu_moe:
+        params = _MODEL_PARAMS.format(n_cpu_moe=s.n_cpu_moe, use_extra_bufts=s.use_extra_bufts,
+                                      no_repack="" if s.use_extra_bufts else " and --no-repack")
+    else:
+        params = "" if s.use_extra_bufts else _NO_REPACK
+    head = "from llama_cpp import Llama\n" + params
     if not s.draft_model:
         return f"{head}\nllm = Llama(\n{body},\n)\n"
     # A draft needs every token's logits kept (the library sizes its score array by n_batch otherwise).

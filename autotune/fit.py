@@ -1,0 +1,105 @@
+"""``autotune fit``: the placements that hold a target context on this machine, and how far each stretches.
+
+llama.cpp's ``--fit`` fills memory by one rule (shrink the context, then offload fewer layers, then move
+experts to the host) and stops at the first answer. Here every K/V cache type gets its own placements: the
+most layers the GPUs hold at the target context, and for a mixture-of-experts model all layers on the GPUs
+with the fewest expert layers kept in host memory. Each row says what it costs per device at the target,
+the largest context it allows, and whether the search should measure it (it holds the target).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import memory
+from .errors import ModelError, SettingsError
+from .gguf_model import ModelFacts
+from .probe import Hardware
+from .settings import Settings
+
+KV_TYPES = ("f16", "q8_0", "q4_0")
+
+
+@dataclass(frozen=True)
+class Placement:
+    settings: Settings  # at the target context
+    what: str  # "all on the host", "N of M layers on the GPU", "all layers on the GPU, experts of N on the host"
+    estimate: memory.MemoryEstimate | None  # at the target context (None: the engine refuses it)
+    max_ctx: int  # the largest context it allows (0: not even 256 tokens)
+    holds_target: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"settings": self.settings.to_dict(), "what": self.what, "max_ctx": self.max_ctx,
+                "holds_target": self.holds_target,
+                "estimate": self.estimate.to_dict() if self.estimate else None}
+
+
+def fit(facts: ModelFacts, hw: Hardware, n_ctx: int | None = None, base: Settings = Settings(),
+        kv_types: tuple[str, ...] = KV_TYPES, keep: int | None = None, beyond_trained: bool = False) -> list[Placement]:
+    """Placements for ``n_ctx`` (default: the trained context) per K/V type, with flash attention on (a
+    quantized V cache needs it). ``keep``: bytes left free per device (None: max(512 MiB, 5 %))."""
+    trained = facts.n_ctx_train or 4096
+    target = n_ctx or trained
+    if target > trained and not beyond_trained:
+        raise SettingsError(f"--ctx {target:,} is beyond the {trained:,} tokens {facts.name} was trained for; "
+                            "pass --beyond-trained to price it anyway")
+    limit = max(target, trained) if beyond_trained else trained
+    rows = []
+    for tk, tv in memory.cache_pairs(kv_types, True):
+        s = base.replace(n_ctx=target, flash_attn=True, type_k=tk, type_v=tv, n_gpu_layers=0, n_cpu_moe=0)
+        for settings, what in _placements(facts, hw, s, keep):
+            rows.append(_row(facts, hw, settings, what, limit, keep))
+    return rows
+
+
+def _fits(facts: ModelFacts, hw: Hardware, s: Settings, keep: int | None) -> bool:
+    try:
+        return memory.estimate(facts, s, hw).fits_keeping(keep)
+    except ModelError:
+        return False
+
+
+def _largest(ok: Callable[[int], bool], lo: int, hi: int) -> int | None:
+    """The largest n in lo..hi with ok(n), for ok true up to some point and false after; None if none."""
+    if not ok(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
+
+
+def _placements(facts: ModelFacts, hw: Hardware, s: Settings, keep: int | None) -> list[tuple[Settings, str]]:
+    if not hw.offload_gpus:
+        return [(s, "all on the host")]
+    top = facts.n_layer + 1  # the repeating layers and the output layer
+    ngl = _largest(lambda n: _fits(facts, hw, s.replace(n_gpu_layers=n), keep), 0, top)
+    out = [(s.replace(n_gpu_layers=ngl or 0), f"{ngl or 0} of {top} layers on the GPU")]
+    if facts.moe_layers and (ngl or 0) < top:
+        everything = s.replace(n_gpu_layers=top)
+        last = max(facts.moe_layers) + 1
+        fewest = _fewest(lambda n: _fits(facts, hw, everything.replace(n_cpu_moe=n), keep), 0, last)
+        if fewest is not None:
+            out.append((everything.replace(n_cpu_moe=fewest),
+                        f"all layers on the GPU, experts of the first {fewest} in host memory"))
+    return out
+
+
+def _fewest(ok: Callable[[int], bool], lo: int, hi: int) -> int | None:
+    """The smallest n in lo..hi with ok(n), for ok false up to some point and true after; None if none."""
+    if not ok(hi):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
+    return lo
+
+
+def _row(facts: ModelFacts, hw: Hardware, s: Settings, what: str, limit: int, keep: int | None) -> Placement:
+    try:
+        est: memory.MemoryEstimate | None = memory.estimate(facts, s, hw)
+    except ModelError:
+        est = None
+    best = memory.max_ctx(facts, s, hw, limit=limit, keep=keep)
+    return Placement(s, what, est, best, est is not None and est.fits_keeping(keep))
