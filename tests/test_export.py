@@ -8,6 +8,7 @@ from conftest import run_python
 
 from autotune import export
 from autotune.errors import ConfigError
+from autotune.gguf_model import read_facts
 from autotune.settings import Settings
 
 TUNED = Settings(n_ctx=8192, n_gpu_layers=0, n_threads=2, n_threads_batch=2, n_batch=1024, n_ubatch=256,
@@ -128,3 +129,50 @@ def test_no_repack_reaches_every_format():
         assert "has no setting we know of for extra buffer types" in export.render(c, fmt), fmt
     assert "--no-repack" not in export.render(config(), "llama-server")
     assert export.parse_server_flags(["llama-server", "-m", "m.gguf", "-nr"])[1].use_extra_bufts is False
+
+
+def test_experts_on_host_reach_every_format():
+    c = config(TUNED.replace(n_cpu_moe=12))
+    assert export.render(c, "llama-server").endswith("-ncmoe 12")
+    assert "--moecpu 12" in export.render(c, "koboldcpp")
+    for fmt in ("ollama", "lmstudio"):
+        assert "experts of the first N layers in host memory" in export.render(c, fmt), fmt
+    for fmt in ("llama-server", "koboldcpp", "ollama", "lmstudio"):
+        assert "moe" not in export.render(config(), fmt).lower(), fmt  # 0 is every tool's default: not written
+    assert export.parse_server_flags(["llama-server", "-m", "m.gguf", "--n-cpu-moe", "3"])[1].n_cpu_moe == 3
+
+
+_LOAD_SNIPPET = """
+import json
+from llama_cpp import llama_cpp as C
+buffers = {{}}
+@C.llama_log_callback
+def log(level, text, user_data):
+    if b"model buffer size" in text:
+        name, size = text.decode().split(":")[1].split("model buffer size =")
+        buffers[name.strip()] = float(size.split()[0])
+C.llama_log_set(log, None)
+{code}
+print(json.dumps({{"n_ctx": llm.n_ctx(), "buffers": buffers}}))
+"""
+
+
+def test_exported_python_keeps_experts_in_host_memory(demo_model, tmp_path):
+    """A header-only Qwen3-MoE file loads in a real Llama from the pasted code (no tokens are run: zeros for
+    weights, and extra buffers on). With --n-cpu-moe 1 the experts of layer 0 leave the repack buffer for the
+    plain CPU buffer, by exactly their size, as llama.cpp's override does."""
+    from autotune import synth
+
+    shape = synth.Shape(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, head_dim=64, arch="qwen3moe",
+                        n_expert=4, n_expert_used=2, n_ff_exp=256)
+    model = synth.write_model(tmp_path / "moe.gguf", demo_model, shape, "Q4_0", header_only=True, vocab=2048)
+    runs = {}
+    for n in (0, 1):
+        c = config(TUNED.replace(n_ctx=512, use_mlock=False, use_mmap=False, use_extra_bufts=True, n_cpu_moe=n))
+        c["model"]["path"] = str(model)
+        runs[n] = run_python(_LOAD_SNIPPET.format(code=export.render(c, "python")))["buffers"]
+    if "CPU_REPACK" not in runs[0]:
+        pytest.skip("this CPU repacks no expert tensor: the override moves nothing visible")
+    experts = sum(t.n_bytes for t in read_facts(model).tensors if t.layer == 0 and "_exps" in t.name) / 2**20
+    assert runs[1]["CPU"] - runs[0]["CPU"] == pytest.approx(experts, abs=0.02)
+    assert runs[0]["CPU_REPACK"] - runs[1]["CPU_REPACK"] == pytest.approx(experts, abs=0.02)

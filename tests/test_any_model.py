@@ -1,0 +1,171 @@
+"""Models the replay does not price: mixture of experts (Qwen3-MoE, gpt-oss), MLA with shared experts
+(DeepSeek-V2-Lite), fused QKV (Phi-3) and Gemma 2's sliding window, as header-only GGUF files of the real
+shapes. Every estimate must equal the engine's dry run; the weights, placed from the tensor table, must
+equal a real load's buffers; experts kept in host memory must reach the engine."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from autotune import cli, engine, memory, synth
+from autotune.errors import ModelError
+from autotune.gguf_model import read_facts
+from autotune.memory.layout import MIB, placement, weight_buffers
+from autotune.probe import GPU, Hardware, probe
+from autotune.settings import Settings
+
+SHAPES = ("qwen3-30b-a3b", "gpt-oss-20b", "gemma2-2b", "phi3-mini", "deepseek-v2-lite")
+GIB = 2**30
+
+# The same architectures at toy sizes: a real load of a sparse file costs a few MiB.
+SMALL = {
+    "qwen3moe": synth.Shape(n_layer=3, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, head_dim=64, arch="qwen3moe",
+                            n_expert=4, n_expert_used=2, n_ff_exp=256),
+    "gpt-oss": synth.Shape(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=256, head_dim=64, n_swa=128,
+                           arch="gpt-oss", n_expert=4, n_expert_used=2, n_ff_exp=256, expert_type="MXFP4"),
+    "gemma2": synth.Shape(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, head_dim=64, n_swa=256,
+                          arch="gemma2"),
+    "phi3": synth.Shape(n_layer=2, n_embd=256, n_head=4, n_head_kv=4, n_ff=512, arch="phi3"),
+    "deepseek2": synth.Shape(n_layer=27, n_embd=256, n_head=4, n_head_kv=1, n_ff=512, head_dim=192, arch="deepseek2",
+                             n_expert=4, n_expert_used=2, n_ff_exp=256, n_expert_shared=1, n_dense_lead=1,
+                             kv_lora_rank=256, rope_dim=64, head_dim_v=128),
+}
+
+
+def host(ram: int = 64 * GIB) -> Hardware:
+    return Hardware(cpu_model="test", physical_cores=2, logical_cores=2, ram_total=ram, ram_available=ram,
+                    cpu_features=engine.build_info().cpu_features)
+
+
+def S(**kw) -> Settings:
+    return Settings(n_threads=1, n_threads_batch=1, use_extra_bufts=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def big(demo_model, tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("any-model")
+    return {k: synth.write_model(d / f"{k}.gguf", demo_model, synth.SHAPES[k], "Q4_K", header_only=True, vocab=2048)
+            for k in SHAPES}
+
+
+@pytest.fixture(scope="module")
+def small(demo_model, tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("any-model-small")
+    return {k: synth.write_model(d / f"{k}.gguf", demo_model, shape, "Q4_K", header_only=True, vocab=2048)
+            for k, shape in SMALL.items()}
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_every_estimate_equals_the_engines_dry_run(isolated_cache, big, name):
+    facts = read_facts(big[name])
+    assert memory.replay_gap(facts) is not None
+    caches = [(False, "f16", "f16"), (True, "f16", "f16"), (True, "q8_0", "q8_0")]
+    if name != "deepseek-v2-lite":  # MLA refuses K and V of different types (see below)
+        caches.append((False, "q8_0", "f16"))
+    grid = [S(n_ctx=n, flash_attn=fa, type_k=k, type_v=v) for n in (512, 8192, 32768) for fa, k, v in caches]
+    rows = memory.verify(facts, grid, host())
+    assert all(r["error"] is None for r in rows), [r["error"] for r in rows if r["error"]]
+    for r in rows:
+        assert r["source"] == memory.DRY_RUN
+        for k in ("weights", "kv", "compute", "total"):
+            assert abs(r["error_pct"][k]) <= 0.5, (name, k, r["settings"], r["predicted"], r["engine"])
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_weights_placed_from_the_tensor_table_equal_a_real_load(isolated_cache, small, name):
+    """Per buffer, at the load log's 0.01 MiB: mapped or copied host weights, and the AMX / CPU_REPACK copies
+    (3-D experts repack for MUL_MAT_ID, never AMX; DeepSeek's 3-D attn_k_b goes to AMX where it can)."""
+    facts = read_facts(small[name])
+    hw = probe(measure_bandwidth=False)
+    for extra in (True, False):
+        for mmap in (True, False):
+            s = Settings(use_extra_bufts=extra, use_mmap=mmap)
+            real = engine.loaded_buffers(str(small[name]), s)
+            weights, repack = weight_buffers(facts, s, hw, placement(facts, s, hw))
+            plain = real.get("CPU_Mapped" if mmap else "CPU", 0)
+            extras = real.get("AMX", 0) + real.get("CPU_REPACK", 0)
+            assert abs(weights["host"] - plain) <= 0.006 * MIB, (extra, mmap, weights, real)
+            assert abs(repack - extras) <= 0.011 * MIB, (extra, mmap, repack, real)
+
+
+def test_experts_kept_in_host_memory_reach_the_engine(isolated_cache, small):
+    """n_cpu_moe overrides the experts of the first layers to the plain CPU buffer type, which also keeps them
+    out of the repack buffer: visible in a real load even without a GPU."""
+    facts = read_facts(small["qwen3moe"])
+    hw = probe(measure_bandwidth=False)
+    on = Settings(use_extra_bufts=True, use_mmap=False)
+    moved = Settings(use_extra_bufts=True, use_mmap=False, n_cpu_moe=2)
+    weights, repack = weight_buffers(facts, moved, hw, placement(facts, moved, hw))
+    if weight_buffers(facts, on, hw, placement(facts, on, hw))[1] == repack:
+        pytest.skip("this CPU repacks none of the expert tensors: nothing for the override to move")
+    real = engine.loaded_buffers(str(small["qwen3moe"]), moved)
+    assert abs(real["CPU"] - weights["host"]) <= 0.006 * MIB, (real, weights)
+    assert abs(real.get("CPU_REPACK", 0) + real.get("AMX", 0) - repack) <= 0.011 * MIB, (real, repack)
+
+
+def fake_gpu(vram_gib: float) -> Hardware:
+    gpu = GPU(index=0, name="fake", backend="cuda", vram_total=int(vram_gib * GIB), vram_free=int(vram_gib * GIB))
+    return dataclasses.replace(host(), gpus=(gpu,), backend="cuda", can_offload=True)
+
+
+def test_fake_gpu_n_cpu_moe_moves_exactly_the_expert_bytes_to_the_host(isolated_cache, big):
+    facts = read_facts(big["qwen3-30b-a3b"])
+    hw = fake_gpu(24)
+    full = S(n_ctx=4096, n_gpu_layers=facts.n_layer + 1, use_mmap=False)  # mmap would map a whole file range
+    base = memory.estimate(facts, full, hw)
+    assert base.source == memory.DRY_RUN_PROJECTED
+    for n in (1, 10, facts.n_layer):
+        e = memory.estimate(facts, full.replace(n_cpu_moe=n), hw)
+        experts = sum(t.n_bytes for t in facts.tensors if t.layer is not None and t.layer < n and "_exps" in t.name)
+        assert e.device("gpu0").weights == base.device("gpu0").weights - experts
+        assert e.device("host").weights - base.device("host").weights == experts
+        assert e.device("gpu0").kv == base.device("gpu0").kv  # the experts move, the attention stays
+
+
+def test_max_ctx_from_the_dry_run_is_the_edge_of_what_fits(isolated_cache, big):
+    facts = read_facts(big["gpt-oss-20b"])
+    hw = host(ram=16 * GIB)
+    s = S(flash_attn=True)
+    best = memory.max_ctx(facts, s, hw)
+    assert 0 < best < facts.n_ctx_train
+    assert memory.estimate(facts, s.replace(n_ctx=best), hw).fits
+    assert not memory.estimate(facts, s.replace(n_ctx=best + 256), hw).fits
+
+
+def test_dry_run_answers_are_cached_by_the_settings_that_shape_memory(isolated_cache, big):
+    facts = read_facts(big["phi3-mini"])
+    cost = memory.dryrun.COST
+    memory.estimate(facts, S(n_ctx=3072), host())
+    runs = cost.runs
+    memory.estimate(facts, S(n_ctx=3072).replace(n_threads=2, use_mmap=False), host())  # not memory knobs
+    assert cost.runs == runs
+    memory.estimate(facts, S(n_ctx=3328), host())
+    assert cost.runs == runs + 1
+    memory.dryrun._memo.clear()  # a new process reads the answers back from disk
+    memory.estimate(facts, S(n_ctx=3328), host())
+    assert cost.runs == runs + 1
+
+
+def test_a_dry_run_that_dies_is_one_line_with_the_way_out(isolated_cache, big, capsys):
+    """DeepSeek-V2's Q8_0 attn_k_b goes to the AMX buffer on AMX CPUs, and the engine's dry run aborts there
+    (GGML_ASSERT in the scheduler); with extra buffers off it answers. Elsewhere both answer."""
+    facts = read_facts(big["deepseek-v2-lite"])
+    try:
+        memory.estimate(facts, S(n_ctx=4096).replace(use_extra_bufts=True), host())
+    except ModelError as e:
+        assert "\n" not in str(e) and "--no-repack" in str(e)
+    e = memory.estimate(facts, S(n_ctx=4096), host())
+    assert e.kv_v == 0 and e.kv_k > 0  # MLA caches the compressed K only; V is a view of it
+    with pytest.raises(ModelError, match="does not support different K"):  # the search prunes such trials
+        memory.estimate(facts, S(n_ctx=4096, type_k="q8_0"), host())
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_inspect_and_memory_accept_every_shape(isolated_cache, big, name, capsys):
+    assert cli.main(["inspect", str(big[name])]) == 0
+    assert cli.main(["memory", str(big[name]), "--repack", "off", "--ctx", "2048"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "source: engine dry run" in out
