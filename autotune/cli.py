@@ -337,7 +337,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         ctx=args.ctx, objective=args.objective, pareto=args.pareto, trials=args.trials, timeout=args.timeout,
         trial_timeout=args.trial_timeout, storage=args.storage, pins=space.parse_pins(args.set or []), seed=args.seed,
         workload=Workload(args.prompt_tokens, args.gen_tokens, args.reps), top_k=args.top_k, rounds=args.rounds,
-        kv_quality=args.kv_quality, recommend=not args.no_recommend, draft=args.draft)
+        kv_quality=args.kv_quality, recommend=not args.no_recommend, draft=args.draft, depth=args.depth)
     try:
         tuned = pipeline.tune(args.model, options, CliReporter())
     except KeyboardInterrupt:
@@ -402,6 +402,17 @@ class CliReporter(Reporter):
             print_draft_report(report.to_dict())
         else:
             console.print(config["draft"]["recommendation"]["verdict"])
+
+    def depth_sweep(self, rows: list[dict[str, Any]]) -> None:
+        t = Table(title="the recommendation against context depth (tokens already in the cache)")
+        for col in ("depth", "decode tok/s", "prefill tok/s", "time to first token"):
+            t.add_column(col, justify="right")
+        for r in rows:
+            if r["ok"]:
+                t.add_row(f"{r['depth']:,}", f"{r['decode']:.1f}", f"{r['prefill']:.1f}", f"{r['ttft'] * 1000:.0f} ms")
+            else:
+                t.add_row(f"{r['depth']:,}", f"[red]{r['error'][:60]}[/red]", "", "")
+        console.print(t)
 
 
 def print_space(sp: Any, hw: Any, pins: dict[str, Any], forced: dict[str, Any]) -> None:
@@ -728,6 +739,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--storage", help="Optuna storage URL (default: sqlite in ./studies)")
     sp.add_argument("--set", action="append", metavar="NAME=VALUE", help="pin a setting, e.g. n_threads=2")
     sp.add_argument("--seed", type=int, default=default.seed)
+    sp.add_argument("--depth", type=int, metavar="N",
+                    help="measure with N tokens of history already in the cache, like llama-bench -d "
+                         "(default: an eighth of --ctx in 256-token blocks)")
     sp.add_argument("--prompt-tokens", type=int, default=default.workload.prompt_tokens)
     sp.add_argument("--gen-tokens", type=int, default=default.workload.gen_tokens)
     sp.add_argument("--reps", type=int, default=default.workload.reps, help="repetitions inside each trial's run")

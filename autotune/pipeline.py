@@ -43,6 +43,19 @@ class TuneOptions:
     kv_quality: str = "strict"
     recommend: bool = True  # False: only run trials
     draft: str | None = None  # "auto" or a draft GGUF: the speculative decoding stage
+    depth: int | None = None  # tokens in the cache before each measured prompt (None: default_depth)
+
+
+def default_depth(n_ctx: int, work: Workload) -> int:
+    """An eighth of the context, in whole 256-token blocks: a conversation well under way, at a fill cost of
+    a few seconds per trial on a small CPU (0 for contexts under 2,048)."""
+    return max(0, min(n_ctx // 8, n_ctx - work.prompt_tokens - work.gen_tokens)) // 256 * 256
+
+
+def depths_to_report(n_ctx: int, depth: int, work: Workload) -> list[int]:
+    """Depths the recommendation is measured at after the search: empty, the searched depth, nearly full."""
+    deepest = (n_ctx - work.prompt_tokens - work.gen_tokens) // 256 * 256
+    return sorted({0, depth, max(deepest, 0)})
 
 
 @dataclass
@@ -84,6 +97,8 @@ class Reporter:
 
     def draft(self, config: dict[str, Any], report: Any) -> None: ...
 
+    def depth_sweep(self, rows: list[dict[str, Any]]) -> None: ...
+
 
 def tune(model: str | None, options: TuneOptions = TuneOptions(), reporter: Reporter = Reporter()) -> TunedConfig | None:
     """Tune ``model`` (None: the demo model). Returns None when ``options.recommend`` is off. A
@@ -96,6 +111,11 @@ def tune(model: str | None, options: TuneOptions = TuneOptions(), reporter: Repo
     if work.prompt_tokens + work.gen_tokens > n_ctx:
         raise SettingsError(f"--ctx {n_ctx} is smaller than the measured prompt + reply "
                             f"({work.prompt_tokens} + {work.gen_tokens} tokens)")
+    depth = default_depth(n_ctx, work) if options.depth is None else options.depth
+    if depth < 0 or depth + work.prompt_tokens + work.gen_tokens > n_ctx:
+        raise SettingsError(f"--depth {depth} leaves no room in --ctx {n_ctx} for the measured prompt + reply "
+                            f"({work.prompt_tokens} + {work.gen_tokens} tokens)")
+    work = dataclasses.replace(work, depth=depth)
     pins = options.pins
     req = study.StudyRequest(model_path=model, facts=facts, hw=hw, space=space.build_space(hw, facts, n_ctx, pins),
                              objective=options.objective, pareto=options.pareto, workload=work,
@@ -136,10 +156,27 @@ def tune(model: str | None, options: TuneOptions = TuneOptions(), reporter: Repo
         rec = recommend.recommend(st, req, top_k=options.top_k, rounds=options.rounds,
                                   trial_timeout=options.trial_timeout, on_run=on_run)
     record = _record(req, st, rec, verdict, quality, options)
+    record["depth_sweep"] = depth_sweep(model, rec.chosen.settings, req.n_ctx, work, options.trial_timeout, reporter)
     if options.draft:
         record = _draft_stage(record, options.draft, hw, reporter)
     st.set_user_attr("recommendation", record)
     return TunedConfig(export.settings_of(record), rec, verdict, st.study_name, record)
+
+
+def depth_sweep(model: str, settings: Settings, n_ctx: int, work: Workload, timeout: float,
+                reporter: Reporter) -> list[dict[str, Any]]:
+    """The recommendation measured with an empty cache, at the searched depth and nearly full: placement and
+    attention choices that win empty can lose deep in a conversation."""
+    rows = []
+    with reporter.step("measuring the recommendation against context depth ...") as status:
+        for d in depths_to_report(n_ctx, work.depth, work):
+            status(f"depth {d:,} ...")
+            m = engine.measure(model, settings, dataclasses.replace(work, depth=d), timeout=timeout)
+            rows.append({"depth": d, "ok": m.ok, "error": m.error, "decode": m.decode if m.ok else None,
+                         "prefill": m.prefill if m.ok else None, "ttft": m.ttft if m.ok else None,
+                         "decode_tps": m.decode_tps, "prefill_tps": m.prefill_tps})
+    reporter.depth_sweep(rows)
+    return rows
 
 
 def check_fits(req: study.StudyRequest, reporter: Reporter) -> None:

@@ -105,7 +105,7 @@ class StudyRequest:
         goal = "pareto" if self.pareto else self.objective
         w = self.workload
         parts = [Path(self.model_path).stem, sha, self.hw.fingerprint(), f"ctx{self.n_ctx}", goal,
-                 f"p{w.prompt_tokens}g{w.gen_tokens}"]
+                 f"p{w.prompt_tokens}g{w.gen_tokens}" + (f"d{w.depth}" if w.depth else "")]
         for label, pinned in (("pins", self.pins), ("forced", self.forced)):
             if pinned:
                 parts.append(label + hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()[:8])

@@ -108,6 +108,7 @@ def test_model_that_cannot_fit(tmp_path, demo_model):
         (["--set", "n_threads=many"], "expects int"),
         (["--set", "turbo=1"], "unknown setting"),
         (["--ctx", "64"], "smaller than the measured prompt"),
+        (["--ctx", "512", "--depth", "256"], "leaves no room in --ctx 512"),
     ],
 )
 def test_contradictory_search_flags(tiny_model, tmp_path, flags, fragment):
@@ -146,15 +147,18 @@ def test_search_recommends_and_exports_end_to_end(tiny_model, tmp_path):
     """The main command on a tiny model: trials, re-measurement, a tuned config, and every export format."""
     out = tmp_path / "tuned.json"
     done = cli("search", str(tiny_model), "--trials", "4", "--ctx", "256", "--prompt-tokens", "32", "--gen-tokens",
-               "8", "--top-k", "1", "--rounds", "2", "--out", str(out), cwd=tmp_path)
+               "8", "--top-k", "1", "--rounds", "2", "--depth", "64", "--out", str(out), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "recommended" in done.stdout and "KV cache quantization vs f16" in done.stdout
+    assert "against context depth" in done.stdout
     assert "search space" in done.stdout and "physical cores" in done.stdout
     assert "engine self-check: a multi-token batch and decode steps run" in done.stdout  # nothing pinned
     assert "pinned by the engine self-check" not in done.stdout
     config = json.loads(out.read_text())
     assert config["schema"] == 1 and config["model"]["sha256"] and config["metrics"]["decode"]["n"] >= 4
     assert config["recommendation"]["verdict"]
+    assert [r["depth"] for r in config["depth_sweep"]] == [0, 64] and all(r["ok"] for r in config["depth_sweep"])
+    assert config["study"]["name"].endswith("p32g8d64")  # a study per measured depth
     assert (tmp_path / "studies" / "autotune.db").exists()  # the default storage, relative to the cwd
     name = config["study"]["name"]
     for fmt in ("llama-server", "python", "lmstudio", "ollama", "koboldcpp"):
@@ -205,3 +209,12 @@ def test_search_refuses_in_one_line_when_no_switch_helps_fake_amx_crash(tiny_mod
                cwd=tmp_path, env=FAKE_AMX)
     assert_one_line_error(done, "no runtime switch avoids it")
     assert "crashed with SIGSEGV" in done.stderr
+
+
+def test_default_depth_is_an_eighth_of_the_context_in_whole_blocks():
+    from autotune.engine import Workload
+    from autotune.pipeline import default_depth, depths_to_report
+
+    w = Workload(prompt_tokens=256, gen_tokens=32)
+    assert [default_depth(n, w) for n in (512, 1024, 2048, 4096, 32768)] == [0, 0, 256, 512, 4096]
+    assert depths_to_report(4096, 512, w) == [0, 512, 3584]

@@ -31,6 +31,18 @@ def test_greedy_output_is_deterministic(tiny_model):
     assert a.ok and b.ok and a.output_tokens == b.output_tokens
 
 
+def test_depth_puts_history_in_the_cache_before_every_repetition(tiny_model):
+    """With 64 tokens of history, each repetition continues the same text as a 96-token prompt would: the
+    history is really in the cache (not re-read, not lost between repetitions)."""
+    deep = engine.measure(str(tiny_model), S, Workload(prompt_tokens=32, gen_tokens=8, reps=2, depth=64), timeout=120)
+    flat = engine.measure(str(tiny_model), S, Workload(prompt_tokens=96, gen_tokens=8, reps=1), timeout=120)
+    assert deep.ok and flat.ok, (deep.error, flat.error)
+    assert deep.output_tokens == flat.output_tokens and len(deep.decode_tps) == 2
+    assert deep.depth_fill_s > 0 and flat.depth_fill_s == 0
+    full = engine.measure(str(tiny_model), S, Workload(prompt_tokens=32, gen_tokens=8, reps=1, depth=240), timeout=120)
+    assert not full.ok and "smaller than depth + prompt + generated tokens" in full.error
+
+
 @pytest.mark.parametrize(
     "fault, reason",
     [

@@ -43,6 +43,7 @@ class Workload:
     gen_tokens: int = 32
     reps: int = 2
     prompt_kind: str = "prose"
+    depth: int = 0  # tokens already in the cache when the prompt arrives (llama-bench's -d)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Measurement:
     buffers: dict[str, Any] = field(default_factory=dict)  # the engine's logged buffer sizes
     draft: dict[str, Any] = field(default_factory=dict)  # speculative decoding counters, when a draft ran
     output_tokens: list[int] = field(default_factory=list)  # greedy output of the last repetition
+    depth_fill_s: float = 0.0  # seconds to put the workload's depth of history in the cache (not timed above)
 
     @property
     def decode(self) -> float:
