@@ -169,3 +169,13 @@ def test_inspect_and_memory_accept_every_shape(isolated_cache, big, name, capsys
     assert cli.main(["memory", str(big[name]), "--repack", "off", "--ctx", "2048"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "source: engine dry run" in out
+
+
+def test_fake_gpu_space_searches_expert_placement_with_gpu_layers(isolated_cache, big, demo_model):
+    from autotune import space
+
+    moe = read_facts(big["qwen3-30b-a3b"])
+    sp = space.build_space(fake_gpu(24), moe, 4096)
+    assert sp.int_ranges["n_cpu_moe"] == (0, moe.n_layer) and "n_gpu_layers" in sp.int_ranges
+    assert "n_cpu_moe" not in space.build_space(host(), moe, 4096).int_ranges  # nothing to move without a GPU
+    assert "n_cpu_moe" not in space.build_space(fake_gpu(24), read_facts(demo_model), 4096).int_ranges  # dense
