@@ -42,10 +42,11 @@ class Shape:
     rope_dim: int = 0  # deepseek2: the rotary part of each head; MLA heads are head_dim (nope + rope) wide
     head_dim_v: int = 0  # deepseek2: value head size (0: head_dim)
     expert_type: str | None = None  # header-only files: the experts' weight type (None: the weight type)
+    ssm_state: int = 0  # mamba (recurrent, no attention): the state size per channel (inner size 2 * n_embd)
 
     @property
     def head_dim_(self) -> int:
-        return self.head_dim or self.n_embd // self.n_head
+        return self.head_dim or (self.n_embd // self.n_head if self.n_head else 0)
 
 
 # Named shapes of real model families (dimensions only; the weights are never real, the vocabulary is the
@@ -76,6 +77,8 @@ SHAPES = {
         arch="gemma2",
     ),
     "phi3-mini": Shape(n_layer=32, n_embd=3072, n_head=32, n_head_kv=32, n_ff=8192, n_ctx_train=4096, arch="phi3"),
+    "mamba-130m": Shape(n_layer=24, n_embd=768, n_head=0, n_head_kv=0, n_ff=0, n_ctx_train=1048576, arch="mamba",
+                        ssm_state=16),
     "deepseek-v2-lite": Shape(
         n_layer=27, n_embd=2048, n_head=16, n_head_kv=1, n_ff=10944, n_ctx_train=163840, head_dim=192,
         arch="deepseek2", n_expert=64, n_expert_used=6, n_ff_exp=1408, n_expert_shared=2, n_dense_lead=1,
@@ -169,7 +172,12 @@ def _arch_keys(w: GGUFWriter, s: Shape) -> None:
     """The metadata an architecture needs besides the common keys (llama.cpp's load_arch_hparams)."""
     arch = s.arch
     hd_v = s.head_dim_v or s.head_dim_
-    if arch == "deepseek2":  # MLA: one cached "head" of the compressed K/V plus the rotary part
+    if arch == "mamba":
+        w.add_uint32(f"{arch}.ssm.conv_kernel", 4)
+        w.add_uint32(f"{arch}.ssm.inner_size", 2 * s.n_embd)
+        w.add_uint32(f"{arch}.ssm.state_size", s.ssm_state)
+        w.add_uint32(f"{arch}.ssm.time_step_rank", -(-s.n_embd // 16))
+    elif arch == "deepseek2":  # MLA: one cached "head" of the compressed K/V plus the rotary part
         w.add_key_length(s.kv_lora_rank + s.rope_dim)
         w.add_value_length(s.kv_lora_rank)
         w.add_uint32(f"{arch}.attention.key_length_mla", s.head_dim_)
@@ -199,6 +207,8 @@ def _tensors(s: Shape, n_vocab: int) -> list[Tensor]:
     e, hd, ff = s.n_embd, s.head_dim_, s.n_ff
     q, kv = s.n_head * hd, s.n_head_kv * hd
     out: list[Tensor] = [("token_embd.weight", (n_vocab, e), "mat"), ("output_norm.weight", (e,), "vec")]
+    if s.arch == "mamba":
+        return out + [t for i in range(s.n_layer) for t in _mamba_layer(s, f"blk.{i}.")]
     if s.arch in ("qwen3moe", "gpt-oss", "phi3", "deepseek2"):
         out.append(("output.weight", (n_vocab, e), "mat"))
     for i in range(s.n_layer):
@@ -231,6 +241,23 @@ def _tensors(s: Shape, n_vocab: int) -> list[Tensor]:
         if s.arch in ("gemma2", "gemma3"):
             out.append((b + "post_ffw_norm.weight", (e,), "vec"))
     return out
+
+
+def _mamba_layer(s: Shape, b: str) -> list[Tensor]:
+    """A Mamba block: no attention and no KV cache, a fixed-size recurrent state instead."""
+    e, inner, rank = s.n_embd, 2 * s.n_embd, -(-s.n_embd // 16)
+    return [
+        (b + "attn_norm.weight", (e,), "vec"),
+        (b + "ssm_in.weight", (2 * inner, e), "mat"),
+        (b + "ssm_conv1d.weight", (inner, 4), "vec"),
+        (b + "ssm_conv1d.bias", (inner,), "vec"),
+        (b + "ssm_x.weight", (rank + 2 * s.ssm_state, inner), "mat"),
+        (b + "ssm_dt.weight", (inner, rank), "mat"),
+        (b + "ssm_dt.bias", (inner,), "vec"),
+        (b + "ssm_a", (inner, s.ssm_state), "vec"),
+        (b + "ssm_d", (inner,), "vec"),
+        (b + "ssm_out.weight", (e, inner), "mat"),
+    ]
 
 
 def _mla(s: Shape, b: str) -> list[Tensor]:

@@ -1,6 +1,6 @@
 """Models the replay does not price: mixture of experts (Qwen3-MoE, gpt-oss), MLA with shared experts
-(DeepSeek-V2-Lite), fused QKV (Phi-3) and Gemma 2's sliding window, as header-only GGUF files of the real
-shapes. Every estimate must equal the engine's dry run; the weights, placed from the tensor table, must
+(DeepSeek-V2-Lite), fused QKV (Phi-3), Gemma 2's sliding window and a recurrent state (Mamba), as
+header-only GGUF files of the real shapes. Every estimate must equal the engine's dry run; the weights, placed from the tensor table, must
 equal a real load's buffers; experts kept in host memory must reach the engine."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from autotune.memory.layout import MIB, placement, weight_buffers
 from autotune.probe import GPU, Hardware, probe
 from autotune.settings import Settings
 
-SHAPES = ("qwen3-30b-a3b", "gpt-oss-20b", "gemma2-2b", "phi3-mini", "deepseek-v2-lite")
+SHAPES = ("qwen3-30b-a3b", "gpt-oss-20b", "gemma2-2b", "phi3-mini", "deepseek-v2-lite", "mamba-130m")
 GIB = 2**30
 
 # The same architectures at toy sizes: a real load of a sparse file costs a few MiB.
