@@ -190,6 +190,9 @@ def max_ctx(facts: ModelFacts, settings: Settings, hw: Hardware, limit: int | No
         except ModelError:  # the engine refuses this context: it does not fit either
             return False
 
+    prefetch(facts, [settings.replace(n_ctx=hi * 256)])
+    if hi and fits(hi):  # the common case, the whole range fits: one answer
+        return hi * 256
     while lo < hi:  # lo fits (or is 0); nothing above hi fits
         if width == 1:
             points = [(lo + hi + 1) // 2]
