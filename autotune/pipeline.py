@@ -123,8 +123,11 @@ def tune(model: str | None, options: TuneOptions = TuneOptions(), reporter: Repo
     warning = memory.beyond_trained(facts, n_ctx)
     if warning:
         reporter.note(warning)
-    check_fits(req, reporter)
-    preflight = engine.dry_run(model, [req.space.base])[0]  # the engine itself must accept the file (~1 s)
+    unchecked = check_fits(req)
+    try:  # the engine itself must accept the file (~1 s)
+        preflight = engine.dry_run(model, [req.space.base])[0]
+    except ModelError:  # its dry run died (some CPUs abort there): the self-check finds the switch, if any
+        preflight = None
     if isinstance(preflight, str):
         raise ModelError(f"{model}: the engine refuses this model: {preflight}")
     with reporter.step("engine self-check: a short real run with the starting settings ..."):
@@ -133,6 +136,9 @@ def tune(model: str | None, options: TuneOptions = TuneOptions(), reporter: Repo
     if verdict.pins:  # the whole study runs with the switch that keeps the engine alive
         req = dataclasses.replace(req, space=space.build_space(hw, facts, n_ctx, {**pins, **verdict.pins}),
                                   forced=verdict.pins)
+        unchecked = check_fits(req)  # with the switch, the engine's dry run may answer where it died before
+    if unchecked:
+        reporter.note(f"memory model: {unchecked}; trials run without a fit check")
     st = study.open_study(req)
     reporter.study(st, study.storage_url(options.storage))
     with reporter.step("measuring how quantized K/V caches change the outputs (once per study) ..."):
@@ -179,16 +185,17 @@ def depth_sweep(model: str, settings: Settings, n_ctx: int, work: Workload, time
     return rows
 
 
-def check_fits(req: study.StudyRequest, reporter: Reporter) -> None:
-    """Refuse up front, with the size of the gap, a model that no setting in the space can fit."""
+def check_fits(req: study.StudyRequest) -> str | None:
+    """Refuse up front, with the size of the gap, a model that no setting in the space can fit. Returns why
+    it could not tell (the engine's dry run died on the leanest settings), or None."""
     try:
         lean = study.leanest(req)
-    except ModelError as e:  # the engine's dry run died on the leanest settings; the trials will tell
-        reporter.note(f"memory model: {e}; trials run without a fit check")
-        return
+    except ModelError as e:
+        return str(e)
     if not lean.fits:
         raise FitError(f"{req.facts.name} at context {req.n_ctx} cannot fit this machine in any searched setting: "
                        f"{lean.shortfall / MIB:,.0f} MiB short even at its leanest (try a smaller --ctx)")
+    return None
 
 
 def _record(req: study.StudyRequest, st: optuna.Study, rec: recommend.Recommendation, verdict: health.Verdict,

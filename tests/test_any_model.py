@@ -179,3 +179,34 @@ def test_fake_gpu_space_searches_expert_placement_with_gpu_layers(isolated_cache
     assert sp.int_ranges["n_cpu_moe"] == (0, moe.n_layer) and "n_gpu_layers" in sp.int_ranges
     assert "n_cpu_moe" not in space.build_space(host(), moe, 4096).int_ranges  # nothing to move without a GPU
     assert "n_cpu_moe" not in space.build_space(fake_gpu(24), read_facts(demo_model), 4096).int_ranges  # dense
+
+
+TINY = {  # small enough to run for real (random F16 weights): the search itself, end to end
+    "qwen3moe": dict(n_layer=2, n_embd=64, n_head=2, n_head_kv=1, n_ff=128, n_expert=4, n_expert_used=2, n_ff_exp=64),
+    "gpt-oss": dict(n_layer=2, n_embd=64, n_head=2, n_head_kv=1, n_ff=64, head_dim=32, n_swa=32, n_expert=4,
+                    n_expert_used=2, n_ff_exp=64),
+    "gemma2": dict(n_layer=2, n_embd=64, n_head=2, n_head_kv=1, n_ff=128, head_dim=32, n_swa=64),
+    "phi3": dict(n_layer=2, n_embd=64, n_head=2, n_head_kv=2, n_ff=128),
+    "deepseek2": dict(n_layer=27, n_embd=64, n_head=2, n_head_kv=1, n_ff=128, head_dim=48, n_expert=4,
+                      n_expert_used=2, n_ff_exp=64, n_expert_shared=1, n_dense_lead=1, kv_lora_rank=32, rope_dim=16,
+                      head_dim_v=32),
+    "mamba": dict(n_layer=2, n_embd=64, n_head=0, n_head_kv=0, n_ff=0, ssm_state=16),
+}
+
+
+@pytest.mark.parametrize("arch", TINY)
+def test_search_runs_every_architecture_end_to_end(isolated_cache, demo_model, tmp_path, arch):
+    import json
+    import subprocess
+    import sys
+
+    model = synth.write_model(tmp_path / f"{arch}.gguf", demo_model, synth.Shape(arch=arch, **TINY[arch]), vocab=2048)
+    out = tmp_path / "tuned.json"
+    done = subprocess.run([sys.executable, "-m", "autotune.cli", "search", str(model), "--trials", "2", "--ctx", "256",
+                           "--prompt-tokens", "32", "--gen-tokens", "8", "--top-k", "1", "--rounds", "1",
+                           "--kv-quality", "off", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = json.loads(out.read_text())
+    assert config["model"]["architecture"] == arch and config["metrics"]["decode"]["n"] >= 2
+    assert config["memory"]["source"] == memory.DRY_RUN  # every trial was gated by the engine's own figures

@@ -205,7 +205,6 @@ def _dry_run_in_process(model_path: str, settings_list: list[dict[str, Any]]) ->
         weights_total = int(llama_cpp.llama_model_size(model))
         try:
             for i in indices:
-                mark(f"a no-allocation context of {settings_list[i]['n_ctx']} tokens")
                 with captured_log() as lines:
                     ctx = llama_cpp.llama_init_from_model(model, context_params(Settings.from_dict(settings_list[i])))
                 if not ctx:

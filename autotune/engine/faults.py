@@ -21,7 +21,7 @@ FAULT_KINDS = ("abort", "segfault", "oom", "hang", "garbage", "exit")
 
 
 def instrument() -> None:
-    """Wrap the engine's load and decode calls (in a child process only): each new stage is marked, and with
+    """Wrap the engine's load, context and decode calls (in a child process only): each new stage is marked, and with
     ``AUTOTUNE_FAKE_AMX_CRASH=1`` multi-token batches crash on models loaded with extra buffers on."""
     import llama_cpp
     import llama_cpp.llama_cpp as C
@@ -29,7 +29,7 @@ def instrument() -> None:
     fake = os.environ.get(FAKE_AMX_CRASH) == "1"
     with_extra: set[int] = set()
     last = [""]
-    real_load, real_decode = C.llama_model_load_from_file, C.llama_decode
+    real_load, real_decode, real_context = C.llama_model_load_from_file, C.llama_decode, C.llama_init_from_model
 
     def load(path: bytes, params: Any) -> Any:
         last[0] = ""
@@ -38,6 +38,11 @@ def instrument() -> None:
         if model and params.use_extra_bufts:
             with_extra.add(model)
         return model
+
+    def context(model: Any, params: Any) -> Any:
+        last[0] = ""
+        mark(f"creating a context of {params.n_ctx} tokens")
+        return real_context(model, params)
 
     def decode(ctx: Any, batch: Any) -> int:
         n = batch.n_tokens
@@ -53,6 +58,7 @@ def instrument() -> None:
 
     for module in (C, llama_cpp):
         module.llama_model_load_from_file = load
+        module.llama_init_from_model = context
         module.llama_decode = decode
 
 
