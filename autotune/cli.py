@@ -125,8 +125,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ("layers", str(facts.n_layer)),
         ("embedding / FFN", f"{facts.n_embd} / {facts.n_ff}"),
         ("heads / KV heads", f"{facts.n_head} / {kv[0] if len(set(kv)) == 1 else list(kv)}"
-         + (f"  (GQA x{facts.n_head // max(kv)})" if max(kv) < facts.n_head else "")),
+         + (f"  (GQA x{facts.n_head // max(kv)})" if 0 < max(kv) < facts.n_head else "")),
         ("K / V head dim", f"{facts.head_dim_k} / {facts.head_dim_v}"),
+        ("experts", f"{facts.n_expert} per layer, {facts.n_expert_used} used per token, on "
+                    f"{len(facts.moe_layers)} of {facts.n_layer} layers" if facts.n_expert else "none (dense)"),
         ("trained context", f"{facts.n_ctx_train:,}"),
         ("sliding window", f"{facts.n_swa} tokens on layers {[i for i, s in enumerate(facts.swa_layers) if s]}"
          if facts.uses_swa else "none"),

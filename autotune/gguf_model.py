@@ -128,6 +128,9 @@ class ModelFacts:
             "n_ctx_train": self.n_ctx_train,
             "n_swa": self.n_swa,
             "swa_layers": [i for i, s in enumerate(self.swa_layers) if s],
+            "experts": {"n_expert": self.n_expert, "n_expert_used": self.n_expert_used,
+                        "layers": list(self.moe_layers),
+                        "bytes": sum(t.n_bytes for t in self.tensors if t.layer is not None and EXPERTS.search(t.name))},
             "vocab": {
                 "type": self.vocab_type,
                 "size": self.n_vocab,
