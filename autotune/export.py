@@ -10,16 +10,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .errors import ConfigError, SettingsError
 from .knobs import KNOBS
-from .settings import Settings
+from .settings import Settings, coerce
 
 SCHEMA_VERSION = 1
-FORMATS = ("json", "llama-server", "python", "lmstudio", "ollama", "koboldcpp")
+FORMATS = ("json", "llama-server", "llama-bench", "python", "lmstudio", "ollama", "koboldcpp")
 _KOBOLD_QUANTKV = {"f16": 0, "q8_0": 1, "q4_0": 2}
 
 
@@ -81,7 +82,14 @@ def render(config: dict[str, Any], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(config, indent=2)
     if fmt == "llama-server":
-        return shlex.join(["llama-server", *server_flags(s, model)])
+        notes = [f"written for llama-server of {LLAMA_CPP}", *_missing(s, "server", "llama-server")]
+        return "\n".join([*(f"# {n}" for n in notes), shlex.join(["llama-server", *server_flags(s, model)])])
+    if fmt == "llama-bench":
+        notes = [f"written for llama-bench of {LLAMA_CPP}",
+                 "llama-bench sizes the context to the test and runs one thread count: "
+                 f"n_ctx={s.n_ctx} and n_threads_batch={s.n_threads_batch} are not written",
+                 *_missing(s, "bench", "llama-bench")]
+        return "\n".join([*(f"# {n}" for n in notes), shlex.join(["llama-bench", *bench_flags(s, model)])])
     if fmt == "python":
         return python_kwargs(s, model)
     if fmt == "lmstudio":
@@ -110,16 +118,48 @@ def _missing(s: Settings, spelling: str, tool: str) -> list[str]:
             if k.missing and getattr(k, spelling) is None and getattr(s, k.name) != k.default_value()]
 
 
+# The llama.cpp these spellings were checked against: the one llama-cpp-python vendors (its tools' --version),
+# whose llama-server and llama-bench the export tests run.
+LLAMA_CPP = "llama.cpp 0.5.0-dev (commit 0c1e570), as vendored by llama-cpp-python 0.3.36"
+
+# -lm/--load-mode replaced --no-mmap and --mlock in llama-server and -mmp in llama-bench.
+_LOAD_MODES = {(True, False): "mmap", (False, False): "none", (True, True): "mmap+mlock", (False, True): "mlock"}
+
+
+def load_mode(s: Settings) -> str:
+    return _LOAD_MODES[(s.use_mmap, s.use_mlock)]
+
+
 def server_flags(s: Settings, model: str) -> list[str]:
-    """llama-server (and llama-cli) flags, current llama.cpp names; defaults are written out too (its
-    defaults differ from llama-cpp-python's: ``--swa-full`` is off there)."""
-    return ["-m", model, *_flags(s, "server")]
+    """llama-server (and llama-cli) flags in the spelling of ``LLAMA_CPP``; defaults are written out too (its
+    defaults differ from llama-cpp-python's: ``--swa-full`` is off there, flash attention is auto)."""
+    return ["-m", model, *_flags(s, "server"), "-lm", load_mode(s)]
 
 
-def parse_server_flags(argv: list[str]) -> tuple[str, Settings]:
-    """Read llama-server flags (as ``server_flags`` writes them) back into (model path, Settings)."""
+def bench_flags(s: Settings, model: str, prompt: int = 256, gen: int = 32, depth: int = 0, reps: int = 3) -> list[str]:
+    """llama-bench flags measuring ``s`` on one prompt/generate test (JSON out). llama-bench sizes the context
+    to the test and has one thread count: the context and the batch thread count are not written."""
+    return ["-m", model, "-p", str(prompt), "-n", str(gen), "-d", str(depth), "-r", str(reps), *_flags(s, "bench"),
+            "-lm", load_mode(s), "-o", "json"]
+
+
+@dataclass(frozen=True)
+class ServerCommand:
+    """A llama-server command line read back: the model, the settings autotune knows, and everything else
+    (ports, chat templates, values it cannot take) kept as written."""
+
+    model: str
+    settings: Settings
+    other: tuple[str, ...] = ()
+
+
+def parse_server_flags(argv: list[str]) -> ServerCommand:
+    """Read a llama-server command line, as ``server_flags`` writes it or as a user runs it: older spellings
+    (--no-mmap, --mlock, --draft-max) are understood; flags autotune does not tune, and values it cannot
+    take (``-ngl all``, ``-fa auto``), are kept in ``other`` rather than refused."""
     takes: dict[str, str] = {}
-    switches: dict[str, tuple[str, Any]] = {}
+    switches: dict[str, tuple[str, Any]] = {"--no-mmap": ("use_mmap", False), "--mmap": ("use_mmap", True),
+                                            "--mlock": ("use_mlock", True)}
     skips: dict[str, int] = {}  # flags written alongside another, read past
     values: dict[str, Any] = {}
     for k in KNOBS:
@@ -134,28 +174,43 @@ def parse_server_flags(argv: list[str]) -> tuple[str, Settings]:
             values[k.name] = not k.server.when  # a switch's absence means the other value
         if k.server.extra:
             skips[k.server.extra[0]] = len(k.server.extra) - 1
-    model = ""
+    model, other = "", []
     args = list(argv[1:] if argv and not argv[0].startswith("-") else argv)
     i = 0
     while i < len(args):
-        a = args[i]
-        if a in ("-m", "--model") or a in takes:
-            if i + 1 >= len(args):
+        a, value = args[i], args[i + 1] if i + 1 < len(args) else None
+        if a in ("-m", "--model", "-lm", "--load-mode") or a in takes:
+            if value is None:
                 raise SettingsError(f"flag {a} needs a value")
-            if a in takes:
-                values[takes[a]] = args[i + 1]
+            if a in ("-m", "--model"):
+                model = value
+            elif a in ("-lm", "--load-mode") and value in _LOAD_MODES.values():
+                values["use_mmap"], values["use_mlock"] = next(k for k, v in _LOAD_MODES.items() if v == value)
+            elif a in takes and _takes(takes[a], value):
+                values[takes[a]] = value
             else:
-                model = args[i + 1]
+                other += [a, value]
             i += 2
         elif a in switches:
-            name, value = switches[a]
-            values[name] = value
+            name, v = switches[a]
+            values[name] = v
             i += 1
         elif a in skips:
             i += 1 + skips[a]
-        else:
-            raise SettingsError(f"unknown llama-server flag {a!r}")
-    return model, Settings.from_dict(values)
+        else:  # not ours: keep it, with its value when the next word is not a flag
+            takes_value = value is not None and (not value.startswith("-") or value[1:].replace(".", "").isdigit())
+            other += [a, value] if takes_value else [a]
+            i += 2 if takes_value else 1
+    return ServerCommand(model, Settings.from_dict(values), tuple(other))
+
+
+def _takes(name: str, value: str) -> bool:
+    """Whether setting ``name`` can hold ``value`` (llama-server's "auto" and "all" it cannot)."""
+    try:
+        coerce(name, value)
+    except SettingsError:
+        return False
+    return value != "auto"
 
 
 def llama_kwargs(s: Settings, model: str) -> dict[str, Any]:

@@ -41,7 +41,7 @@ class Flag:
     aliases: tuple[str, ...] = ()
     when: Any = None
     encode: Callable[[Any], str] = str
-    extra: tuple[str, ...] = ()  # written right after it (llama-server's ``--draft-min 0``)
+    extra: tuple[str, ...] = ()  # written right after it (llama-server's ``--spec-draft-n-min 0``)
     unless: Any = None  # a value that is not written (the same in every tool: ``--n-cpu-moe 0``)
 
     @property
@@ -81,6 +81,7 @@ class Knob:
     lmstudio: tuple[str, Callable[[Any], Any]] | None = None  # LM Studio config key path ("load.x"), value
     ollama: tuple[str, Callable[[Any], Any]] | None = None  # Ollama Modelfile PARAMETER, value
     domain: Domain | None = None  # searched values; None: never searched alone (see space for joint ones)
+    bench: Flag | None = None  # llama-bench (one value per flag: what one measured config runs)
     needs: str | None = None  # written only when this other setting is set (a draft model)
     missing: str | None = None  # the note ({tool}, {value}) for a tool without a spelling, when not the default
     plotted: bool = True  # a knob the speed-per-knob plot may vary
@@ -157,46 +158,56 @@ KNOBS: tuple[Knob, ...] = (
          Flag("--contextsize"), ("load.contextLength", _same), ("num_ctx", str), plotted=False, memory=True),
     Knob("n_gpu_layers", "int", 0, "GPU layers (n_gpu_layers)", _same, Flag("-ngl", ("--n-gpu-layers",)),
          Flag("--gpulayers"), ("load.gpu", lambda n: {"ratio": "max" if n > 0 else 0}), ("num_gpu", str),
-         domain=_gpu_layers, memory=True),
+         domain=_gpu_layers, memory=True, bench=Flag("-ngl")),
     Knob("n_threads", "int", lambda: default_threads()[0], "decode threads (n_threads)", _same,
          Flag("-t", ("--threads",)), Flag("--threads"), ("load.cpuThreadPoolSize", _same), ("num_thread", str),
-         domain=_threads),
+         domain=_threads, bench=Flag("-t")),
     Knob("n_threads_batch", "int", lambda: default_threads()[1], "prompt threads (n_threads_batch)", _same,
          Flag("-tb", ("--threads-batch",)), Flag("--blasthreads"), domain=_threads),
     Knob("n_batch", "int", 512, "n_batch", _same, Flag("-b", ("--batch-size",)), Flag("--blasbatchsize"),
-         ("load.evalBatchSize", _same), ("num_batch", str), memory=True),
-    Knob("n_ubatch", "int", 512, "n_ubatch", _same, Flag("-ub", ("--ubatch-size",)), domain=_ubatches, memory=True),
+         ("load.evalBatchSize", _same), ("num_batch", str), memory=True, bench=Flag("-b")),
+    Knob("n_ubatch", "int", 512, "n_ubatch", _same, Flag("-ub", ("--ubatch-size",)), domain=_ubatches, memory=True,
+         bench=Flag("-ub")),
     Knob("flash_attn", "bool", False, "flash attention", _same, Flag("-fa", ("--flash-attn",), encode=_on_off),
-         Flag("--flashattention", when=True), ("load.flashAttention", _same), memory=True),
+         Flag("--flashattention", when=True), ("load.flashAttention", _same), memory=True,
+         bench=Flag("-fa", encode=_on_off)),
     Knob("type_k", "str", "f16", "K cache type", _ggml_type, Flag("-ctk", ("--cache-type-k",)),
-         lmstudio=("load.llamaKCacheQuantizationType", _same), plotted=False, memory=True),
+         lmstudio=("load.llamaKCacheQuantizationType", _same), plotted=False, memory=True, bench=Flag("-ctk")),
     Knob("type_v", "str", "f16", "V cache type", _ggml_type, Flag("-ctv", ("--cache-type-v",)),
-         lmstudio=("load.llamaVCacheQuantizationType", _same), plotted=False, memory=True),
+         lmstudio=("load.llamaVCacheQuantizationType", _same), plotted=False, memory=True, bench=Flag("-ctv")),
     Knob("swa_full", "bool", True, "full-size sliding-window cache", _same, Flag("--swa-full", when=True),
          domain=_sliding_window, memory=True),
     Knob("offload_kqv", "bool", True, "KV cache on the GPU", _same,
          Flag("--no-kv-offload", ("-nkvo",), when=False), lmstudio=("load.offloadKVCacheToGpu", _same),
-         domain=_on_gpus, memory=True),
-    Knob("use_mmap", "bool", True, "mmap", _same, Flag("--no-mmap", when=False), Flag("--nommap", when=False),
+         domain=_on_gpus, memory=True, bench=Flag("-nkvo", encode=lambda on: "0" if on else "1")),
+    # llama-server spells mmap and mlock as one load mode (-lm): written jointly by export.server_flags
+    Knob("use_mmap", "bool", True, "mmap", _same, None, Flag("--nommap", when=False),
          ("load.tryMmap", _same), ("use_mmap", _true_false), domain=_on_off_first),
-    Knob("use_mlock", "bool", False, "mlock", _same, Flag("--mlock", when=True), Flag("--usemlock", when=True),
+    Knob("use_mlock", "bool", False, "mlock", _same, None, Flag("--usemlock", when=True),
          ("load.keepModelInMemory", _same), domain=_off_on_first),
     Knob("use_extra_bufts", "bool", True, "extra buffer types (repack)", None,
          Flag("--no-repack", ("-nr",), when=False), domain=_extra_buffers, memory=True,
+         bench=Flag("--repack", encode=lambda on: "1" if on else "0"),
          missing="{tool} has no setting we know of for extra buffer types (llama.cpp --no-repack); the tuned "
                  "settings turn them off (use_extra_bufts=False), so {tool} may run slower or faster, and where "
                  "autotune's engine self-check saw a crash with them on, {tool}'s engine may crash too"),
     Knob("n_cpu_moe", "int", 0, "expert layers in host memory (n_cpu_moe)", None,
          Flag("-ncmoe", ("--n-cpu-moe",), unless=0), Flag("--moecpu", unless=0), domain=_experts_on_host, memory=True,
+         bench=Flag("-ncmoe", unless=0),
          missing="{tool} has no setting for keeping the experts of the first N layers in host memory (llama.cpp "
                  "--n-cpu-moe); the tuned N is {value} (LM Studio's 'Force Model Expert Weights onto CPU' is N = "
                  "every layer)"),
-    Knob("draft_model", "path", None, "draft model", None, Flag("-md", ("--model-draft",)), Flag("--draftmodel"),
+    # llama-server loads a draft with -md but drafts nothing until told how (--spec-type defaults to none)
+    Knob("draft_model", "path", None, "draft model", None,
+         Flag("-md", ("--model-draft", "--spec-draft-model"), extra=("--spec-type", "draft-simple")),
+         Flag("--draftmodel"),
          ("prediction.draftModel", _same), needs="draft_model", plotted=False,
          missing="{tool} has no draft-model setting; the tuned draft was {value}"),
-    Knob("draft_max", "int", 0, "draft tokens per step", None, Flag("--draft-max", ("--draft",), extra=("--draft-min", "0")),
+    Knob("draft_max", "int", 0, "draft tokens per step", None,
+         Flag("--spec-draft-n-max", ("--draft-max", "--draft", "--draft-n"), extra=("--spec-draft-n-min", "0")),
          Flag("--draftamount"), needs="draft_model", plotted=False),
-    Knob("draft_gpu_layers", "int", 0, "draft GPU layers", None, Flag("-ngld", ("--gpu-layers-draft",)),
+    Knob("draft_gpu_layers", "int", 0, "draft GPU layers", None,
+         Flag("-ngld", ("--gpu-layers-draft", "--spec-draft-ngl", "--n-gpu-layers-draft")),
          Flag("--draftgpulayers"), needs="draft_model", plotted=False),
 )
 BY_NAME = {k.name: k for k in KNOBS}

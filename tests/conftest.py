@@ -16,14 +16,16 @@ from autotune import catalog, synth
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The test run's own autotune cache (child processes inherit it): fact pickles and engine self-check
-    verdicts land there, so tests neither read the user's nor leave theirs behind. Catalog models are read
-    from (and, the first time, fetched into) the user's cache, shared through a link."""
+    verdicts land there, so tests neither read the user's nor leave theirs behind. Catalog models and llama.cpp's
+    reference tools are read from (and, the first time, fetched or built into) the user's cache, shared
+    through links."""
     import os
 
-    models = catalog.cache_dir() / "models"
-    models.mkdir(parents=True, exist_ok=True)
     cache = tmp_path_factory.mktemp("cache")
-    (cache / "models").symlink_to(models, target_is_directory=True)
+    for shared in ("models", "llama.cpp"):
+        target = catalog.cache_dir() / shared
+        target.mkdir(parents=True, exist_ok=True)
+        (cache / shared).symlink_to(target, target_is_directory=True)
     os.environ["AUTOTUNE_CACHE"] = str(cache)
     return cache
 

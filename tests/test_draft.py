@@ -492,7 +492,7 @@ def test_search_stage_puts_the_draft_into_config_and_exports(monkeypatch: pytest
     new, report = draft.search_stage(config, d, cpu_host(), draft.Plan(rounds=2))
     assert report is not None and new["settings"]["draft_model"] == d and new["settings"]["draft_max"] == 16
     assert new["draft"]["recommendation"]["use_draft"] and config["settings"]["draft_model"] is None
-    assert f"-md {d} --draft-max 16" in export.render(new, "llama-server")
+    assert f"-md {d} --spec-type draft-simple --spec-draft-n-max 16" in export.render(new, "llama-server")
     # Nothing pays: the settings stay without a draft, the report says why.
     flat = {(n, k): [10, 10.1] for n in (0, 2, 4, 8, 16) for k in ("code", "prose")}
     monkeypatch.setattr(draft.engine, "measure", ScriptedRunner(flat))

@@ -24,15 +24,38 @@ def config(s: Settings = TUNED) -> dict:
                                TUNED.replace(use_extra_bufts=False),
                                TUNED.replace(draft_model="/m/draft.gguf", draft_max=4, draft_gpu_layers=0)])
 def test_llama_server_flags_round_trip(s):
-    line = export.render(config(s), "llama-server")
-    model, back = export.parse_server_flags(shlex.split(line))
-    assert model == "/m/model.gguf"
-    assert back == s
+    text = export.render(config(s), "llama-server")
+    assert text.startswith("# written for llama-server of llama.cpp")  # the version the spelling is for
+    back = export.parse_server_flags(shlex.split(text.splitlines()[-1]))
+    assert back.model == "/m/model.gguf" and back.other == ()
+    assert back.settings == s
 
 
-def test_unknown_server_flag_is_refused():
-    with pytest.raises(Exception, match="unknown llama-server flag"):
-        export.parse_server_flags(["llama-server", "--frobnicate"])
+def test_a_users_own_command_line_is_read_not_refused():
+    """Flags autotune does not tune are kept, older spellings are understood, values it cannot hold stay as
+    written: a real command line from someone's start script."""
+    cmd = export.parse_server_flags(shlex.split(
+        "llama-server -m ~/models/q.gguf --host 0.0.0.0 --port 8080 --jinja -c 16384 -ngl all -fa auto -t 8 "
+        "--no-mmap --mlock --draft-max 8 -md d.gguf -np 4 --temp 0.7"))
+    assert cmd.model == "~/models/q.gguf"
+    s = cmd.settings
+    assert (s.n_ctx, s.n_threads, s.use_mmap, s.use_mlock, s.draft_max, s.draft_model) == (16384, 8, False, True, 8,
+                                                                                           "d.gguf")
+    assert cmd.other == ("--host", "0.0.0.0", "--port", "8080", "--jinja", "-ngl", "all", "-fa", "auto", "-np", "4",
+                         "--temp", "0.7")
+
+
+def test_current_spellings_replace_the_removed_ones():
+    """The vendored llama-server refuses --no-mmap, --mlock and --draft-max; it loads a draft with -md but
+    drafts nothing without --spec-type."""
+    text = export.render(config(TUNED.replace(draft_model="/m/d.gguf", draft_max=4)), "llama-server")
+    line = shlex.split(text.splitlines()[-1])
+    assert "--no-mmap" not in line and "--mlock" not in line and "--draft-max" not in line
+    assert line[line.index("-lm") + 1] == "mlock"  # TUNED: no mmap, mlock
+    assert line[line.index("--spec-type") + 1] == "draft-simple" and line[line.index("--spec-draft-n-max") + 1] == "4"
+    bench = shlex.split(export.render(config(TUNED), "llama-bench").splitlines()[-1])
+    assert bench[:2] == ["llama-bench", "-m"] and "-mmp" not in bench and bench[bench.index("-lm") + 1] == "mlock"
+    assert bench[bench.index("-fa") + 1] == "on" and bench[bench.index("-t") + 1] == "2" and "-c" not in bench
 
 
 def test_formats_carry_the_settings():
@@ -49,7 +72,8 @@ def test_formats_carry_the_settings():
 
 def test_draft_flags():
     c = config(TUNED.replace(draft_model="/m/d.gguf", draft_max=8, draft_gpu_layers=3))
-    assert "-md /m/d.gguf --draft-max 8 --draft-min 0 -ngld 3" in export.render(c, "llama-server")
+    assert ("-md /m/d.gguf --spec-type draft-simple --spec-draft-n-max 8 --spec-draft-n-min 0 -ngld 3"
+            in export.render(c, "llama-server"))
     assert "--draftmodel /m/d.gguf --draftamount 8 --draftgpulayers 3" in export.render(c, "koboldcpp")
     assert json.loads(export.render(c, "lmstudio"))["prediction"]["draftModel"] == "/m/d.gguf"
 
@@ -124,22 +148,22 @@ def test_python_export_with_a_draft_wires_it(tiny_model):
 
 def test_no_repack_reaches_every_format():
     c = config(TUNED.replace(use_extra_bufts=False))
-    assert export.render(c, "llama-server").endswith("--no-repack")
+    assert "--no-repack" in export.render(c, "llama-server").split()
     for fmt in ("koboldcpp", "ollama", "lmstudio"):
         assert "has no setting we know of for extra buffer types" in export.render(c, fmt), fmt
     assert "--no-repack" not in export.render(config(), "llama-server")
-    assert export.parse_server_flags(["llama-server", "-m", "m.gguf", "-nr"])[1].use_extra_bufts is False
+    assert export.parse_server_flags(["llama-server", "-m", "m.gguf", "-nr"]).settings.use_extra_bufts is False
 
 
 def test_experts_on_host_reach_every_format():
     c = config(TUNED.replace(n_cpu_moe=12))
-    assert export.render(c, "llama-server").endswith("-ncmoe 12")
+    assert "-ncmoe 12" in export.render(c, "llama-server")
     assert "--moecpu 12" in export.render(c, "koboldcpp")
     for fmt in ("ollama", "lmstudio"):
         assert "experts of the first N layers in host memory" in export.render(c, fmt), fmt
     for fmt in ("llama-server", "koboldcpp", "ollama", "lmstudio"):
         assert "moe" not in export.render(config(), fmt).lower(), fmt  # 0 is every tool's default: not written
-    assert export.parse_server_flags(["llama-server", "-m", "m.gguf", "--n-cpu-moe", "3"])[1].n_cpu_moe == 3
+    assert export.parse_server_flags(["llama-server", "-m", "m.gguf", "--n-cpu-moe", "3"]).settings.n_cpu_moe == 3
 
 
 _LOAD_SNIPPET = """

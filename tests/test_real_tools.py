@@ -1,0 +1,116 @@
+"""Exports proven by the real tools: llama.cpp's own llama-server and llama-bench, built from the source the
+installed llama-cpp-python vendors (``autotune.reference``; the first build takes minutes, then it is cached),
+run with exactly the lines ``autotune export`` writes. Each server must come up, answer a completion, and
+show in its log and /props that it runs the settings we meant."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from autotune import export, reference, synth
+from autotune.settings import Settings
+
+# Extra buffers off: the engine's AMX kernel crashes on some Xeons, and these must pass on every machine.
+TUNED = Settings(n_ctx=512, n_threads=2, n_threads_batch=2, n_batch=256, n_ubatch=128, flash_attn=True,
+                 type_k="q8_0", type_v="q8_0", swa_full=False, use_mmap=False, use_mlock=True, use_extra_bufts=False)
+PLAIN = Settings(n_ctx=1024, n_threads=1, n_threads_batch=2, use_extra_bufts=False)
+
+
+@pytest.fixture(scope="module")
+def tools() -> dict[str, Path]:
+    return {name: reference.tool(name) for name in reference.TOOLS}
+
+
+@pytest.fixture(scope="module")
+def draft(demo_model, tmp_path_factory) -> Path:
+    """A one-layer random draft with the demo model's whole vocabulary: a draft llama-server accepts."""
+    return synth.write_model(tmp_path_factory.mktemp("draft") / "draft.gguf", demo_model, synth.Shape(n_layer=1))
+
+
+def command(settings: Settings, model: Path, fmt: str) -> list[str]:
+    config = export.build_config(settings, {"path": str(model)}, {})
+    text = export.render(config, fmt)
+    assert text.startswith(f"# written for {fmt} of llama.cpp")
+    return shlex.split(text.splitlines()[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str, body: dict | None = None, timeout: float = 60) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def serve(binary: Path, argv: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    """Start the server on a free port, logging in detail (-lv 4); return it once /health answers."""
+    port = free_port()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(binary), *argv[1:], "--host", "127.0.0.1", "--port", str(port), "-lv", "4"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"llama-server exited {proc.returncode}: {log.read_text()[-1500:]}")
+        try:
+            if get(url + "/health", timeout=2).get("status") == "ok":
+                return proc, url
+        except OSError:
+            pass
+        try:  # wait for the process, a short while: it may die, or the port may open
+            proc.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            pass
+    proc.kill()
+    pytest.fail(f"llama-server did not come up in 120 s: {log.read_text()[-1500:]}")
+
+
+@pytest.mark.parametrize("name", ["tuned", "plain", "draft"])
+def test_exported_llama_server_line_runs_what_we_meant(tools, demo_model, draft, tmp_path, name):
+    s = {"tuned": TUNED, "plain": PLAIN, "draft": PLAIN.replace(draft_model=str(draft), draft_max=4)}[name]
+    argv = command(s, demo_model, "llama-server")
+    log = tmp_path / "server.log"
+    proc, url = serve(tools["llama-server"], argv, log)
+    try:
+        done = get(url + "/completion", {"prompt": "def fibonacci(n):", "n_predict": 8, "temperature": 0})
+        props = get(url + "/props")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    text = log.read_text()
+    assert done["tokens_predicted"] >= 1 and done["timings"]["predicted_per_second"] > 0
+    assert props["default_generation_settings"]["n_ctx"] == s.n_ctx
+    assert f"n_threads = {s.n_threads} (n_threads_batch = {s.n_threads_batch})" in text
+    assert f"n_batch               = {s.n_batch}" in text and f"n_ubatch              = {s.n_ubatch}" in text
+    assert f"flash_attn            = {'enabled' if s.flash_attn else 'disabled'}" in text
+    assert f"K ({s.type_k})" in text and f"V ({s.type_v})" in text
+    assert ("CPU_Mapped model buffer" in text) is s.use_mmap
+    assert "AMX model buffer" not in text and "CPU_REPACK model buffer" not in text  # --no-repack reached it
+    if name == "draft":
+        assert done["timings"].get("draft_n", 0) > 0  # it drafted: --spec-type reached it, not only -md
+
+
+def test_exported_llama_bench_line_measures_what_we_meant(tools, demo_model):
+    argv = command(TUNED, demo_model, "llama-bench")
+    argv[argv.index("-p") + 1], argv[argv.index("-n") + 1], argv[argv.index("-r") + 1] = "32", "8", "1"
+    done = subprocess.run([str(tools["llama-bench"]), *argv[1:]], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-1500:]
+    rows = json.loads(done.stdout)
+    assert {(r["n_prompt"], r["n_gen"]) for r in rows} == {(32, 0), (0, 8)}
+    for r in rows:
+        assert (r["n_threads"], r["n_batch"], r["n_ubatch"], r["type_k"], r["type_v"]) == (2, 256, 128, "q8_0", "q8_0")
+        assert r["flash_attn"] in (1, True, "on") and r["avg_ts"] > 0
