@@ -332,16 +332,29 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    import shlex
+
     from . import export, pipeline, space
     from .engine import Workload
+    from .settings import Settings
 
+    start, model, ctx = None, args.model, args.ctx
+    if args.from_cmdline:
+        cmd = export.parse_server_flags(shlex.split(args.from_cmdline))
+        start, model = cmd.settings, args.model or cmd.model or None
+        ctx = ctx or (start.n_ctx if start.n_ctx != Settings().n_ctx else None)
+        if cmd.other:
+            console.print(f"from your command line, kept as you had them (not tuned): {shlex.join(cmd.other)}")
+        if start.draft_model:
+            console.print("your draft model is left to the draft stage (--draft PATH); the study tunes the main model")
     options = pipeline.TuneOptions(
-        ctx=args.ctx, objective=args.objective, pareto=args.pareto, trials=args.trials, timeout=args.timeout,
+        ctx=ctx, objective=args.objective, pareto=args.pareto, trials=args.trials, timeout=args.timeout,
         trial_timeout=args.trial_timeout, storage=args.storage, pins=space.parse_pins(args.set or []), seed=args.seed,
         workload=Workload(args.prompt_tokens, args.gen_tokens, args.reps), top_k=args.top_k, rounds=args.rounds,
-        kv_quality=args.kv_quality, recommend=not args.no_recommend, draft=args.draft, depth=args.depth)
+        kv_quality=args.kv_quality, recommend=not args.no_recommend, draft=args.draft, depth=args.depth,
+        start=start, engine=args.engine)
     try:
-        tuned = pipeline.tune(args.model, options, CliReporter())
+        tuned = pipeline.tune(model, options, CliReporter())
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: the study is saved; run the same command again to resume[/]")
         return 130
@@ -741,6 +754,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--storage", help="Optuna storage URL (default: sqlite in ./studies)")
     sp.add_argument("--set", action="append", metavar="NAME=VALUE", help="pin a setting, e.g. n_threads=2")
     sp.add_argument("--seed", type=int, default=default.seed)
+    sp.add_argument("--engine", metavar="KIND:PATH",
+                    help="measure with your own llama.cpp: llama-bench:PATH or llama-server:PATH (default: the "
+                         "bundled llama-cpp-python; memory is always priced by the bundled engine)")
+    sp.add_argument("--from-cmdline", metavar="'llama-server ...'",
+                    help="start from the llama-server command line you run today: its settings are measured "
+                         "first and are a baseline; its model is used when MODEL is not given")
     sp.add_argument("--depth", type=int, metavar="N",
                     help="measure with N tokens of history already in the cache, like llama-bench -d "
                          "(default: an eighth of --ctx in 256-token blocks)")

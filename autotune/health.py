@@ -78,7 +78,7 @@ def _key(model_path: str, start: Settings, hw: Hardware, pinned: frozenset[str])
     st = p.stat()
     model = f"{p}|{st.st_size}|{st.st_mtime_ns}|{sorted(pinned)}"
     digest = hashlib.sha256(f"{model}|{json.dumps(start.to_dict(), sort_keys=True)}".encode()).hexdigest()[:16]
-    return "-".join(x for x in (engine.build_key(), hw.fingerprint(), digest, fake) if x)
+    return "-".join(x for x in (engine.current().build_key(), hw.fingerprint(), digest, fake) if x)
 
 
 def _read_cache() -> dict[str, Any]:

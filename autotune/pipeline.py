@@ -44,6 +44,13 @@ class TuneOptions:
     recommend: bool = True  # False: only run trials
     draft: str | None = None  # "auto" or a draft GGUF: the speculative decoding stage
     depth: int | None = None  # tokens in the cache before each measured prompt (None: default_depth)
+    start: Settings | None = None  # what the user runs today (--from-cmdline): measured first, and a baseline
+    engine: str | None = None  # None: llama-cpp-python; "llama-bench:PATH" or "llama-server:PATH"
+
+
+def _started(start: Settings, n_ctx: int, pins: dict[str, Any]) -> Settings:
+    """The user's own settings at the study's context, with their pins; a draft is the draft stage's."""
+    return start.replace(n_ctx=n_ctx, draft_model=None, draft_max=0, draft_gpu_layers=0, **pins)
 
 
 def default_depth(n_ctx: int, work: Workload) -> int:
@@ -101,8 +108,14 @@ class Reporter:
 
 
 def tune(model: str | None, options: TuneOptions = TuneOptions(), reporter: Reporter = Reporter()) -> TunedConfig | None:
-    """Tune ``model`` (None: the demo model). Returns None when ``options.recommend`` is off. A
-    KeyboardInterrupt leaves the study consistent and propagates; AutotuneError for anything the user can fix."""
+    """Tune ``model`` (None: the demo model) on ``options.engine``. Returns None when ``options.recommend`` is
+    off. A KeyboardInterrupt leaves the study consistent and propagates; AutotuneError for anything the user
+    can fix."""
+    with engine.using(options.engine):
+        return _tune(model, options, reporter)
+
+
+def _tune(model: str | None, options: TuneOptions, reporter: Reporter) -> TunedConfig | None:
     model = model or str(catalog.fetch(quiet=False))
     facts = read_facts(model)
     hw = probe()
@@ -119,7 +132,10 @@ def tune(model: str | None, options: TuneOptions = TuneOptions(), reporter: Repo
     pins = options.pins
     req = study.StudyRequest(model_path=model, facts=facts, hw=hw, space=space.build_space(hw, facts, n_ctx, pins),
                              objective=options.objective, pareto=options.pareto, workload=work,
-                             storage=options.storage, seed=options.seed, pins=pins)
+                             storage=options.storage, seed=options.seed, pins=pins,
+                             start=None if options.start is None else _started(options.start, n_ctx, pins),
+                             engine="" if options.engine in (None, "bundled") else
+                             f"{options.engine.partition(':')[0]}{engine.current().build_key()}")
     warning = memory.beyond_trained(facts, n_ctx)
     if warning:
         reporter.note(warning)
@@ -221,7 +237,10 @@ def _record(req: study.StudyRequest, st: optuna.Study, rec: recommend.Recommenda
                                   "peak_rss": rec.confirmation.peak_rss if rec.confirmation else None,
                                   "base_rss": rec.confirmation.base_rss if rec.confirmation else None,
                                   "roofline": rec.roofline},
-               "kv_quality": quality},
+               "kv_quality": quality,
+               **({"engine": {"name": engine.current().name, "version": engine.current().build_info().version,
+                              "backend": engine.current().build_info().backend}}
+                  if options.engine not in (None, "bundled") else {})},
     )
 
 

@@ -160,8 +160,8 @@ def recommend(
     supported, verdict = _judge(best, baseline, objective, req.workload)
     crashed = [b for b in baselines if not b.runs]
     if crashed and baseline.runs:
-        verdict = " ".join(f"The engine {b.label} crash on this machine ({b.failures[0]})." for b in crashed if b.failures) + \
-            f" Speed-ups are stated against the engine {baseline.label}, the best baseline that runs. " + verdict
+        verdict = " ".join(f"{_cap(_name(b))} crash on this machine ({b.failures[0]})." for b in crashed
+                           if b.failures) + f" Speed-ups are stated against {_name(baseline)}, the best baseline that runs. " + verdict
     order = ranked_c if supported or best is baseline else [baseline] + [c for c in ranked_c if c is not baseline]
     if not baseline.runs:
         order = ranked_c  # the defaults never ran: any confirmed config beats them
@@ -189,33 +189,46 @@ def recommend(
 
 
 def baseline_candidates(req: StudyRequest) -> list[Candidate]:
-    """What a user would run without us: the engine defaults (with the user's pins) and, where the engine
-    self-check pinned a switch to avoid a crash, the same defaults with that switch."""
+    """What a user would run without us: the engine defaults (with the user's pins), the command line they run
+    today when they gave it, and, where the engine self-check pinned a switch to avoid a crash, each of those
+    with that switch."""
     defaults = engine.defaults(req.n_ctx).replace(**req.pins)
-    out = [Candidate("defaults", defaults)]
-    if req.forced and defaults.replace(**req.forced) != defaults:
-        switch = ", ".join(f"{k}={v}" for k, v in req.forced.items())
-        out.append(Candidate(f"defaults with {switch}", defaults.replace(**req.forced)))
+    bases = [("defaults", defaults)] + ([("your command line", req.start)] if req.start is not None else [])
+    out = []
+    for label, s in bases:
+        out.append(Candidate(label, s))
+        if req.forced and s.replace(**req.forced) != s:
+            switch = ", ".join(f"{k}={v}" for k, v in req.forced.items())
+            out.append(Candidate(f"{label} with {switch}", s.replace(**req.forced)))
     return out
+
+
+def _name(c: Candidate) -> str:
+    """A baseline as a sentence names it: "the engine defaults ...", or "your command line ..."."""
+    return f"the engine {c.label}" if c.label.startswith("defaults") else c.label
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _judge(best: Candidate, baseline: Candidate, objective: str, workload: Workload) -> tuple[bool, str]:
     if best is baseline:
-        return False, f"The engine {baseline.label} measured best: keep them."
+        return False, f"{_cap(_name(baseline))} measured best: keep them."
     if not baseline.runs:
         return True, "The engine defaults failed to run here; the chosen settings did."
     b, d = best.spread(objective, workload), baseline.spread(objective, workload)
     if min(b.n, d.n) < MIN_SAMPLES:
         return False, (f"{best.label} measured best, but with {min(b.n, d.n)} samples (fewer than {MIN_SAMPLES}) "
-                       f"no win can be told from noise: recommending the engine {baseline.label}.")
+                       f"no win can be told from noise: recommending {_name(baseline)}.")
     clear = b.q25 > d.q75 if objective != "ttft" else b.q75 < d.q25
     gain = (b.median / d.median) if objective != "ttft" else (d.median / b.median)
     if clear:
-        return True, (f"{best.label} beats the engine {baseline.label} on {objective}: median x{gain:.2f}, "
+        return True, (f"{best.label} beats {_name(baseline)} on {objective}: median x{gain:.2f}, "
                       f"interquartile ranges apart ({b.n} vs {d.n} samples).")
-    return False, (f"{best.label} measured x{gain:.2f} on {objective}, but its spread overlaps that of the "
-                   f"engine {baseline.label} ({b.q25:.1f}-{b.q75:.1f} vs {d.q25:.1f}-{d.q75:.1f}): not a supported win; "
-                   f"recommending the engine {baseline.label}.")
+    return False, (f"{best.label} measured x{gain:.2f} on {objective}, but its spread overlaps that of "
+                   f"{_name(baseline)} ({b.q25:.1f}-{b.q75:.1f} vs {d.q25:.1f}-{d.q75:.1f}): not a supported win; "
+                   f"recommending {_name(baseline)}.")
 
 
 def _predicted(facts: ModelFacts, s: Settings, hw: Hardware) -> dict[str, Any]:

@@ -95,6 +95,8 @@ class StudyRequest:
     seed: int = 0
     pins: dict[str, Any] = field(default_factory=dict)  # what the user pinned (--set)
     forced: dict[str, Any] = field(default_factory=dict)  # what the engine self-check pinned to avoid a crash
+    start: Settings | None = None  # what the user runs today (--from-cmdline): a baseline, measured first
+    engine: str = ""  # the engine measuring, when not the bundled one: its kind and build key
 
     @property
     def n_ctx(self) -> int:
@@ -106,6 +108,8 @@ class StudyRequest:
         w = self.workload
         parts = [Path(self.model_path).stem, sha, self.hw.fingerprint(), f"ctx{self.n_ctx}", goal,
                  f"p{w.prompt_tokens}g{w.gen_tokens}" + (f"d{w.depth}" if w.depth else "")]
+        if self.engine:
+            parts.append(self.engine)
         for label, pinned in (("pins", self.pins), ("forced", self.forced)):
             if pinned:
                 parts.append(label + hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()[:8])
@@ -219,8 +223,11 @@ def open_study(req: StudyRequest) -> optuna.Study:
     study.set_user_attr("pins", req.pins)
     study.set_user_attr("forced", req.forced)
     study.set_user_attr("space", req.space.describe())
-    for role, s in (("defaults", engine.defaults(req.n_ctx).replace(**req.pins)),
-                    ("sensible", sensible(req.hw, req.facts, req.n_ctx).replace(**req.pins))):
+    seeds = [("defaults", engine.defaults(req.n_ctx).replace(**req.pins)),
+             ("sensible", sensible(req.hw, req.facts, req.n_ctx).replace(**req.pins))]
+    if req.start is not None:
+        seeds.insert(0, ("your command line", req.start))
+    for role, s in seeds:
         study.enqueue_trial(req.space.params_of(s), user_attrs={"role": role})
     return study
 

@@ -218,3 +218,18 @@ def test_default_depth_is_an_eighth_of_the_context_in_whole_blocks():
     w = Workload(prompt_tokens=256, gen_tokens=32)
     assert [default_depth(n, w) for n in (512, 1024, 2048, 4096, 32768)] == [0, 0, 256, 512, 4096]
     assert depths_to_report(4096, 512, w) == [0, 512, 3584]
+
+
+def test_search_starts_from_the_users_command_line(tiny_model, tmp_path):
+    """The model, the context and the settings come from the llama-server line; the line is measured as a
+    baseline beside the engine defaults, and what autotune does not tune is reported, not refused."""
+    out = tmp_path / "tuned.json"
+    line = f"llama-server -m {tiny_model} -c 256 -t 1 -tb 1 -b 64 -ub 64 --port 8080 --jinja"
+    done = cli("search", "--from-cmdline", line, "--trials", "3", "--prompt-tokens", "32", "--gen-tokens", "8",
+               "--top-k", "1", "--rounds", "2", "--kv-quality", "off", "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "kept as you had them (not tuned): --port 8080 --jinja" in " ".join(done.stdout.split())
+    config = json.loads(out.read_text())
+    assert config["settings"]["n_ctx"] == 256 and config["model"]["path"] == str(tiny_model)
+    ours = config["recommendation"]["baselines"]["your command line"]
+    assert ours["ran"] is True

@@ -9,6 +9,7 @@ import json
 import shlex
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -114,3 +115,26 @@ def test_exported_llama_bench_line_measures_what_we_meant(tools, demo_model):
     for r in rows:
         assert (r["n_threads"], r["n_batch"], r["n_ubatch"], r["type_k"], r["type_v"]) == (2, 256, 128, "q8_0", "q8_0")
         assert r["flash_attn"] in (1, True, "on") and r["avg_ts"] > 0
+
+
+@pytest.mark.parametrize("kind", reference.TOOLS)
+def test_search_through_the_users_own_binary(tools, tiny_model, tmp_path, kind):
+    """The study's trials, the self-check and the re-measurement run through llama-bench or llama-server
+    itself; the memory gate and the exports stay the same."""
+    out = tmp_path / "tuned.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "autotune.cli", "search", str(tiny_model), "--engine", f"{kind}:{tools[kind]}",
+         "--trials", "3", "--ctx", "256", "--prompt-tokens", "32", "--gen-tokens", "8", "--top-k", "1",
+         "--rounds", "2", "--kv-quality", "off", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
+        timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = json.loads(out.read_text())
+    assert config["engine"]["name"].startswith(kind) and config["engine"]["version"].startswith("0.5.0")
+    assert config["study"]["name"].split("-")[-1].startswith(kind.split("-")[1])  # a study per engine
+    assert config["metrics"]["decode"]["n"] >= 2 and config["metrics"]["decode"]["median"] > 0
+
+
+def test_a_bad_engine_is_one_line(tiny_model, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "autotune.cli", "search", str(tiny_model), "--engine",
+                           "llama-bench:/no/such/binary"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "not an executable file" in done.stderr

@@ -1,32 +1,81 @@
 """The engines autotune measures with, behind one protocol (``base.Engine``); the only package that imports
-``llama_cpp``. For now the engine is llama-cpp-python (``bundled``), and its functions are the package's.
+``llama_cpp``. llama-cpp-python (``bundled``) is the default and always prices memory; ``use`` makes the
+user's own llama-bench or llama-server (``external``) the one ``measure`` and ``defaults`` run on.
 
 Everything that creates a model or a context runs in a child process (``python -m autotune.engine``) and
 answers in JSON, so a native crash ends one run, never the tuner.
 """
 
+import contextlib
+from typing import Iterator
+
+from ..settings import Settings
+from . import bundled
 from .base import (
-                   FAKE_AMX_CRASH,
-                   BufferReport,
-                   BuildInfo,
-                   Engine,
-                   Measurement,
-                   Workload,
-                   child_failure,
-                   crash_context,
-                   prompt_text,
+    FAKE_AMX_CRASH,
+    BufferReport,
+    BuildInfo,
+    Engine,
+    Measurement,
+    Workload,
+    child_failure,
+    crash_context,
+    prompt_text,
 )
 from .bundled import (
-                   build_info,
-                   build_key,
-                   defaults,
-                   divergence,
-                   dry_run,
-                   loaded_buffers,
-                   measure,
-                   name,
+    build_info,
+    build_key,
+    divergence,
+    dry_run,
+    loaded_buffers,
+    name,
 )
 
+_current: Engine = bundled  # type: ignore[assignment]
+
+
+def use(spec: str | None) -> Engine:
+    """Measure with ``spec`` from now on: None or "bundled" (llama-cpp-python), "llama-bench:PATH" or
+    "llama-server:PATH". SettingsError for anything else."""
+    from . import external
+
+    global _current
+    if spec in (None, "bundled"):
+        _current = bundled  # type: ignore[assignment]
+    else:
+        _current = external.Tool(*external.parse(spec))
+    return _current
+
+
+def current() -> Engine:
+    return _current
+
+
+@contextlib.contextmanager
+def using(spec: str | None) -> Iterator[Engine]:
+    """``use(spec)`` for the duration of a block, then back to the engine before it."""
+    before = _current
+    try:
+        yield use(spec)
+    finally:
+        _restore(before)
+
+
+def _restore(engine: Engine) -> None:
+    global _current
+    _current = engine
+
+
+def measure(model_path: str, settings: Settings, workload: Workload = Workload(), timeout: float = 300.0,
+            index: int = 0) -> Measurement:
+    """A measured run on the current engine (a fresh process; never raises for engine faults)."""
+    return _current.measure(model_path, settings, workload, timeout, index)
+
+
+def defaults(n_ctx: int) -> Settings:
+    """What the current engine does when the user sets nothing but the context: the baseline to beat."""
+    return _current.defaults(n_ctx)
+
 __all__ = ["FAKE_AMX_CRASH", "BufferReport", "BuildInfo", "Engine", "Measurement", "Workload", "build_info",
-           "build_key", "child_failure", "crash_context", "defaults", "divergence", "dry_run", "loaded_buffers",
-           "measure", "name", "prompt_text"]
+           "build_key", "bundled", "child_failure", "crash_context", "current", "defaults", "divergence", "dry_run",
+           "loaded_buffers", "measure", "name", "prompt_text", "use", "using"]

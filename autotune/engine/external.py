@@ -1,0 +1,259 @@
+"""The llama.cpp people deploy as engines: the user's own ``llama-bench`` or ``llama-server`` binary runs each
+measurement, in a fresh process per run like the bundled engine's child. Memory (the dry run, real loads) and
+K/V divergence still come from the bundled engine, which vendors the same llama.cpp.
+
+* ``llama-bench:PATH`` measures prefill and decode with llama-bench's own timers (``-o json``, ``-d`` for
+  the depth); its time to first token is the prompt's prefill time, which is what llama-bench can see.
+* ``llama-server:PATH`` starts the server with the exported flags and sends ``/completion`` requests with the
+  prompt as token ids: prefill and decode from the server's timings, time to first token as a client sees
+  it (the first streamed chunk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ..errors import SettingsError
+from ..settings import Settings
+from . import bundled
+from .base import BuildInfo, Measurement, Workload, child_failure, prompt_text
+
+KINDS = ("llama-bench", "llama-server")
+
+
+def parse(spec: str) -> tuple[str, Path]:
+    """``llama-bench:PATH`` or ``llama-server:PATH`` (``bundled`` is the default engine, not this)."""
+    kind, _, path = spec.partition(":")
+    if kind not in KINDS or not path:
+        raise SettingsError(f"--engine {spec!r}: expected llama-bench:PATH or llama-server:PATH (or bundled)")
+    p = Path(path).expanduser()
+    if not p.is_file() or not os.access(p, os.X_OK):
+        raise SettingsError(f"--engine {spec!r}: {p} is not an executable file")
+    return kind, p
+
+
+@dataclass(frozen=True)
+class Tool:
+    """One external binary as an engine (``base.Engine``)."""
+
+    kind: str  # llama-bench or llama-server
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} ({self.path})"
+
+    def build_info(self) -> BuildInfo:
+        return _version(str(self.path))
+
+    def build_key(self) -> str:
+        st = self.path.stat()
+        return hashlib.sha256(f"{self.path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+
+    def defaults(self, n_ctx: int) -> Settings:
+        """What llama.cpp's own tools do when told nothing but the context: their math-thread count (the
+        physical cores) for both thread pools, n_batch 2048, n_ubatch 512, flash attention on where the
+        backend has it (auto), mmap."""
+        import psutil
+
+        threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        return Settings(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=2048, n_ubatch=512,
+                        flash_attn=True, swa_full=False)
+
+    def dry_run(self, model_path: str, settings: list[Settings], timeout: float = 300) -> list[Any]:
+        return bundled.dry_run(model_path, settings, timeout)
+
+    def loaded_buffers(self, model_path: str, settings: Settings, timeout: float = 300) -> dict[str, int]:
+        return bundled.loaded_buffers(model_path, settings, timeout)
+
+    def divergence(self, model_path: str, pairs: list[tuple[str, str]], base: Settings, n_tokens: int = 256,
+                   timeout: float = 600.0) -> dict[str, dict[str, float]]:
+        return bundled.divergence(model_path, pairs, base, n_tokens, timeout)
+
+    def measure(self, model_path: str, settings: Settings, workload: Workload = Workload(), timeout: float = 300.0,
+                index: int = 0) -> Measurement:
+        if settings.draft_model:
+            return Measurement(settings, False, f"{self.kind} as an engine measures the main model alone")
+        if self.kind == "llama-bench":
+            return _bench(self.path, model_path, settings, workload, timeout)
+        return _server(self.path, model_path, settings, workload, timeout)
+
+
+@lru_cache(maxsize=8)
+def _version(path: str) -> BuildInfo:
+    """From the binary itself: ``--version`` (version, commit, compiler) and its device list."""
+    done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+    text = (done.stdout + done.stderr).strip()
+    m = re.search(r"version: (\S+.*?)\n", text + "\n")
+    backend = next((b for b in ("cuda", "metal", "vulkan", "hip", "sycl") if b in text.lower()), "cpu")
+    return BuildInfo(m.group(1) if m else "unknown", backend, backend != "cpu", (), text)
+
+
+class _PeakRss:
+    """The largest resident set a child process reaches, sampled every 50 ms until it ends."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.peak = 0
+        self._pid = pid
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        import psutil
+
+        try:
+            proc = psutil.Process(self._pid)
+            while proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                self.peak = max(self.peak, proc.memory_info().rss)
+                time.sleep(0.05)  # a sampling period, not a wait for anything
+        except psutil.Error:
+            pass
+
+    def stop(self) -> int:
+        self._thread.join(timeout=1)
+        return self.peak
+
+
+def _run(argv: list[str], timeout: float) -> tuple[int, str, str, int, float]:
+    """(exit status, stdout, stderr, peak RSS bytes, seconds) of a child, its group killed at the timeout."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    rss = _PeakRss(proc.pid)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, err = proc.communicate()
+        return -9, out, err + f"\ntimeout: no result after {timeout:.0f} s (killed)", rss.stop(), time.perf_counter() - start
+    return proc.returncode, out, err, rss.stop(), time.perf_counter() - start
+
+
+def _bench(binary: Path, model: str, s: Settings, w: Workload, timeout: float) -> Measurement:
+    from ..export import bench_flags
+
+    argv = [str(binary), *bench_flags(s, model, w.prompt_tokens, w.gen_tokens, w.depth, w.reps)]
+    code, out, err, rss, wall = _run(argv, timeout)
+    if code != 0:
+        reason = err.strip().splitlines()[-1] if code == -9 else child_failure(code, err)
+        return Measurement(s, False, f"llama-bench: {reason}", wall_s=wall)
+    try:
+        rows = json.loads(out)
+        pp = next(r for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
+        tg = next(r for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
+    except (ValueError, StopIteration, KeyError, TypeError):
+        return Measurement(s, False, f"llama-bench printed no results ({out.strip()[:80]!r})", wall_s=wall)
+    prefill = [float(x) for x in pp["samples_ts"]]
+    return Measurement(s, True, prefill_tps=prefill, decode_tps=[float(x) for x in tg["samples_ts"]],
+                       ttft_s=[w.prompt_tokens / x for x in prefill], wall_s=wall, peak_rss=rss)
+
+
+def _server(binary: Path, model: str, s: Settings, w: Workload, timeout: float) -> Measurement:
+    from ..export import server_flags
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = [str(binary), *server_flags(s, model), "--host", "127.0.0.1", "--port", str(port), "-np", "1",
+            "--no-webui"]
+    start = time.perf_counter()
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads the log while the server runs
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    rss = _PeakRss(proc.pid)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if not _wait_healthy(proc, url, start + timeout):
+            return _server_failed(proc, log, s, start, "did not come up")
+        load_s = time.perf_counter() - start
+        ids = _post(url + "/tokenize", {"content": prompt_text(w.prompt_kind)})["tokens"]
+        rounds = w.reps + 1  # a warm-up, then the repetitions
+        while len(ids) < w.depth + rounds * w.prompt_tokens:
+            ids += ids
+        history = ids[: w.depth]
+        body = {"n_predict": w.gen_tokens, "temperature": 0, "ignore_eos": True, "cache_prompt": True}
+        if history:  # the history every repetition starts from, left in the server's cache
+            _post(url + "/completion", {**body, "prompt": history, "n_predict": 0})
+        # Each round sends the history and a prompt it has not seen: the server reuses the cached history
+        # (its prefix match) and evaluates the whole prompt, as for a new turn of a conversation.
+        samples = [_stream(url, {**body, "prompt": history + ids[w.depth + r * w.prompt_tokens:
+                                                                 w.depth + (r + 1) * w.prompt_tokens]})
+                   for r in range(rounds)][1:]
+    except (OSError, ValueError, KeyError) as e:
+        return _server_failed(proc, log, s, start, f"stopped answering ({e})")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+    return Measurement(s, True, prefill_tps=[x[0] for x in samples], decode_tps=[x[1] for x in samples],
+                       ttft_s=[x[2] for x in samples], load_s=load_s, wall_s=time.perf_counter() - start,
+                       peak_rss=rss.stop())
+
+
+def _server_failed(proc: subprocess.Popen, log: Any, s: Settings, start: float, what: str) -> Measurement:
+    if proc.poll() is None:
+        os.killpg(proc.pid, 9)
+    proc.wait(timeout=30)
+    log.seek(0)
+    err = log.read()
+    reason = child_failure(proc.returncode, err) if proc.returncode else what
+    return Measurement(s, False, f"llama-server {reason}", wall_s=time.perf_counter() - start)
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, deadline: float) -> bool:
+    while time.perf_counter() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            if _get(url + "/health").get("status") == "ok":
+                return True
+        except (OSError, ValueError):
+            pass
+        try:  # wait on the process a moment: it may die, or the port may open
+            proc.wait(timeout=0.1)
+        except subprocess.TimeoutExpired:
+            pass
+    return False
+
+
+def _get(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.loads(r.read())
+
+
+def _stream(url: str, body: dict[str, Any]) -> tuple[float, float, float]:
+    """(prefill tok/s, decode tok/s, seconds to the first token) of one streamed completion."""
+    req = urllib.request.Request(url + "/completion", json.dumps({**body, "stream": True}).encode(),
+                                 {"Content-Type": "application/json"})
+    start = time.perf_counter()
+    first, timings = 0.0, None
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            chunk = json.loads(line[6:])
+            if not first and chunk.get("content") is not None:
+                first = time.perf_counter() - start
+            timings = chunk.get("timings") or timings
+    if not timings:
+        raise ValueError("no timings in the server's answer")
+    return float(timings["prompt_per_second"]), float(timings["predicted_per_second"]), first
