@@ -86,19 +86,23 @@ def render(config: dict[str, Any], fmt: str) -> str:
         return "\n".join([*(f"# {n}" for n in notes), shlex.join(["llama-server", *server_flags(s, model)])])
     if fmt == "llama-bench":
         notes = [f"written for llama-bench of {LLAMA_CPP}",
-                 "llama-bench sizes the context to the test and runs one thread count: "
+                 "llama-bench sizes the context to the test and runs one thread count (-t): "
                  f"n_ctx={s.n_ctx} and n_threads_batch={s.n_threads_batch} are not written",
                  *_missing(s, "bench", "llama-bench")]
         return "\n".join([*(f"# {n}" for n in notes), shlex.join(["llama-bench", *bench_flags(s, model)])])
     if fmt == "python":
-        return python_kwargs(s, model)
+        return f"# written for llama-cpp-python {_engine_version()}\n" + python_kwargs(s, model)
     if fmt == "lmstudio":
-        return json.dumps(lmstudio(s), indent=2)
+        return json.dumps({"written_for": UNCHECKED.format(tool="LM Studio's SDK load config (llm.load.* keys)"),
+                           **lmstudio(s)}, indent=2)
     if fmt == "ollama":
-        return ollama_modelfile(s, model)
+        return f"# {UNCHECKED.format(tool='an Ollama Modelfile')}\n" + ollama_modelfile(s, model)
     if fmt == "koboldcpp":
-        notes = _missing(s, "kobold", "KoboldCpp")
-        return "\n# ".join([shlex.join(["koboldcpp", *koboldcpp_flags(s, model)]), *notes])
+        notes = [UNCHECKED.format(tool="KoboldCpp's command line"), *_missing(s, "kobold", "KoboldCpp")]
+        if (s.type_k, s.type_v) != ("f16", "f16") and not (s.type_k == s.type_v and s.type_k in _KOBOLD_QUANTKV):
+            notes.append(f"KoboldCpp has one cache type for K and V (--quantkv): the tuned K={s.type_k}, "
+                         f"V={s.type_v} is not written")
+        return "\n".join([*(f"# {n}" for n in notes), shlex.join(["koboldcpp", *koboldcpp_flags(s, model)])])
     raise ConfigError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
 
 
@@ -112,15 +116,39 @@ def _flags(s: Settings, tool: str) -> list[str]:
     return out
 
 
+# Knobs a format writes jointly, outside the table's per-knob spellings.
+_JOINT = {"server": ("use_mmap", "use_mlock"), "bench": ("use_mmap", "use_mlock", "n_ctx", "n_threads_batch"),
+          "kobold": ("type_k", "type_v"), "ollama": ("flash_attn", "type_k", "type_v")}
+
+
 def _missing(s: Settings, spelling: str, tool: str) -> list[str]:
-    """Notes for the tuned values ``tool`` has no setting for (knobs that say so: ``Knob.missing``)."""
-    return [k.missing.format(tool=tool, value=getattr(s, k.name)) for k in KNOBS
-            if k.missing and getattr(k, spelling) is None and getattr(s, k.name) != k.default_value()]
+    """A note for every tuned value ``tool`` has no setting for, rather than dropping it silently: the knob's
+    own sentence (``Knob.missing``) or a plain one. Values equal to llama-cpp-python's default are left out."""
+    notes = []
+    for k in KNOBS:
+        value = getattr(s, k.name)
+        if getattr(k, spelling) is not None or k.name in _JOINT.get(spelling, ()) or value == k.default_value():
+            continue
+        if k.needs and not getattr(s, k.needs):
+            continue
+        notes.append(k.missing.format(tool=tool, value=value) if k.missing
+                     else f"{tool} has no setting for {k.label}: the tuned value was {value}")
+    return notes
 
 
 # The llama.cpp these spellings were checked against: the one llama-cpp-python vendors (its tools' --version),
 # whose llama-server and llama-bench the export tests run.
 LLAMA_CPP = "llama.cpp 0.5.0-dev (commit 0c1e570), as vendored by llama-cpp-python 0.3.36"
+
+# Tools autotune does not run: the spelling follows their documentation, and the export says so.
+UNCHECKED = "written for {tool} as documented; not run by autotune's tests"
+
+
+def _engine_version() -> str:
+    from importlib.metadata import version
+
+    return version("llama-cpp-python")
+
 
 # -lm/--load-mode replaced --no-mmap and --mlock in llama-server and -mmp in llama-bench.
 _LOAD_MODES = {(True, False): "mmap", (False, False): "none", (True, True): "mmap+mlock", (False, True): "mlock"}

@@ -200,3 +200,17 @@ def test_exported_python_keeps_experts_in_host_memory(demo_model, tmp_path):
     experts = sum(t.n_bytes for t in read_facts(model).tensors if t.layer == 0 and "_exps" in t.name) / 2**20
     assert runs[1]["CPU"] - runs[0]["CPU"] == pytest.approx(experts, abs=0.02)
     assert runs[0]["CPU_REPACK"] - runs[1]["CPU_REPACK"] == pytest.approx(experts, abs=0.02)
+
+
+def test_what_a_tool_cannot_spell_is_said_not_dropped():
+    s = TUNED.replace(n_ubatch=64, n_threads_batch=1, type_k="q8_0", type_v="f16")
+    c = config(s)
+    kobold = export.render(c, "koboldcpp")
+    assert "KoboldCpp has no setting for n_ubatch: the tuned value was 64" in kobold
+    assert "K=q8_0, V=f16 is not written" in kobold and "--quantkv" not in kobold.splitlines()[-1]
+    assert "Ollama has no setting for prompt threads (n_threads_batch): the tuned value was 1" in export.render(c, "ollama")
+    assert any("n_ubatch" in n for n in json.loads(export.render(c, "lmstudio"))["notes"])
+    bench = export.render(c, "llama-bench")
+    assert "n_threads_batch=1 are not written" in bench
+    for fmt in ("python", "lmstudio", "ollama", "koboldcpp", "llama-server", "llama-bench"):
+        assert "written for" in export.render(c, fmt), fmt  # every format says which tool version it targets
