@@ -96,9 +96,11 @@ def _version(path: str) -> BuildInfo:
     """From the binary itself: ``--version`` (version, commit, compiler) and its device list."""
     done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
     text = (done.stdout + done.stderr).strip()
+    listed = subprocess.run([path, "--list-devices"], capture_output=True, text=True, timeout=60)
+    devices = (listed.stdout + listed.stderr).strip()
     m = re.search(r"version: (\S+.*?)\n", text + "\n")
-    backend = next((b for b in ("cuda", "metal", "vulkan", "hip", "sycl") if b in text.lower()), "cpu")
-    return BuildInfo(m.group(1) if m else "unknown", backend, backend != "cpu", (), text)
+    backend = next((b for b in ("cuda", "metal", "vulkan", "hip", "sycl") if b in devices.lower()), "cpu")
+    return BuildInfo(m.group(1) if m else "unknown", backend, backend != "cpu", (), f"{text}\n{devices}")
 
 
 class _PeakRss:
