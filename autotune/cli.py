@@ -514,8 +514,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from . import export, study
     from .errors import ConfigError
 
-    source = args.source
-    if source.endswith(".json") or os.path.isfile(source):
+    source = args.study or args.source
+    if not source:
+        raise ConfigError("export what? give a tuned config JSON or a study name (--study NAME)")
+    if not args.study and (source.endswith(".json") or os.path.isfile(source)):
         config = export.load_config(source)
     else:
         st = study.load_existing(source, args.storage or study.default_url())
@@ -528,6 +530,23 @@ def cmd_export(args: argparse.Namespace) -> int:
             f.write(text + ("" if text.endswith("\n") else "\n"))
     else:
         print(text)
+    return 0
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    from . import study
+
+    rows = study.summaries(args.storage)
+    if args.json:
+        print_json(rows)
+        return 0
+    t = Table(title=f"studies in {study.storage_url(args.storage)}")
+    for col in ("study", "model", "machine", "engine", "trials", "best", "tuned config"):
+        t.add_column(col, justify="right" if col in ("trials", "best") else "left")
+    for r in rows:
+        t.add_row(r["name"], str(r["model"]), str(r["fingerprint"]), r["engine"], str(r["trials"]),
+                  "-" if r["best"] is None else f"{r['best']:.2f}", "yes" if r["recommendation"] else "no")
+    console.print(t)
     return 0
 
 
@@ -779,11 +798,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_search)
 
     sp = sub.add_parser("export", help="write a tuned config in another tool's format")
-    sp.add_argument("source", help="a tuned config JSON, or a study name")
+    sp.add_argument("source", nargs="?", help="a tuned config JSON, or a study name")
+    sp.add_argument("--study", help="a study's name (with --storage: a fleet's tuned config, no files to copy)")
     sp.add_argument("--format", choices=FORMATS, default="json")
     sp.add_argument("--storage", help="Optuna storage URL of the study")
     sp.add_argument("--out")
     sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser("studies", help="every study in a storage: model, machine, engine, trials, best")
+    sp.add_argument("--storage", help="Optuna storage URL (default: sqlite in ./studies)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_studies)
 
     sp = sub.add_parser("draft", help="which draft models fit a main model, and whether speculative decoding pays")
     sp.add_argument("model", help="the main GGUF model")

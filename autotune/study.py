@@ -42,6 +42,18 @@ optuna.logging.set_verbosity(optuna.logging.ERROR)
 # trial is failed (Optuna's heartbeat: works for tuners on other machines sharing the storage, too).
 HEARTBEAT_S = 10
 GRACE_S = 60
+
+
+def heartbeat() -> tuple[int, int]:
+    """(heartbeat interval, grace period) in seconds; AUTOTUNE_HEARTBEAT_S / AUTOTUNE_GRACE_S shorten them
+    (tests, or a fleet that wants dead workers noticed sooner)."""
+    return (int(os.environ.get("AUTOTUNE_HEARTBEAT_S", HEARTBEAT_S)), int(os.environ.get("AUTOTUNE_GRACE_S", GRACE_S)))
+
+
+def worker_host() -> str:
+    """The name this worker records on its trials. AUTOTUNE_WORKER_HOST stands in for another machine's name
+    (one seam, for tests: a worker "elsewhere" can only be caught by its stopped heartbeat)."""
+    return os.environ.get("AUTOTUNE_WORKER_HOST") or socket.gethostname()
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
@@ -165,7 +177,8 @@ def open_storage(storage: str | None) -> optuna.storages.BaseStorage:
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # wait on another tuner's write lock
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **kwargs)
+            beat, grace = heartbeat()
+            return optuna.storages.RDBStorage(url, heartbeat_interval=beat, grace_period=grace, **kwargs)
         except Exception as e:  # sqlalchemy / alembic errors: corrupt or foreign databases, or a schema race
             error = e
             if not _schema_race(e):
@@ -210,6 +223,7 @@ def open_study(req: StudyRequest) -> optuna.Study:
                                     directions=directions(req.objective, req.pareto))
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=req.name(), storage=storage, sampler=sampler)
+        _check_same_kind(study, req)
         fail_orphans(study, storage)
         return study
     except ValueError as e:
@@ -217,6 +231,7 @@ def open_study(req: StudyRequest) -> optuna.Study:
     study.set_user_attr("model", {"path": req.model_path, "sha256": file_sha256(req.model_path),
                                   "architecture": req.facts.architecture, "name": req.facts.name})
     study.set_user_attr("hardware", req.hw.to_dict())
+    study.set_user_attr("engine", {"name": engine.current().name, "build": engine.current().build_key()})
     study.set_user_attr("workload", req.workload.__dict__)
     study.set_user_attr("objective", "pareto" if req.pareto else req.objective)
     study.set_user_attr("n_ctx", req.n_ctx)
@@ -232,12 +247,48 @@ def open_study(req: StudyRequest) -> optuna.Study:
     return study
 
 
+def _check_same_kind(study: optuna.Study, req: StudyRequest) -> None:
+    """A worker joins a study only on the same kind of machine and engine build: timings from different ones
+    are not comparable, and one study would mix them."""
+    theirs = study.user_attrs.get("hardware", {}).get("fingerprint")
+    if theirs and theirs != req.hw.fingerprint():
+        raise StudyError(f"study {study.study_name} was made on hardware {theirs}; this machine is "
+                         f"{req.hw.fingerprint()}: its timings would not be comparable (run a study of its own)")
+    build = study.user_attrs.get("engine", {}).get("build")
+    if build and build != engine.current().build_key():
+        raise StudyError(f"study {study.study_name} was measured with engine build {build}; this worker's is "
+                         f"{engine.current().build_key()}: its timings would not be comparable")
+
+
+def summaries(storage: str | None) -> list[dict[str, Any]]:
+    """Every study in a storage, for ``autotune studies``: model, machine, engine, trials, best, and whether
+    a recommendation (an exportable tuned config) exists."""
+    url = storage_url(storage)
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        raise StudyError(f"no study database at {url[len('sqlite:///'):]} (pass --storage)")
+    out = []
+    for st in optuna.get_all_study_summaries(open_storage(url), include_best_trial=True):
+        attrs = st.user_attrs
+        best = st.best_trial.values if st.best_trial is not None and st.best_trial.values else None
+        out.append({
+            "name": st.study_name,
+            "model": attrs.get("model", {}).get("name") or attrs.get("model", {}).get("path"),
+            "fingerprint": attrs.get("hardware", {}).get("fingerprint"),
+            "engine": attrs.get("engine", {}).get("name", "llama-cpp-python"),
+            "objective": attrs.get("objective"),
+            "trials": st.n_trials,
+            "best": best[0] if best and len(best) == 1 else None,
+            "recommendation": "recommendation" in attrs,
+        })
+    return out
+
+
 def fail_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[int]:
     """Mark as failed the trials left RUNNING by a tuner process of this host that no longer exists (kill -9,
     power loss), through the storage's public API. Trials of a live process (another ``autotune search`` on
     the same study) are left alone. Tuners on other machines are caught by their stopped heartbeat (``GRACE_S``);
     on this one a dead pid says it at once."""
-    host = socket.gethostname()
+    host = worker_host()
     study_id = storage.get_study_id_from_name(study.study_name)
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -335,12 +386,13 @@ def run_trials(
     progress = Progress(total=n_trials)
 
     def objective(trial: optuna.Trial) -> float | list[float]:
-        pid, host = os.getpid(), socket.gethostname()
+        pid, host = os.getpid(), worker_host()
         trial.set_user_attr("pid", pid)
         trial.set_user_attr("host", host)
         # What the trial says if this tuner dies now and the trial is failed by heartbeat (a finished trial
         # can no longer be written to); every way this function ends replaces it.
-        trial.set_user_attr("reason", f"tuner process {pid} on {host} died mid-trial (no heartbeat for {GRACE_S} s)")
+        trial.set_user_attr("reason", f"tuner process {pid} on {host} died mid-trial (no heartbeat for "
+                                      f"{heartbeat()[1]} s)")
         try:
             state, values = _evaluate(trial, req.space.suggest(trial), req, trial_timeout)
         except KeyboardInterrupt:

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -53,3 +53,54 @@ def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 30
                           env={**os.environ, **(env or {})})
     assert done.returncode == 0, f"child exited {done.returncode}: {done.stderr[-2000:]}"
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster of Debian's server on loopback, for the session; yields a URL prefix
+    (``postgresql://autotune@127.0.0.1:PORT/``) to which a test appends its own database name. Skips, saying
+    why, only where no server can be found (``.ci/run`` installs Debian's postgresql package)."""
+    import glob
+    import os
+    import shutil
+    import socket
+
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+    if not bins:
+        pytest.skip("no PostgreSQL server (Debian's postgresql package could not be installed)")
+    import tempfile
+
+    bindir = Path(bins[-1]).parent
+    data = Path(tempfile.mkdtemp(prefix="autotune-pg-")) / "data"  # not under pytest's root-only directory
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root: run it as Debian's postgres user
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser: cannot start PostgreSQL as another user")
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(data.parent, "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "autotune", "-A", "trust"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(data.parent / "log"),
+                    "-o", f"-p {port} -k {data.parent} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql://autotune@127.0.0.1:{port}/"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(data.parent, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(postgres: str, request: pytest.FixtureRequest) -> str:
+    """A fresh database on the session's PostgreSQL server, named after the test."""
+    import psycopg
+
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50]
+    with psycopg.connect(postgres + "postgres", autocommit=True) as con:
+        con.execute(f"DROP DATABASE IF EXISTS {name}")
+        con.execute(f"CREATE DATABASE {name}")
+    return postgres + name
