@@ -76,7 +76,8 @@ def test_three_workers_one_killed_mid_trial_fake_other_host(tiny_model, url):
     done = trials(url)
     assert done[orphan.number].user_attrs["reason"] == \
         f"tuner process {c.pid} on node-c died mid-trial (no heartbeat for 3 s)"
-    assert failed_after >= 3  # not before the grace period, and by the heartbeat (no pid check for node-c)
+    # by the heartbeat, not before the grace period: 3 s after C's last beat, which came up to 1 s before the kill
+    assert failed_after >= 3 - 1
     complete = [t for t in done if t.state == TrialState.COMPLETE]
     assert len(complete) == 60 and len({t.number for t in done}) == len(done)
     assert [t.user_attrs.get("role") for t in done].count("defaults") == 1
