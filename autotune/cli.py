@@ -299,8 +299,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     warning = memory.beyond_trained(facts, target)
     if warning:
         console.print(f"note: {warning}")
-    devices = [d.device for d in next((r.estimate for r in rows if r.estimate), None).devices] if any(
-        r.estimate for r in rows) else ["host"]
+    first = next((r.estimate for r in rows if r.estimate), None)
+    devices = [d.device for d in first.devices] if first else ["host"]
     t = Table(title=f"fit: {facts.name} at n_ctx {target:,} (flash attention on; keeping "
                     f"{'max(512 MiB, 5 %)' if keep is None else mib(keep)} free per device)")
     for col in ("K / V", "placement", *(f"{d} at {target:,}" for d in devices), "holds it", "largest n_ctx"):
@@ -316,8 +316,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         pins = ["--set " + " --set ".join(f"{k}={getattr(r.settings, k)}" for k in ("type_k", "type_v", "n_gpu_layers",
                 "n_cpu_moe") if getattr(r.settings, k) != getattr(Settings(), k) or k.startswith("type"))
                 for r in holding]
-        console.print(f"measure: {len(holding)} placement(s) hold {target:,} tokens; the search measures them with "
-                      f"autotune search {facts.path} --ctx {target} and, to pin one, e.g. {pins[0]}")
+        console.print(f"{len(holding)} placement(s) hold {target:,} tokens: the search should measure them "
+                      f"(autotune search {facts.path} --ctx {target}; to try one alone: {pins[0]})")
     else:
         best = max(rows, key=lambda r: r.max_ctx)
         console.print(f"[red]no placement holds {target:,} tokens[/red]; the most is {best.max_ctx:,} "

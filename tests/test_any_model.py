@@ -210,3 +210,30 @@ def test_search_runs_every_architecture_end_to_end(isolated_cache, demo_model, t
     config = json.loads(out.read_text())
     assert config["model"]["architecture"] == arch and config["metrics"]["decode"]["n"] >= 2
     assert config["memory"]["source"] == memory.DRY_RUN  # every trial was gated by the engine's own figures
+
+
+def test_fit_offers_placements_per_cache_type_within_the_trained_context(isolated_cache, big, demo_model, capsys):
+    from autotune.fit import fit
+
+    rows = fit(read_facts(big["qwen3-30b-a3b"]), host(ram=20 * GIB), None, S())
+    assert [r.settings.type_k for r in rows] == ["f16", "q8_0", "q4_0"]
+    assert all(r.settings.n_ctx == 40960 and r.estimate.source == memory.DRY_RUN for r in rows)
+    # 20 GiB: the f16 cache does not hold the trained context, the quantized ones stretch further
+    assert not rows[0].holds_target and rows[0].max_ctx < 40960 < rows[2].max_ctx + 256
+    assert rows[0].max_ctx < rows[1].max_ctx <= rows[2].max_ctx
+    assert cli.main(["fit", str(demo_model), "--ctx", "100000"]) == 2  # beyond the trained 8,192: asked for only
+    assert cli.main(["fit", str(demo_model), "--ctx", "100000", "--beyond-trained"]) == 0
+    assert "beyond the 8,192 tokens" in " ".join(capsys.readouterr().out.split())
+
+
+def test_fake_gpu_fit_keeps_experts_on_the_host_before_dropping_layers(isolated_cache, big):
+    from autotune.fit import fit
+
+    facts = read_facts(big["qwen3-30b-a3b"])
+    rows = fit(facts, fake_gpu(12), 8192, S(), ("f16",))
+    layers, experts = rows
+    assert layers.settings.n_gpu_layers < facts.n_layer + 1 and layers.holds_target
+    assert experts.settings.n_gpu_layers == facts.n_layer + 1 and 0 < experts.settings.n_cpu_moe <= facts.n_layer
+    assert experts.holds_target and experts.estimate.device("gpu0").fits()
+    fewer = experts.settings.replace(n_cpu_moe=experts.settings.n_cpu_moe - 1)
+    assert not memory.estimate(facts, fewer, fake_gpu(12)).fits  # the fewest expert layers on the host
