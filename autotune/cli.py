@@ -313,11 +313,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
     console.print(t)
     holding = [r for r in rows if r.holds_target]
     if holding:
-        pins = ["--set " + " --set ".join(f"{k}={getattr(r.settings, k)}" for k in ("type_k", "type_v", "n_gpu_layers",
-                "n_cpu_moe") if getattr(r.settings, k) != getattr(Settings(), k) or k.startswith("type"))
-                for r in holding]
+        one = holding[0].settings
+        pin = " ".join(f"--set {k}={getattr(one, k)}" for k in ("type_k", "type_v", "n_gpu_layers", "n_cpu_moe")
+                       if k.startswith("type") or getattr(one, k))
         console.print(f"{len(holding)} placement(s) hold {target:,} tokens: the search should measure them "
-                      f"(autotune search {facts.path} --ctx {target}; to try one alone: {pins[0]})")
+                      f"(autotune search {facts.path} --ctx {target}; to try one alone: {pin})")
     else:
         best = max(rows, key=lambda r: r.max_ctx)
         console.print(f"[red]no placement holds {target:,} tokens[/red]; the most is {best.max_ctx:,} "

@@ -53,9 +53,10 @@ def build(targets: tuple[str, ...] = TOOLS, flags: tuple[str, ...] = FLAGS, quie
     missing = [t for t in targets if not (out / t).exists()]
     if not missing:
         return out
-    if shutil.which("cmake") is None and not (Path(sys.executable).parent / "cmake").exists():
+    ours = Path(sys.executable).parent / "cmake"  # the test extra's, beside this Python
+    cmake = str(ours) if ours.exists() else shutil.which("cmake")
+    if cmake is None:
         raise BuildError("building llama.cpp's tools needs cmake (pip install cmake)")
-    cmake = str(Path(sys.executable).parent / "cmake") if (Path(sys.executable).parent / "cmake").exists() else "cmake"
     work = cache_dir() / "llama.cpp" / "src" / engine_version()
     source = _source(work, quiet)
     build_dir = work / f"build-{out.name}"

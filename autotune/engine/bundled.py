@@ -203,6 +203,7 @@ def _dry_run_in_process(model_path: str, settings_list: list[dict[str, Any]]) ->
                 results[i] = {"error": last_error(model_lines) or "the engine could not load the model"}
             continue
         weights_total = int(llama_cpp.llama_model_size(model))
+        model_buffers = parse_buffers(model_lines).model
         try:
             for i in indices:
                 with captured_log() as lines:
@@ -211,7 +212,7 @@ def _dry_run_in_process(model_path: str, settings_list: list[dict[str, Any]]) ->
                     results[i] = {"error": last_error(lines) or "the engine refused the context"}
                     continue
                 report = parse_buffers(lines)
-                report.model = parse_buffers(model_lines).model
+                report.model = model_buffers
                 report.weights_total = weights_total
                 results[i] = report.to_dict()
                 llama_cpp.llama_free(ctx)

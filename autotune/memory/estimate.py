@@ -123,9 +123,15 @@ def _from_engine(facts: ModelFacts, settings: Settings, hw: Hardware, found: dry
             layers = [il for il in range(facts.n_layer) if facts.swa_layers[il] == (i == 1)]
         else:
             layers = list(range(facts.n_layer))
+        held: dict[str, int] = {}  # layers of this cache per device
         for il in layers:
             dev = where.layers[il] if settings.offload_kqv else HOST
-            kv[dev] = kv.get(dev, 0) + (cache.k + cache.v) // max(len(layers), 1)
+            held[dev] = held.get(dev, 0) + 1
+        left = cache.k + cache.v  # shared out in proportion, the rounding remainder to the last device
+        for n, (dev, count) in enumerate(held.items(), 1):
+            share = left if n == len(held) else (cache.k + cache.v) * count // max(len(layers), 1)
+            kv[dev] = kv.get(dev, 0) + share
+            left -= share
     compute: dict[str, int] = {}
     output: dict[str, int] = {}
     for name, n in found.compute.items():
