@@ -136,9 +136,9 @@ def _missing(s: Settings, spelling: str, tool: str) -> list[str]:
     return notes
 
 
-# The llama.cpp these spellings were checked against: the one llama-cpp-python vendors (its tools' --version),
-# whose llama-server and llama-bench the export tests run.
-LLAMA_CPP = "llama.cpp 0.5.0-dev (commit 0c1e570), as vendored by llama-cpp-python 0.3.36"
+# The llama.cpp these spellings were checked against: the one llama-cpp-python 0.3.36 vendors, whose
+# llama-server and llama-bench the export tests run (and whose --version they compare with this line).
+LLAMA_CPP = "llama.cpp 0.5.0-dev, as vendored by llama-cpp-python 0.3.36"
 
 # Tools autotune does not run: the spelling follows their documentation, and the export says so.
 UNCHECKED = "written for {tool} as documented; not run by autotune's tests"

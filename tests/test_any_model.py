@@ -70,6 +70,8 @@ def test_every_estimate_equals_the_engines_dry_run(isolated_cache, big, name):
     assert all(r["error"] is None for r in rows), [r["error"] for r in rows if r["error"]]
     for r in rows:
         assert r["source"] == memory.DRY_RUN
+        e = r["estimate"]
+        assert sum(d.kv for d in e.devices) == e.kv_k + e.kv_v  # every cache byte lands on a device
         for k in ("weights", "kv", "compute", "total"):
             assert abs(r["error_pct"][k]) <= 0.5, (name, k, r["settings"], r["predicted"], r["engine"])
 

@@ -144,3 +144,11 @@ def test_a_bad_engine_is_one_line(tiny_model, tmp_path):
     done = subprocess.run([sys.executable, "-m", "autotune.cli", "search", str(tiny_model), "--engine",
                            "llama-bench:/no/such/binary"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "not an executable file" in done.stderr
+
+
+def test_exports_name_the_version_of_the_tools_they_were_checked_against(tools):
+    """The version the export spellings state is the one these binaries report, not a hope."""
+    for path in tools.values():
+        done = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=60)
+        version = (done.stdout + done.stderr).split("version: ")[1].split()[0]
+        assert export.LLAMA_CPP == f"llama.cpp {version}, as vendored by llama-cpp-python {reference.engine_version()}"
