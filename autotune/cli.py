@@ -348,7 +348,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         if start.draft_model:
             console.print("your draft model is left to the draft stage (--draft PATH); the study tunes the main model")
     options = pipeline.TuneOptions(
-        ctx=ctx, objective=args.objective, pareto=args.pareto, trials=args.trials, timeout=args.timeout,
+        ctx=ctx, objective=args.objective or pipeline.TuneOptions.objective, trade=args.objective is not None,
+        patience=args.patience, pareto=args.pareto, trials=args.trials, timeout=args.timeout,
         trial_timeout=args.trial_timeout, storage=args.storage, pins=space.parse_pins(args.set or []), seed=args.seed,
         workload=Workload(args.prompt_tokens, args.gen_tokens, args.reps), top_k=args.top_k, rounds=args.rounds,
         kv_quality=args.kv_quality, recommend=not args.no_recommend, draft=args.draft, depth=args.depth,
@@ -482,16 +483,33 @@ def print_trials_summary(st: Any) -> None:
 
 def print_recommendation(config: dict[str, Any]) -> None:
     rec = config["recommendation"]
-    m, base = config["metrics"], rec["baseline_metrics"]
-    t = Table(title=f"recommended: {rec['chosen']}")
-    for col in ("metric", "recommended median", "spread (min-max)", f"engine {rec.get('baseline', 'defaults')} median",
-                "ratio"):
+    m = config["metrics"]
+    rows = rec.get("side_by_side") or []
+    if rows:
+        t = Table(title="re-measured side by side (medians)")
+        for col in ("config", "decode tok/s", "prefill tok/s", "ttft", "loses to the best baseline on"):
+            t.add_column(col)
+        for r in rows:
+            if not r["ran"]:
+                t.add_row(r["label"], f"[red]{(r['failures'] or ['failed'])[0][:50]}[/]", "", "", "")
+                continue
+            name = f"[bold]{r['label']}[/] (chosen)" if r["chosen"] else r["label"]
+            t.add_row(name, *(f"{r[m]['median']:.1f}" if r[m] else "-" for m in ("decode", "prefill")),
+                      f"{r['ttft']['median'] * 1000:.0f} ms" if r["ttft"] else "-", ", ".join(r["loses"]) or "-")
+        console.print(t)
+    versus = rec.get("versus") or {}
+    t = Table(title=f"recommended: {rec['chosen']}, against the best baseline on each metric (re-measured side by side)")
+    for col in ("metric", "recommended median", "spread (min-max)", "best baseline", "its median", "ratio", "spread says"):
         t.add_column(col)
-    for name, unit in (("decode", "tok/s"), ("prefill", "tok/s"), ("ttft", "s"), ("balanced", "tok/s")):
-        a, b = m[name], base[name]
-        ratio = (b["median"] / a["median"] if name == "ttft" else a["median"] / b["median"]) if a["median"] and b["median"] else None
-        t.add_row(name, f"{a['median']:.2f} {unit}", f"{a['low']:.2f}-{a['high']:.2f}",
-                  f"{b['median']:.2f} {unit}" if b["n"] else "failed", f"x{ratio:.2f}" if ratio else "-")
+    for name, unit in (("decode", "tok/s"), ("prefill", "tok/s"), ("ttft", "s")):
+        a = m[name]
+        v = versus.get(name)
+        if v is None:  # no baseline ran
+            t.add_row(name, f"{a['median']:.2f} {unit}", f"{a['low']:.2f}-{a['high']:.2f}", "none ran", "-", "-", "-")
+            continue
+        said = {"better": "[green]better[/]", "worse": "[red]worse[/]", "same": "within noise"}[v["verdict"]]
+        t.add_row(name, f"{a['median']:.2f} {unit}", f"{a['low']:.2f}-{a['high']:.2f}", v["baseline"],
+                  f"{v['baseline_median']:.2f} {unit}", f"x{v['ratio']:.2f}" if v["ratio"] else "-", said)
     console.print(t)
     s = config["settings"]
     console.print("settings: " + ", ".join(f"{k}={v}" for k, v in s.items() if v is not None))
@@ -764,9 +782,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("search", help="tune the settings with real engine runs (default: the demo model)")
     sp.add_argument("model", nargs="?", help="GGUF file (default: the SmolLM2-135M demo model, fetched once)")
     sp.add_argument("--ctx", type=int, help="context length you need (default: min(4096, trained context))")
-    sp.add_argument("--objective", choices=OBJECTIVES, default=default.objective)
+    sp.add_argument("--objective", choices=OBJECTIVES,
+                    help=f"the speed to maximize (default: {default.objective}, losing no other speed to the best "
+                         "baseline beyond noise; naming it lets the other speeds be traded for it)")
     sp.add_argument("--pareto", action="store_true", help="multi-objective: decode vs prefill vs memory")
-    sp.add_argument("--trials", type=int, default=default.trials)
+    sp.add_argument("--trials", type=int, default=default.trials, help="the most trials, both stages together")
+    sp.add_argument("--patience", type=int, default=default.patience, metavar="K",
+                    help="stop a stage once K trials in a row have not moved its best by 3 %% (0: run every trial)")
     sp.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     sp.add_argument("--trial-timeout", type=float, default=default.trial_timeout,
                     help="kill one engine run after this many seconds")

@@ -86,6 +86,7 @@ class Knob:
     missing: str | None = None  # the note ({tool}, {value}) for a tool without a spelling, when not the default
     plotted: bool = True  # a knob the speed-per-knob plot may vary
     memory: bool = False  # changes what the engine allocates (part of a cached dry-run answer's key)
+    moves: tuple[str, ...] = ("decode", "prefill")  # the speeds it can change (decode: one token per batch)
 
     def default_value(self) -> Any:
         return self.default() if callable(self.default) else self.default
@@ -161,13 +162,13 @@ KNOBS: tuple[Knob, ...] = (
          domain=_gpu_layers, memory=True, bench=Flag("-ngl")),
     Knob("n_threads", "int", lambda: default_threads()[0], "decode threads (n_threads)", _same,
          Flag("-t", ("--threads",)), Flag("--threads"), ("load.cpuThreadPoolSize", _same), ("num_thread", str),
-         domain=_threads, bench=Flag("-t")),
+         domain=_threads, bench=Flag("-t"), moves=("decode",)),
     Knob("n_threads_batch", "int", lambda: default_threads()[1], "prompt threads (n_threads_batch)", _same,
-         Flag("-tb", ("--threads-batch",)), Flag("--blasthreads"), domain=_threads),
+         Flag("-tb", ("--threads-batch",)), Flag("--blasthreads"), domain=_threads, moves=("prefill",)),
     Knob("n_batch", "int", 512, "n_batch", _same, Flag("-b", ("--batch-size",)), Flag("--blasbatchsize"),
-         ("load.evalBatchSize", _same), ("num_batch", str), memory=True, bench=Flag("-b")),
+         ("load.evalBatchSize", _same), ("num_batch", str), memory=True, bench=Flag("-b"), moves=("prefill",)),
     Knob("n_ubatch", "int", 512, "n_ubatch", _same, Flag("-ub", ("--ubatch-size",)), domain=_ubatches, memory=True,
-         bench=Flag("-ub")),
+         bench=Flag("-ub"), moves=("prefill",)),
     Knob("flash_attn", "bool", False, "flash attention", _same, Flag("-fa", ("--flash-attn",), encode=_on_off),
          Flag("--flashattention", when=True), ("load.flashAttention", _same), memory=True,
          bench=Flag("-fa", encode=_on_off)),

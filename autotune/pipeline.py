@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -18,6 +20,7 @@ from . import catalog, engine, export, health, memory, recommend, space, study
 from .engine import Measurement, Workload
 from .errors import FitError, ModelError, SettingsError
 from .gguf_model import ModelFacts, file_sha256, read_facts
+from .knobs import KNOBS
 from .probe import Hardware, probe
 from .settings import Settings
 
@@ -46,6 +49,8 @@ class TuneOptions:
     depth: int | None = None  # tokens in the cache before each measured prompt (None: default_depth)
     start: Settings | None = None  # what the user runs today (--from-cmdline): measured first, and a baseline
     engine: str | None = None  # None: llama-cpp-python; "llama-bench:PATH" or "llama-server:PATH"
+    trade: bool = False  # the user named the objective: the other metrics may be given up for it
+    patience: int = study.PATIENCE  # stop a stage once this many trials have not moved its best (0: never)
 
 
 def _started(start: Settings, n_ctx: int, pins: dict[str, Any]) -> Settings:
@@ -155,6 +160,11 @@ def _tune(model: str | None, options: TuneOptions, reporter: Reporter) -> TunedC
         unchecked = check_fits(req)  # with the switch, the engine's dry run may answer where it died before
     if unchecked:
         reporter.note(f"memory model: {unchecked}; trials run without a fit check")
+    full = req.space
+    metric = moved_by(options.objective, options.pareto)
+    n_second = second_trials(full, metric, options.trials)
+    if metric and n_second:  # the first stage searches only the knobs that can move the objective
+        req = dataclasses.replace(req, space=full.moving(metric), guard=not options.trade)
     st = study.open_study(req)
     reporter.study(st, study.storage_url(options.storage))
     with reporter.step("measuring how quantized K/V caches change the outputs (once per study) ..."):
@@ -163,37 +173,99 @@ def _tune(model: str | None, options: TuneOptions, reporter: Reporter) -> TunedC
     if quality:
         reporter.kv_quality(quality, req.forced)
     reporter.space(sp, hw, pins, req.forced)
+    if metric and n_second:
+        reporter.note(f"held for a second stage of {n_second} trials (they cannot move {metric}; tuned there for "
+                      f"{SECOND[metric]}): {', '.join(full.neutral_to(metric).describe())}")
     try:
-        with reporter.trials(options.trials, options.objective) as show:
-            study.run_trials(st, req, options.trials, timeout=options.timeout, trial_timeout=options.trial_timeout,
-                             on_progress=show)
+        with reporter.trials(options.trials - n_second, options.objective) as show:
+            study.run_trials(st, req, options.trials - n_second, timeout=options.timeout,
+                             trial_timeout=options.trial_timeout, on_progress=show, patience=options.patience)
     finally:
         reporter.trials_done(st)
+    polish: dict[str, Any] = {}
+    st2 = None
+    if metric and n_second and study.completed(st):
+        polish, st2 = second_stage(st, req, full, metric, n_second, options, reporter)
     if not options.recommend:
         return None
-    with reporter.step("re-measuring the best candidates against the engine defaults ...") as status:
+    with reporter.step("re-measuring the best candidates against every baseline ...") as status:
         def on_run(label: str, m: Measurement) -> None:
             status(f"re-measured {label}: " + (f"{m.decode:.1f} tok/s decode" if m.ok else m.error[:60]))
 
         rec = recommend.recommend(st, req, top_k=options.top_k, rounds=options.rounds,
-                                  trial_timeout=options.trial_timeout, on_run=on_run)
+                                  trial_timeout=options.trial_timeout, on_run=on_run, polish=polish,
+                                  trade=options.trade)
     record = _record(req, st, rec, verdict, quality, options)
-    record["depth_sweep"] = depth_sweep(model, rec.chosen.settings, req.n_ctx, work, options.trial_timeout, reporter)
+    if st2 is not None:
+        record["study"]["second_stage"] = {"name": st2.study_name, "objective": SECOND[metric], "chose": polish}
+    record["depth_sweep"] = depth_sweep(model, rec.chosen.settings, req.n_ctx, work, options.trial_timeout, reporter,
+                                        done=rec.confirmation)
     if options.draft:
         record = _draft_stage(record, options.draft, hw, reporter)
     st.set_user_attr("recommendation", record)
     return TunedConfig(export.settings_of(record), rec, verdict, st.study_name, record)
 
 
+# The speed a stage-1 objective is made of, and what the second stage then tunes the other knobs for.
+SECOND = {"decode": "prefill", "prefill": "decode"}
+
+
+def moved_by(objective: str, pareto: bool) -> str | None:
+    """The speed an objective is made of ("decode" or "prefill"; TTFT is the prompt's time), or None where
+    it is made of both (balanced, a Pareto front): then one stage searches every knob."""
+    return None if pareto else {"decode": "decode", "prefill": "prefill", "ttft": "prefill"}.get(objective)
+
+
+def second_trials(full: space.SearchSpace, metric: str | None, trials: int) -> int:
+    """Trials for the second stage: a fifth of the budget, at least 4, at most a quarter; 0 (one stage over
+    every knob) where that leaves fewer than 4, or nothing is left for a second stage to tune."""
+    if metric is None:
+        return 0
+    neutral = full.neutral_to(metric)
+    n = min(trials // 4, max(4, trials // 5))
+    return n if n >= 4 and (neutral.params or neutral.int_ranges) else 0
+
+
+def second_stage(st: optuna.Study, req: study.StudyRequest, full: space.SearchSpace, metric: str, n_trials: int,
+                 options: TuneOptions, reporter: Reporter) -> tuple[dict[str, Any], optuna.Study]:
+    """Tune the knobs that cannot move the objective (for decode: prompt threads, n_batch, n_ubatch) for the
+    other speed, over the first stage's best settings, in a study of its own; the baselines' values for those
+    knobs are among its first trials. Returns the settings it chose for them, and the study."""
+    best = max(study.completed(st), key=lambda tm: study.better(st) * tm[0].values[0])
+    base = best[1].settings
+    sp = full.neutral_to(metric, base)
+    tag = hashlib.sha256(json.dumps(base.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    req2 = dataclasses.replace(req, space=sp, objective=SECOND[metric], stage=f"then-{SECOND[metric]}-{tag}",
+                               guard=False)
+    st2 = study.open_study(req2)
+    reporter.note(f"second stage: {', '.join(sp.describe())} for {SECOND[metric]}, over trial {best[0].number}'s "
+                  f"settings")
+    try:
+        with reporter.trials(n_trials, SECOND[metric]) as show:
+            study.run_trials(st2, req2, n_trials, timeout=options.timeout, trial_timeout=options.trial_timeout,
+                             on_progress=show, patience=options.patience, min_trials=n_trials)
+    finally:
+        reporter.trials_done(st2)
+    done = study.completed(st2)
+    if not done:
+        return {}, st2
+    chosen = max(done, key=lambda tm: study.better(st2) * tm[0].values[0])[1].settings
+    fields = [k.name for k in KNOBS if metric not in k.moves]
+    return {k: getattr(chosen, k) for k in fields if getattr(chosen, k) != getattr(base, k)}, st2
+
+
 def depth_sweep(model: str, settings: Settings, n_ctx: int, work: Workload, timeout: float,
-                reporter: Reporter) -> list[dict[str, Any]]:
+                reporter: Reporter, done: Measurement | None = None) -> list[dict[str, Any]]:
     """The recommendation measured with an empty cache, at the searched depth and nearly full: placement and
-    attention choices that win empty can lose deep in a conversation."""
+    attention choices that win empty can lose deep in a conversation. ``done``: a run of these settings at
+    the searched depth already made (the confirmation run), used for that row."""
     rows = []
     with reporter.step("measuring the recommendation against context depth ...") as status:
         for d in depths_to_report(n_ctx, work.depth, work):
             status(f"depth {d:,} ...")
-            m = engine.measure(model, settings, dataclasses.replace(work, depth=d), timeout=timeout)
+            reuse = done is not None and done.ok and d == work.depth and done.settings == settings
+            m = done if reuse and done is not None else engine.measure(model, settings,
+                                                                       dataclasses.replace(work, depth=d), timeout=timeout)
             rows.append({"depth": d, "ok": m.ok, "error": m.error, "decode": m.decode if m.ok else None,
                          "prefill": m.prefill if m.ok else None, "ttft": m.ttft if m.ok else None,
                          "decode_tps": m.decode_tps, "prefill_tps": m.prefill_tps})
@@ -233,6 +305,8 @@ def _record(req: study.StudyRequest, st: optuna.Study, rec: recommend.Recommenda
                                   "chosen": rec.chosen.label,
                                   "baseline": rec.baseline.label,
                                   "baselines": rec.baseline_report(),
+                                  "versus": rec.versus(),
+                                  "side_by_side": rec.side_by_side(),
                                   "baseline_metrics": rec.metrics(rec.baseline),
                                   "peak_rss": rec.confirmation.peak_rss if rec.confirmation else None,
                                   "base_rss": rec.confirmation.base_rss if rec.confirmation else None,

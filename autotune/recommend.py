@@ -21,7 +21,7 @@ from .errors import AutotuneError, ModelError
 from .gguf_model import ModelFacts
 from .probe import Hardware
 from .settings import Settings
-from .study import StudyRequest, completed, objective_samples
+from .study import StudyRequest, baselines, completed, guarded, objective_samples
 
 
 @dataclass
@@ -59,33 +59,82 @@ class Candidate:
         return Spread.of(self.samples(metric, workload))
 
 
+METRICS = ("decode", "prefill", "ttft")  # what a user feels; each is compared with its own best baseline
+
+
+def better(metric: str) -> int:
+    """+1 where a larger value is better, -1 where smaller is (time to first token)."""
+    return -1 if metric == "ttft" else 1
+
+
+def compare(a: Candidate, b: Candidate, metric: str, workload: Workload) -> str:
+    """"better", "worse" or "same" (within noise: the interquartile ranges overlap, or too few samples)."""
+    x, y = a.spread(metric, workload), b.spread(metric, workload)
+    if min(x.n, y.n) < MIN_SAMPLES:
+        return "same"
+    if better(metric) > 0:
+        return "better" if x.q25 > y.q75 else "worse" if x.q75 < y.q25 else "same"
+    return "better" if x.q75 < y.q25 else "worse" if x.q25 > y.q75 else "same"
+
+
+def ratio(a: Candidate, b: Candidate, metric: str, workload: Workload) -> float | None:
+    """a over b on the metric's median, >1 is better for a (time to first token included)."""
+    x, y = a.spread(metric, workload).median, b.spread(metric, workload).median
+    if not x or not y:
+        return None
+    return y / x if better(metric) < 0 else x / y
+
+
 @dataclass
 class Recommendation:
     objective: str
     workload: Workload
     chosen: Candidate
-    baseline: Candidate  # the best baseline that ran: every speed-up is stated against it
+    baseline: Candidate  # the best baseline on the objective that ran: the speed-up is stated against it
     candidates: list[Candidate]
-    supported: bool  # the spread supports the chosen config beating the defaults
+    supported: bool  # the spread supports the chosen config beating the best baseline on the objective
     verdict: str
     confirmation: Measurement | None
     predicted: dict[str, Any]
     roofline: dict[str, Any]
     baselines: list[Candidate] = field(default_factory=list)  # every baseline measured, those that crashed too
+    best_baselines: dict[str, Candidate] = field(default_factory=dict)  # per metric, the best baseline that ran
 
     def baseline_report(self) -> dict[str, Any]:
-        """Per baseline: whether it ran, and why not."""
-        return {b.label: {"ran": bool(b.runs), "failures": b.failures[:3], "settings": b.settings.to_dict()}
+        """Per baseline: whether it ran, and why not, and its medians."""
+        return {b.label: {"ran": bool(b.runs), "failures": b.failures[:3], "settings": b.settings.to_dict(),
+                          **{m: b.spread(m, self.workload).median if b.runs else None for m in METRICS}}
                 for b in self.baselines}
 
     @property
     def speedup(self) -> float | None:
-        """Chosen over defaults on the objective's median (>1 is better, ttft included)."""
-        best = self.chosen.spread(self.objective, self.workload).median
-        base = self.baseline.spread(self.objective, self.workload).median
-        if not best or not base:
-            return None
-        return base / best if self.objective == "ttft" else best / base
+        """Chosen over the best baseline on the objective's median (>1 is better, ttft included)."""
+        return ratio(self.chosen, self.baseline, self.objective, self.workload)
+
+    def versus(self) -> dict[str, dict[str, Any]]:
+        """Per metric a user feels: the best baseline on it, the chosen config's ratio to it and whether the
+        spread says better, worse or the same."""
+        out = {}
+        for metric, base in self.best_baselines.items():
+            out[metric] = {"baseline": base.label, "ratio": ratio(self.chosen, base, metric, self.workload),
+                           "verdict": "same" if base is self.chosen else compare(self.chosen, base, metric, self.workload),
+                           "baseline_median": base.spread(metric, self.workload).median}
+        return out
+
+    def side_by_side(self) -> list[dict[str, Any]]:
+        """Every re-measured config: its medians and interquartile ranges per metric, and the metrics on which it
+        loses to that metric's best baseline (so a trade not taken is visible)."""
+        rows = []
+        for c in self.candidates:
+            row: dict[str, Any] = {"label": c.label, "baseline": c in self.baselines, "ran": bool(c.runs),
+                                   "chosen": c is self.chosen, "failures": c.failures[:1]}
+            for m in METRICS:
+                sp = c.spread(m, self.workload)
+                row[m] = {"median": sp.median, "q25": sp.q25, "q75": sp.q75, "n": sp.n} if sp.n else None
+            row["loses"] = [m for m, b in self.best_baselines.items()
+                            if c.runs and b is not c and compare(c, b, m, self.workload) == "worse"]
+            rows.append(row)
+        return rows
 
     def metrics(self, c: Candidate | None = None) -> dict[str, dict[str, Any]]:
         c = c or self.chosen
@@ -114,11 +163,14 @@ def measure_rounds(
     """Run every candidate once per round in a fresh process, adding to its runs or failures.
 
     Each round starts one candidate later, so no config always runs first or right after the same other
-    config: the machine drifts, and a side-by-side comparison must not hand that drift to one config."""
+    config: the machine drifts, and a side-by-side comparison must not hand that drift to one config. A
+    candidate that failed in the first round and never ran is not run again."""
     runs = 0
     for r in range(rounds):
         order = candidates[r % len(candidates):] + candidates[: r % len(candidates)]
         for c in order:
+            if r and c.failures and not c.runs:  # it crashed in the first round: the crash is the answer
+                continue
             m = engine.measure(model_path, c.settings, workload, timeout=trial_timeout, index=REMEASURE + runs)
             runs += 1
             (c.runs.append(m) if m.ok else c.failures.append(m.error))
@@ -133,38 +185,41 @@ def recommend(
     rounds: int = 3,
     trial_timeout: float = 300.0,
     on_run: Callable[[str, Measurement], None] | None = None,
+    polish: dict[str, Any] | None = None,
+    trade: bool = False,
 ) -> Recommendation:
-    """Re-measure the best ``top_k`` trials and the defaults in ``rounds`` interleaved rounds; decide."""
+    """Re-measure the best ``top_k`` trials and every baseline in ``rounds`` interleaved rounds; decide.
+
+    ``polish``: settings a second stage chose for the knobs that do not move the objective, applied to each
+    trial re-measured. The recommendation is the best on the objective among the configs that lose to no
+    metric's best baseline beyond the noise; with ``trade`` (the user chose the objective, or a Pareto
+    front) the other metrics may be given up, and the verdict says which were."""
     objective = req.objective
     done = completed(study)
     if not done:
         raise AutotuneError("no trial of this study completed: nothing to recommend (see the failed/pruned reasons)")
     key = (lambda tm: tm[0].values[0]) if not req.pareto else (lambda tm: tm[1].decode)
     ranked = sorted(done, key=key, reverse=objective != "ttft" or req.pareto)
+    if req.guard:  # the fastest (to show what a trade would give), then those that gave no other speed away
+        ranked = ranked[:1] + sorted(ranked[1:], key=lambda tm: not guarded(tm[0]))
     baselines = baseline_candidates(req)
     candidates = list(baselines)
     for t, m in ranked:
         if len(candidates) >= len(baselines) + top_k:
             break
-        if m.settings in (c.settings for c in candidates):
+        settings, label = m.settings, f"trial {t.number}"
+        if settings in (c.settings for c in candidates):  # a baseline's own trial: it is measured as one
             continue
-        candidates.append(Candidate(t.user_attrs.get("role") or f"trial {t.number}", m.settings))
+        if polish and settings.replace(**polish) != settings and _fits(req, settings.replace(**polish)):
+            settings, label = settings.replace(**polish), f"{label} + stage 2"
+        if settings in (c.settings for c in candidates):
+            continue
+        candidates.append(Candidate(label, settings))
 
     measure_rounds(req.model_path, candidates, req.workload, rounds, trial_timeout, on_run)
-    ran = [c for c in candidates if c.samples(objective, req.workload)]
-    if not ran:
-        raise AutotuneError("every re-measurement failed: " + "; ".join(f for c in candidates for f in c.failures[:1]))
-    ranked_c = sorted(ran, key=lambda c: c.spread(objective, req.workload).median, reverse=objective != "ttft")
-    best = ranked_c[0]
-    baseline = next((c for c in ranked_c if c in baselines), baselines[0])
-    supported, verdict = _judge(best, baseline, objective, req.workload)
-    crashed = [b for b in baselines if not b.runs]
-    if crashed and baseline.runs:
-        verdict = " ".join(f"{_cap(_name(b))} crash on this machine ({b.failures[0]})." for b in crashed
-                           if b.failures) + f" Speed-ups are stated against {_name(baseline)}, the best baseline that runs. " + verdict
-    order = ranked_c if supported or best is baseline else [baseline] + [c for c in ranked_c if c is not baseline]
-    if not baseline.runs:
-        order = ranked_c  # the defaults never ran: any confirmed config beats them
+    d = decide(candidates, baselines, objective, req.workload, trade or req.pareto)
+    order, verdict, best, baseline, best_bases = d.order, d.verdict, d.order[0], d.baseline, d.best_bases
+    supported = d.supported
 
     confirmation = None
     chosen = order[0]
@@ -179,23 +234,90 @@ def recommend(
         verdict += f" The confirmation run of {c.label} failed ({m.error}); falling back to the next best."
     if confirmation is None:
         raise AutotuneError("no candidate could be confirmed by a final run")
-    if chosen is not best and chosen is not baseline:
+    if chosen is not best and chosen not in baselines:
         supported, verdict2 = _judge(chosen, baseline, objective, req.workload)
         verdict += " " + verdict2
+    lost = losses(chosen, best_bases, req.workload)
+    if lost:
+        why = ("a Pareto front trades" if req.pareto else "chosen by --objective" if trade else
+               "no measured config matched every metric's best baseline")
+        verdict += " It gives up " + _losing(chosen, lost, best_bases, req.workload) + f" ({why})."
     predicted = _predicted(req.facts, chosen.settings, req.hw)
     return Recommendation(objective, req.workload, chosen, baseline, candidates,
                           supported and chosen not in baselines, verdict, confirmation, predicted,
-                          roofline(req.facts, req.hw, chosen, req.workload), baselines)
+                          roofline(req.facts, req.hw, chosen, req.workload), baselines, best_bases)
+
+
+@dataclass
+class Decision:
+    order: list[Candidate]  # what to confirm, first choice first
+    baseline: Candidate  # the best baseline on the objective
+    best_bases: dict[str, Candidate]  # per metric, the best baseline that ran
+    supported: bool
+    verdict: str
+
+
+def losses(c: Candidate, best_bases: dict[str, Candidate], workload: Workload) -> list[str]:
+    """The metrics on which ``c`` measured worse than that metric's best baseline, beyond the noise."""
+    return [m for m, b in best_bases.items() if b is not c and compare(c, b, m, workload) == "worse"]
+
+
+def _losing(c: Candidate, lost: list[str], best_bases: dict[str, Candidate], workload: Workload) -> str:
+    return ", ".join(f"{m} to {_name(best_bases[m])} (x{ratio(c, best_bases[m], m, workload):.2f})" for m in lost)
+
+
+def decide(candidates: list[Candidate], baselines: list[Candidate], objective: str, workload: Workload,
+           trade: bool = False) -> Decision:
+    """From re-measured candidates to an order of choice. The best on the objective among those that lose to
+    no metric's best baseline beyond the noise (with ``trade``: among all) comes first when the spread
+    supports its win over the best baseline on the objective; otherwise the best such baseline does."""
+    ran = [c for c in candidates if c.samples(objective, workload)]
+    if not ran:
+        raise AutotuneError("every re-measurement failed: " + "; ".join(f for c in candidates for f in c.failures[:1]))
+    ran_bases = [c for c in ran if c in baselines]
+    best_bases = {m: max(ran_bases, key=lambda c: better(m) * c.spread(m, workload).median)
+                  for m in METRICS} if ran_bases else {}
+
+    def by_objective(cs: list[Candidate]) -> list[Candidate]:
+        return sorted(cs, key=lambda c: better(objective) * c.spread(objective, workload).median, reverse=True)
+
+    fastest = by_objective(ran)[0]
+    pool = ran if trade else [c for c in ran if not losses(c, best_bases, workload)] or ran
+    ranked = by_objective(pool)
+    best = ranked[0]
+    baseline = best_bases.get(objective, baselines[0])
+    supported, verdict = _judge(best, baseline, objective, workload)
+    if fastest is not best and fastest not in baselines:
+        verdict = (f"{fastest.label} measured best on {objective} but loses "
+                   f"{_losing(fastest, losses(fastest, best_bases, workload), best_bases, workload)}: not taken "
+                   f"(name --objective {objective} to take that trade). " + verdict)
+    crashed = [b for b in baselines if not b.runs]
+    if crashed and ran_bases:
+        verdict = " ".join(f"{_cap(_name(b))} crash on this machine ({b.failures[0]})." for b in crashed
+                           if b.failures) + " Speed-ups are stated against the best baseline that runs. " + verdict
+    fallback = next((c for c in ranked if c in baselines), baseline)
+    if not supported and fallback is not baseline:
+        verdict = verdict.replace(f"recommending {_name(baseline)}.", f"recommending {_name(fallback)}, the best "
+                                  "baseline that loses on no metric.")
+    order = ranked if supported or best in baselines else [fallback] + [c for c in ranked if c is not fallback]
+    if not ran_bases:
+        order = ranked  # no baseline ran: any confirmed config beats them
+    return Decision(order, baseline, best_bases, supported, verdict)
+
+
+def _fits(req: StudyRequest, s: Settings) -> bool:
+    """Whether the memory model says ``s`` fits (True where it cannot tell: the run would say)."""
+    try:
+        return memory.estimate(req.facts, s, req.hw).fits
+    except ModelError:
+        return True
 
 
 def baseline_candidates(req: StudyRequest) -> list[Candidate]:
-    """What a user would run without us: the engine defaults (with the user's pins), the command line they run
-    today when they gave it, and, where the engine self-check pinned a switch to avoid a crash, each of those
-    with that switch."""
-    defaults = engine.defaults(req.n_ctx).replace(**req.pins)
-    bases = [("defaults", defaults)] + ([("your command line", req.start)] if req.start is not None else [])
+    """What a user would run without us (``study.baselines``) and, where the engine self-check pinned a switch
+    to avoid a crash, each of those with that switch."""
     out = []
-    for label, s in bases:
+    for label, s in baselines(req):
         out.append(Candidate(label, s))
         if req.forced and s.replace(**req.forced) != s:
             switch = ", ".join(f"{k}={v}" for k, v in req.forced.items())
@@ -204,7 +326,7 @@ def baseline_candidates(req: StudyRequest) -> list[Candidate]:
 
 
 def _name(c: Candidate) -> str:
-    """A baseline as a sentence names it: "the engine defaults ...", or "your command line ..."."""
+    """A baseline as a sentence names it: "the engine defaults ...", "llama.cpp defaults", "your command line"."""
     return f"the engine {c.label}" if c.label.startswith("defaults") else c.label
 
 
@@ -216,15 +338,14 @@ def _judge(best: Candidate, baseline: Candidate, objective: str, workload: Workl
     if best is baseline:
         return False, f"{_cap(_name(baseline))} measured best: keep them."
     if not baseline.runs:
-        return True, "The engine defaults failed to run here; the chosen settings did."
+        return True, "No baseline ran here; the chosen settings did."
     b, d = best.spread(objective, workload), baseline.spread(objective, workload)
     if min(b.n, d.n) < MIN_SAMPLES:
         return False, (f"{best.label} measured best, but with {min(b.n, d.n)} samples (fewer than {MIN_SAMPLES}) "
                        f"no win can be told from noise: recommending {_name(baseline)}.")
-    clear = b.q25 > d.q75 if objective != "ttft" else b.q75 < d.q25
-    gain = (b.median / d.median) if objective != "ttft" else (d.median / b.median)
-    if clear:
-        return True, (f"{best.label} beats {_name(baseline)} on {objective}: median x{gain:.2f}, "
+    gain = ratio(best, baseline, objective, workload) or 0.0
+    if compare(best, baseline, objective, workload) == "better":
+        return True, (f"{best.label} beats {_name(baseline)} (the best baseline on {objective}): median x{gain:.2f}, "
                       f"interquartile ranges apart ({b.n} vs {d.n} samples).")
     return False, (f"{best.label} measured x{gain:.2f} on {objective}, but its spread overlaps that of "
                    f"{_name(baseline)} ({b.q25:.1f}-{b.q75:.1f} vs {d.q25:.1f}-{d.q75:.1f}): not a supported win; "

@@ -15,12 +15,15 @@ from gguf import GGML_QUANT_SIZES
 
 from .errors import SettingsError
 from .gguf_model import ModelFacts
-from .knobs import KNOBS, IntRange
+from .knobs import BY_NAME, KNOBS, IntRange
 from .probe import Hardware
 from .settings import QUANTIZED_KV, Settings, coerce, ggml_type
 
 BATCH_FACTORS = (1, 2, 4)
 KV_CHOICES = ("f16", "q8_0", "q4_0")
+# The speeds each search parameter can change: a knob's own (``Knob.moves``), and the joint ones'.
+MOVES = {**{k.name: k.moves for k in KNOBS}, "batch_factor": BY_NAME["n_batch"].moves,
+         "attention": ("decode", "prefill")}
 
 
 def attention_label(flash_attn: bool, type_k: str, type_v: str) -> str:
@@ -112,6 +115,19 @@ class SearchSpace:
             fa, k, v = parse_attention(kept[0]) if kept else (base.flash_attn, "f16", "f16")
             base = base.replace(flash_attn=fa, type_k=k, type_v=v)
         return SearchSpace(base, params, dict(self.int_ranges))
+
+    def moving(self, metric: str, base: Settings | None = None) -> SearchSpace:
+        """The parameters that can change ``metric`` ("decode" or "prefill"), over ``base`` (default: this
+        space's): the others stay at the base's values."""
+        return self._where(lambda name: metric in MOVES[name], base or self.base)
+
+    def neutral_to(self, metric: str, base: Settings | None = None) -> SearchSpace:
+        """The parameters that cannot change ``metric``, over ``base``: a second stage tunes them for another."""
+        return self._where(lambda name: metric not in MOVES[name], base or self.base)
+
+    def _where(self, keep: Any, base: Settings) -> SearchSpace:
+        return SearchSpace(base, {k: v for k, v in self.params.items() if keep(k)},
+                           {k: v for k, v in self.int_ranges.items() if keep(k)})
 
     def describe(self) -> dict[str, Any]:
         return {**{k: list(v) for k, v in self.params.items()}, **{k: list(v) for k, v in self.int_ranges.items()}}

@@ -75,6 +75,13 @@ def objective_value(m: Measurement, objective: str, workload: Workload) -> float
     return statistics.median(values) if values else 0.0
 
 
+def pruner() -> optuna.pruners.BasePruner:
+    """Stop a trial after its first repetition when that is worse than the median of earlier trials' first
+    repetitions: on a small CPU the configs that matter differ by far more than one repetition's noise (one
+    decode thread instead of two halves decode), and a pruned trial costs one repetition instead of all."""
+    return optuna.pruners.MedianPruner(n_startup_trials=6, n_warmup_steps=0)
+
+
 def directions(objective: str, pareto: bool) -> list[str]:
     if pareto:
         return ["maximize", "maximize", "minimize"]  # decode tok/s, prefill tok/s, peak memory
@@ -109,6 +116,8 @@ class StudyRequest:
     forced: dict[str, Any] = field(default_factory=dict)  # what the engine self-check pinned to avoid a crash
     start: Settings | None = None  # what the user runs today (--from-cmdline): a baseline, measured first
     engine: str = ""  # the engine measuring, when not the bundled one: its kind and build key
+    stage: str = ""  # a second stage's tag: the knobs the first left alone, over its best (``pipeline``)
+    guard: bool = False  # steer the sampler away from configs slower than the best baseline on another speed
 
     @property
     def n_ctx(self) -> int:
@@ -122,6 +131,8 @@ class StudyRequest:
                  f"p{w.prompt_tokens}g{w.gen_tokens}" + (f"d{w.depth}" if w.depth else "")]
         if self.engine:
             parts.append(self.engine)
+        if self.stage:
+            parts.append(self.stage)
         for label, pinned in (("pins", self.pins), ("forced", self.forced)):
             if pinned:
                 parts.append(label + hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()[:8])
@@ -216,13 +227,13 @@ def open_study(req: StudyRequest) -> optuna.Study:
     unique study name decides, however many tuners start at once) describes it and enqueues the baselines,
     so they are measured once."""
     storage = open_storage(req.storage)
-    sampler = optuna.samplers.TPESampler(seed=req.seed, n_startup_trials=8, multivariate=True,
-                                         constant_liar=True)
+    sampler = optuna.samplers.TPESampler(seed=req.seed, n_startup_trials=8, multivariate=True, constant_liar=True,
+                                         constraints_func=_constraints if req.guard else None)
     try:
-        study = optuna.create_study(study_name=req.name(), storage=storage, sampler=sampler,
+        study = optuna.create_study(study_name=req.name(), storage=storage, sampler=sampler, pruner=pruner(),
                                     directions=directions(req.objective, req.pareto))
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=req.name(), storage=storage, sampler=sampler)
+        study = optuna.load_study(study_name=req.name(), storage=storage, sampler=sampler, pruner=pruner())
         _check_same_kind(study, req)
         fail_orphans(study, storage)
         return study
@@ -238,13 +249,33 @@ def open_study(req: StudyRequest) -> optuna.Study:
     study.set_user_attr("pins", req.pins)
     study.set_user_attr("forced", req.forced)
     study.set_user_attr("space", req.space.describe())
-    seeds = [("defaults", engine.defaults(req.n_ctx).replace(**req.pins)),
-             ("sensible", sensible(req.hw, req.facts, req.n_ctx).replace(**req.pins))]
-    if req.start is not None:
-        seeds.insert(0, ("your command line", req.start))
-    for role, s in seeds:
-        study.enqueue_trial(req.space.params_of(s), user_attrs={"role": role})
+    study.set_user_attr("stage", req.stage)
+    seeds = ([("stage 1's best", req.space.base)] if req.stage else []) + baselines(req)
+    enqueued: list[dict[str, Any]] = []
+    for role, s in seeds:  # each baseline is a trial too; one whose parameters are already queued is not
+        params = req.space.params_of(s)
+        if params not in enqueued:
+            enqueued.append(params)
+            study.enqueue_trial(params, user_attrs={"role": role})
     return study
+
+
+BASELINE_ROLES = frozenset({"your command line", "defaults", "llama.cpp defaults", "sensible"})
+
+
+def baselines(req: StudyRequest) -> list[tuple[str, Settings]]:
+    """What a user would run without us, each with the user's pins: the command line they run today (when
+    given), the engine's defaults, llama.cpp's own tools' defaults and the probe's sensible config. One
+    config under two names is measured once, under the first."""
+    named = ([("your command line", req.start)] if req.start is not None else []) + [
+        ("defaults", engine.defaults(req.n_ctx).replace(**req.pins)),
+        ("llama.cpp defaults", engine.llama_cpp_defaults(req.n_ctx).replace(**req.pins)),
+        ("sensible", sensible(req.hw, req.facts, req.n_ctx).replace(**req.pins))]
+    out: list[tuple[str, Settings]] = []
+    for role, s in named:
+        if all(s != t for _, t in out):
+            out.append((role, s))
+    return out
 
 
 def _check_same_kind(study: optuna.Study, req: StudyRequest) -> None:
@@ -267,8 +298,11 @@ def summaries(storage: str | None) -> list[dict[str, Any]]:
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
         raise StudyError(f"no study database at {url[len('sqlite:///'):]} (pass --storage)")
     out = []
-    for st in optuna.get_all_study_summaries(open_storage(url), include_best_trial=True):
+    storage = open_storage(url)
+    for st in optuna.get_all_study_summaries(storage, include_best_trial=True):
         attrs = st.user_attrs
+        finished = optuna.load_study(study_name=st.study_name, storage=storage).get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))  # not the queued
         best = st.best_trial.values if st.best_trial is not None and st.best_trial.values else None
         out.append({
             "name": st.study_name,
@@ -276,7 +310,7 @@ def summaries(storage: str | None) -> list[dict[str, Any]]:
             "fingerprint": attrs.get("hardware", {}).get("fingerprint"),
             "engine": attrs.get("engine", {}).get("name", "llama-cpp-python"),
             "objective": attrs.get("objective"),
-            "trials": st.n_trials,
+            "trials": len(finished),
             "best": best[0] if best and len(best) == 1 else None,
             "recommendation": "recommendation" in attrs,
         })
@@ -362,10 +396,41 @@ class Progress:
     failed: int = 0
     last: str = ""
     best: float | None = None
+    stopped: str = ""  # why the study stopped before its trial budget (the best stopped moving)
 
 
 class TrialFailed(Exception):
     """An engine run that failed: the trial is recorded as failed, with its reason, and the study goes on."""
+
+
+# The study stops early once this many finished trials in a row have not moved the best by more than
+# MIN_GAIN (one trial's noise is about 10 %, so smaller gains would be chance), after at least MIN_TRIALS.
+PATIENCE = 8
+MIN_GAIN = 0.03
+MIN_TRIALS = 12
+
+
+def stalled(study: optuna.Study, patience: int, min_trials: int = MIN_TRIALS) -> str:
+    """Why the study should stop now ("": it should not): the best complete value has not moved by more than
+    ``MIN_GAIN`` over the last ``patience`` finished trials (``patience`` 0: never stop early)."""
+    if patience <= 0 or len(study.directions) > 1:
+        return ""
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    if len(finished) < max(min_trials, patience + 1):
+        return ""
+    lower = study.direction == optuna.study.StudyDirection.MINIMIZE
+
+    def best(trials: list[optuna.trial.FrozenTrial]) -> float | None:
+        values = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+        return (min(values) if lower else max(values)) if values else None
+
+    before, now = best(finished[:-patience]), best(finished)
+    if before is None or now is None:
+        return ""
+    gain = before / now if lower else now / before
+    if gain > 1 + MIN_GAIN:
+        return ""
+    return f"stopped early: the last {patience} trials moved the best by {100 * (gain - 1):.1f} % (under {100 * MIN_GAIN:.0f} %)"
 
 
 def run_trials(
@@ -375,10 +440,13 @@ def run_trials(
     timeout: float | None = None,
     trial_timeout: float = 300.0,
     on_progress: Callable[[Progress], None] | None = None,
+    patience: int = PATIENCE,
+    min_trials: int = MIN_TRIALS,
 ) -> Progress:
-    """Gate, measure and record ``n_trials`` trials (fewer when ``timeout`` seconds pass first), through
-    Optuna's ``optimize``: each running trial's heartbeat is recorded, and trials of tuners whose heartbeat
-    stopped are failed before each new trial.
+    """Gate, measure and record ``n_trials`` trials (fewer when ``timeout`` seconds pass first, or when the
+    best has not moved for ``patience`` trials: ``stalled``), through Optuna's ``optimize``: each running
+    trial's heartbeat is recorded, and trials of tuners whose heartbeat stopped are failed before each new
+    trial. A trial whose first repetition the pruner finds clearly worse than earlier trials' stops there.
 
     A KeyboardInterrupt stops the engine run in progress, records that trial as failed (interrupted)
     and propagates, leaving the study consistent.
@@ -417,6 +485,9 @@ def run_trials(
             progress.failed += 1
             progress.last = f"#{t.number} failed: {t.user_attrs.get('reason', '')}"
         progress.best = best_value(st)
+        progress.stopped = stalled(st, patience, min_trials)
+        if progress.stopped:
+            st.stop()
         if on_progress:
             on_progress(progress)
 
@@ -441,14 +512,75 @@ def _evaluate(trial: optuna.Trial, s: Settings, req: StudyRequest, trial_timeout
         if not est.fits:
             trial.set_user_attr("reason", f"does not fit: predicted {est.shortfall / 2**20:,.0f} MiB over the memory budget")
             return TrialState.PRUNED, None
-    m = engine.measure(req.model_path, s, req.workload, timeout=trial_timeout, index=trial.number)
+    m = engine.measure(req.model_path, s, req.workload, timeout=trial_timeout, index=trial.number,
+                       on_rep=None if req.pareto else _reporter(trial, req))
     trial.set_user_attr("measurement", m.to_dict())
     if not m.ok:
         trial.set_user_attr("reason", m.error)
         return TrialState.FAIL, None
+    if m.stopped:
+        first = objective_value(m, req.objective, req.workload)
+        trial.set_user_attr("reason", f"stopped after {len(m.decode_tps)} of {req.workload.reps} repetitions: "
+                                      f"{req.objective} {first:.1f} is worse than the median of earlier trials")
+        return TrialState.PRUNED, None
     if req.pareto:
         return TrialState.COMPLETE, [m.decode, m.prefill, float(m.peak_rss + (m.peak_vram or 0))]
+    if req.guard:
+        trial.set_user_attr("constraints", guard_values(trial.study, req, m))
     return TrialState.COMPLETE, [objective_value(m, req.objective, req.workload)]
+
+
+# How far below the best baseline trial another speed may measure before a trial counts as giving it up: one
+# trial's noise (its repetitions share one process, so they spread less than runs do).
+GUARD_TOLERANCE = 0.05
+
+
+def _constraints(t: optuna.trial.FrozenTrial) -> list[float]:
+    return t.user_attrs.get("constraints", [0.0])
+
+
+def guarded(t: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial gave no other speed away (``guard_values``; True where it was not guarded)."""
+    return all(c <= 0 for c in _constraints(t))
+
+
+def guard_values(study: optuna.Study, req: StudyRequest, m: Measurement) -> list[float]:
+    """Optuna constraint values (<= 0: feasible) for a measured trial: per speed other than the objective, how far
+    it falls short of the best baseline trial so far, beyond ``GUARD_TOLERANCE``. The sampler learns where the
+    objective is won without giving another speed away."""
+    bases = [Measurement.from_dict(t.user_attrs["measurement"]) for t in study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE,)) if t.user_attrs.get("role") in BASELINE_ROLES]
+    speed = {"decode": "decode", "prefill": "prefill", "ttft": "prefill"}  # TTFT is the prompt's time
+    out = []
+    for metric in ("decode", "prefill", "ttft"):
+        if speed[metric] == speed.get(req.objective) or not bases:
+            continue
+        sign = -1 if metric == "ttft" else 1
+        ref = max(objective_value(b, metric, req.workload) * sign for b in bases) * sign
+        mine = objective_value(m, metric, req.workload)
+        short = (ref - mine) / ref if sign > 0 else (mine - ref) / ref
+        out.append(short - GUARD_TOLERANCE if ref else 0.0)
+    return out or [0.0]
+
+
+def _reporter(trial: optuna.Trial, req: StudyRequest) -> Callable[[dict[str, float]], bool]:
+    """Report each repetition's objective value to Optuna as it ends; False (stop the run) when the pruner
+    says so before the last repetition."""
+    reported: list[float] = []
+
+    def on_rep(rep: dict[str, float]) -> bool:
+        one = Measurement(Settings(), True, prefill_tps=[rep["prefill"]], decode_tps=[rep["decode"]],
+                          ttft_s=[rep["ttft"]])
+        reported.append(objective_value(one, req.objective, req.workload))
+        trial.report(reported[-1], len(reported) - 1)
+        return len(reported) >= req.workload.reps or not trial.should_prune()
+
+    return on_rep
+
+
+def better(study: optuna.Study) -> int:
+    """+1 for a study that maximizes its one value, -1 for one that minimizes it."""
+    return -1 if study.direction == optuna.study.StudyDirection.MINIMIZE else 1
 
 
 def best_value(study: optuna.Study) -> float | None:

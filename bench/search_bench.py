@@ -1,20 +1,22 @@
 """Search quality and cost on real models, in one run on this machine.
 
-For each model:
+The default run answers "is the default ``autotune search`` as good as what a user would otherwise run, on
+every speed they feel, and how long does it take". For each model:
 
-1. an exhaustive grid over a reduced space, every config measured with repetitions, gives the ground
-   truth (the search's own context, 4096, so the numbers compare);
-2. the study's seeded TPE sampler is replayed over those real grid samples for many seeds (each trial
-   draws the trial's repetitions from the config's measured samples), which says how many trials it
-   needs to *visit* a config within 97 % of the grid optimum, and how many until its *best-measured*
-   trial is one — a distribution, where one live study would give a single noisy number;
-3. the default ``autotune search`` (full space, 30 trials, the side-by-side re-measurement) gives the
-   tuning wall time and the recommended config;
-4. the recommended config, the grid optimum and the engine defaults are measured again in rotated
-   rounds of fresh processes, so "recommended / grid optimum" and "recommended / defaults" compare like with like.
+1. the default ``autotune search`` (``tune()`` with the default options, a fresh storage) gives the tuning wall
+   time and the recommendation; with ``--before TREE`` the same command of an older autotune checkout (another
+   process, the same machine, right before) gives the time and recommendation to compare with;
+2. the recommendation(s) and every baseline the search measured (llama-cpp-python's defaults, llama.cpp's own
+   tools' defaults, the probe's sensible config; with the switch the engine self-check pinned) are measured
+   again in rotated rounds of fresh processes: decode, prefill and time to first token per config, each
+   recommendation against the best baseline *on that metric*.
 
-    python bench/search_bench.py [--models smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b]
-                                 [--out bench/search_results.md] [--skip-default-search] [--passes 1]
+``--grid`` adds the older question (how many trials the sampler needs): an exhaustive grid over a reduced space
+gives the ground truth, and the study's seeded TPE sampler is replayed over the grid's real samples for many
+seeds.
+
+    python bench/search_bench.py [--models smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b] [--before TREE]
+                                 [--out bench/search_results.md] [--rounds 4] [--grid [--passes 1]]
     python bench/search_bench.py --from-json bench/search_results.json   # analyse saved samples again
 
 Raw samples go next to the table (same name, ``.json``). Run it on a quiet machine: a second busy
@@ -26,8 +28,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +43,7 @@ from autotune import catalog, engine, pipeline, study
 from autotune.engine import Measurement, Workload
 from autotune.gguf_model import ModelFacts, read_facts
 from autotune.probe import Hardware, probe
-from autotune.recommend import Candidate, Spread, measure_rounds
+from autotune.recommend import METRICS, Candidate, Spread, better, measure_rounds
 from autotune.settings import Settings
 from autotune.space import SearchSpace, attention_label
 
@@ -61,17 +66,122 @@ def grid_space() -> SearchSpace:
                        int_ranges={k: (min(GRID[k]), max(GRID[k])) for k in ("n_threads", "n_threads_batch")})
 
 
-def measure(model: str, configs: dict[str, Settings], rounds: int, what: str) -> dict[str, list[float]]:
-    """Decode tok/s samples per config label, in the recommender's own rotated rounds of fresh processes."""
+def measure(model: str, configs: dict[str, Settings], rounds: int, what: str, work: Workload = WORK,
+            metrics: tuple[str, ...] = ("decode",)) -> dict[str, dict[str, list[float]]] | dict[str, list[float]]:
+    """Samples per config label (per metric when more than decode is asked), in the recommender's own rotated
+    rounds of fresh processes."""
     candidates = [Candidate(label, s) for label, s in configs.items()]
     done = itertools.count(1)
 
     def show(label: str, m: Measurement) -> None:
-        result = f"{m.decode:.1f} tok/s" if m.ok else m.error
+        result = f"{m.decode:.1f} tok/s decode, {m.prefill:.1f} prefill" if m.ok else m.error
         print(f"  {what} {next(done)}/{len(candidates) * rounds} {label}: {result}", flush=True)
 
-    measure_rounds(model, candidates, WORK, rounds, on_run=show)
-    return {c.label: c.samples("decode", WORK) for c in candidates}
+    measure_rounds(model, candidates, work, rounds, on_run=show)
+    if metrics == ("decode",):
+        return {c.label: c.samples("decode", work) for c in candidates}
+    return {c.label: {m: c.samples(m, work) for m in metrics} for c in candidates}
+
+
+def timed_search(model: str, tree: str | None, tmp: str) -> tuple[float, dict]:
+    """Wall time and tuned config of the default ``autotune search MODEL`` on a fresh storage: this autotune's
+    ``tune()``, or (``tree``) the CLI of another checkout, run in its own process."""
+    storage = f"sqlite:///{tmp}/{'before' if tree else 'now'}.db"
+    start = time.perf_counter()
+    if tree is None:
+        tuned = pipeline.tune(model, pipeline.TuneOptions(storage=storage))
+        assert tuned is not None
+        return time.perf_counter() - start, tuned.record
+    out = Path(tmp) / "before.json"
+    cli = "import sys; from autotune.cli import main; sys.argv[0] = 'autotune'; sys.exit(main())"
+    subprocess.run([sys.executable, "-c", cli, "search", model, "--storage", storage, "--out", str(out)],
+                   cwd=tree, env={**os.environ, "PYTHONPATH": tree}, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start, json.loads(out.read_text())
+
+
+def bench_search(name: str, args: argparse.Namespace) -> dict:
+    """The default search (and the older one), then every recommendation and baseline side by side."""
+    model = str(catalog.fetch(name, quiet=False))
+    row: dict = {"model": name}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.before:
+            row["before_s"], before = timed_search(model, args.before, tmp)
+            row["before_settings"] = before["settings"]
+        row["search_s"], config = timed_search(model, None, tmp)
+    rec = config["recommendation"]
+    row.update(settings=config["settings"], chosen=rec["chosen"], verdict=rec["verdict"],
+               second_stage=config["study"].get("second_stage"), workload=config["workload"])
+    configs = {"recommended": Settings.from_dict(config["settings"])}
+    if args.before:
+        configs["previous recommendation"] = Settings.from_dict(row["before_settings"])
+    for label, b in rec["baselines"].items():
+        if b["ran"]:
+            configs[label] = Settings.from_dict(b["settings"])
+    work = Workload(**{**config["workload"], "reps": WORK.reps})
+    row["baselines"] = [label for label in configs if label not in ("recommended", "previous recommendation")]
+    row["side_by_side"] = measure(model, configs, args.rounds, "side by side", work, METRICS)
+    return row
+
+
+def best_baselines(row: dict) -> dict[str, str]:
+    """Per metric, the baseline with the best median."""
+    h = row["side_by_side"]
+    return {m: max(row["baselines"], key=lambda b: better(m) * statistics.median(h[b][m])) for m in METRICS}
+
+
+def versus(row: dict, label: str, metric: str) -> str:
+    """``label`` against the best baseline on ``metric``: the ratio (>1 better) and what the spread says."""
+    h, base = row["side_by_side"], best_baselines(row)[metric]
+    a, b = Spread.of(h[label][metric]), Spread.of(h[base][metric])
+    r = b.median / a.median if metric == "ttft" else a.median / b.median
+    up = better(metric) * (a.median - b.median) > 0
+    apart = a.q25 > b.q75 or a.q75 < b.q25
+    return f"x{r:.2f}" + (" (better)" if apart and up else " (worse)" if apart else " (within noise)")
+
+
+def search_table(rows: list[dict], cpu: str) -> str:
+    def med(values: list[float], metric: str) -> str:
+        s = Spread.of(values)
+        k = 1000 if metric == "ttft" else 1
+        return f"{s.median * k:.1f} ({s.q25 * k:.1f}-{s.q75 * k:.1f})"
+
+    work = rows[0]["workload"]
+    lines = [
+        f"On this machine ({cpu}, 2 cores, nothing else running): the default `autotune search MODEL`, then every "
+        f"config re-measured side by side in {rows[0]['side_by_side_rounds']} rotated rounds of fresh processes x "
+        f"{WORK.reps} repetitions (prompt {work['prompt_tokens']} tokens after {work['depth']} of history, "
+        f"{work['gen_tokens']} generated). Medians (q25-q75); each recommendation against the best baseline on that "
+        "metric; 'worse'/'better' only where the interquartile ranges are apart.",
+        "",
+        "| model | config | decode tok/s | prefill tok/s | TTFT ms | decode vs best baseline | prefill vs best "
+        "baseline | TTFT vs best baseline |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        h = r["side_by_side"]
+        best = best_baselines(r)
+        for label in h:
+            if not h[label]["decode"]:
+                continue
+            mark = [f"best on {m}" for m in METRICS if best[m] == label]
+            name = label + (f" ({', '.join(mark)})" if mark else "")
+            vs = [versus(r, label, m) if label not in r["baselines"] else "" for m in METRICS]
+            lines.append(f"| {r['model']} | {name} | " + " | ".join(med(h[label][m], m) for m in METRICS)
+                         + " | " + " | ".join(vs) + " |")
+    lines += ["", "| model | tuning wall time: previous autotune | now | now / previous | what the search said |",
+              "|---|---|---|---|---|"]
+    for r in rows:
+        before = f"{r['before_s'] / 60:.1f} min" if "before_s" in r else "-"
+        ratio = f"{r['search_s'] / r['before_s']:.2f}" if "before_s" in r else "-"
+        lines.append(f"| {r['model']} | {before} | {r['search_s'] / 60:.1f} min | {ratio} | {r['verdict']} |")
+    settings = ["", "Recommended settings (what differs from llama-cpp-python's defaults):", ""]
+    for r in rows:
+        diff = {k: v for k, v in r["settings"].items() if v != Settings().to_dict().get(k)}
+        settings.append(f"- {r['model']}: " + ", ".join(f"{k}={v}" for k, v in diff.items()))
+        if "before_settings" in r:
+            diff = {k: v for k, v in r["before_settings"].items() if v != Settings().to_dict().get(k)}
+            settings.append("  - previous autotune: " + ", ".join(f"{k}={v}" for k, v in diff.items()))
+    return "\n".join(lines + settings) + "\n"
 
 
 def replay(model: str, facts: ModelFacts, hw: Hardware, sp: SearchSpace, samples: dict[tuple, list[float]],
@@ -244,10 +354,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b")
     ap.add_argument("--out", default="bench/search_results.md")
-    ap.add_argument("--skip-default-search", action="store_true")
+    ap.add_argument("--before", metavar="TREE", help="an older autotune checkout: time its default search too")
+    ap.add_argument("--rounds", type=int, default=4, help="side-by-side rounds")
+    ap.add_argument("--grid", action="store_true", help="also the grid and the replayed sampler (slow)")
+    ap.add_argument("--skip-default-search", action="store_true", help="with --grid: the grid and replay only")
     ap.add_argument("--passes", type=int, default=1, help=f"grid passes (each run repeats {WORK.reps} times)")
     ap.add_argument("--seeds", type=int, default=20, help="replayed studies per model")
-    ap.add_argument("--rounds", type=int, default=3, help="head-to-head rounds")
     ap.add_argument("--from-json", metavar="FILE", help="measure nothing: analyse the raw samples a run saved")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -258,9 +370,13 @@ def main() -> None:
     else:
         rows = []
         for name in args.models.split(","):
-            rows.append(bench_model(name, args))
+            rows.append(bench_model(name, args) if args.grid else
+                        {**bench_search(name, args), "side_by_side_rounds": args.rounds})
             out.with_suffix(".json").write_text(json.dumps(rows, indent=1))  # a later failure keeps these
-    text = table(rows, [analyse(r, args.seeds) for r in rows], cpu)
+    if rows and "side_by_side" in rows[0]:
+        text = search_table(rows, cpu)
+    else:
+        text = table(rows, [analyse(r, args.seeds) for r in rows], cpu)
     out.write_text(text)
     print(text)
 

@@ -35,7 +35,7 @@ def worker(model: Path, url: str, *extra: str, env: dict[str, str] | None = None
 def trials(url: str) -> list[FrozenTrial]:
     try:
         storage = optuna.storages.RDBStorage(url)
-        (name,) = optuna.get_all_study_names(storage)
+        (name,) = [n for n in optuna.get_all_study_names(storage) if "-then-" not in n]  # the first stage's
         return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
     except (ValueError, RuntimeError, KeyError):  # not created yet
         return []
@@ -54,11 +54,13 @@ def poll(predicate, timeout: float) -> float:
 def test_three_workers_one_killed_mid_trial_fake_other_host(tiny_model, url):
     """Worker C says it runs on another machine (AUTOTUNE_WORKER_HOST, the one faked seam), so the others
     cannot check its pid: only its stopped heartbeat tells them it died. Its trial is failed with a reason
-    naming the worker; A and B finish; every finished trial is kept; the baselines are enqueued once."""
-    a = worker(tiny_model, url, "--trials", "30")
+    naming the worker; A and B finish; every finished trial is kept; the baselines are enqueued once. (No early
+    stop: every worker runs its 24 first-stage trials, then 6 of a second stage.)"""
+    a = worker(tiny_model, url, "--trials", "30", "--patience", "0")
     poll(lambda: len(trials(url)) > 0, timeout=120)  # A passed the self-check: B and C reuse its verdict
-    b = worker(tiny_model, url, "--trials", "30")
-    c = worker(tiny_model, url, "--trials", "30", env={"AUTOTUNE_FAULT": "hang", "AUTOTUNE_WORKER_HOST": "node-c"})
+    b = worker(tiny_model, url, "--trials", "30", "--patience", "0")
+    c = worker(tiny_model, url, "--trials", "30", "--patience", "0",
+               env={"AUTOTUNE_FAULT": "hang", "AUTOTUNE_WORKER_HOST": "node-c"})
 
     def c_running() -> FrozenTrial | None:
         return next((t for t in trials(url) if t.state == TrialState.RUNNING and t.user_attrs.get("host") == "node-c"),
@@ -79,7 +81,7 @@ def test_three_workers_one_killed_mid_trial_fake_other_host(tiny_model, url):
     # by the heartbeat, not before the grace period: 3 s after C's last beat, which came up to 1 s before the kill
     assert failed_after >= 3 - 1
     complete = [t for t in done if t.state == TrialState.COMPLETE]
-    assert len(complete) == 60 and len({t.number for t in done}) == len(done)
+    assert len(complete) == 48 and len({t.number for t in done}) == len(done)
     assert [t.user_attrs.get("role") for t in done].count("defaults") == 1
     assert all(t.state != TrialState.RUNNING for t in done)
     print(json.dumps({"storage": url.split(":")[0], "trials": len(done), "workers": 3,

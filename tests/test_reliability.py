@@ -61,7 +61,7 @@ def test_fifty_trials_with_a_third_faulty_are_all_accounted_for(tiny_model, tmp_
     req = study.StudyRequest(model_path=str(tiny_model), facts=facts, hw=hw, space=sp,
                              workload=Workload(16, 4, 1), storage=f"sqlite:///{tmp_path / 's.db'}")
     st = study.open_study(req)
-    p = study.run_trials(st, req, 51, trial_timeout=15)
+    p = study.run_trials(st, req, 51, trial_timeout=15, patience=0)
     trials = st.get_trials()
     assert len(trials) == 51 and p.done == 51
     assert p.complete + p.failed + p.pruned == 51

@@ -17,9 +17,11 @@ from .base import (
     BuildInfo,
     Engine,
     Measurement,
+    OnRep,
     Workload,
     child_failure,
     crash_context,
+    llama_cpp_defaults,
     prompt_text,
 )
 from .bundled import (
@@ -67,15 +69,16 @@ def _restore(engine: Engine) -> None:
 
 
 def measure(model_path: str, settings: Settings, workload: Workload = Workload(), timeout: float = 300.0,
-            index: int = 0) -> Measurement:
-    """A measured run on the current engine (a fresh process; never raises for engine faults)."""
-    return _current.measure(model_path, settings, workload, timeout, index)
+            index: int = 0, on_rep: OnRep | None = None) -> Measurement:
+    """A measured run on the current engine (a fresh process; never raises for engine faults); ``on_rep``
+    may stop it after a repetition (``base.OnRep``)."""
+    return _current.measure(model_path, settings, workload, timeout, index, on_rep)
 
 
 def defaults(n_ctx: int) -> Settings:
     """What the current engine does when the user sets nothing but the context: the baseline to beat."""
     return _current.defaults(n_ctx)
 
-__all__ = ["FAKE_AMX_CRASH", "BufferReport", "BuildInfo", "Engine", "Measurement", "Workload", "build_info",
-           "build_key", "bundled", "child_failure", "crash_context", "current", "defaults", "divergence", "dry_run",
+__all__ = ["FAKE_AMX_CRASH", "BufferReport", "BuildInfo", "Engine", "Measurement", "OnRep", "Workload", "build_info",
+           "build_key", "bundled", "child_failure", "crash_context", "current", "defaults", "divergence", "dry_run", "llama_cpp_defaults",
            "loaded_buffers", "measure", "name", "prompt_text", "use", "using"]

@@ -13,12 +13,13 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from ..settings import Settings
 
 MIB = 2**20
 RESULT_MARK = "AUTOTUNE-RESULT "  # the child's one result line on stdout: this mark, then JSON
+REP_MARK = "AUTOTUNE-REP "  # a measured run's line per repetition, as it finishes: this mark, then JSON
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,19 @@ class BuildInfo:
     can_offload: bool
     cpu_features: tuple[str, ...]
     system_info: str
+
+
+def llama_cpp_defaults(n_ctx: int) -> Settings:
+    """What llama.cpp's own tools (llama-server, llama-cli, llama-bench) do when told nothing but the context:
+    their math-thread count (the physical cores) for both thread pools, n_batch 2048, n_ubatch 512, flash
+    attention on where the backend has it (auto), mmap, a sliding-window cache of the window's size."""
+    import os
+
+    import psutil
+
+    threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    return Settings(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=2048, n_ubatch=512,
+                    flash_attn=True, swa_full=False)
 
 
 def prompt_text(kind: str = "prose") -> str:
@@ -63,6 +77,7 @@ class Measurement:
     draft: dict[str, Any] = field(default_factory=dict)  # speculative decoding counters, when a draft ran
     output_tokens: list[int] = field(default_factory=list)  # greedy output of the last repetition
     depth_fill_s: float = 0.0  # seconds to put the workload's depth of history in the cache (not timed above)
+    stopped: bool = False  # stopped after these repetitions (a pruned trial): no peak memory, no output
 
     @property
     def decode(self) -> float:
@@ -217,6 +232,11 @@ def crash_context(stderr: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+# Told each repetition of a measured run as it ends (decode, prefill tok/s and ttft seconds of that one):
+# returning False stops the run there. Engines that measure all repetitions at once never call it.
+OnRep = Callable[[dict[str, float]], bool]
+
+
 @runtime_checkable
 class Engine(Protocol):
     """What autotune needs from an engine. ``autotune.engine.bundled`` (llama-cpp-python) is the first; every
@@ -235,7 +255,7 @@ class Engine(Protocol):
     def loaded_buffers(self, model_path: str, settings: Settings, timeout: float = 300) -> dict[str, int]: ...
 
     def measure(self, model_path: str, settings: Settings, workload: Workload, timeout: float = 300.0,
-                index: int = 0) -> Measurement: ...
+                index: int = 0, on_rep: OnRep | None = None) -> Measurement: ...
 
     def divergence(self, model_path: str, pairs: list[tuple[str, str]], base: Settings, n_tokens: int = 256,
                    timeout: float = 600.0) -> dict[str, dict[str, float]]: ...

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import json
 import os
 import re
 import resource
@@ -24,9 +25,11 @@ from ..gguf_model import EXPERTS
 from ..settings import Settings
 from . import faults, process
 from .base import (
+    REP_MARK,
     BufferReport,
     BuildInfo,
     Measurement,
+    OnRep,
     Workload,
     last_error,
     mark,
@@ -285,12 +288,17 @@ def _load_in_process(model_path: str, settings: Settings) -> dict[str, Any]:
 
 
 def measure(model_path: str, settings: Settings, workload: Workload = Workload(), timeout: float = 300.0,
-            index: int = 0) -> Measurement:
+            index: int = 0, on_rep: OnRep | None = None) -> Measurement:
     """Measure ``settings`` on ``model_path`` in a fresh child process. Never raises for engine faults: a
-    crash, abort, out-of-memory kill or hang becomes a failed Measurement with a specific reason."""
+    crash, abort, out-of-memory kill or hang becomes a failed Measurement with a specific reason. ``on_rep``
+    may stop the run after any repetition: the Measurement then holds the repetitions that ran."""
     request = {"mode": "measure", "model": model_path, "settings": settings.to_dict(),
                "workload": workload.__dict__, "index": index}
-    done = process.spawn(request, timeout, watch_vram=True)
+    done = process.spawn(request, timeout, watch_vram=True, on_rep=on_rep)
+    if done.stopped:
+        return Measurement(settings, True, prefill_tps=[r["prefill"] for r in done.reps],
+                           decode_tps=[r["decode"] for r in done.reps], ttft_s=[r["ttft"] for r in done.reps],
+                           wall_s=done.wall_s, peak_vram=done.peak_vram, stopped=True)
     if done.timed_out:
         return Measurement(settings, False, f"timeout: no result after {timeout:.0f} s (killed)", wall_s=done.wall_s)
     if done.result is None:
@@ -379,7 +387,12 @@ def _measure(request: dict[str, Any]) -> dict[str, Any]:
         return ttft, n_prompt / ttft, decode, out
 
     one_pass(min(16, len(prompt)), 2)  # warm-up: page in weights, build graphs
-    samples = [one_pass(len(prompt), work.gen_tokens) for _ in range(work.reps)]
+    samples = []
+    for _ in range(work.reps):  # each repetition told as it ends: the tuner may stop a clearly bad run
+        samples.append(one_pass(len(prompt), work.gen_tokens))
+        ttft, prefill, decode, _ = samples[-1]
+        sys.stdout.write(REP_MARK + json.dumps({"ttft": ttft, "prefill": prefill, "decode": decode}) + "\n")
+        sys.stdout.flush()
     m = {
         "ok": True,
         "error": "",

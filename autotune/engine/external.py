@@ -28,7 +28,15 @@ from typing import Any
 from ..errors import SettingsError
 from ..settings import Settings
 from . import bundled
-from .base import BuildInfo, Measurement, Workload, child_failure, prompt_text
+from .base import (
+    BuildInfo,
+    Measurement,
+    OnRep,
+    Workload,
+    child_failure,
+    llama_cpp_defaults,
+    prompt_text,
+)
 
 KINDS = ("llama-bench", "llama-server")
 
@@ -63,14 +71,7 @@ class Tool:
         return hashlib.sha256(f"{self.path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
 
     def defaults(self, n_ctx: int) -> Settings:
-        """What llama.cpp's own tools do when told nothing but the context: their math-thread count (the
-        physical cores) for both thread pools, n_batch 2048, n_ubatch 512, flash attention on where the
-        backend has it (auto), mmap."""
-        import psutil
-
-        threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-        return Settings(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=2048, n_ubatch=512,
-                        flash_attn=True, swa_full=False)
+        return llama_cpp_defaults(n_ctx)
 
     def dry_run(self, model_path: str, settings: list[Settings], timeout: float = 300) -> list[Any]:
         return bundled.dry_run(model_path, settings, timeout)
@@ -83,7 +84,8 @@ class Tool:
         return bundled.divergence(model_path, pairs, base, n_tokens, timeout)
 
     def measure(self, model_path: str, settings: Settings, workload: Workload = Workload(), timeout: float = 300.0,
-                index: int = 0) -> Measurement:
+                index: int = 0, on_rep: OnRep | None = None) -> Measurement:
+        """One run of the tool; it reports every repetition at once, so ``on_rep`` is never called."""
         if settings.draft_model:
             return Measurement(settings, False, f"{self.kind} as an engine measures the main model alone")
         if self.kind == "llama-bench":

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
-from .base import RESULT_MARK, child_failure
+from .base import REP_MARK, RESULT_MARK, child_failure
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Spawned:
     wall_s: float
     timed_out: bool = False
     peak_vram: int | None = None
+    reps: list[dict[str, Any]] = field(default_factory=list)  # what the child reported per repetition
+    stopped: bool = False  # the parent's ``on_rep`` stopped it after ``reps``
 
     def failure(self) -> str:
         """Why there is no result, in one line."""
@@ -41,9 +44,14 @@ class Spawned:
         return f"no result from the engine process (it printed {junk!r})"
 
 
-def spawn(request: dict[str, Any], timeout: float, watch_vram: bool = False) -> Spawned:
+def spawn(request: dict[str, Any], timeout: float, watch_vram: bool = False,
+          on_rep: Callable[[dict[str, Any]], bool] | None = None) -> Spawned:
     """Run ``python -m autotune.engine`` on ``request``; never raises for what the child does (a
-    KeyboardInterrupt kills the child, then propagates)."""
+    KeyboardInterrupt kills the child, then propagates).
+
+    Each repetition the child reports (a ``REP_MARK`` line) goes to ``on_rep`` in this thread as it
+    arrives; when that returns False the child is killed there and then (a pruned trial costs only the
+    repetitions it ran)."""
     start = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "autotune.engine"],
@@ -54,20 +62,60 @@ def spawn(request: dict[str, Any], timeout: float, watch_vram: bool = False) -> 
         start_new_session=True,  # so a timeout can kill the whole group, and Ctrl-C reaches only us
     )
     vram = _VramWatch() if watch_vram else None
+    out: list[str] = []
+    err: list[str] = []
+    lines: queue.Queue[str | None] = queue.Queue()
+    readers = [threading.Thread(target=_read, args=(proc.stdout, out, lines), daemon=True),
+               threading.Thread(target=_read, args=(proc.stderr, err, None), daemon=True)]
+    for t in readers:
+        t.start()
+    reps: list[dict[str, Any]] = []
+    stopped = timed_out = False
     try:
-        out, err = proc.communicate(json.dumps(request), timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        out, err = proc.communicate()
-        return Spawned(None, proc.returncode, out, err, time.perf_counter() - start, timed_out=True)
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(json.dumps(request))
+            proc.stdin.close()
+        except BrokenPipeError:  # the child died before reading: its exit status says why
+            pass
+        deadline = start + timeout
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                timed_out = True
+                _kill_group(proc)
+                break
+            if line is None:  # the child closed its stdout: it is ending
+                break
+            if line.startswith(REP_MARK) and not stopped:
+                reps.append(json.loads(line[len(REP_MARK):]))
+                if on_rep is not None and not on_rep(reps[-1]):
+                    stopped = True
+                    _kill_group(proc)
+        proc.wait()
     except BaseException:  # KeyboardInterrupt included: never leave an engine running behind us
         _kill_group(proc)
-        proc.communicate()
+        proc.wait()
         raise
     finally:
         peak_vram = vram.stop() if vram else None
-    result = _parse_result(out) if proc.returncode == 0 else None
-    return Spawned(result, proc.returncode, out, err, time.perf_counter() - start, peak_vram=peak_vram)
+        for t in readers:
+            t.join()
+    stdout, stderr = "".join(out), "".join(err)
+    result = _parse_result(stdout) if proc.returncode == 0 else None
+    return Spawned(result, proc.returncode, stdout, stderr, time.perf_counter() - start, timed_out=timed_out,
+                   peak_vram=peak_vram, reps=reps, stopped=stopped)
+
+
+def _read(stream: Any, into: list[str], lines: queue.Queue[str | None] | None) -> None:
+    """Collect a child's stream (a thread per stream, so neither pipe fills up and blocks the child)."""
+    for line in stream:
+        into.append(line)
+        if lines is not None:
+            lines.put(line)
+    if lines is not None:
+        lines.put(None)
 
 
 def _kill_group(proc: subprocess.Popen[str]) -> None:

@@ -1,0 +1,179 @@
+"""Recommendations that lose no speed a user feels: every baseline, per-metric comparison, the second stage over
+the knobs that cannot move the objective, pruning a clearly bad run after one repetition, and stopping a
+study whose best has stopped moving."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+
+from autotune import engine, pipeline, recommend, space, study
+from autotune.engine import Measurement, Workload
+from autotune.gguf_model import read_facts
+from autotune.probe import probe
+from autotune.settings import Settings
+
+WORK = Workload(prompt_tokens=32, gen_tokens=8, reps=2)
+
+
+def candidate(label: str, decode: list[float], prefill: list[float], **settings) -> recommend.Candidate:
+    """A candidate with these per-repetition speeds (two repetitions a run); TTFT follows from the prompt."""
+    s = Settings(**settings)
+    runs = [Measurement(s, True, decode_tps=decode[i:i + 2], prefill_tps=prefill[i:i + 2],
+                        ttft_s=[WORK.prompt_tokens / p for p in prefill[i:i + 2]]) for i in range(0, len(decode), 2)]
+    return recommend.Candidate(label, s, runs)
+
+
+def test_the_fastest_config_is_not_taken_when_it_loses_prefill_to_a_baseline():
+    """The measured case on the Intel machine: a q8_0 cache nearly doubles decode but costs a third of prefill."""
+    lcp = candidate("defaults", [44, 45, 44, 43], [290, 288, 291, 289], n_threads=1)
+    llama = candidate("llama.cpp defaults", [47, 46, 47, 48], [302, 303, 301, 304], flash_attn=True)
+    q8 = candidate("trial 2", [87, 86, 88, 87], [205, 204, 206, 203], type_k="q8_0", type_v="q8_0", flash_attn=True)
+    q8k = candidate("trial 11", [80, 81, 82, 80], [300, 303, 302, 304], type_k="q8_0")
+    d = recommend.decide([lcp, llama, q8, q8k], [lcp, llama], "decode", WORK)
+    assert d.order[0] is q8k and d.supported
+    assert d.best_bases == {"decode": llama, "prefill": llama, "ttft": llama}
+    assert "trial 2 measured best on decode but loses prefill" in d.verdict and "--objective decode" in d.verdict
+    assert recommend.losses(q8, d.best_bases, WORK) == ["prefill", "ttft"]
+    assert recommend.losses(q8k, d.best_bases, WORK) == []
+
+    traded = recommend.decide([lcp, llama, q8, q8k], [lcp, llama], "decode", WORK, trade=True)
+    assert traded.order[0] is q8 and traded.supported  # the user named the objective: the trade is theirs
+
+
+def test_without_a_config_that_loses_nothing_the_best_baseline_is_kept():
+    lcp = candidate("defaults", [44, 45, 44, 43], [200, 201, 199, 200], n_threads=1)
+    llama = candidate("llama.cpp defaults", [47, 46, 47, 48], [302, 303, 301, 304], flash_attn=True)
+    q8 = candidate("trial 2", [87, 86, 88, 87], [205, 204, 206, 203], type_k="q8_0", type_v="q8_0", flash_attn=True)
+    d = recommend.decide([lcp, llama, q8], [lcp, llama], "decode", WORK)
+    assert d.order[0] is llama and not d.supported
+    assert "loses prefill to llama.cpp defaults (x0.68)" in d.verdict
+
+
+def test_each_metric_is_compared_with_its_own_best_baseline():
+    """One baseline is best on decode, another on prefill: a config beating the first on decode must still
+    match the second on prefill."""
+    decode_base = candidate("defaults", [50, 51, 50, 49], [100, 101, 99, 100], n_threads=1)
+    prefill_base = candidate("llama.cpp defaults", [30, 31, 30, 29], [300, 301, 299, 300], flash_attn=True)
+    mixed = candidate("trial 4", [70, 71, 70, 69], [298, 302, 301, 299], n_threads=2)
+    d = recommend.decide([decode_base, prefill_base, mixed], [decode_base, prefill_base], "decode", WORK)
+    assert d.best_bases["decode"] is decode_base and d.best_bases["prefill"] is prefill_base
+    assert d.order[0] is mixed and d.supported and d.baseline is decode_base
+    rec = recommend.Recommendation("decode", WORK, mixed, d.baseline, [decode_base, prefill_base, mixed], True, "",
+                                   None, {}, {}, [decode_base, prefill_base], d.best_bases)
+    versus = rec.versus()
+    assert versus["decode"]["baseline"] == "defaults" and versus["decode"]["verdict"] == "better"
+    assert versus["prefill"]["baseline"] == "llama.cpp defaults" and versus["prefill"]["verdict"] == "same"
+    assert rec.speedup == pytest.approx(70 / 50)
+    rows = {r["label"]: r for r in rec.side_by_side()}
+    assert rows["defaults"]["loses"] == ["prefill", "ttft"] and rows["trial 4"]["chosen"]
+
+
+def test_every_study_has_llama_cpp_defaults_and_sensible_as_baselines(tiny_model, tmp_path):
+    hw = probe(measure_bandwidth=False)
+    facts = read_facts(tiny_model)
+    req = study.StudyRequest(model_path=str(tiny_model), facts=facts, hw=hw, space=space.build_space(hw, facts, 1024),
+                             workload=WORK, storage=f"sqlite:///{tmp_path / 's.db'}")
+    named = dict(study.baselines(req))
+    llama = named["llama.cpp defaults"]
+    assert (llama.n_batch, llama.n_ubatch, llama.flash_attn, llama.use_mmap) == (2048, 512, True, True)
+    assert llama.n_threads == llama.n_threads_batch == hw.physical_cores
+    assert named["defaults"] == engine.defaults(1024) and "sensible" in named or named["sensible"] in named.values()
+    roles = [t.user_attrs["role"] for t in study.open_study(req).trials]
+    assert roles[:2] == ["defaults", "llama.cpp defaults"]
+    tool = tmp_path / "llama-bench"  # never run: only its defaults are asked for
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    with engine.using(f"llama-bench:{tool}"):  # its defaults are llama.cpp's: one baseline
+        labels = [label for label, _ in study.baselines(req)]
+    assert "llama.cpp defaults" not in labels and labels[0] == "defaults"
+
+
+def test_the_first_stage_holds_what_cannot_move_the_objective_and_the_second_tunes_it(tiny_model):
+    hw = probe(measure_bandwidth=False)
+    sp = space.build_space(hw, read_facts(tiny_model), 1024)
+    decode_knobs = set(sp.moving("decode").describe())
+    assert {"n_ubatch", "batch_factor", "n_threads_batch"}.isdisjoint(decode_knobs)
+    assert "attention" in decode_knobs
+    base = Settings(n_ctx=1024, n_threads=1, flash_attn=True, type_k="q8_0")
+    second = sp.neutral_to("decode", base)
+    assert set(second.describe()) == {"n_ubatch", "batch_factor"} | ({"n_threads_batch"} if hw.logical_cores > 1 else set())
+    assert second.settings_from({"n_ubatch": 128, "batch_factor": 2}) == base.replace(n_ubatch=128, n_batch=256)
+    assert pipeline.moved_by("ttft", False) == "prefill" and pipeline.moved_by("balanced", False) is None
+    assert pipeline.second_trials(sp, "decode", 30) == 6 and pipeline.second_trials(sp, None, 30) == 0
+
+
+def test_a_run_whose_first_repetition_is_below_the_median_is_stopped(tmp_path):
+    """The pruner hook alone, on a study of told trials: no engine runs."""
+    st = optuna.create_study(storage=f"sqlite:///{tmp_path / 'p.db'}", direction="maximize", pruner=study.pruner())
+    dist = {"x": CategoricalDistribution((0, 1))}
+    for v in (40.0, 45.0, 50.0, 55.0, 60.0, 65.0):
+        t = st.ask(dist)
+        t.report(v, 0)
+        t.report(v, 1)
+        st.tell(t, v)
+    req = study.StudyRequest(model_path="m.gguf", facts=None, hw=None, space=None, workload=WORK)  # type: ignore[arg-type]
+    slow, fast = st.ask(dist), st.ask(dist)
+    assert study._reporter(slow, req)({"decode": 20.0, "prefill": 100.0, "ttft": 0.3}) is False
+    on_rep = study._reporter(fast, req)
+    assert on_rep({"decode": 70.0, "prefill": 100.0, "ttft": 0.3}) is True
+    assert on_rep({"decode": 10.0, "prefill": 100.0, "ttft": 0.3}) is True  # the last repetition always finishes
+    assert fast.storage.get_trial(fast._trial_id).intermediate_values == {0: 70.0, 1: 10.0}
+
+
+def test_a_study_stops_when_its_best_has_not_moved(tmp_path):
+    st = optuna.create_study(direction="maximize")
+    dist = {"x": CategoricalDistribution((0, 1))}
+    values = [10.0, 20.0, 30.0, 30.0] + [30.5] * 8  # a gain of 1.7 % over the last 8 trials
+    for i, v in enumerate(values):
+        st.add_trial(optuna.trial.create_trial(params={"x": 0}, distributions=dist, value=v))
+        if i < len(values) - 1:
+            assert study.stalled(st, patience=8) == ""
+    assert "the last 8 trials moved the best by 1.7 %" in study.stalled(st, patience=8)
+    assert study.stalled(st, patience=0) == ""
+    st.add_trial(optuna.trial.create_trial(params={"x": 0}, distributions=dist, value=40.0))
+    assert study.stalled(st, patience=8) == ""  # a real gain: go on
+
+    ttft = optuna.create_study(direction="minimize")  # smaller is better: the same rule, the other way
+    for v in [1.0] * 12:
+        ttft.add_trial(optuna.trial.create_trial(params={"x": 0}, distributions=dist, value=v))
+    assert study.stalled(ttft, patience=8).startswith("stopped early")
+
+
+def test_a_run_stopped_after_its_first_repetition_keeps_what_it_measured(tiny_model):
+    work = Workload(prompt_tokens=32, gen_tokens=8, reps=3)
+    told: list[dict[str, float]] = []
+    m = engine.measure(str(tiny_model), Settings(n_ctx=256), work, timeout=120,
+                       on_rep=lambda rep: told.append(rep) is not None)  # False: stop after the first
+    assert m.ok and m.stopped and len(told) == 1
+    assert (m.decode_tps, m.prefill_tps, m.ttft_s) == ([told[0]["decode"]], [told[0]["prefill"]], [told[0]["ttft"]])
+
+    told.clear()
+    whole = engine.measure(str(tiny_model), Settings(n_ctx=256), work, timeout=120,
+                           on_rep=lambda rep: told.append(rep) is None)  # True: go on
+    assert whole.ok and not whole.stopped and whole.decode_tps == [r["decode"] for r in told] and len(told) == 3
+    assert whole.peak_rss > 0 and whole.output_tokens
+
+
+def test_the_sampler_is_told_which_trials_gave_another_speed_away():
+    """Optuna constraint values from told trials (no engine): positive where a trial's prefill or TTFT fell more
+    than the tolerance below the best baseline trial's."""
+    st = optuna.create_study(direction="maximize")
+    dist = {"x": CategoricalDistribution((0, 1))}
+
+    def run(decode: float, prefill: float) -> Measurement:
+        return Measurement(Settings(), True, decode_tps=[decode] * 2, prefill_tps=[prefill] * 2,
+                           ttft_s=[WORK.prompt_tokens / prefill] * 2)
+
+    for role, m in (("defaults", run(40, 250)), ("llama.cpp defaults", run(45, 300)), (None, run(90, 100))):
+        attrs = {"measurement": m.to_dict(), **({"role": role} if role else {})}
+        st.add_trial(optuna.trial.create_trial(params={"x": 0}, distributions=dist, value=m.decode, user_attrs=attrs))
+    req = study.StudyRequest(model_path="m.gguf", facts=None, hw=None, space=None, workload=WORK)  # type: ignore[arg-type]
+    gave_away = study.guard_values(st, req, run(90, 200))
+    assert gave_away == pytest.approx([100 / 300 - 0.05, (0.16 - 32 / 300) / (32 / 300) - 0.05])
+    assert all(v <= 0 for v in study.guard_values(st, req, run(60, 290)))  # within the tolerance
+    assert study.guard_values(st, dataclasses.replace(req, objective="prefill"), run(40, 400)) == \
+        pytest.approx([(45 - 40) / 45 - 0.05])  # a prefill study guards decode
