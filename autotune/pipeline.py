@@ -41,7 +41,7 @@ class TuneOptions:
     pins: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     workload: Workload = Workload(prompt_tokens=256, gen_tokens=32, reps=2)
-    top_k: int = 3
+    top_k: int = 2
     rounds: int = 3
     kv_quality: str = "strict"
     recommend: bool = True  # False: only run trials
@@ -217,12 +217,12 @@ def moved_by(objective: str, pareto: bool) -> str | None:
 
 
 def second_trials(full: space.SearchSpace, metric: str | None, trials: int) -> int:
-    """Trials for the second stage: a fifth of the budget, at least 4, at most a quarter; 0 (one stage over
+    """Trials for the second stage: an eighth of the budget, at least 4, at most a quarter; 0 (one stage over
     every knob) where that leaves fewer than 4, or nothing is left for a second stage to tune."""
     if metric is None:
         return 0
     neutral = full.neutral_to(metric)
-    n = min(trials // 4, max(4, trials // 5))
+    n = min(trials // 4, max(4, trials // 8))
     return n if n >= 4 and (neutral.params or neutral.int_ranges) else 0
 
 

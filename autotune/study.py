@@ -222,13 +222,18 @@ def load_existing(name: str, url: str) -> optuna.Study:
         raise ConfigError(f"no study named {name!r} in {url}; stored studies: {', '.join(names) or 'none'}") from None
 
 
+# Trials (the baselines among them) before TPE models the results: the first stage's space is a few dozen
+# configs, so the model takes over early.
+STARTUP_TRIALS = 5
+
+
 def open_study(req: StudyRequest) -> optuna.Study:
     """Create the study, or load it to resume. Only the tuner whose ``create_study`` succeeds (the database's
     unique study name decides, however many tuners start at once) describes it and enqueues the baselines,
     so they are measured once."""
     storage = open_storage(req.storage)
-    sampler = optuna.samplers.TPESampler(seed=req.seed, n_startup_trials=8, multivariate=True, constant_liar=True,
-                                         constraints_func=_constraints if req.guard else None)
+    sampler = optuna.samplers.TPESampler(seed=req.seed, n_startup_trials=STARTUP_TRIALS, multivariate=True,
+                                         constant_liar=True)
     try:
         study = optuna.create_study(study_name=req.name(), storage=storage, sampler=sampler, pruner=pruner(),
                                     directions=directions(req.objective, req.pareto))
@@ -405,9 +410,9 @@ class TrialFailed(Exception):
 
 # The study stops early once this many finished trials in a row have not moved the best by more than
 # MIN_GAIN (one trial's noise is about 10 %, so smaller gains would be chance), after at least MIN_TRIALS.
-PATIENCE = 8
+PATIENCE = 6
 MIN_GAIN = 0.03
-MIN_TRIALS = 12
+MIN_TRIALS = 10
 
 
 def stalled(study: optuna.Study, patience: int, min_trials: int = MIN_TRIALS) -> str:
@@ -526,7 +531,8 @@ def _evaluate(trial: optuna.Trial, s: Settings, req: StudyRequest, trial_timeout
     if req.pareto:
         return TrialState.COMPLETE, [m.decode, m.prefill, float(m.peak_rss + (m.peak_vram or 0))]
     if req.guard:
-        trial.set_user_attr("constraints", guard_values(trial.study, req, m))
+        for metric, value in guard_values(trial.study, req, m).items():
+            trial.set_constraint(metric, value)
     return TrialState.COMPLETE, [objective_value(m, req.objective, req.workload)]
 
 
@@ -535,23 +541,19 @@ def _evaluate(trial: optuna.Trial, s: Settings, req: StudyRequest, trial_timeout
 GUARD_TOLERANCE = 0.05
 
 
-def _constraints(t: optuna.trial.FrozenTrial) -> list[float]:
-    return t.user_attrs.get("constraints", [0.0])
-
-
 def guarded(t: optuna.trial.FrozenTrial) -> bool:
     """Whether a trial gave no other speed away (``guard_values``; True where it was not guarded)."""
-    return all(c <= 0 for c in _constraints(t))
+    return all(c <= 0 for c in t.constraints.values())
 
 
-def guard_values(study: optuna.Study, req: StudyRequest, m: Measurement) -> list[float]:
+def guard_values(study: optuna.Study, req: StudyRequest, m: Measurement) -> dict[str, float]:
     """Optuna constraint values (<= 0: feasible) for a measured trial: per speed other than the objective, how far
-    it falls short of the best baseline trial so far, beyond ``GUARD_TOLERANCE``. The sampler learns where the
-    objective is won without giving another speed away."""
+    it falls short of the best baseline trial so far, beyond ``GUARD_TOLERANCE``. Set on the trial, they teach
+    the TPE sampler where the objective is won without giving another speed away."""
     bases = [Measurement.from_dict(t.user_attrs["measurement"]) for t in study.get_trials(
         deepcopy=False, states=(TrialState.COMPLETE,)) if t.user_attrs.get("role") in BASELINE_ROLES]
     speed = {"decode": "decode", "prefill": "prefill", "ttft": "prefill"}  # TTFT is the prompt's time
-    out = []
+    out = {}
     for metric in ("decode", "prefill", "ttft"):
         if speed[metric] == speed.get(req.objective) or not bases:
             continue
@@ -559,8 +561,8 @@ def guard_values(study: optuna.Study, req: StudyRequest, m: Measurement) -> list
         ref = max(objective_value(b, metric, req.workload) * sign for b in bases) * sign
         mine = objective_value(m, metric, req.workload)
         short = (ref - mine) / ref if sign > 0 else (mine - ref) / ref
-        out.append(short - GUARD_TOLERANCE if ref else 0.0)
-    return out or [0.0]
+        out[metric] = short - GUARD_TOLERANCE if ref else 0.0
+    return out
 
 
 def _reporter(trial: optuna.Trial, req: StudyRequest) -> Callable[[dict[str, float]], bool]:

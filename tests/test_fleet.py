@@ -55,7 +55,7 @@ def test_three_workers_one_killed_mid_trial_fake_other_host(tiny_model, url):
     """Worker C says it runs on another machine (AUTOTUNE_WORKER_HOST, the one faked seam), so the others
     cannot check its pid: only its stopped heartbeat tells them it died. Its trial is failed with a reason
     naming the worker; A and B finish; every finished trial is kept; the baselines are enqueued once. (No early
-    stop: every worker runs its 24 first-stage trials, then 6 of a second stage.)"""
+    stop: every worker runs its 26 first-stage trials, then 4 of a second stage.)"""
     a = worker(tiny_model, url, "--trials", "30", "--patience", "0")
     poll(lambda: len(trials(url)) > 0, timeout=120)  # A passed the self-check: B and C reuse its verdict
     b = worker(tiny_model, url, "--trials", "30", "--patience", "0")
@@ -81,7 +81,7 @@ def test_three_workers_one_killed_mid_trial_fake_other_host(tiny_model, url):
     # by the heartbeat, not before the grace period: 3 s after C's last beat, which came up to 1 s before the kill
     assert failed_after >= 3 - 1
     complete = [t for t in done if t.state == TrialState.COMPLETE]
-    assert len(complete) == 48 and len({t.number for t in done}) == len(done)
+    assert len(complete) == 52 and len({t.number for t in done}) == len(done)
     assert [t.user_attrs.get("role") for t in done].count("defaults") == 1
     assert all(t.state != TrialState.RUNNING for t in done)
     print(json.dumps({"storage": url.split(":")[0], "trials": len(done), "workers": 3,
