@@ -4,8 +4,10 @@ Each entry gives the setting's type and default (llama-cpp-python's own, except 
 ``Llama(...)`` keyword, its spelling in llama-server, KoboldCpp, LM Studio and Ollama (None: that tool has
 none), and its label in plots. ``Settings`` is built from this table; ``export`` writes and reads flags
 from it; ``plots`` labels axes from it. Where a tool has no spelling for a setting that matters, the
-knob's ``missing`` sentence becomes a note in that export. Adding a knob is one entry here plus its
-engine wiring (``autotune.engine.bundled``) when ``Llama(...)`` has no keyword for it.
+knob's ``missing`` sentence becomes a note in that export. ``moves`` says which speeds a knob can change
+(decode is one token per batch, so the batch knobs cannot move it): the search tunes the others in a second
+stage. Adding a knob is one entry here plus its engine wiring (``autotune.engine.bundled``) when
+``Llama(...)`` has no keyword for it.
 
 What stays outside the table is joint, not per knob: the search space samples flash attention with the
 cache types, and ``n_batch`` as a multiple of ``n_ubatch`` (``space``); KoboldCpp's one ``--quantkv`` for

@@ -306,9 +306,10 @@ def knobs(
 
 
 def recommendation(config: dict[str, Any]) -> Figure:
-    """The tuned config against the engine defaults, from the config's re-measured samples: median bars,
-    interquartile ranges, every sample, and the decode roofline. When the defaults are the recommendation,
-    they stand alone."""
+    """The tuned config against the best baseline on its objective, from the config's re-measured samples:
+    median bars, interquartile ranges, every sample, and the decode roofline; every other baseline re-measured
+    beside them as a median and interquartile range (each metric is judged against its own best). When a
+    baseline is the recommendation, the baselines stand alone."""
     rec = config.get("recommendation") or {}
     chosen, base = config.get("metrics") or {}, rec.get("baseline_metrics") or {}
     if not chosen.get("decode", {}).get("n"):
@@ -318,6 +319,12 @@ def recommendation(config: dict[str, Any]) -> Figure:
     # the defaults themselves crash on this machine)
     arms = [(f"engine {baseline}", "engine\n" + baseline.replace(" with ", "\nwith "), base,
              HIGHLIGHT_COLORS["engine defaults"])]
+    # the other baselines re-measured beside it (medians and interquartile ranges; each metric has its own best)
+    others = [r for r in rec.get("side_by_side") or [] if r["baseline"] and r["ran"] and r["label"] not in (baseline, label)]
+    for i, r in enumerate(others):
+        arms.append((r["label"], r["label"].replace(" with ", "\nwith "),
+                     {m: {**r[m], "samples": []} for m in ("decode", "prefill", "ttft") if r.get(m)},
+                     OTHER_COLORS[i % len(OTHER_COLORS)]))
     if label != baseline:
         arms.append((f"recommended ({label})", "recommended", chosen, HIGHLIGHT_COLORS["recommended"]))
     fig = _figure(11, 5)
@@ -337,7 +344,7 @@ def recommendation(config: dict[str, Any]) -> Figure:
                     ls="none", marker="o", ms=4, color=color, label=f"{name}: samples")
         if metric == "decode" and roof:
             ax.axhline(roof, color="#d62728", ls="--", lw=1.2, label=f"roofline {roof:,.0f} tok/s")
-        ax.set_xticks(range(len(arms)), [tick for _, tick, _, _ in arms])
+        ax.set_xticks(range(len(arms)), [tick for _, tick, _, _ in arms], fontsize=8 if len(arms) < 4 else 6)
         ax.set_xlim(-0.6, len(arms) - 0.4)
         ax.set_ylabel(ylabel)
         ax.set_ylim(bottom=0)

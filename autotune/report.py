@@ -213,6 +213,15 @@ def _config_html(config: dict[str, Any]) -> str:
         header = ["metric", "tuned median", "interquartile range", "samples",
                   f"engine {rec.get('baseline', 'defaults')} median"]
         parts.append(_table(header, rows))
+    side = [r for r in rec.get("side_by_side") or [] if r["ran"]]
+    if side:
+        parts.append("<p>Every config re-measured side by side (medians); each metric is judged against its own "
+                     "best baseline:</p>")
+        parts.append(_table(["config", "decode tok/s", "prefill tok/s", "time to first token", "loses on"],
+                            [[r["label"] + (" (baseline)" if r["baseline"] else ""), f"{r['decode']['median']:.1f}",
+                              f"{r['prefill']['median']:.1f}", f"{r['ttft']['median'] * 1000:.0f} ms",
+                              ", ".join(r["loses"]) or "-"] for r in side],
+                            [r["chosen"] for r in side]))
     roof = rec.get("roofline") or {}
     if roof.get("fraction"):
         parts.append(f"<p>Decode runs at {roof['fraction']:.0%} of the {roof['limit_tps']:,.0f} tok/s roofline "

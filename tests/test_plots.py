@@ -190,6 +190,19 @@ def test_recommendation_against_defaults(tiny_model):
         plots.recommendation({"settings": {}})
 
 
+def test_recommendation_shows_every_baseline_that_ran(tiny_model):
+    config = tuned_config(str(tiny_model), MEASURED[2].settings)
+    spread = {"median": 300.0, "q25": 290.0, "q75": 310.0, "n": 6}
+    config["recommendation"]["side_by_side"] = [
+        {"label": "llama.cpp defaults", "baseline": True, "ran": True, "decode": spread, "prefill": spread,
+         "ttft": {**spread, "median": 0.2, "q25": 0.19, "q75": 0.21}},
+        {"label": "sensible", "baseline": True, "ran": False, "decode": None, "prefill": None, "ttft": None},
+        {"label": "trial 3", "baseline": False, "ran": True, "decode": spread, "prefill": spread, "ttft": spread}]
+    fig = plots.recommendation(config)
+    assert all(len(ax.patches) == 3 for ax in fig.axes)  # the bar, llama.cpp's defaults, the recommendation
+    assert "llama.cpp defaults" in [t.get_text() for t in fig.axes[1].get_xticklabels()]
+
+
 # --------------------------------------------------------------------------------------------- study
 
 DISTRIBUTIONS = {"n_threads": IntDistribution(1, 2),
