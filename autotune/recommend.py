@@ -284,10 +284,19 @@ def decide(candidates: list[Candidate], baselines: list[Candidate], objective: s
     fastest = by_objective(ran)[0]
     pool = ran if trade else [c for c in ran if not losses(c, best_bases, workload)] or ran
     ranked = by_objective(pool)
-    best = ranked[0]
+    # Among the configs the noise cannot tell from the fastest on the objective, the one that gives least away
+    # and is fastest on the other speed: knobs that do not move the objective are chosen for the other.
+    other = "decode" if objective in ("prefill", "ttft") else "prefill"
+    ties = [c for c in ranked if c is ranked[0] or compare(c, ranked[0], objective, workload) == "same"]
+    best = max(ties, key=lambda c: (-len(losses(c, best_bases, workload)), better(other) * c.spread(other, workload).median))
+    tie_note = "" if best is ranked[0] else (
+        f"{best.label} measures the same as {ranked[0].label} on {objective} within the noise and better on "
+        f"{other} (x{ratio(best, ranked[0], other, workload):.2f}): preferred. ")
+    ranked = [best] + [c for c in ranked if c is not best]
     baseline = best_bases.get(objective, baselines[0])
     supported, verdict = _judge(best, baseline, objective, workload)
-    if fastest is not best and fastest not in baselines:
+    verdict = tie_note + verdict
+    if fastest is not best and fastest not in baselines and not trade:
         verdict = (f"{fastest.label} measured best on {objective} but loses "
                    f"{_losing(fastest, losses(fastest, best_bases, workload), best_bases, workload)}: not taken "
                    f"(name --objective {objective} to take that trade). " + verdict)

@@ -255,17 +255,15 @@ def open_study(req: StudyRequest) -> optuna.Study:
     study.set_user_attr("forced", req.forced)
     study.set_user_attr("space", req.space.describe())
     study.set_user_attr("stage", req.stage)
-    seeds = ([("stage 1's best", req.space.base)] if req.stage else []) + baselines(req)
+    seeds = ([("stage 1's best", req.space.base, False)] if req.stage else []) + [
+        (role, s, True) for role, s in baselines(req)]
     enqueued: list[dict[str, Any]] = []
-    for role, s in seeds:  # each baseline is a trial too; one whose parameters are already queued is not
+    for role, s, baseline in seeds:  # each baseline is a trial too; one whose parameters are already queued is not
         params = req.space.params_of(s)
         if params not in enqueued:
             enqueued.append(params)
-            study.enqueue_trial(params, user_attrs={"role": role})
+            study.enqueue_trial(params, user_attrs={"role": role, "baseline": baseline})
     return study
-
-
-BASELINE_ROLES = frozenset({"your command line", "defaults", "llama.cpp defaults", "sensible"})
 
 
 def baselines(req: StudyRequest) -> list[tuple[str, Settings]]:
@@ -551,7 +549,7 @@ def guard_values(study: optuna.Study, req: StudyRequest, m: Measurement) -> dict
     it falls short of the best baseline trial so far, beyond ``GUARD_TOLERANCE``. Set on the trial, they teach
     the TPE sampler where the objective is won without giving another speed away."""
     bases = [Measurement.from_dict(t.user_attrs["measurement"]) for t in study.get_trials(
-        deepcopy=False, states=(TrialState.COMPLETE,)) if t.user_attrs.get("role") in BASELINE_ROLES]
+        deepcopy=False, states=(TrialState.COMPLETE,)) if t.user_attrs.get("baseline")]
     speed = {"decode": "decode", "prefill": "prefill", "ttft": "prefill"}  # TTFT is the prompt's time
     out = {}
     for metric in ("decode", "prefill", "ttft"):

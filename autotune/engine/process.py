@@ -93,7 +93,12 @@ def spawn(request: dict[str, Any], timeout: float, watch_vram: bool = False,
                 if on_rep is not None and not on_rep(reps[-1]):
                     stopped = True
                     _kill_group(proc)
-        proc.wait()
+        try:  # a child that closed its output but hangs on its way out is killed at the same deadline
+            proc.wait(timeout=max(0.0, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+            proc.wait()
     except BaseException:  # KeyboardInterrupt included: never leave an engine running behind us
         _kill_group(proc)
         proc.wait()
