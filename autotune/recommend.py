@@ -296,7 +296,7 @@ def decide(candidates: list[Candidate], baselines: list[Candidate], objective: s
     baseline = best_bases.get(objective, baselines[0])
     supported, verdict = _judge(best, baseline, objective, workload)
     verdict = tie_note + verdict
-    if fastest is not best and fastest not in baselines and not trade:
+    if fastest not in pool and fastest not in baselines:  # it was left out for what it gives away
         verdict = (f"{fastest.label} measured best on {objective} but loses "
                    f"{_losing(fastest, losses(fastest, best_bases, workload), best_bases, workload)}: not taken "
                    f"(name --objective {objective} to take that trade). " + verdict)

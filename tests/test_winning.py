@@ -53,6 +53,7 @@ def test_among_configs_the_noise_cannot_tell_apart_the_one_that_gives_least_away
     d = recommend.decide([llama, q8, q8k], [llama], "decode", WORK, trade=True)
     assert d.order[0] is q8k and d.supported
     assert "trial 8 measures the same as trial 6 on decode within the noise and better on prefill" in d.verdict
+    assert "not taken" not in d.verdict  # nothing was left out: the tie rule chose
     kept = recommend.decide([llama, q8, q8k], [llama], "decode", WORK)  # not told to trade: both give prefill away
     assert kept.order[0] is llama and not kept.supported
 
