@@ -231,14 +231,14 @@ def second_stage(st: optuna.Study, req: study.StudyRequest, full: space.SearchSp
     """Tune the knobs that cannot move the objective (for decode: prompt threads, n_batch, n_ubatch) for the
     other speed, over the first stage's best settings, in a study of its own; the baselines' values for those
     knobs are among its first trials. Returns the settings it chose for them, and the study."""
-    best = max(study.completed(st), key=lambda tm: study.better(st) * tm[0].values[0])
-    base = best[1].settings
+    best = st.best_trial
+    base = Settings.from_dict(best.user_attrs["settings"])
     sp = full.neutral_to(metric, base)
     tag = hashlib.sha256(json.dumps(base.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
     req2 = dataclasses.replace(req, space=sp, objective=SECOND[metric], stage=f"then-{SECOND[metric]}-{tag}",
                                guard=False)
     st2 = study.open_study(req2)
-    reporter.note(f"second stage: {', '.join(sp.describe())} for {SECOND[metric]}, over trial {best[0].number}'s "
+    reporter.note(f"second stage: {', '.join(sp.describe())} for {SECOND[metric]}, over trial {best.number}'s "
                   f"settings")
     try:
         with reporter.trials(n_trials, SECOND[metric]) as show:
@@ -246,10 +246,9 @@ def second_stage(st: optuna.Study, req: study.StudyRequest, full: space.SearchSp
                              on_progress=show, patience=options.patience, min_trials=n_trials)
     finally:
         reporter.trials_done(st2)
-    done = study.completed(st2)
-    if not done:
+    if study.best_value(st2) is None:  # no trial of the second stage completed
         return {}, st2
-    chosen = max(done, key=lambda tm: study.better(st2) * tm[0].values[0])[1].settings
+    chosen = Settings.from_dict(st2.best_trial.user_attrs["settings"])
     fields = [k.name for k in KNOBS if metric not in k.moves]
     return {k: getattr(chosen, k) for k in fields if getattr(chosen, k) != getattr(base, k)}, st2
 
@@ -263,9 +262,10 @@ def depth_sweep(model: str, settings: Settings, n_ctx: int, work: Workload, time
     with reporter.step("measuring the recommendation against context depth ...") as status:
         for d in depths_to_report(n_ctx, work.depth, work):
             status(f"depth {d:,} ...")
-            reuse = done is not None and done.ok and d == work.depth and done.settings == settings
-            m = done if reuse and done is not None else engine.measure(model, settings,
-                                                                       dataclasses.replace(work, depth=d), timeout=timeout)
+            if done is not None and done.ok and d == work.depth and done.settings == settings:
+                m = done
+            else:
+                m = engine.measure(model, settings, dataclasses.replace(work, depth=d), timeout=timeout)
             rows.append({"depth": d, "ok": m.ok, "error": m.error, "decode": m.decode if m.ok else None,
                          "prefill": m.prefill if m.ok else None, "ttft": m.ttft if m.ok else None,
                          "decode_tps": m.decode_tps, "prefill_tps": m.prefill_tps})

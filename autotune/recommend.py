@@ -131,8 +131,7 @@ class Recommendation:
             for m in METRICS:
                 sp = c.spread(m, self.workload)
                 row[m] = {"median": sp.median, "q25": sp.q25, "q75": sp.q75, "n": sp.n} if sp.n else None
-            row["loses"] = [m for m, b in self.best_baselines.items()
-                            if c.runs and b is not c and compare(c, b, m, self.workload) == "worse"]
+            row["loses"] = losses(c, self.best_baselines, self.workload) if c.runs else []
             rows.append(row)
         return rows
 

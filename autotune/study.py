@@ -578,11 +578,6 @@ def _reporter(trial: optuna.Trial, req: StudyRequest) -> Callable[[dict[str, flo
     return on_rep
 
 
-def better(study: optuna.Study) -> int:
-    """+1 for a study that maximizes its one value, -1 for one that minimizes it."""
-    return -1 if study.direction == optuna.study.StudyDirection.MINIMIZE else 1
-
-
 def best_value(study: optuna.Study) -> float | None:
     if len(study.directions) > 1:
         return None

@@ -67,9 +67,8 @@ def grid_space() -> SearchSpace:
 
 
 def measure(model: str, configs: dict[str, Settings], rounds: int, what: str, work: Workload = WORK,
-            metrics: tuple[str, ...] = ("decode",)) -> dict[str, dict[str, list[float]]] | dict[str, list[float]]:
-    """Samples per config label (per metric when more than decode is asked), in the recommender's own rotated
-    rounds of fresh processes."""
+            metrics: tuple[str, ...] = METRICS) -> dict[str, dict[str, list[float]]]:
+    """Samples per config label and metric, in the recommender's own rotated rounds of fresh processes."""
     candidates = [Candidate(label, s) for label, s in configs.items()]
     done = itertools.count(1)
 
@@ -78,9 +77,11 @@ def measure(model: str, configs: dict[str, Settings], rounds: int, what: str, wo
         print(f"  {what} {next(done)}/{len(candidates) * rounds} {label}: {result}", flush=True)
 
     measure_rounds(model, candidates, work, rounds, on_run=show)
-    if metrics == ("decode",):
-        return {c.label: c.samples("decode", work) for c in candidates}
     return {c.label: {m: c.samples(m, work) for m in metrics} for c in candidates}
+
+
+def decode_only(samples: dict[str, dict[str, list[float]]]) -> dict[str, list[float]]:
+    return {label: by_metric["decode"] for label, by_metric in samples.items()}
 
 
 def timed_search(model: str, tree: str | None, tmp: str) -> tuple[float, dict]:
@@ -119,7 +120,7 @@ def bench_search(name: str, args: argparse.Namespace) -> dict:
             configs[label] = Settings.from_dict(b["settings"])
     work = Workload(**{**config["workload"], "reps": WORK.reps})
     row["baselines"] = [label for label in configs if label not in ("recommended", "previous recommendation")]
-    row["side_by_side"] = measure(model, configs, args.rounds, "side by side", work, METRICS)
+    row["side_by_side"] = measure(model, configs, args.rounds, "side by side", work)
     return row
 
 
@@ -224,16 +225,12 @@ def replay(model: str, facts: ModelFacts, hw: Hardware, sp: SearchSpace, samples
 
 
 def default_search(model: str) -> tuple[float, dict, list[float | None]]:
-    """Wall time, tuned config and per-trial decode values of the default ``autotune search`` (``tune()`` with
-    the default options, on a fresh storage)."""
+    """Wall time, tuned config and per-trial decode values of the default ``autotune search`` (fresh storage)."""
     with tempfile.TemporaryDirectory() as tmp:
-        storage = f"sqlite:///{tmp}/studies.db"
-        start = time.perf_counter()
-        tuned = pipeline.tune(model, pipeline.TuneOptions(storage=storage))
-        wall = time.perf_counter() - start
-        assert tuned is not None
-        trials = optuna.load_study(study_name=tuned.study_name, storage=storage).get_trials(deepcopy=False)
-        return wall, tuned.record, [t.value if t.state == optuna.trial.TrialState.COMPLETE else None for t in trials]
+        wall, record = timed_search(model, None, tmp)
+        trials = optuna.load_study(study_name=record["study"]["name"],
+                                   storage=record["study"]["storage"]).get_trials(deepcopy=False)
+        return wall, record, [t.value if t.state == optuna.trial.TrialState.COMPLETE else None for t in trials]
 
 
 def fmt(values: list[float]) -> str:
@@ -256,7 +253,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     grid = {json.dumps(dict(zip(GRID, k))): sp.settings_from(dict(zip(GRID, k)))
             for k in itertools.product(*GRID.values())}
     t0 = time.perf_counter()
-    samples = measure(model, grid, args.passes, "grid")  # passes are rounds: several spread the machine's drift
+    samples = decode_only(measure(model, grid, args.passes, "grid", metrics=("decode",)))  # passes are rounds
     row: dict = {"model": name, "grid_s": time.perf_counter() - t0, "passes": args.passes, "grid_samples": samples}
     if not args.skip_default_search:
         wall, config, values = default_search(model)
@@ -268,7 +265,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
                    "engine defaults": sp.base}
         row.update(search_wall_s=wall, trial_values=values, chosen=rec["chosen"], supported=rec["supported"],
                    speedup=rec["speedup"], recommended_settings=config["settings"],
-                   head_to_head=measure(model, configs, args.rounds, "head-to-head"))
+                   head_to_head=decode_only(measure(model, configs, args.rounds, "head-to-head", metrics=("decode",))))
     return row
 
 

@@ -7,6 +7,7 @@ processes that talk JSON (``python -m autotune.engine``), so a native crash take
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import statistics
@@ -14,6 +15,8 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Callable, Protocol, runtime_checkable
+
+import psutil
 
 from ..settings import Settings
 
@@ -35,10 +38,6 @@ def llama_cpp_defaults(n_ctx: int) -> Settings:
     """What llama.cpp's own tools (llama-server, llama-cli, llama-bench) do when told nothing but the context:
     their math-thread count (the physical cores) for both thread pools, n_batch 2048, n_ubatch 512, flash
     attention on where the backend has it (auto), mmap, a sliding-window cache of the window's size."""
-    import os
-
-    import psutil
-
     threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     return Settings(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=2048, n_ubatch=512,
                     flash_attn=True, swa_full=False)
