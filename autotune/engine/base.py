@@ -76,6 +76,7 @@ class Measurement:
     draft: dict[str, Any] = field(default_factory=dict)  # speculative decoding counters, when a draft ran
     output_tokens: list[int] = field(default_factory=list)  # greedy output of the last repetition
     depth_fill_s: float = 0.0  # seconds to put the workload's depth of history in the cache (not timed above)
+    history_loaded: bool = False  # that history came from an earlier run's saved cache (engine.history)
     stopped: bool = False  # stopped after these repetitions (a pruned trial): no peak memory, no output
 
     @property

@@ -24,6 +24,7 @@ from ..errors import ModelError
 from ..gguf_model import EXPERTS
 from ..settings import Settings
 from . import faults, process
+from . import history as history_cache
 from .base import (
     REP_MARK,
     BufferReport,
@@ -293,7 +294,7 @@ def measure(model_path: str, settings: Settings, workload: Workload = Workload()
     crash, abort, out-of-memory kill or hang becomes a failed Measurement with a specific reason. ``on_rep``
     may stop the run after any repetition: the Measurement then holds the repetitions that ran."""
     request = {"mode": "measure", "model": model_path, "settings": settings.to_dict(),
-               "workload": workload.__dict__, "index": index}
+               "workload": workload.__dict__, "index": index, "history_dir": history_cache.shared_dir()}
     done = process.spawn(request, timeout, watch_vram=True, on_rep=on_rep)
     if done.stopped:
         return Measurement(settings, True, prefill_tps=[r["prefill"] for r in done.reps],
@@ -360,11 +361,21 @@ def _measure(request: dict[str, Any]) -> dict[str, Any]:
     while len(tokens) < work.depth + work.prompt_tokens:
         tokens += llm.tokenize(text.encode(), add_bos=False)
     history, prompt = tokens[: work.depth], tokens[work.depth: work.depth + work.prompt_tokens]
-    fill_s = 0.0
+    fill_s, loaded = 0.0, False
     if history:  # the history every repetition starts from: evaluated once, kept in the cache
         start = time.perf_counter()
         llm.reset()
-        llm.eval(history)
+        saved = None
+        if request.get("history_dir") and draft is None:  # a draft keeps a cache of its own
+            import llama_cpp
+
+            saved = Path(request["history_dir"]) / history_cache.key(request["model"], settings, history,
+                                                                     llama_cpp.__version__)
+        loaded = saved is not None and history_cache.load(llm, saved, history)
+        if not loaded:
+            llm.eval(history)
+            if saved is not None:
+                history_cache.save(llm, saved, history)
         fill_s = time.perf_counter() - start
 
     def one_pass(n_prompt: int, n_gen: int) -> tuple[float, float, float, list[int]]:
@@ -408,6 +419,7 @@ def _measure(request: dict[str, Any]) -> dict[str, Any]:
         "draft": draft.stats() if draft is not None else {},
         "output_tokens": samples[-1][3],
         "depth_fill_s": fill_s,
+        "history_loaded": loaded,
     }
     return {"ok": True, "measurement": m}
 
