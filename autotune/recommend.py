@@ -21,7 +21,14 @@ from .errors import AutotuneError, ModelError
 from .gguf_model import ModelFacts
 from .probe import Hardware
 from .settings import Settings
-from .study import StudyRequest, baselines, completed, guarded, objective_samples
+from .study import (
+    GUARD_TOLERANCE,
+    StudyRequest,
+    baselines,
+    completed,
+    guarded,
+    objective_samples,
+)
 
 
 @dataclass
@@ -158,23 +165,46 @@ def measure_rounds(
     rounds: int,
     trial_timeout: float = 300.0,
     on_run: Callable[[str, Measurement], None] | None = None,
+    settled: Callable[[Candidate], bool] | None = None,
 ) -> None:
     """Run every candidate once per round in a fresh process, adding to its runs or failures.
 
     Each round starts one candidate later, so no config always runs first or right after the same other
     config: the machine drifts, and a side-by-side comparison must not hand that drift to one config. A
-    candidate that failed in the first round and never ran is not run again."""
+    candidate that failed in the first round and never ran is not run again. From the third round on, a
+    candidate ``settled`` calls out of the running (decided by the rounds so far) sits the rest out: racing,
+    as irace does, spends the remaining runs where they can still change the answer."""
     runs = 0
     for r in range(rounds):
         order = candidates[r % len(candidates):] + candidates[: r % len(candidates)]
+        out = [c for c in order if r >= 2 and settled is not None and c.runs and settled(c)]
         for c in order:
             if r and c.failures and not c.runs:  # it crashed in the first round: the crash is the answer
+                continue
+            if c in out:
                 continue
             m = engine.measure(model_path, c.settings, workload, timeout=trial_timeout, index=REMEASURE + runs)
             runs += 1
             (c.runs.append(m) if m.ok else c.failures.append(m.error))
             if on_run:
                 on_run(c.label, m)
+
+
+def out_of_running(c: Candidate, candidates: list[Candidate], baselines: list[Candidate], objective: str,
+                   workload: Workload, trade: bool = False) -> bool:
+    """Whether the measurements so far already rule ``c`` out, beyond the noise, of every role ``decide`` gives:
+    a baseline that another baseline beats on every metric is no metric's best; another config that loses a
+    metric to a baseline cannot be recommended (with ``trade``: one that another config beats on the
+    objective)."""
+    ran_bases = [b for b in baselines if b.runs]
+    if c in baselines:
+        return all(any(b is not c and compare(b, c, m, workload) == "better" for b in ran_bases) for m in METRICS)
+    if trade:
+        return any(o is not c and compare(o, c, objective, workload) == "better" for o in candidates if o.runs)
+    if not ran_bases:
+        return False
+    best_bases = {m: max(ran_bases, key=lambda b: better(m) * b.spread(m, workload).median) for m in METRICS}
+    return bool(losses(c, best_bases, workload))
 
 
 def recommend(
@@ -187,7 +217,8 @@ def recommend(
     polish: dict[str, Any] | None = None,
     trade: bool = False,
 ) -> Recommendation:
-    """Re-measure the best ``top_k`` trials and every baseline in ``rounds`` interleaved rounds; decide.
+    """Re-measure the best ``top_k`` trials (of those no baseline's trial beat beyond ``GUARD_TOLERANCE``) and
+    every baseline in ``rounds`` interleaved rounds; decide.
 
     ``polish``: settings a second stage chose for the knobs that do not move the objective, applied to each
     trial re-measured. The recommendation is the best on the objective among the configs that lose to no
@@ -203,9 +234,12 @@ def recommend(
         ranked = ranked[:1] + sorted(ranked[1:], key=lambda tm: not guarded(tm[0]))
     baselines = baseline_candidates(req)
     candidates = list(baselines)
+    reach = None if req.pareto else within_reach([key(tm) for tm in done if tm[0].user_attrs.get("baseline")], objective)
     for t, m in ranked:
         if len(candidates) >= len(baselines) + top_k:
             break
+        if reach is not None and not reach(key((t, m))):  # a baseline's trial beat it clearly: it cannot win
+            continue
         settings, label = m.settings, f"trial {t.number}"
         if settings in (c.settings for c in candidates):  # a baseline's own trial: it is measured as one
             continue
@@ -215,8 +249,10 @@ def recommend(
             continue
         candidates.append(Candidate(label, settings))
 
-    measure_rounds(req.model_path, candidates, req.workload, rounds, trial_timeout, on_run)
-    d = decide(candidates, baselines, objective, req.workload, trade or req.pareto)
+    trading = trade or req.pareto
+    measure_rounds(req.model_path, candidates, req.workload, rounds, trial_timeout, on_run,
+                   settled=lambda c: out_of_running(c, candidates, baselines, objective, req.workload, trading))
+    d = decide(candidates, baselines, objective, req.workload, trading)
     order, verdict, best, baseline, best_bases = d.order, d.verdict, d.order[0], d.baseline, d.best_bases
     supported = d.supported
 
@@ -245,6 +281,18 @@ def recommend(
     return Recommendation(objective, req.workload, chosen, baseline, candidates,
                           supported and chosen not in baselines, verdict, confirmation, predicted,
                           roofline(req.facts, req.hw, chosen, req.workload), baselines, best_bases)
+
+
+def within_reach(baseline_values: list[float], objective: str) -> Callable[[float], bool] | None:
+    """Whether a trial's value is within the guard's tolerance of the best baseline trial on the objective:
+    worth re-measuring. None where no baseline trial completed."""
+    if not baseline_values:
+        return None
+    if objective == "ttft":
+        bar = min(baseline_values) * (1 + GUARD_TOLERANCE)
+        return lambda v: v <= bar
+    bar = max(baseline_values) * (1 - GUARD_TOLERANCE)
+    return lambda v: v >= bar
 
 
 @dataclass

@@ -15,7 +15,8 @@ every speed they feel, and how long does it take". For each model:
 gives the ground truth, and the study's seeded TPE sampler is replayed over the grid's real samples for many
 seeds.
 
-    python bench/search_bench.py [--models smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b] [--before TREE]
+    python bench/search_bench.py [--models smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b]
+                                 [--before TREE | --before-from OLD.json]
                                  [--out bench/search_results.md] [--rounds 4] [--grid [--passes 1]]
     python bench/search_bench.py --from-json bench/search_results.json   # analyse saved samples again
 
@@ -108,12 +109,16 @@ def bench_search(name: str, args: argparse.Namespace) -> dict:
         if args.before:
             row["before_s"], before = timed_search(model, args.before, tmp)
             row["before_settings"] = before["settings"]
+        elif args.before_from:  # the older search's time and answer, from an earlier run of this bench
+            saved = next(r for r in json.loads(Path(args.before_from).read_text()) if r["model"] == name)
+            row.update(before_s=saved["before_s"], before_settings=saved["before_settings"],
+                       before_from=args.before_from)
         row["search_s"], config = timed_search(model, None, tmp)
     rec = config["recommendation"]
     row.update(settings=config["settings"], chosen=rec["chosen"], verdict=rec["verdict"],
                second_stage=config["study"].get("second_stage"), workload=config["workload"])
     configs = {"recommended": Settings.from_dict(config["settings"])}
-    if args.before:
+    if "before_settings" in row:
         configs["previous recommendation"] = Settings.from_dict(row["before_settings"])
     for label, b in rec["baselines"].items():
         if b["ran"]:
@@ -176,6 +181,10 @@ def search_table(rows: list[dict], cpu: str) -> str:
         ratio = f"{r['search_s'] / r['before_s']:.2f}" if "before_s" in r else "-"
         said = r["verdict"].split("the best baseline that runs. ")[-1]  # the crash sentences are the table's
         lines.append(f"| {r['model']} | {before} | {r['search_s'] / 60:.1f} min | {ratio} | {said} |")
+    sources = sorted({r["before_from"] for r in rows if "before_from" in r})
+    if sources:
+        lines += ["", f"The previous autotune's times are from an earlier run of this bench on this machine "
+                  f"({', '.join(sources)}); its recommendations are measured again above."]
     settings = ["", "Recommended settings (what differs from llama-cpp-python's defaults):", ""]
     for r in rows:
         diff = {k: v for k, v in r["settings"].items() if v != Settings().to_dict().get(k)}
@@ -353,6 +362,8 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b")
     ap.add_argument("--out", default="bench/search_results.md")
     ap.add_argument("--before", metavar="TREE", help="an older autotune checkout: time its default search too")
+    ap.add_argument("--before-from", metavar="JSON", help="instead of --before: the older search's time and "
+                    "recommendation as an earlier run with --before saved them (its .json)")
     ap.add_argument("--rounds", type=int, default=4, help="side-by-side rounds")
     ap.add_argument("--grid", action="store_true", help="also the grid and the replayed sampler (slow)")
     ap.add_argument("--skip-default-search", action="store_true", help="with --grid: the grid and replay only")

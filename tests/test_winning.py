@@ -11,7 +11,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 
 from autotune import engine, pipeline, recommend, space, study
-from autotune.engine import Measurement, Workload
+from autotune.engine import Measurement, Workload, history
 from autotune.gguf_model import read_facts
 from autotune.probe import probe
 from autotune.settings import Settings
@@ -84,6 +84,47 @@ def test_each_metric_is_compared_with_its_own_best_baseline():
     assert rec.speedup == pytest.approx(70 / 50)
     rows = {r["label"]: r for r in rec.side_by_side()}
     assert rows["defaults"]["loses"] == ["prefill", "ttft"] and rows["trial 4"]["chosen"]
+
+
+def test_racing_rules_out_only_what_the_rounds_so_far_decided():
+    lcp = candidate("defaults", [44, 45, 44, 43], [290, 288, 291, 289], n_threads=1)
+    llama = candidate("llama.cpp defaults", [47, 46, 47, 48], [302, 303, 301, 304], flash_attn=True)
+    q8 = candidate("trial 2", [87, 86, 88, 87], [205, 204, 206, 203], type_k="q8_0", type_v="q8_0", flash_attn=True)
+    q8k = candidate("trial 11", [80, 81, 82, 80], [300, 303, 302, 304], type_k="q8_0")
+    everyone, bases = [lcp, llama, q8, q8k], [lcp, llama]
+    out = {c.label for c in everyone if recommend.out_of_running(c, everyone, bases, "decode", WORK)}
+    assert out == {"defaults", "trial 2"}  # beaten everywhere by a baseline; loses prefill, so never taken
+    traded = {c.label for c in everyone if recommend.out_of_running(c, everyone, bases, "decode", WORK, trade=True)}
+    assert traded == {"defaults", "trial 11"}  # the trade takes the fastest; the best baseline stays the yardstick
+    one_run = candidate("trial 5", [30, 31], [100, 101])  # too few samples to call anything
+    assert not recommend.out_of_running(one_run, [*everyone, one_run], bases, "decode", WORK)
+
+
+def test_only_trials_within_reach_of_the_best_baseline_trial_are_re_measured():
+    reach = recommend.within_reach([14.2, 20.7, 20.5], "decode")
+    assert reach(26.4) and reach(20.0) and not reach(11.2)  # 20.0 is within 5 % of 20.7; 11.2 cannot win
+    ttft = recommend.within_reach([1.20, 1.10], "ttft")
+    assert ttft(1.0) and ttft(1.15) and not ttft(1.5)
+    assert recommend.within_reach([], "decode") is None  # no baseline trial completed: every trial may win
+
+
+def test_a_candidate_ruled_out_after_two_rounds_sits_out_the_third_scripted_engine(monkeypatch):
+    """The engine is scripted at ``engine.measure`` (the seam): this is about which runs happen."""
+    speeds = {1: (44.0, 290.0), 2: (47.0, 302.0)}  # n_threads -> (decode, prefill)
+    ran: list[int] = []
+
+    def scripted(model, s, work, timeout=300.0, index=0, **_):
+        ran.append(s.n_threads)
+        d, p = speeds[s.n_threads]
+        jitter = len(ran) % 3 * 0.1
+        return Measurement(s, True, decode_tps=[d + jitter, d - jitter], prefill_tps=[p + jitter, p - jitter],
+                           ttft_s=[WORK.prompt_tokens / p] * 2)
+
+    monkeypatch.setattr(engine, "measure", scripted)
+    slow, fast = recommend.Candidate("defaults", Settings(n_threads=1)), recommend.Candidate("sensible", Settings(n_threads=2))
+    recommend.measure_rounds("model.gguf", [slow, fast], WORK, rounds=4,
+                             settled=lambda c: recommend.out_of_running(c, [slow, fast], [slow, fast], "decode", WORK))
+    assert (len(slow.runs), len(fast.runs)) == (2, 4)
 
 
 def test_every_study_has_llama_cpp_defaults_and_sensible_as_baselines(tiny_model, tmp_path):
@@ -171,6 +212,25 @@ def test_a_run_stopped_after_its_first_repetition_keeps_what_it_measured(tiny_mo
                            on_rep=lambda rep: told.append(rep) is None)  # True: go on
     assert whole.ok and not whole.stopped and whole.decode_tps == [r["decode"] for r in told] and len(told) == 3
     assert whole.peak_rss > 0 and whole.output_tokens
+
+
+def test_a_history_evaluated_once_is_loaded_by_later_runs_with_the_same_cache_layout(demo_model, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(history, "_dir", str(tmp_path))
+    work = Workload(prompt_tokens=32, gen_tokens=8, reps=1, depth=256)
+    s = Settings(n_ctx=512, n_threads=1, n_threads_batch=1, flash_attn=True, use_extra_bufts=False)
+    first = engine.measure(str(demo_model), s, work, timeout=120)
+    again = engine.measure(str(demo_model), s.replace(use_mmap=False), work, timeout=120)  # the same cache
+    other = engine.measure(str(demo_model), s.replace(flash_attn=False), work, timeout=120)  # another V layout
+    assert first.ok and again.ok and other.ok
+    assert (first.history_loaded, again.history_loaded, other.history_loaded) == (False, True, False)
+    assert again.output_tokens == first.output_tokens  # the greedy reply after a loaded history is the same
+    assert len(list(tmp_path.glob("*.kv"))) == 2
+
+    for f in tmp_path.glob("*.kv"):  # a file that does not hold this history is not used
+        f.write_bytes(b"not a saved state")
+    broken = engine.measure(str(demo_model), s, work, timeout=120)
+    assert broken.ok and not broken.history_loaded and broken.output_tokens == first.output_tokens
 
 
 def test_the_sampler_is_told_which_trials_gave_another_speed_away():
