@@ -183,6 +183,13 @@ KNOBS: tuple[Knob, ...] = (
     Knob("offload_kqv", "bool", True, "KV cache on the GPU", _same,
          Flag("--no-kv-offload", ("-nkvo",), when=False), lmstudio=("load.offloadKVCacheToGpu", _same),
          domain=_on_gpus, memory=True, bench=Flag("-nkvo", encode=lambda on: "0" if on else "1")),
+    # Serving (llama-server): conversations decoded at once, and whether they share one KV buffer. One
+    # sequence is what llama-cpp-python runs and what a tuned single-user config was measured with.
+    Knob("n_parallel", "int", 1, "server slots (-np)", None, Flag("-np", ("--parallel",)), plotted=False,
+         memory=True, missing="{tool} has no per-model setting for conversations decoded at once (llama-server "
+                              "-np; Ollama's OLLAMA_NUM_PARALLEL is server-wide); the tuned value is {value}"),
+    Knob("kv_unified", "bool", False, "one KV buffer for all slots", None, Flag("--kv-unified", ("-kvu",), when=True),
+         plotted=False, memory=True),
     # llama-server spells mmap and mlock as one load mode (-lm): written jointly by export.server_flags
     Knob("use_mmap", "bool", True, "mmap", _same, None, Flag("--nommap", when=False),
          ("load.tryMmap", _same), ("use_mmap", _true_false), domain=_on_off_first),

@@ -41,8 +41,8 @@ def test_a_users_own_command_line_is_read_not_refused():
     s = cmd.settings
     assert (s.n_ctx, s.n_threads, s.use_mmap, s.use_mlock, s.draft_max, s.draft_model) == (16384, 8, False, True, 8,
                                                                                            "d.gguf")
-    assert cmd.other == ("--host", "0.0.0.0", "--port", "8080", "--jinja", "-ngl", "all", "-fa", "auto", "-np", "4",
-                         "--temp", "0.7")
+    assert s.n_parallel == 4  # a serving knob since serve-tune
+    assert cmd.other == ("--host", "0.0.0.0", "--port", "8080", "--jinja", "-ngl", "all", "-fa", "auto", "--temp", "0.7")
 
 
 def test_current_spellings_replace_the_removed_ones():

@@ -105,7 +105,7 @@ def _version(path: str) -> BuildInfo:
     return BuildInfo(m.group(1) if m else "unknown", backend, backend != "cpu", (), f"{text}\n{devices}")
 
 
-class _PeakRss:
+class PeakRss:
     """The largest resident set a child process reaches, sampled every 50 ms until it ends."""
 
     def __init__(self, pid: int) -> None:
@@ -136,7 +136,7 @@ def _run(argv: list[str], timeout: float) -> tuple[int, str, str, int, float]:
     """(exit status, stdout, stderr, peak RSS bytes, seconds) of a child, its group killed at the timeout."""
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    rss = _PeakRss(proc.pid)
+    rss = PeakRss(proc.pid)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -171,25 +171,24 @@ def _server(binary: Path, model: str, s: Settings, w: Workload, timeout: float) 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    argv = [str(binary), *server_flags(s, model), "--host", "127.0.0.1", "--port", str(port), "-np", "1",
-            "--no-webui"]
+    argv = [str(binary), *server_flags(s, model), "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
     start = time.perf_counter()
     log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads the log while the server runs
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    rss = _PeakRss(proc.pid)
+    rss = PeakRss(proc.pid)
     url = f"http://127.0.0.1:{port}"
     try:
-        if not _wait_healthy(proc, url, start + timeout):
+        if not wait_healthy(proc, url, start + timeout):
             return _server_failed(proc, log, s, start, "did not come up")
         load_s = time.perf_counter() - start
-        ids = _post(url + "/tokenize", {"content": prompt_text(w.prompt_kind)})["tokens"]
+        ids = post_json(url + "/tokenize", {"content": prompt_text(w.prompt_kind)})["tokens"]
         rounds = w.reps + 1  # a warm-up, then the repetitions
         while len(ids) < w.depth + rounds * w.prompt_tokens:
             ids += ids
         history = ids[: w.depth]
         body = {"n_predict": w.gen_tokens, "temperature": 0, "ignore_eos": True, "cache_prompt": True}
         if history:  # the history every repetition starts from, left in the server's cache
-            _post(url + "/completion", {**body, "prompt": history, "n_predict": 0})
+            post_json(url + "/completion", {**body, "prompt": history, "n_predict": 0})
         # Each round sends the history and a prompt it has not seen: the server reuses the cached history
         # (its prefix match) and evaluates the whole prompt, as for a new turn of a conversation.
         samples = [_stream(url, {**body, "prompt": history + ids[w.depth + r * w.prompt_tokens:
@@ -216,12 +215,12 @@ def _server_failed(proc: subprocess.Popen, log: Any, s: Settings, start: float, 
     return Measurement(s, False, f"llama-server {reason}", wall_s=time.perf_counter() - start)
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str, deadline: float) -> bool:
+def wait_healthy(proc: subprocess.Popen, url: str, deadline: float) -> bool:
     while time.perf_counter() < deadline:
         if proc.poll() is not None:
             return False
         try:
-            if _get(url + "/health").get("status") == "ok":
+            if get_json(url + "/health").get("status") == "ok":
                 return True
         except (OSError, ValueError):
             pass
@@ -232,12 +231,12 @@ def _wait_healthy(proc: subprocess.Popen, url: str, deadline: float) -> bool:
     return False
 
 
-def _get(url: str) -> dict[str, Any]:
+def get_json(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=5) as r:
         return json.loads(r.read())
 
 
-def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+def post_json(url: str, body: dict[str, Any]) -> dict[str, Any]:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=600) as r:
         return json.loads(r.read())
