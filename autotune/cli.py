@@ -696,6 +696,54 @@ def print_draft_report(d: dict[str, Any]) -> None:
 # -------------------------------------------------------------------------------------------- report
 
 
+def cmd_serve_tune(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from . import catalog, reference, serving
+    from .engine import external
+    from .errors import SettingsError
+    from .gguf_model import read_facts
+    from .probe import probe
+
+    for name, low in (("users", 1), ("ctx_per_user", 64), ("trials", 1), ("rounds", 2), ("requests_per_user", 1)):
+        if getattr(args, name) < low:
+            raise SettingsError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(args, name)})")
+    for name in ("max_ttft", "min_user_tps", "time_limit"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise SettingsError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    model = args.model or str(catalog.fetch(quiet=False))
+    facts = read_facts(model)
+    binary = external.parse(f"llama-server:{args.server}")[1] if args.server else reference.tool("llama-server",
+                                                                                                quiet=False)
+    opts = serving.ServeOptions(users=args.users, ctx_per_user=args.ctx_per_user, max_ttft=args.max_ttft,
+                                min_user_tps=args.min_user_tps, trials=args.trials,
+                                requests_per_user=args.requests_per_user, time_limit=args.time_limit,
+                                rounds=args.rounds, storage=args.storage, seed=args.seed)
+    console.print(f"serving study: {facts.name}, {opts.users} users x {opts.ctx_per_user:,} tokens, "
+                  f"{opts.requests} requests per load, llama-server {binary}")
+    result = serving.tune(model, facts, probe(), binary, opts, say=lambda text: console.print(f"  {text}"))
+    table = Table(title=f"side by side, {opts.rounds} rotated rounds, {opts.users} users (medians, q25-q75)")
+    for col in ("config", "aggregate tok/s", "user decode tok/s", "TTFT p50 s", "TTFT p95 s", "failed", "peak RSS"):
+        table.add_column(col)
+    for label, rows in result.side_by_side.items():
+        ok = [r for r in rows if r.get("ok")]
+        t = result.spread(label)
+        med = {k: serving.median([r[k] for r in ok if r.get(k) is not None]) for k in ("user_tps", "ttft_p50", "ttft_p95")}
+        table.add_row(label + (" (chosen)" if label == result.chosen else ""),
+                      f"{t.median:.1f} ({t.q25:.1f}-{t.q75:.1f})" if t.n else "-",
+                      *(f"{v:.2f}" if v is not None else "-" for v in med.values()),
+                      str(sum(r.get("failed", 1) for r in rows)),
+                      mib(max((r.get("peak_rss") or 0 for r in ok), default=None)))
+    console.print(table)
+    console.print(result.verdict)
+    console.print("llama-server " + shlex.join(result.command))
+    if args.out:
+        serving.save(result, Path(args.out))
+        console.print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     import matplotlib
 
@@ -851,6 +899,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-measure", action="store_true", help="check compatibility and memory only")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_draft)
+
+    sp = sub.add_parser("serve-tune", help="tune llama-server for N concurrent users under a real load "
+                                           "(default: the demo model)")
+    sp.add_argument("model", nargs="?", help="GGUF file (default: the SmolLM2-135M demo model)")
+    sp.add_argument("--users", type=int, default=4, help="concurrent users the server must serve")
+    sp.add_argument("--ctx-per-user", type=int, default=2048, metavar="C", help="context each user's conversation needs")
+    sp.add_argument("--max-ttft", type=float, metavar="S", help="bound: p95 time to first token, seconds")
+    sp.add_argument("--min-user-tps", type=float, metavar="X", help="bound: the median user's decode tok/s")
+    sp.add_argument("--trials", type=int, default=12)
+    sp.add_argument("--rounds", type=int, default=4, help="side-by-side rounds against llama-server's defaults")
+    sp.add_argument("--requests-per-user", type=int, default=2, help="the load: users x this many requests")
+    sp.add_argument("--time-limit", type=float, default=180.0, help="seconds one load may take, whatever is in flight")
+    sp.add_argument("--server", metavar="PATH", help="llama-server binary (default: the reference build)")
+    sp.add_argument("--storage", help="Optuna storage URL (default: sqlite in ./studies)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", help="write the result (JSON) here")
+    sp.set_defaults(func=cmd_serve_tune)
 
     sp = sub.add_parser("report", help="plots and an HTML page for a study or a tuned config")
     sp.add_argument("source", metavar="STUDY_OR_CONFIG", help="a tuned config JSON, or a study name")

@@ -579,3 +579,47 @@ def draft(report: dict[str, Any]) -> Figure:
     note_ax.axis("off")
     note_ax.text(0, 1, "\n".join(n for n in notes if n), fontsize=8, va="top", transform=note_ax.transAxes)
     return fig
+
+
+def serving(rows: list[dict[str, Any]], title: str = "") -> Figure:
+    """Aggregate throughput and p95 time to first token against concurrent users, for the tuned server and
+    llama-server's defaults: medians of the side-by-side rounds, bars from q25 to q75. ``rows``: one
+    ``serving.ServeResult.to_dict()`` per user count, with its ``users``."""
+    rows = sorted(rows, key=lambda r: r["users"])
+    if not rows:
+        raise NoData("no serving results to plot")
+    fig = _figure(9, 3.6)
+    ax_tp, ax_lat = fig.subplots(1, 2)
+
+    def series(pick: Callable[[dict[str, Any]], str | None], key: str) -> tuple[list[int], list[float], list[list[float]]]:
+        xs, med, err = [], [], []
+        for r in rows:
+            label = pick(r)
+            vals = [x[key] for x in r["side_by_side"].get(label, []) if x.get("ok") and x.get(key) is not None]
+            if vals:
+                q25, q50, q75 = np.percentile(vals, [25, 50, 75])
+                xs.append(r["users"])
+                med.append(float(q50))
+                err.append([float(q50 - q25), float(q75 - q50)])
+        return xs, med, err
+
+    def tuned(r: dict[str, Any]) -> str | None:  # the recommendation, or the best tuned trial where it was not one
+        trials = [label for label in r["side_by_side"] if label.startswith("trial")]
+        return r["chosen"] if r["chosen"] in trials else next(iter(trials), None)
+
+    def defaults(r: dict[str, Any]) -> str | None:
+        return next((label for label in r["side_by_side"] if label.startswith("llama-server defaults")), None)
+
+    for ax, key, ylabel in ((ax_tp, "throughput", "generated tok/s, all users"), (ax_lat, "ttft_p95", "p95 time to first token (s)")):
+        for pick, name, color in ((tuned, "tuned (best trial)", PAIR_COLORS[0]), (defaults, "llama-server defaults", PAIR_COLORS[1])):
+            xs, med, err = series(pick, key)
+            if xs:
+                ax.errorbar(xs, med, yerr=np.array(err).T, marker="o", capsize=3, color=color, label=name)
+        ax.set_xlabel("concurrent users")
+        ax.set_ylabel(ylabel)
+        ax.set_xticks([r["users"] for r in rows])
+        ax.grid(alpha=0.3)
+    ax_tp.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig

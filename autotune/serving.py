@@ -1,0 +1,340 @@
+"""Serving: tune llama-server for N concurrent users, each trial measured under a real load (``serve-tune``).
+
+A trial starts llama-server with the trial's settings (``-np`` slots of the user's context each, threads,
+batch sizes, flash attention and cache types, a unified or per-slot KV cache) on a loopback port and drives
+it with ``loadgen``: N users, the shipped request mix, a fixed number of requests and a hard time limit.
+The objective is the aggregate generated tokens per second; the user's latency bounds (p95 time to first
+token, each user's decode speed) and every request answering in full are Optuna constraints. Before any
+trial, the memory model decides how many slots of the user's context fit; the same K/V quality guard as the
+search keeps caches that change the outputs out. The best feasible trials are then measured again, side by
+side with llama-server's own defaults under the same load, in rotated rounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from . import engine, health, loadgen, memory, space, study
+from .engine import external
+from .engine.base import child_failure, prompt_text
+from .errors import AutotuneError, ModelError
+from .export import server_flags
+from .gguf_model import ModelFacts
+from .probe import Hardware
+from .recommend import Spread
+from .settings import Settings
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    users: int = 4
+    ctx_per_user: int = 2048
+    max_ttft: float | None = None  # seconds, the p95 time to first token a trial may not exceed
+    min_user_tps: float | None = None  # the median user's decode tok/s a trial may not fall below
+    trials: int = 12
+    requests_per_user: int = 2  # the load: users x this many requests (at least 4)
+    time_limit: float = 180.0  # seconds for one load, whatever is still in flight
+    rounds: int = 4  # side-by-side rounds of the best trials and llama-server's defaults
+    top_k: int = 2
+    storage: str | None = None
+    seed: int = 0
+    kv_quality: str = "strict"
+
+    @property
+    def requests(self) -> int:
+        return max(4, self.users * self.requests_per_user)
+
+
+@dataclass
+class Served:
+    """One configuration under one load: the client's view and the server's peak memory."""
+
+    label: str
+    flags: list[str]
+    ok: bool
+    error: str = ""
+    load: dict[str, Any] = field(default_factory=dict)  # loadgen.LoadResult.summary()
+    peak_rss: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def throughput(self) -> float:
+        return float(self.load.get("throughput") or 0.0)
+
+
+def median(values: list[float]) -> float | None:
+    return Spread.of(values).median if values else None
+
+
+def slot_choices(facts: ModelFacts, hw: Hardware, base: Settings, users: int, ctx_per_user: int) -> tuple[int, ...]:
+    """Slot counts worth trying (powers of two up to the users, and the users): those the memory model fits
+    with ``ctx_per_user`` tokens each. Empty when not even one fits."""
+    wanted = sorted({p for p in (1, 2, 4, 8, 16, 32, 64, 128) if p < users} | {users})
+    fit = []
+    for p in wanted:
+        try:
+            ok = memory.estimate(facts, base.replace(n_parallel=p, n_ctx=p * ctx_per_user), hw).fits
+        except ModelError:  # no memory model for this architecture: the run will tell
+            ok = True
+        if ok:
+            fit.append(p)
+    return tuple(fit)
+
+
+def serving_space(sp: space.SearchSpace, slots: tuple[int, ...]) -> space.SearchSpace:
+    """The search's space for serving: mmap and mlock do not change a running server's speed; slots and a
+    unified KV cache do."""
+    params = {k: v for k, v in sp.params.items() if k not in ("use_mmap", "use_mlock")}
+    params["n_parallel"] = slots
+    params["kv_unified"] = (True, False)
+    return space.SearchSpace(sp.base, params, dict(sp.int_ranges))
+
+
+def sized(s: Settings, ctx_per_user: int) -> Settings:
+    """``s`` with the context every slot's ``ctx_per_user`` tokens need."""
+    return s.replace(n_ctx=s.n_parallel * ctx_per_user)
+
+
+def measure(binary: Path, model: str, flags: list[str], users: int, n_requests: int, time_limit: float,
+            label: str = "", timeout: float = 120.0) -> Served:
+    """Start llama-server with ``flags`` on a free loopback port, warm it up with one short request, drive it
+    with the load, stop it. Never raises for a server that dies or never comes up."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = [str(binary), *flags, "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
+    start = time.perf_counter()
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads the log while the server runs
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    rss = external.PeakRss(proc.pid)
+    url = f"http://127.0.0.1:{port}"
+    error = ""
+    result = None
+    try:
+        if not external.wait_healthy(proc, url, start + timeout):
+            error = "did not come up"
+        else:
+            tokens = external.post_json(url + "/tokenize", {"content": prompt_text("code") + prompt_text("prose")})["tokens"]
+            warm = loadgen.run(url, [loadgen.Request(tokens[:16], 4)], users=1, time_limit=timeout)
+            if warm.failed:
+                error = f"failed its warm-up request ({warm.done[0].error if warm.done else 'not sent'})"
+            else:
+                result = loadgen.run(url, loadgen.requests_for(tokens, n_requests), users, time_limit)
+    except (OSError, ValueError, KeyError) as e:
+        error = f"stopped answering ({e})"
+    finally:
+        died = proc.poll()
+        if died is None:
+            os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    peak = rss.stop()
+    wall = time.perf_counter() - start
+    if died is not None or result is None:
+        log.seek(0)
+        reason = child_failure(died, log.read()) if died else error or "stopped"
+        return Served(label, flags, False, f"llama-server {reason}", peak_rss=peak, wall_s=wall)
+    return Served(label, flags, True, load=result.summary(), peak_rss=peak, wall_s=wall)
+
+
+def constraints(load: dict[str, Any], opts: ServeOptions) -> dict[str, float]:
+    """Optuna constraint values (<= 0: feasible): every request answered in full, and the user's bounds."""
+    out = {"failed": float(load["failed"] + load["truncated"])}
+    if opts.max_ttft is not None:
+        p95 = load.get("ttft_p95")
+        out["ttft_p95"] = (p95 - opts.max_ttft) if p95 is not None else 1e9
+    if opts.min_user_tps is not None:
+        tps = load.get("user_tps")
+        out["user_tps"] = (opts.min_user_tps - tps) if tps is not None else 1e9
+    return out
+
+
+def feasible(t: optuna.trial.FrozenTrial) -> bool:
+    return t.state == TrialState.COMPLETE and all(v <= 0 for v in t.constraints.values())
+
+
+def study_name(model: str, facts: ModelFacts, hw: Hardware, opts: ServeOptions, binary: Path) -> str:
+    from .gguf_model import file_sha256
+
+    bounds = f"ttft{opts.max_ttft}-utps{opts.min_user_tps}"
+    return "-".join([Path(model).stem, file_sha256(model)[:12], hw.fingerprint(), "serve", f"u{opts.users}",
+                     f"c{opts.ctx_per_user}", f"r{opts.requests}", bounds,
+                     external.Tool("llama-server", binary).build_key()])
+
+
+def defaults_flags(model: str, forced: dict[str, Any]) -> tuple[str, list[str]]:
+    """llama-server as a user starts it, with only the model (and the switch the self-check pinned)."""
+    flags = ["-m", model]
+    label = "llama-server defaults"
+    if forced.get("use_extra_bufts") is False:
+        flags.append("--no-repack")
+        label += " with --no-repack"
+    return label, flags
+
+
+@dataclass
+class ServeResult:
+    study_name: str
+    chosen: str  # the label of the recommended configuration
+    settings: Settings | None  # None: llama-server's defaults are kept
+    command: list[str]  # the recommended llama-server flags (no host or port)
+    side_by_side: dict[str, list[dict[str, Any]]]  # label -> one load summary per round
+    verdict: str
+    supported: bool
+    slots: tuple[int, ...]
+    forced: dict[str, Any]
+    trials: list[dict[str, Any]]
+
+    def spread(self, label: str, key: str = "throughput") -> Spread:
+        return Spread.of([r[key] for r in self.side_by_side[label] if r.get(key) is not None])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"study": self.study_name, "chosen": self.chosen, "command": self.command, "verdict": self.verdict,
+                "supported": self.supported, "slots": list(self.slots), "forced": self.forced,
+                "settings": self.settings.to_dict() if self.settings else None, "side_by_side": self.side_by_side,
+                "trials": self.trials}
+
+
+def tune(model: str, facts: ModelFacts, hw: Hardware, binary: Path, opts: ServeOptions,
+         say: Callable[[str], None] = lambda _text: None) -> ServeResult:
+    """The serving study, then the side-by-side with llama-server's defaults."""
+    base = space.build_space(hw, facts, opts.ctx_per_user)
+    with engine.using(f"llama-server:{binary}"):
+        verdict = health.check(model, base.base, hw, timeout=300)
+    forced = dict(verdict.pins)
+    if forced:
+        say(f"engine self-check: {verdict.line()}")
+    sp = space.build_space(hw, facts, opts.ctx_per_user, forced)
+    slots = slot_choices(facts, hw, sp.base, opts.users, opts.ctx_per_user)
+    if not slots:
+        raise AutotuneError(f"not one slot of {opts.ctx_per_user:,} tokens fits this machine (try a smaller "
+                            f"--ctx-per-user)")
+    say(f"slots that fit {opts.ctx_per_user:,} tokens each: {', '.join(map(str, slots))}")
+    quality_req = study.StudyRequest(model_path=model, facts=facts, hw=hw, space=sp)
+    storage = study.open_storage(opts.storage)
+    name = study_name(model, facts, hw, opts, binary)
+    sampler = optuna.samplers.TPESampler(seed=opts.seed, n_startup_trials=study.STARTUP_TRIALS, multivariate=True,
+                                         constant_liar=True)
+    st = optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction="maximize",
+                             load_if_exists=True)
+    sp, quality = study.kv_quality(st, quality_req, opts.kv_quality)
+    excluded = [pair for pair, r in quality.items() if r.get("excluded")]
+    if excluded:
+        say(f"K/V quality guard ({opts.kv_quality}): {', '.join(excluded)} change the outputs too much: not searched")
+    sspace = serving_space(sp, slots)
+    if not st.trials:  # the first trial: every user a slot, flash attention on, one shared cache
+        first = sized(sp.base.replace(n_parallel=max(slots), flash_attn=True, kv_unified=True), opts.ctx_per_user)
+        st.enqueue_trial(sspace.params_of(first))
+
+    def objective(trial: optuna.Trial) -> float:
+        s = sized(sspace.suggest(trial), opts.ctx_per_user)
+        trial.set_user_attr("settings", s.to_dict())
+        problems = s.problems(hw.can_offload)
+        if problems:
+            trial.set_user_attr("reason", problems[0])
+            raise optuna.TrialPruned(problems[0])
+        flags = server_flags(s, model)
+        served = measure(binary, model, flags, opts.users, opts.requests, opts.time_limit, f"trial {trial.number}")
+        trial.set_user_attr("served", dataclasses.asdict(served))
+        if not served.ok:
+            trial.set_user_attr("reason", served.error)
+            raise optuna.TrialPruned(served.error)
+        for key, value in constraints(served.load, opts).items():
+            trial.set_constraint(key, value)
+        say(f"trial {trial.number}: {served.throughput:.1f} tok/s all users, p95 TTFT "
+            f"{served.load['ttft_p95'] or 0:.2f} s, user {served.load['user_tps'] or 0:.1f} tok/s "
+            f"({describe(s)})")
+        return served.throughput
+
+    remaining = opts.trials - len([t for t in st.trials if t.state.is_finished()])
+    if remaining > 0:
+        st.optimize(objective, n_trials=remaining)
+    return _side_by_side(st, model, binary, opts, forced, slots, say)
+
+
+def describe(s: Settings) -> str:
+    cache = f"{s.type_k}/{s.type_v}"
+    return (f"-np {s.n_parallel}{' unified' if s.kv_unified else ''}, -t {s.n_threads} -tb {s.n_threads_batch}, "
+            f"-b {s.n_batch} -ub {s.n_ubatch}, FA {'on' if s.flash_attn else 'off'}, {cache}")
+
+
+def _side_by_side(st: optuna.Study, model: str, binary: Path, opts: ServeOptions, forced: dict[str, Any],
+                  slots: tuple[int, ...], say: Callable[[str], None]) -> ServeResult:
+    good = sorted((t for t in st.trials if feasible(t)), key=lambda t: t.value or 0.0, reverse=True)
+    configs: dict[str, list[str]] = {}
+    settings_of: dict[str, Settings] = {}
+    for t in good[: opts.top_k]:
+        s = Settings.from_dict(t.user_attrs["settings"])
+        label = f"trial {t.number}"
+        configs[label], settings_of[label] = server_flags(s, model), s
+    base_label, base_flags = defaults_flags(model, forced)
+    configs[base_label] = base_flags
+    labels = list(configs)
+    rounds: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
+    for r in range(opts.rounds):
+        for label in labels[r % len(labels):] + labels[: r % len(labels)]:
+            served = measure(binary, model, configs[label], opts.users, opts.requests, opts.time_limit, label)
+            rounds[label].append({**served.load, "ok": served.ok, "error": served.error, "peak_rss": served.peak_rss}
+                                 if served.ok else {"ok": False, "error": served.error, "throughput": None})
+            say(f"side by side, round {r + 1}: {label}: " + (f"{served.throughput:.1f} tok/s" if served.ok
+                                                               else served.error))
+    result = ServeResult(st.study_name, base_label, None, base_flags, rounds, "", False, slots, forced,
+                         [{"number": t.number, "state": t.state.name, "value": t.value,
+                           "feasible": feasible(t), "settings": t.user_attrs.get("settings"),
+                           "reason": t.user_attrs.get("reason")} for t in st.trials])
+    _decide(result, configs, settings_of, opts)
+    return result
+
+
+def _decide(result: ServeResult, configs: dict[str, list[str]], settings_of: dict[str, Settings],
+            opts: ServeOptions) -> None:
+    """The best median throughput among the configs that ran every round within the user's bounds; a win over
+    the defaults is claimed only when the interquartile ranges are apart."""
+    base = result.chosen
+    b = result.spread(base)
+
+    def within_bounds(label: str) -> bool:
+        rows = result.side_by_side[label]
+        return all(r.get("ok") for r in rows) and all(
+            max(constraints(r, opts).values()) <= 0 for r in rows)
+
+    ran = [label for label in settings_of if within_bounds(label)]
+    if not ran:
+        result.verdict = "No tuned configuration ran every side-by-side round within the bounds: keep llama-server's defaults."
+        return
+    best = max(ran, key=lambda label: result.spread(label).median)
+    x = result.spread(best)
+    ratio = x.median / b.median if b.median else None
+    if b.n == 0:
+        result.verdict = f"llama-server's defaults did not run here; {best} serves {x.median:.1f} tok/s."
+        supported = True
+    elif x.q25 > b.q75:
+        result.verdict = (f"{best} serves x{ratio:.2f} the aggregate throughput of {base} ({x.median:.1f} vs "
+                          f"{b.median:.1f} tok/s, interquartile ranges apart).")
+        supported = True
+    else:
+        result.verdict = (f"{best} measured x{ratio:.2f} of {base}'s throughput ({x.median:.1f} vs {b.median:.1f} "
+                          f"tok/s) but the spreads overlap: not a supported win; keep the defaults.")
+        supported = False
+    result.supported = supported
+    if supported:
+        result.chosen, result.settings, result.command = best, settings_of[best], configs[best]
+
+
+def save(result: ServeResult, path: Path) -> None:
+    path.write_text(json.dumps(result.to_dict(), indent=1, default=str))
