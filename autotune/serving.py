@@ -218,7 +218,7 @@ def tune(model: str, facts: ModelFacts, hw: Hardware, binary: Path, opts: ServeO
         verdict = health.check(model, base.base, hw, timeout=300)
     forced = dict(verdict.pins)
     if forced:
-        say(f"engine self-check: {verdict.line()}")
+        say(verdict.line())
     sp = space.build_space(hw, facts, opts.ctx_per_user, forced)
     slots = slot_choices(facts, hw, sp.base, opts.users, opts.ctx_per_user)
     if not slots:
@@ -331,6 +331,10 @@ def _decide(result: ServeResult, configs: dict[str, list[str]], settings_of: dic
         result.verdict = (f"{best} measured x{ratio:.2f} of {base}'s throughput ({x.median:.1f} vs {b.median:.1f} "
                           f"tok/s) but the spreads overlap: not a supported win; keep the defaults.")
         supported = False
+    if b.n:  # what a user of each would feel, whatever decided it
+        ttft, tps = result.spread(best, "ttft_p95").median, result.spread(best, "user_tps").median
+        result.verdict += (f" p95 time to first token {ttft:.2f} vs {result.spread(base, 'ttft_p95').median:.2f} s; "
+                           f"the median user decodes {tps:.1f} vs {result.spread(base, 'user_tps').median:.1f} tok/s.")
     result.supported = supported
     if supported:
         result.chosen, result.settings, result.command = best, settings_of[best], configs[best]

@@ -131,6 +131,7 @@ def test_a_tuned_server_is_chosen_only_when_its_throughput_beats_the_defaults_be
     serving._decide(won, flags, {"trial 3": tuned}, serving.ServeOptions())
     assert won.supported and won.chosen == "trial 3" and won.settings == tuned and "--kv-unified" in won.command
     assert "x1.52" in won.verdict  # medians 61.5 and 40.5
+    assert "p95 time to first token 1.00 vs 1.00 s" in won.verdict
 
     close = result_with({"trial 3": served_rows([44, 40, 46, 41]), "llama-server defaults": served_rows([40, 43, 42, 41])})
     serving._decide(close, flags, {"trial 3": tuned}, serving.ServeOptions())
