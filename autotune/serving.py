@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import socket
-import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +24,7 @@ from optuna.trial import TrialState
 
 from . import engine, health, loadgen, memory, space, study
 from .engine import external
-from .engine.base import child_failure, prompt_text
+from .engine.base import prompt_text
 from .errors import AutotuneError, ModelError
 from .export import server_flags
 from .gguf_model import ModelFacts
@@ -111,44 +107,24 @@ def measure(binary: Path, model: str, flags: list[str], users: int, n_requests: 
             label: str = "", timeout: float = 120.0) -> Served:
     """Start llama-server with ``flags`` on a free loopback port, warm it up with one short request, drive it
     with the load, stop it. Never raises for a server that dies or never comes up."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    argv = [str(binary), *flags, "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
-    start = time.perf_counter()
-    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads the log while the server runs
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    rss = external.PeakRss(proc.pid)
-    url = f"http://127.0.0.1:{port}"
-    error = ""
-    result = None
-    try:
-        if not external.wait_healthy(proc, url, start + timeout):
-            error = "did not come up"
-        else:
-            tokens = external.post_json(url + "/tokenize", {"content": prompt_text("code") + prompt_text("prose")})["tokens"]
-            warm = loadgen.run(url, [loadgen.Request(tokens[:16], 4)], users=1, time_limit=timeout)
-            if warm.failed:
-                error = f"failed its warm-up request ({warm.done[0].error if warm.done else 'not sent'})"
-            else:
-                result = loadgen.run(url, loadgen.requests_for(tokens, n_requests), users, time_limit)
-    except (OSError, ValueError, KeyError) as e:
-        error = f"stopped answering ({e})"
-    finally:
-        died = proc.poll()
-        if died is None:
-            os.killpg(proc.pid, 15)
+    error, result = "", None
+    with external.Server(binary, flags) as srv:
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-    peak = rss.stop()
-    wall = time.perf_counter() - start
-    if died is not None or result is None:
-        log.seek(0)
-        reason = child_failure(died, log.read()) if died else error or "stopped"
-        return Served(label, flags, False, f"llama-server {reason}", peak_rss=peak, wall_s=wall)
+            if not srv.healthy(timeout):
+                error = "did not come up"
+            else:
+                text = prompt_text("code") + prompt_text("prose")
+                tokens = external.post_json(srv.url + "/tokenize", {"content": text})["tokens"]
+                warm = loadgen.run(srv.url, [loadgen.Request(tokens[:16], 4)], users=1, time_limit=timeout)
+                if warm.failed:
+                    error = f"failed its warm-up request ({warm.done[0].error if warm.done else 'not sent'})"
+                else:
+                    result = loadgen.run(srv.url, loadgen.requests_for(tokens, n_requests), users, time_limit)
+        except (OSError, ValueError, KeyError) as e:
+            error = f"stopped answering ({e})"
+    peak, wall = srv.rss.stop(), time.perf_counter() - srv.start
+    if result is None or srv.died is not None:  # a server that died under the load failed it, whatever was answered
+        return Served(label, flags, False, srv.failure(error or "stopped"), peak_rss=peak, wall_s=wall)
     return Served(label, flags, True, load=result.summary(), peak_rss=peak, wall_s=wall)
 
 

@@ -165,54 +165,81 @@ def _bench(binary: Path, model: str, s: Settings, w: Workload, timeout: float) -
                        ttft_s=[w.prompt_tokens / x for x in prefill], wall_s=wall, peak_rss=rss)
 
 
+class Server:
+    """llama-server on a free loopback port with ``flags``, its log in a file, its peak RSS sampled; ``with``
+    stops it (SIGTERM, SIGKILL after 30 s) on the way out."""
+
+    def __init__(self, binary: Path, flags: list[str]) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.start = time.perf_counter()
+        self.log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads the log while it runs
+        self.proc = subprocess.Popen([str(binary), *flags, "--host", "127.0.0.1", "--port", str(port), "--no-webui"],
+                                     stdout=self.log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.rss = PeakRss(self.proc.pid)
+        self.died: int | None = None  # its exit status, where it ended before we stopped it
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.died = self.proc.poll()
+        if self.died is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait()
+
+    def healthy(self, timeout: float) -> bool:
+        return wait_healthy(self.proc, self.url, self.start + timeout)
+
+    def failure(self, what: str) -> str:
+        """Why it failed, after the ``with`` block: how it died (from its log) where it died, else ``what``."""
+        if not self.died:
+            return f"llama-server {what}"
+        self.log.seek(0)
+        return f"llama-server {child_failure(self.died, self.log.read())}"
+
+
 def _server(binary: Path, model: str, s: Settings, w: Workload, timeout: float) -> Measurement:
     from ..export import server_flags
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    argv = [str(binary), *server_flags(s, model), "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
-    start = time.perf_counter()
-    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads the log while the server runs
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    rss = PeakRss(proc.pid)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        if not wait_healthy(proc, url, start + timeout):
-            return _server_failed(proc, log, s, start, "did not come up")
-        load_s = time.perf_counter() - start
-        ids = post_json(url + "/tokenize", {"content": prompt_text(w.prompt_kind)})["tokens"]
-        rounds = w.reps + 1  # a warm-up, then the repetitions
-        while len(ids) < w.depth + rounds * w.prompt_tokens:
-            ids += ids
-        history = ids[: w.depth]
-        body = {"n_predict": w.gen_tokens, "temperature": 0, "ignore_eos": True, "cache_prompt": True}
-        if history:  # the history every repetition starts from, left in the server's cache
-            post_json(url + "/completion", {**body, "prompt": history, "n_predict": 0})
-        # Each round sends the history and a prompt it has not seen: the server reuses the cached history
-        # (its prefix match) and evaluates the whole prompt, as for a new turn of a conversation.
-        samples = [_stream(url, {**body, "prompt": history + ids[w.depth + r * w.prompt_tokens:
-                                                                 w.depth + (r + 1) * w.prompt_tokens]})
-                   for r in range(rounds)][1:]
-    except (OSError, ValueError, KeyError) as e:
-        return _server_failed(proc, log, s, start, f"stopped answering ({e})")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+    error = ""
+    with Server(binary, server_flags(s, model)) as srv:
+        try:
+            if not srv.healthy(timeout):
+                error = "did not come up"
+            else:
+                load_s = time.perf_counter() - srv.start
+                samples = _completions(srv.url, w)
+        except (OSError, ValueError, KeyError) as e:
+            error = f"stopped answering ({e})"
+    wall = time.perf_counter() - srv.start
+    if error:
+        return Measurement(s, False, srv.failure(error), wall_s=wall)
     return Measurement(s, True, prefill_tps=[x[0] for x in samples], decode_tps=[x[1] for x in samples],
-                       ttft_s=[x[2] for x in samples], load_s=load_s, wall_s=time.perf_counter() - start,
-                       peak_rss=rss.stop())
+                       ttft_s=[x[2] for x in samples], load_s=load_s, wall_s=wall, peak_rss=srv.rss.stop())
 
 
-def _server_failed(proc: subprocess.Popen, log: Any, s: Settings, start: float, what: str) -> Measurement:
-    if proc.poll() is None:
-        os.killpg(proc.pid, 9)
-    proc.wait(timeout=30)
-    log.seek(0)
-    err = log.read()
-    reason = child_failure(proc.returncode, err) if proc.returncode else what
-    return Measurement(s, False, f"llama-server {reason}", wall_s=time.perf_counter() - start)
+def _completions(url: str, w: Workload) -> list[tuple[float, float, float]]:
+    """The workload's repetitions on a running server: (prefill tok/s, decode tok/s, seconds to first token)."""
+    ids = post_json(url + "/tokenize", {"content": prompt_text(w.prompt_kind)})["tokens"]
+    rounds = w.reps + 1  # a warm-up, then the repetitions
+    while len(ids) < w.depth + rounds * w.prompt_tokens:
+        ids += ids
+    history = ids[: w.depth]
+    body = {"n_predict": w.gen_tokens, "temperature": 0, "ignore_eos": True, "cache_prompt": True}
+    if history:  # the history every repetition starts from, left in the server's cache
+        post_json(url + "/completion", {**body, "prompt": history, "n_predict": 0})
+    # Each round sends the history and a prompt it has not seen: the server reuses the cached history
+    # (its prefix match) and evaluates the whole prompt, as for a new turn of a conversation.
+    return [_stream(url, {**body, "prompt": history + ids[w.depth + r * w.prompt_tokens:
+                                                         w.depth + (r + 1) * w.prompt_tokens]})
+            for r in range(rounds)][1:]
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, deadline: float) -> bool:
