@@ -729,11 +729,11 @@ def cmd_serve_tune(args: argparse.Namespace) -> int:
     for label, rows in result.side_by_side.items():
         ok = [r for r in rows if r.get("ok")]
         t = result.spread(label)
-        med = {k: serving.median([r[k] for r in ok if r.get(k) is not None]) for k in ("user_tps", "ttft_p50", "ttft_p95")}
+        med = [result.spread(label, k) for k in ("user_tps", "ttft_p50", "ttft_p95")]
         table.add_row(label + (" (chosen)" if label == result.chosen else ""),
                       f"{t.median:.1f} ({t.q25:.1f}-{t.q75:.1f})" if t.n else "-",
-                      *(f"{v:.2f}" if v is not None else "-" for v in med.values()),
-                      str(sum(r.get("failed", 1) for r in rows)),
+                      *(f"{m.median:.2f}" if m.n else "-" for m in med),
+                      str(sum(r["failed"] for r in rows)),
                       mib(max((r.get("peak_rss") or 0 for r in ok), default=None)))
     console.print(table)
     console.print(result.verdict)

@@ -15,7 +15,6 @@ import json
 import math
 import threading
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
@@ -198,5 +197,5 @@ def _send(base: str, req: Request, d: Done, start: float, deadline: float) -> No
                     d.error = "time limit"
                     return
         d.error = "the stream ended without a final chunk"
-    except (OSError, ValueError, urllib.error.URLError) as e:
+    except (OSError, ValueError) as e:  # URLError and timeouts are OSErrors
         d.error = "time limit" if time.perf_counter() >= deadline else f"{type(e).__name__}: {e}"

@@ -70,10 +70,6 @@ class Served:
         return float(self.load.get("throughput") or 0.0)
 
 
-def median(values: list[float]) -> float | None:
-    return Spread.of(values).median if values else None
-
-
 def slot_choices(facts: ModelFacts, hw: Hardware, base: Settings, users: int, ctx_per_user: int) -> tuple[int, ...]:
     """Slot counts worth trying (powers of two up to the users, and the users): those the memory model fits
     with ``ctx_per_user`` tokens each. Empty when not even one fits."""
@@ -204,9 +200,7 @@ def tune(model: str, facts: ModelFacts, hw: Hardware, binary: Path, opts: ServeO
     quality_req = study.StudyRequest(model_path=model, facts=facts, hw=hw, space=sp)
     storage = study.open_storage(opts.storage)
     name = study_name(model, facts, hw, opts, binary)
-    sampler = optuna.samplers.TPESampler(seed=opts.seed, n_startup_trials=study.STARTUP_TRIALS, multivariate=True,
-                                         constant_liar=True)
-    st = optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction="maximize",
+    st = optuna.create_study(study_name=name, storage=storage, sampler=study.sampler(opts.seed), direction="maximize",
                              load_if_exists=True)
     sp, quality = study.kv_quality(st, quality_req, opts.kv_quality)
     excluded = [pair for pair, r in quality.items() if r.get("excluded")]
@@ -266,7 +260,8 @@ def _side_by_side(st: optuna.Study, model: str, binary: Path, opts: ServeOptions
         for label in labels[r % len(labels):] + labels[: r % len(labels)]:
             served = measure(binary, model, configs[label], opts.users, opts.requests, opts.time_limit, label)
             rounds[label].append({**served.load, "ok": served.ok, "error": served.error, "peak_rss": served.peak_rss}
-                                 if served.ok else {"ok": False, "error": served.error, "throughput": None})
+                                 if served.ok else {"ok": False, "error": served.error, "throughput": None,
+                                                     "failed": opts.requests})  # none of its requests answered
             say(f"side by side, round {r + 1}: {label}: " + (f"{served.throughput:.1f} tok/s" if served.ok
                                                                else served.error))
     result = ServeResult(st.study_name, base_label, None, base_flags, rounds, "", False, slots, forced,

@@ -227,18 +227,23 @@ def load_existing(name: str, url: str) -> optuna.Study:
 STARTUP_TRIALS = 5
 
 
+def sampler(seed: int) -> optuna.samplers.TPESampler:
+    """The studies' sampler: seeded multivariate TPE, modelling from the ``STARTUP_TRIALS``-th trial; the
+    constant liar keeps workers sharing a study from sampling the same point."""
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=STARTUP_TRIALS, multivariate=True,
+                                      constant_liar=True)
+
+
 def open_study(req: StudyRequest) -> optuna.Study:
     """Create the study, or load it to resume. Only the tuner whose ``create_study`` succeeds (the database's
     unique study name decides, however many tuners start at once) describes it and enqueues the baselines,
     so they are measured once."""
     storage = open_storage(req.storage)
-    sampler = optuna.samplers.TPESampler(seed=req.seed, n_startup_trials=STARTUP_TRIALS, multivariate=True,
-                                         constant_liar=True)
     try:
-        study = optuna.create_study(study_name=req.name(), storage=storage, sampler=sampler, pruner=pruner(),
+        study = optuna.create_study(study_name=req.name(), storage=storage, sampler=sampler(req.seed), pruner=pruner(),
                                     directions=directions(req.objective, req.pareto))
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=req.name(), storage=storage, sampler=sampler, pruner=pruner())
+        study = optuna.load_study(study_name=req.name(), storage=storage, sampler=sampler(req.seed), pruner=pruner())
         _check_same_kind(study, req)
         fail_orphans(study, storage)
         return study

@@ -42,7 +42,7 @@ def table(results: list[dict], cpu: str, args: argparse.Namespace) -> str:
     for r in results:
         for label, rows in r["side_by_side"].items():
             name = label + (" **(chosen)**" if label == r["chosen"] else "")
-            failed = sum(x.get("failed", 1) for x in rows)
+            failed = sum(x["failed"] for x in rows)
             lines.append(f"| {r['model']} | {r['users']} | {name} | {fmt(rows, 'throughput')} | {fmt(rows, 'user_tps')} "
                          f"| {fmt(rows, 'ttft_p50', 2)} | {fmt(rows, 'ttft_p95', 2)} | {failed} | {r['search_s'] / 60:.1f} |")
     lines += ["", "| model | users | verdict | chosen command |", "|---|---|---|---|"]
