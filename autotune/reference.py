@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def build(targets: tuple[str, ...] = TOOLS, flags: tuple[str, ...] = FLAGS, quie
     if cmake is None:
         raise BuildError("building llama.cpp's tools needs cmake (pip install cmake)")
     work = cache_dir() / "llama.cpp" / "src" / engine_version()
-    source = _source(work, quiet)
+    source = _source(work)
     build_dir = work / f"build-{out.name}"
     jobs = str(os.cpu_count() or 2)
     run = [[cmake, "-S", str(source), "-B", str(build_dir), *flags],
@@ -74,19 +75,32 @@ def build(targets: tuple[str, ...] = TOOLS, flags: tuple[str, ...] = FLAGS, quie
     return out
 
 
-def _source(work: Path, quiet: bool) -> Path:
+def _pip_reason(stderr: str) -> str:
+    """Why pip failed, in a few words: the index unreachable, else pip's own last error line."""
+    if re.search(r"NewConnectionError|Connection refused|Failed to establish|Name or service not known|"
+                 r"Temporary failure in name resolution|Network is unreachable|timed out", stderr):
+        return "the package index could not be reached"
+    errors = [ln.strip() for ln in stderr.splitlines() if ln.startswith("ERROR:")]
+    lines = errors or [ln.strip() for ln in stderr.splitlines() if ln.strip()] or ["pip gave no reason"]
+    return lines[-1].removeprefix("ERROR: ")
+
+
+def _source(work: Path) -> Path:
     """``vendor/llama.cpp`` of the installed engine's source distribution, downloaded and unpacked once."""
     source = work / "llama.cpp"
     if (source / "CMakeLists.txt").exists():
         return source
     work.mkdir(parents=True, exist_ok=True)
     version = engine_version()
-    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                           f"llama-cpp-python=={version}", "-d", str(work)], capture_output=quiet, text=True)
     sdist = work / f"llama_cpp_python-{version}.tar.gz"
+    # "--no-binary llama-cpp-python", never ":all:": that applies to the build tools pip installs to read the
+    # sdist's metadata too, and pip then compiles CMake from source (half an hour on 2 cores).
+    argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+            "--retries", "2", "--timeout", "30", f"llama-cpp-python=={version}", "-d", str(work)]
+    done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0 or not sdist.exists():
-        raise BuildError(f"could not download the llama-cpp-python {version} source distribution "
-                         "(pip download --no-binary :all:)")
+        raise BuildError(f"could not download the llama-cpp-python {version} source distribution from the package "
+                         f"index (pip download): {_pip_reason(done.stderr)}")
     prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
     skip = tuple(prefix + d for d in ("models/", "docs/", "tests/", "media/"))
     tmp = work / "unpacking"

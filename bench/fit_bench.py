@@ -3,7 +3,7 @@
 llama-fit-params is built from the vendored llama.cpp of the installed llama-cpp-python (a reference, not a
 dependency)::
 
-    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
+    pip download --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
     cmake -S llama_cpp_python-0.3.36/vendor/llama.cpp -B build -DLLAMA_CURL=OFF && cmake --build build -j2 \\
         --target llama-fit-params
 
