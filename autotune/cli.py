@@ -80,8 +80,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    """The engine self-check on its own: does a short real run of the model survive on this machine?"""
+    """The engine self-check on its own, and a look at the environment: does a short real run of the model
+    survive on this machine, and if every load dies, why?"""
     from . import catalog, engine, health, space
+    from .engine import diagnose
     from .gguf_model import read_facts
     from .probe import probe
 
@@ -92,13 +94,27 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     start = engine.defaults(min(4096, facts.n_ctx_train or 4096)).replace(**pins)
     if args.recheck:
         health.forget(model, start, hw, frozenset(pins))
+    with console.status("the environment: the model's vocabulary loaded with either C++ runtime first ..."):
+        env = diagnose.diagnose(model)
+    crash, verdict = "", None
     with console.status("engine self-check: load, a multi-token batch, a few decode steps ..."):
-        verdict = health.check(model, start, hw, pinned=frozenset(pins))
+        try:
+            verdict = health.check(model, start, hw, pinned=frozenset(pins))
+        except health.EngineCrash as e:
+            crash = str(e)
     if args.json:
-        print_json({**dataclasses.asdict(verdict), "model": model, "cpu_features": list(hw.cpu_features)})
-        return 0
+        print_json({**(dataclasses.asdict(verdict) if verdict else {"ok": False, "crash": crash}), "model": model,
+                    "cpu_features": list(hw.cpu_features),
+                    "environment": {**dataclasses.asdict(env), "order_fault": env.order_fault}})
+        return 3 if crash else 0
     console.print(f"engine: llama-cpp-python {hw.engine_version}, backend {hw.backend}; CPU features: "
                   + " ".join(hw.cpu_features))
+    for line in env.lines():
+        console.print(line, markup=False)
+    if crash:
+        print(f"autotune: error: {crash}", file=sys.stderr)
+        return 3
+    assert verdict is not None
     console.print(verdict.line())
     return 0
 

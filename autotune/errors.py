@@ -15,6 +15,18 @@ class ModelError(AutotuneError):
     """The model file cannot be read as a GGUF model we understand."""
 
 
+class EngineRefused(ModelError):
+    """The engine refuses these settings for this model, with its own reason: an answer (e.g. it cannot
+    allocate that context)."""
+
+
+class EngineDied(ModelError):
+    """The engine process died (crash, abort, kill, hang) before it answered: no answer at all, never to be read
+    as "does not fit"."""
+
+    exit_code = 3
+
+
 class SettingsError(AutotuneError):
     """A combination of settings the engine would refuse or silently change."""
 

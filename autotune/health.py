@@ -37,6 +37,7 @@ SWITCHES: tuple[tuple[dict[str, Any], str, str], ...] = (
 # Long enough for a multi-token batch (prompt) and several one-token decode steps; the warm-up adds more.
 CHECK = Workload(prompt_tokens=32, gen_tokens=4, reps=1, prompt_kind="prose")
 CHECK_CTX = 512  # the context length does not choose kernels; a small one keeps the check cheap
+LOADING = "during loading the model"  # a crash report's stage when the process died in the model load
 
 
 class EngineCrash(AutotuneError):
@@ -136,14 +137,20 @@ def check(model_path: str, settings: Settings, hw: Hardware, pinned: frozenset[s
         crash = first.error
         crash = crash if crash.startswith(("crashed", "aborted", "killed")) else f"failed: {crash}"
         verdict = None
+        crashes = [crash]
         for pins, switch, cost in SWITCHES:
             overrides_a_pin = any(k in pinned and getattr(start, k) != v for k, v in pins.items())
             if overrides_a_pin or all(getattr(start, k) == v for k, v in pins.items()):
                 continue
-            if engine.measure(model_path, start.replace(**pins), CHECK, timeout=timeout).ok:
+            tried = engine.measure(model_path, start.replace(**pins), CHECK, timeout=timeout)
+            if tried.ok:
                 verdict = Verdict(False, dict(pins), crash, switch, cost, time.perf_counter() - t0)
                 break
+            crashes.append(tried.error)
         if verdict is None:
+            if all(LOADING in c for c in crashes):
+                raise EngineCrash(f"every load of the model dies ({crash}), whatever the switch: the engine or this "
+                                  "environment is broken here, not a setting; `autotune doctor` looks for the cause")
             raise EngineCrash(f"the engine {crash}, and no runtime switch avoids it (known: "
                               f"{'; '.join(s for _, s, _ in SWITCHES)}; a switch that would override a --set pin is "
                               "not tried); see the README's troubleshooting section for rebuilds that do")

@@ -88,6 +88,7 @@ class Knob:
     missing: str | None = None  # the note ({tool}, {value}) for a tool without a spelling, when not the default
     plotted: bool = True  # a knob the speed-per-knob plot may vary
     memory: bool = False  # changes what the engine allocates (part of a cached dry-run answer's key)
+    load: bool = False  # fixed by the model load (a model parameter): runs differing only in others share a load
     moves: tuple[str, ...] = ("decode", "prefill")  # the speeds it can change (decode: one token per batch)
 
     def default_value(self) -> Any:
@@ -161,7 +162,7 @@ KNOBS: tuple[Knob, ...] = (
          Flag("--contextsize"), ("load.contextLength", _same), ("num_ctx", str), plotted=False, memory=True),
     Knob("n_gpu_layers", "int", 0, "GPU layers (n_gpu_layers)", _same, Flag("-ngl", ("--n-gpu-layers",)),
          Flag("--gpulayers"), ("load.gpu", lambda n: {"ratio": "max" if n > 0 else 0}), ("num_gpu", str),
-         domain=_gpu_layers, memory=True, bench=Flag("-ngl")),
+         domain=_gpu_layers, memory=True, load=True, bench=Flag("-ngl")),
     Knob("n_threads", "int", lambda: default_threads()[0], "decode threads (n_threads)", _same,
          Flag("-t", ("--threads",)), Flag("--threads"), ("load.cpuThreadPoolSize", _same), ("num_thread", str),
          domain=_threads, bench=Flag("-t"), moves=("decode",)),
@@ -192,17 +193,18 @@ KNOBS: tuple[Knob, ...] = (
          plotted=False, memory=True),
     # llama-server spells mmap and mlock as one load mode (-lm): written jointly by export.server_flags
     Knob("use_mmap", "bool", True, "mmap", _same, None, Flag("--nommap", when=False),
-         ("load.tryMmap", _same), ("use_mmap", _true_false), domain=_on_off_first),
+         ("load.tryMmap", _same), ("use_mmap", _true_false), domain=_on_off_first, load=True),
     Knob("use_mlock", "bool", False, "mlock", _same, None, Flag("--usemlock", when=True),
-         ("load.keepModelInMemory", _same), domain=_off_on_first),
+         ("load.keepModelInMemory", _same), domain=_off_on_first, load=True),
     Knob("use_extra_bufts", "bool", True, "extra buffer types (repack)", None,
-         Flag("--no-repack", ("-nr",), when=False), domain=_extra_buffers, memory=True,
+         Flag("--no-repack", ("-nr",), when=False), domain=_extra_buffers, memory=True, load=True,
          bench=Flag("--repack", encode=lambda on: "1" if on else "0"),
          missing="{tool} has no setting we know of for extra buffer types (llama.cpp --no-repack); the tuned "
                  "settings turn them off (use_extra_bufts=False), so {tool} may run slower or faster, and where "
                  "autotune's engine self-check saw a crash with them on, {tool}'s engine may crash too"),
     Knob("n_cpu_moe", "int", 0, "expert layers in host memory (n_cpu_moe)", None,
          Flag("-ncmoe", ("--n-cpu-moe",), unless=0), Flag("--moecpu", unless=0), domain=_experts_on_host, memory=True,
+         load=True,
          bench=Flag("-ncmoe", unless=0),
          missing="{tool} has no setting for keeping the experts of the first N layers in host memory (llama.cpp "
                  "--n-cpu-moe); the tuned N is {value} (LM Studio's 'Force Model Expert Weights onto CPU' is N = "

@@ -79,6 +79,10 @@ class _Rules:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
+    def load_key(self) -> tuple[Any, ...]:
+        """The values one model load fixes (the knob table's ``load`` knobs): runs that share them can share it."""
+        return tuple(getattr(self, k.name) for k in KNOBS if k.load)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:
         """Build from a mapping, refusing unknown keys and wrong types with one clear sentence."""

@@ -97,3 +97,16 @@ def test_a_pin_the_switch_agrees_with_does_not_rule_the_switch_out(tiny_model, h
     assert verdict.pins == {"use_extra_bufts": False, "flash_attn": False, "type_k": "f16", "type_v": "f16"}
     with pytest.raises(health.EngineCrash):  # a pin the switch would change still rules it out
         health.check(str(tiny_model), start, hw, pinned=frozenset({"flash_attn"}))
+
+
+def test_every_load_dying_whatever_the_switch_names_the_environment_not_a_switch(tiny_model, hw, monkeypatch):
+    """Every attempt dies while loading (a scripted engine, as the CUDA build with a foreign libstdc++ did): no
+    switch can help, and the self-check says so and names doctor instead of listing switches."""
+    from autotune.engine import Measurement
+
+    def scripted(model, s, work, timeout=0.0, index=0):
+        return Measurement(s, False, "crashed with SIGSEGV (segmentation fault) during loading the model")
+
+    monkeypatch.setattr(engine, "measure", scripted)
+    with pytest.raises(health.EngineCrash, match="every load of the model dies .* whatever the switch.*autotune doctor"):
+        health.check(str(tiny_model), ONE.replace(n_threads=3), hw)  # a start no earlier test's verdict is kept for

@@ -2,8 +2,8 @@
 ``llama_cpp``. llama-cpp-python (``bundled``) is the default and always prices memory; ``use`` makes the
 user's own llama-bench or llama-server (``external``) the one ``measure`` and ``defaults`` run on.
 
-Everything that creates a model or a context runs in a child process (``python -m autotune.engine``) and
-answers in JSON, so a native crash ends one run, never the tuner.
+Everything that creates a model or a context runs in a child process (``process``: the engine's library loaded
+first) and answers in JSON, so a native crash ends one run, never the tuner.
 """
 
 import contextlib
@@ -75,10 +75,19 @@ def measure(model_path: str, settings: Settings, workload: Workload = Workload()
     return _current.measure(model_path, settings, workload, timeout, index, on_rep)
 
 
+def kept_loaded(every_load: bool = False) -> contextlib.AbstractContextManager[None]:
+    """Within the block, runs that load layers onto a GPU share one model load per load settings
+    (``bundled.kept_loaded``); an external engine starts its own binary per run anyway."""
+    if _current is bundled:
+        return bundled.kept_loaded(every_load)
+    return contextlib.nullcontext()
+
+
 def defaults(n_ctx: int) -> Settings:
     """What the current engine does when the user sets nothing but the context: the baseline to beat."""
     return _current.defaults(n_ctx)
 
 __all__ = ["FAKE_AMX_CRASH", "BufferReport", "BuildInfo", "Engine", "Measurement", "OnRep", "Workload", "build_info",
-           "build_key", "bundled", "child_failure", "crash_context", "current", "defaults", "divergence", "dry_run", "llama_cpp_defaults",
+           "build_key", "bundled", "child_failure", "crash_context", "current", "defaults", "divergence", "dry_run",
+           "kept_loaded", "llama_cpp_defaults",
            "loaded_buffers", "measure", "name", "prompt_text", "use", "using"]

@@ -1,5 +1,6 @@
-"""The engine child process: ``python -m autotune.engine`` reads one JSON request on stdin and writes one
-result line (``RESULT_MARK`` + JSON) on stdout. Only ``process.spawn`` starts it."""
+"""The engine child process: reads JSON requests on stdin, one per line, and answers each with one result line
+(``RESULT_MARK`` + JSON) on stdout, until stdin closes. Only ``process`` starts it, through ``process.CHILD``,
+which loads the engine's library before this module (and numpy, gguf, ...) is imported."""
 
 from __future__ import annotations
 
@@ -26,20 +27,24 @@ def _exit_with_parent() -> None:
 
 
 def main() -> int:
-    from . import bundled, faults
+    from . import faults
+    from .child import Session, serve
 
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     _exit_with_parent()
-    faults.instrument()
-    request = json.loads(sys.stdin.read())
-    try:
-        result = bundled.serve(request)
-    except Exception as e:  # report, don't crash: the parent turns this into a failed run with this reason
-        result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-    sys.stdout.write(RESULT_MARK + json.dumps(result) + "\n")
-    sys.stdout.flush()
+    session = Session(faults.from_env())
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            result = serve(json.loads(line), session)
+        except Exception as e:  # report, don't crash: the parent turns this into a failed run with this reason
+            result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        sys.stdout.write(RESULT_MARK + json.dumps(result) + "\n")
+        sys.stdout.flush()
+    session.close()
     return 0
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
     sys.exit(main())

@@ -1,8 +1,8 @@
-"""A draft model for llama-cpp-python's speculative decoding: a second GGUF proposing tokens greedily.
+"""A draft model for speculative decoding measured in Python: a second GGUF proposing tokens greedily.
 
-llama-cpp-python ships no GGUF draft support (``draft_model=`` takes a ``LlamaDraftModel``), so this runs a
-second ``Llama``. It lives in the engine package because it is engine code: it runs only in engine child
-processes and in the Python export a user pastes.
+The main model's loop (``child._speculate``) evaluates the proposals in one batch and keeps those it would have
+chosen, as llama-cpp-python's ``Llama(draft_model=...)`` does. It lives in the engine package because it is
+engine code: it runs only in engine child processes.
 """
 
 from __future__ import annotations
@@ -10,33 +10,32 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import llama_cpp
 import numpy as np
 import numpy.typing as npt
-from llama_cpp.llama_speculative import LlamaDraftModel
 
 from ..settings import Settings
-from .bundled import load_llama
+from .native import Context, Faults, Model
 
 
-class GreedyDraft(LlamaDraftModel):
-    """A second GGUF model proposing ``settings.draft_max`` tokens greedily for llama-cpp-python's
-    ``Llama(draft_model=...)``.
+class GreedyDraft:
+    """A second GGUF model proposing ``settings.draft_max`` tokens greedily to the main model's loop.
 
     Its KV cache follows the main's token history: only the tokens past the common prefix are evaluated
     (usually one or two), never the whole history again. Whether the last proposals were accepted is
     read off the next call's history. ``reset()`` starts a new generation; the counters keep adding up.
     """
 
-    def __init__(self, path: str, settings: Settings) -> None:
-        self.llm = load_llama(path, settings.replace(n_gpu_layers=settings.draft_gpu_layers), verbose=False)
+    def __init__(self, path: str, settings: Settings, faults: Faults | None = None) -> None:
+        mine = settings.replace(n_gpu_layers=settings.draft_gpu_layers, draft_model=None)
+        self.model = Model(path, mine)
+        self.llm = Context(self.model, mine, faults)
         self.n_max = settings.draft_max
-        self._n_vocab = self.llm.n_vocab()
+        self._n_vocab = self.model.n_vocab
         self._pending: tuple[npt.NDArray[np.intc], list[int]] | None = None  # history, proposals
         self.proposed = self.accepted = self.steps = 0
         self.seconds = 0.0
 
-    def __call__(self, input_ids: npt.NDArray[np.intc], /, **kwargs: Any) -> npt.NDArray[np.intc]:
+    def __call__(self, input_ids: Any) -> npt.NDArray[np.intc]:
         start = time.perf_counter()
         ids = np.asarray(input_ids, dtype=np.intc)
         self._resolve(ids)
@@ -82,12 +81,15 @@ class GreedyDraft(LlamaDraftModel):
         return True
 
     def _argmax(self) -> int:
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self._n_vocab,))
-        return int(logits.argmax())
+        return self.llm.greedy()
 
     def reset(self) -> None:
         self._pending = None
         self.llm.reset()
+
+    def close(self) -> None:
+        self.llm.close()
+        self.model.close()
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -46,32 +46,31 @@ def key(model_path: str, settings: Settings, tokens: list[int], engine_version: 
     return hashlib.sha256(blob.encode()).hexdigest()[:32] + ".kv"
 
 
-def load(llm: Any, path: Path, tokens: list[int]) -> bool:
-    """Put the saved history in ``llm``'s empty cache; False (and the cache emptied) when there is none or it
-    does not hold exactly ``tokens``: the caller then evaluates them."""
+def load(ctx: Any, path: Path, tokens: list[int]) -> bool:
+    """Put the saved history in the empty cache of ``ctx`` (a ``native.Context``); False (and the cache
+    emptied) when there is none or it does not hold exactly ``tokens``: the caller then evaluates them."""
     import llama_cpp
 
     if not path.exists():
         return False
     out = (llama_cpp.llama_token * len(tokens))()
     count = ctypes.c_size_t(0)
-    read = llama_cpp.llama_state_seq_load_file(llm._ctx.ctx, str(path).encode(), 0, out, len(tokens),
-                                                ctypes.byref(count))
+    read = llama_cpp.llama_state_seq_load_file(ctx.ptr, str(path).encode(), 0, out, len(tokens), ctypes.byref(count))
     if not read or count.value != len(tokens) or list(out) != tokens:
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm._ctx.ctx), True)
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx.ptr), True)
         return False
-    llm.input_ids[: len(tokens)] = tokens
-    llm.n_tokens = len(tokens)
+    ctx.input_ids[: len(tokens)] = tokens
+    ctx.n_tokens = len(tokens)
     return True
 
 
-def save(llm: Any, path: Path, tokens: list[int]) -> None:
-    """Save the history ``llm`` has just evaluated; another run saving the same file at once is harmless."""
+def save(ctx: Any, path: Path, tokens: list[int]) -> None:
+    """Save the history ``ctx`` has just evaluated; another run saving the same file at once is harmless."""
     import llama_cpp
 
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     array = (llama_cpp.llama_token * len(tokens))(*tokens)
-    if llama_cpp.llama_state_seq_save_file(llm._ctx.ctx, str(tmp).encode(), 0, array, len(tokens)):
+    if llama_cpp.llama_state_seq_save_file(ctx.ptr, str(tmp).encode(), 0, array, len(tokens)):
         os.replace(tmp, path)
     else:
         tmp.unlink(missing_ok=True)

@@ -82,7 +82,7 @@ def _run(model: str, settings: list[Settings]) -> dict[str, Any]:
     except ModelError as e:
         groups: dict[Any, list[Settings]] = {}
         for s in settings:
-            groups.setdefault(engine.bundled.load_key(s), []).append(s)
+            groups.setdefault(s.load_key(), []).append(s)
         if len(groups) > 1:
             for group in groups.values():
                 out.update(_run(model, group))
