@@ -191,8 +191,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
         notes.append(f"priced by the engine's own dry run ({gap})")
     if s.n_gpu_layers and not hw.offload_gpus:
         notes.append("no GPU this engine build can offload to: --ngl is ignored, everything stays on the host")
-    elif s.n_gpu_layers:
-        notes.append("the GPU split follows llama.cpp's placement rules but was not checked against a GPU engine")
+    elif hw.offload_gpus and not memory.gpu_engine(hw):
+        notes.append("the GPU split follows llama.cpp's placement rules, priced by a host-only engine (projected)")
     out: dict[str, Any] = {"model": facts.path, "architecture": facts.architecture, "notes": notes}
     top = max(facts.n_ctx_train or 131072, s.n_ctx)
     pairs = memory.cache_pairs(("f16", "q8_0", "q4_0"), s.flash_attn)

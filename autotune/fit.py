@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import memory
-from .errors import ModelError, SettingsError
+from .errors import EngineRefused, SettingsError
 from .gguf_model import ModelFacts
 from .probe import Hardware
 from .settings import Settings
@@ -56,7 +56,7 @@ def fit(facts: ModelFacts, hw: Hardware, n_ctx: int | None = None, base: Setting
 def _fits(facts: ModelFacts, hw: Hardware, s: Settings, keep: int | None) -> bool:
     try:
         return memory.estimate(facts, s, hw).fits_keeping(keep)
-    except ModelError:
+    except EngineRefused:  # the engine refuses this context; a dry run that died is raised, never "no fit"
         return False
 
 
@@ -99,7 +99,7 @@ def _fewest(ok: Callable[[int], bool], lo: int, hi: int) -> int | None:
 def _row(facts: ModelFacts, hw: Hardware, s: Settings, what: str, limit: int, keep: int | None) -> Placement:
     try:
         est: memory.MemoryEstimate | None = memory.estimate(facts, s, hw)
-    except ModelError:
+    except EngineRefused:
         est = None
     best = memory.max_ctx(facts, s, hw, limit=limit, keep=keep)
     return Placement(s, what, est, best, est is not None and est.fits_keeping(keep))

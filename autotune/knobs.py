@@ -139,19 +139,6 @@ def _sliding_window(facts: ModelFacts, hw: Hardware, base: Settings) -> tuple[bo
     return (True, False) if facts.uses_swa else None
 
 
-def _extra_buffers(facts: ModelFacts, hw: Hardware, base: Settings) -> tuple[bool, ...] | None:
-    """A choice only where the engine would put weights in an extra buffer (AMX, CPU_REPACK); it moves both
-    speed and memory. Without a memory model for the architecture, assume it might."""
-    from . import memory
-    from .errors import ModelError
-
-    try:
-        holds = memory.estimate(facts, base.replace(use_extra_bufts=True), hw).device(memory.HOST).repack > 0
-    except ModelError:
-        holds = True
-    return (True, False) if holds else None
-
-
 def _experts_on_host(facts: ModelFacts, hw: Hardware, base: Settings) -> IntRange | None:
     """Searched only with a GPU to keep the other experts on: on the host alone it moves no memory."""
     return IntRange(0, max(facts.moe_layers) + 1) if hw.offload_gpus and facts.moe_layers else None
@@ -197,7 +184,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("use_mlock", "bool", False, "mlock", _same, None, Flag("--usemlock", when=True),
          ("load.keepModelInMemory", _same), domain=_off_on_first, load=True),
     Knob("use_extra_bufts", "bool", True, "extra buffer types (repack)", None,
-         Flag("--no-repack", ("-nr",), when=False), domain=_extra_buffers, memory=True, load=True,
+         Flag("--no-repack", ("-nr",), when=False), domain=_on_off_first, memory=True, load=True,
          bench=Flag("--repack", encode=lambda on: "1" if on else "0"),
          missing="{tool} has no setting we know of for extra buffer types (llama.cpp --no-repack); the tuned "
                  "settings turn them off (use_extra_bufts=False), so {tool} may run slower or faster, and where "

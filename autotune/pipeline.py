@@ -18,7 +18,7 @@ import optuna
 
 from . import catalog, engine, export, health, memory, recommend, space, study
 from .engine import Measurement, Workload
-from .errors import FitError, ModelError, SettingsError
+from .errors import EngineDied, FitError, ModelError, SettingsError
 from .gguf_model import ModelFacts, file_sha256, read_facts
 from .knobs import KNOBS
 from .probe import Hardware, probe
@@ -145,12 +145,12 @@ def _tune(model: str | None, options: TuneOptions, reporter: Reporter) -> TunedC
     if warning:
         reporter.note(warning)
     unchecked = check_fits(req)
-    try:  # the engine itself must accept the file (~1 s)
+    try:  # the engine itself must accept the file (~1 s); ModelError when it cannot load it at all
         preflight = engine.dry_run(model, [req.space.base])[0]
-    except ModelError:  # its dry run died (some CPUs abort there): the self-check finds the switch, if any
+    except EngineDied:  # its dry run died (some CPUs abort there): the self-check finds the switch, if any
         preflight = None
     if isinstance(preflight, str):
-        raise ModelError(f"{model}: the engine refuses this model: {preflight}")
+        raise ModelError(f"{model}: the engine refuses the starting settings: {preflight}")
     with reporter.step("engine self-check: a short real run with the starting settings ..."):
         verdict = health.check(model, req.space.base, hw, pinned=frozenset(pins), timeout=options.trial_timeout)
     reporter.health(verdict)
@@ -278,7 +278,7 @@ def check_fits(req: study.StudyRequest) -> str | None:
     it could not tell (the engine's dry run died on the leanest settings), or None."""
     try:
         lean = study.leanest(req)
-    except ModelError as e:
+    except EngineDied as e:
         return str(e)
     if not lean.fits:
         raise FitError(f"{req.facts.name} at context {req.n_ctx} cannot fit this machine in any searched setting: "

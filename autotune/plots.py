@@ -100,7 +100,7 @@ def memory_vs_context(
     pairs = [(s.type_k, s.type_v)] + [p for p in memory.cache_pairs(types, s.flash_attn) if p != (s.type_k, s.type_v)]
     best = {p: memory.max_ctx(facts, s.replace(type_k=p[0], type_v=p[1]), hw, limit=limit) for p in pairs}
     xs = sorted(set(contexts(limit)) | {n for n in best.values() if n} | {memory.pad(s.n_ctx, 256)})
-    memory.prefetch(facts, [s.replace(n_ctx=n, type_k=p[0], type_v=p[1]) for p in pairs for n in xs])  # one child
+    memory.prefetch(facts, [s.replace(n_ctx=n, type_k=p[0], type_v=p[1]) for p in pairs for n in xs], hw)  # one child
     series: dict[tuple[str, str], list[memory.MemoryEstimate]] = {
         p: [memory.estimate(facts, s.replace(n_ctx=n, type_k=p[0], type_v=p[1]), hw) for n in xs] for p in pairs}
     devices = [d.device for d in series[pairs[0]][0].devices]

@@ -13,7 +13,8 @@ from typing import Any
 import optuna
 from gguf import GGML_QUANT_SIZES
 
-from .errors import SettingsError
+from . import memory
+from .errors import ModelError, SettingsError
 from .gguf_model import ModelFacts
 from .knobs import BY_NAME, KNOBS, IntRange
 from .probe import Hardware
@@ -133,6 +134,15 @@ class SearchSpace:
         return {**{k: list(v) for k, v in self.params.items()}, **{k: list(v) for k, v in self.int_ranges.items()}}
 
 
+def _repacks(facts: ModelFacts, hw: Hardware, base: Settings) -> bool:
+    """Whether the engine would put weights in an extra buffer (AMX, CPU_REPACK) with them on: only then do
+    extra buffer types move speed and memory. Where the memory model cannot tell, assume they might."""
+    try:
+        return memory.estimate(facts, base.replace(use_extra_bufts=True), hw).device(memory.HOST).repack > 0
+    except ModelError:
+        return True
+
+
 def _nearest(value: Any, choices: tuple[Any, ...]) -> Any:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and all(isinstance(c, int) for c in choices):
         return min(choices, key=lambda c: abs(c - value))
@@ -180,6 +190,8 @@ def build_space(
             ints[knob.name] = (domain.low, domain.high)
         elif domain is not None:
             params[knob.name] = domain
+    if "use_extra_bufts" in params and not _repacks(facts, hw, base):
+        params.pop("use_extra_bufts")  # no weight would go to an extra buffer here: the knob moves nothing
     # Joint encodings, so no trial is spent on what the engine would refuse or clamp.
     params["batch_factor"] = BATCH_FACTORS
     params["attention"] = attention_choices(kv_types)

@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 
 from . import engine, memory
 from .engine import Measurement, Workload
-from .errors import ConfigError, ModelError, StudyError
+from .errors import ConfigError, EngineDied, EngineRefused, StudyError
 from .gguf_model import ModelFacts, file_sha256
 from .probe import Hardware
 from .settings import Settings, row_bytes
@@ -511,10 +511,14 @@ def _evaluate(trial: optuna.Trial, s: Settings, req: StudyRequest, trial_timeout
         return TrialState.PRUNED, None
     try:
         est = memory.estimate(req.facts, s, req.hw)
-    except ModelError as e:  # the engine's own dry run refuses or dies on these settings: a real run would too
+    except EngineRefused as e:  # the engine's own dry run refuses these settings: a real run would too
         trial.set_user_attr("predicted", {"error": str(e)})
         trial.set_user_attr("reason", f"the engine's dry run: {str(e).removeprefix(f'{req.facts.path}: ')}")
         return TrialState.PRUNED, None
+    except EngineDied as e:  # no answer: a failed trial with the reason, never "does not fit"
+        trial.set_user_attr("predicted", {"error": str(e)})
+        trial.set_user_attr("reason", f"the engine's dry run died: {str(e).removeprefix(f'{req.facts.path}: ')}")
+        return TrialState.FAIL, None
     else:
         trial.set_user_attr("predicted", est.to_dict())
         if not est.fits:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from autotune import cli, engine, memory, synth
+from autotune import fit, cli, engine, memory, synth
 from autotune.errors import ModelError, SettingsError
 from autotune.gguf_model import read_facts
 from autotune.probe import GPU, Hardware
@@ -240,8 +240,10 @@ def test_fake_gpu_unified_memory_counts_everything_against_ram(shapes):
 def test_a_file_the_engine_cannot_load_gets_the_engines_reason(shapes, smol):
     """No architecture is refused up front: the engine's dry run answers, and where the engine itself refuses
     the file (this synthetic starcoder2 lacks a key), that reason is the one line the user sees."""
-    with pytest.raises(ModelError, match="the engine refuses these settings: .*key not found"):
+    with pytest.raises(ModelError, match="the engine refuses this model: .*key not found"):
         memory.estimate(read_facts(shapes["starcoder2"]), S(), host())
+    with pytest.raises(ModelError, match="the engine refuses this model: .*key not found"):  # not "0 fits"
+        fit.fit(read_facts(shapes["starcoder2"]), host(), 4096)
     experts = dataclasses.replace(smol.tensors[-1], name="blk.0.ffn_up_exps.weight")
     assert "mixture-of-experts" in memory.replay_gap(dataclasses.replace(smol, tensors=smol.tensors + (experts,)))
     assert memory.replay_gap(smol) is None

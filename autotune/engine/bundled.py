@@ -15,7 +15,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import EngineDied
+from .. import overhead
+from ..errors import EngineDied, ModelError
 from ..settings import Settings
 from . import history as history_cache
 from . import process
@@ -43,6 +44,7 @@ def build_info() -> BuildInfo:
     return BuildInfo(llama_cpp.__version__, backend, can_offload, features, info.strip())
 
 
+@lru_cache(maxsize=1)
 def build_key() -> str:
     """Identity of the installed engine build: version, compiled features, and the native libraries' sizes and
     times (a rebuild with other ``CMAKE_ARGS`` changes them). Verdicts about what the engine does on this
@@ -67,13 +69,16 @@ def defaults(n_ctx: int) -> Settings:
 
 def dry_run(model_path: str, settings: list[Settings], timeout: float = 300) -> list[BufferReport | str]:
     """The engine's own accounting for each settings, from one child process: a BufferReport, or the engine's
-    error line where it refused. EngineDied when the child dies (some CPUs abort inside the dry run)."""
+    error line where it refused that context. ModelError when the engine cannot load the model at all,
+    EngineDied when the child dies (some CPUs abort inside the dry run)."""
     if not settings:
         return []
     request = {"mode": "dry-run", "model": model_path, "settings": [s.to_dict() for s in settings]}
     result = _answer(request, timeout, "the engine's dry run failed")
     out: list[BufferReport | str] = []
     for item in result["reports"]:
+        if item.get("load"):
+            raise ModelError(f"{model_path}: the engine refuses this model: {item['error']}")
         if "error" in item:
             out.append(item["error"])
         else:
@@ -166,6 +171,8 @@ def measure(model_path: str, settings: Settings, workload: Workload = Workload()
     m = Measurement.from_dict({**done.result["measurement"], "settings": settings.to_dict()})
     m.wall_s = done.wall_s
     m.peak_vram = done.peak_vram
+    if done.peak_vram:  # what the GPU held beyond the logged buffers: the memory model's allowance learns it
+        overhead.observe(build_key(), done.gpus, done.peak_vram, m.buffers)
     return m
 
 

@@ -86,7 +86,7 @@ def _dry_run(model_path: str, settings_list: list[dict[str, Any]], faults: Fault
             model = Model(model_path, Settings.from_dict(settings_list[indices[0]]), alloc=False, faults=faults)
         except Refused as e:
             for i in indices:
-                results[i] = {"error": str(e)}
+                results[i] = {"error": str(e), "load": True}
             continue
         model_buffers = parse_buffers(model.log).model
         try:

@@ -201,7 +201,13 @@ class Context:
         token's stay readable through ``greedy``)."""
         if self.n_tokens + len(tokens) > self._n_ctx:
             raise RuntimeError(f"{self.n_tokens + len(tokens)} tokens do not fit the context of {self._n_ctx}")
-        L.llama_memory_seq_rm(self.memory, -1, self.n_tokens, -1)
+        again = 0
+        if not L.llama_memory_seq_rm(self.memory, 0, self.n_tokens, -1):
+            # a recurrent state cannot be cut back: start over and evaluate the kept tokens again (as Llama does)
+            again = self.n_tokens
+            L.llama_memory_clear(self.memory, True)
+            tokens = self.input_ids[:again].tolist() + list(tokens)
+            self.n_tokens = 0
         rows = []
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start: start + self.n_batch]
@@ -219,7 +225,7 @@ class Context:
                                                   shape=(len(chunk), self.model.n_vocab)).copy())
             self.input_ids[self.n_tokens: self.n_tokens + len(chunk)] = chunk
             self.n_tokens += len(chunk)
-        return np.concatenate(rows) if all_logits and rows else None
+        return np.concatenate(rows)[again:] if all_logits and rows else None
 
     def _decode(self, n: int) -> None:
         stage = "a one-token decode step" if n == 1 else f"a batch of {n} tokens"

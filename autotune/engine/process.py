@@ -34,6 +34,7 @@ class Spawned:
     wall_s: float
     timed_out: bool = False
     peak_vram: int | None = None
+    gpus: tuple[str, ...] = ()  # the GPUs the peak was read on (NVML names)
     reps: list[dict[str, Any]] = field(default_factory=list)  # what the child reported per repetition
     stopped: bool = False  # the parent's ``on_rep`` stopped it after ``reps``
 
@@ -147,7 +148,8 @@ class Worker:
             peak_vram = vram.stop() if vram else None
         stdout, stderr = "".join(self._out[out_from:]), "".join(self._err[err_from:])
         return Spawned(result if returncode == 0 else None, returncode, stdout, stderr, time.perf_counter() - start,
-                       timed_out=timed_out, peak_vram=peak_vram, reps=reps, stopped=stopped)
+                       timed_out=timed_out, peak_vram=peak_vram, gpus=vram.names if vram else (), reps=reps,
+                       stopped=stopped)
 
     def _kill(self) -> None:
         if self.proc is not None:
@@ -208,8 +210,12 @@ class _VramWatch:
         self.peak: int | None = None
         self._stop = threading.Event()
         self._handles = _nvml_handles()
+        self.names: tuple[str, ...] = ()
         if not self._handles:
             return
+        import pynvml
+
+        self.names = tuple(_text(pynvml.nvmlDeviceGetName(h)) for h in self._handles)
         self._base = self._used() if base is None else base
         self.peak = 0
         self._thread = threading.Thread(target=self._poll, args=(interval,), daemon=True)
@@ -258,6 +264,10 @@ def _nvml_handles() -> list[Any]:
         return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
     except Exception:
         return []
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _nvml_shutdown() -> None:

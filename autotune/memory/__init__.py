@@ -14,7 +14,9 @@ KV cache, compute and output buffers come from one of two sources, named in ever
 * ``engine dry run``: any other architecture (mixture of experts, MLA, fused QKV, recurrent state, ...) is
   priced by the engine's own no-allocation dry run in a child process, cached on disk (``dryrun``).
 
-The GPU split follows the same source rules but has not been checked against a real GPU engine.
+On an engine that offloads to GPUs, the compute and output buffers come from its dry run, per device (CUDA's
+graph splits and buffers are the engine's to say), and each GPU adds the overhead measured there
+(``autotune.overhead``: the CUDA context, cuBLAS, the memory pool's peak).
 """
 
 from .estimate import (
@@ -26,6 +28,7 @@ from .estimate import (
            cache_pairs,
            ctx_sweep,
            estimate,
+           gpu_engine,
            max_ctx,
            prefetch,
            replay_gap,
@@ -33,7 +36,6 @@ from .estimate import (
 )
 from .layout import (
            GIB,
-           GPU_OVERHEAD,
            HOST,
            HOST_OVERHEAD,
            MARGIN_MIN,
@@ -47,7 +49,7 @@ from .layout import (
 )
 from .oracle import COMPONENTS, as_logged, error_pct, summarize, verify
 
-__all__ = ["COMPONENTS", "DRY_RUN", "DRY_RUN_PROJECTED", "GIB", "GPU_OVERHEAD", "HOST", "HOST_OVERHEAD", "MARGIN_MIN",
+__all__ = ["COMPONENTS", "DRY_RUN", "DRY_RUN_PROJECTED", "GIB", "HOST", "HOST_OVERHEAD", "MARGIN_MIN",
            "MIB", "REPLAY", "REPLAY_ARCHS", "DeviceMemory", "KVCache", "MemoryEstimate", "as_logged", "beyond_trained", "cache_pairs",
-           "ctx_sweep", "error_pct", "estimate", "margin", "max_ctx", "pad", "placement", "prefetch", "replay_gap",
+           "ctx_sweep", "error_pct", "estimate", "gpu_engine", "margin", "max_ctx", "pad", "placement", "prefetch", "replay_gap",
            "summarize", "validate", "verify"]

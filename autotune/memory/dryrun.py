@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..catalog import cache_dir
-from ..errors import ModelError
+from ..errors import EngineDied
 from ..gguf_model import ModelFacts
 from ..knobs import KNOBS
 from ..settings import Settings
@@ -33,6 +33,14 @@ class Figures:
     compute: dict[str, int]
     output: dict[str, int]
     weights_total: int  # llama_model_size
+    kv: dict[str, int]  # KV bytes per buffer ("CPU", "CUDA0", ...)
+
+
+@dataclass(frozen=True)
+class Died:
+    """The child died answering these settings: no answer, and never stored (the next ask runs again)."""
+
+    reason: str
 
 
 @dataclass
@@ -56,17 +64,21 @@ def key(s: Settings) -> str:
     return json.dumps({k: getattr(s, k) for k in MEMORY_KNOBS}, sort_keys=True)
 
 
-def figures(facts: ModelFacts, settings: Sequence[Settings]) -> list[Figures | str]:
-    """The engine's figures for each settings, or the engine's reason it refuses or dies on them."""
+def figures(facts: ModelFacts, settings: Sequence[Settings]) -> list[Figures | str | Died]:
+    """The engine's figures for each settings, the engine's reason where it refuses them, or ``Died`` where the
+    child died on them (ModelError when the engine cannot load the model at all)."""
     from .. import engine
 
     path = cache_dir() / "dry-run" / f"{facts.header_sha256[:24]}-{engine.build_key()}.json"
     store = _load(path)
     missing = list({key(s): s for s in settings if key(s) not in store}.values())
+    died: dict[str, Died] = {}
     if missing:
-        store.update(_run(facts.path, missing))
+        answers = _run(facts.path, missing)
+        died = {k: v for k, v in answers.items() if isinstance(v, Died)}
+        store.update({k: v for k, v in answers.items() if not isinstance(v, Died)})
         _save(path, store)
-    return [_figures(store[key(s)]) for s in settings]
+    return [died[key(s)] if key(s) in died else _figures(store[key(s)]) for s in settings]
 
 
 def _run(model: str, settings: list[Settings]) -> dict[str, Any]:
@@ -79,7 +91,7 @@ def _run(model: str, settings: list[Settings]) -> dict[str, Any]:
     try:
         reports = engine.dry_run(model, settings)
         COST.runs += 1
-    except ModelError as e:
+    except EngineDied as e:
         groups: dict[Any, list[Settings]] = {}
         for s in settings:
             groups.setdefault(s.load_key(), []).append(s)
@@ -88,10 +100,11 @@ def _run(model: str, settings: list[Settings]) -> dict[str, Any]:
                 out.update(_run(model, group))
             return out
         COST.runs += 1
-        reports = [str(e).removeprefix(f"{model}: ")] * len(settings)
+        return {key(s): Died(str(e).removeprefix(f"{model}: ")) for s in settings}
     for s, r in zip(settings, reports):
         out[key(s)] = r if isinstance(r, str) else {
-            "kv_caches": r.kv_caches, "compute": r.compute, "output": r.output, "weights_total": r.weights_total}
+            "kv_caches": r.kv_caches, "compute": r.compute, "output": r.output, "weights_total": r.weights_total,
+            "kv": r.kv}
     COST.settings += len(settings)
     COST.seconds += time.perf_counter() - start
     return out
@@ -101,7 +114,7 @@ def _figures(item: Any) -> Figures | str:
     if isinstance(item, str):
         return item
     return Figures(tuple(tuple(c) for c in item["kv_caches"]), dict(item["compute"]), dict(item["output"]),
-                   int(item["weights_total"]))
+                   int(item["weights_total"]), dict(item.get("kv", {})))
 
 
 def _load(path: Path) -> dict[str, Any]:

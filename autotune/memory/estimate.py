@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
-from ..errors import ModelError, SettingsError
+from ..errors import EngineDied, EngineRefused, SettingsError
 from ..gguf_model import ModelFacts
 from ..probe import Hardware
 from ..settings import QUANTIZED_KV, Settings
 from . import dryrun
 from .graph import Attn, shape_of
 from .graphs import BUILDERS
+from .. import overhead
 from .layout import (
-    GPU_OVERHEAD,
     HOST,
     HOST_OVERHEAD,
     Ctx,
@@ -22,6 +22,7 @@ from .layout import (
     MemoryEstimate,
     Placement,
     context,
+    copies,
     kv_buffers,
     placement,
     weight_buffers,
@@ -64,23 +65,38 @@ def validate(settings: Settings) -> Settings:
     return settings
 
 
+def gpu_engine(hw: Hardware) -> bool:
+    """Whether the engine answering here offloads to this machine's GPUs (not a GPU described by a constructed
+    Hardware): then its dry run prices each device's compute and output, as CUDA's graph splits make them."""
+    from .. import engine
+
+    return bool(hw.offload_gpus) and engine.build_info().can_offload
+
+
+def replayed(facts: ModelFacts, hw: Hardware) -> bool:
+    """Whether the analytic replay prices this model here (else the engine's dry run does)."""
+    return replay_gap(facts) is None and not gpu_engine(hw)
+
+
 def estimate(facts: ModelFacts, settings: Settings, hw: Hardware) -> MemoryEstimate:
     """Per-device memory for ``settings`` on ``hw``: the analytic replay where it is exact (pure, a few ms),
-    else the engine's cached dry run (a child process on a miss, a fraction of a second)."""
+    else the engine's cached dry run (a child process on a miss, a fraction of a second). EngineRefused where
+    the engine refuses these settings, EngineDied where its dry run died: that is no answer."""
     validate(settings)
-    if replay_gap(facts) is None:
+    if replayed(facts, hw):
         return _replayed(facts, settings, hw)
     found = dryrun.figures(facts, [settings])[0]
-    if isinstance(found, str):
+    if isinstance(found, dryrun.Died):
         hint = "; with extra buffer types off (--no-repack) it may not" if settings.use_extra_bufts else ""
-        raise ModelError(f"{facts.path}: {found}{hint}" if found.startswith("the engine's dry run failed")
-                         else f"{facts.path}: the engine refuses these settings: {found}")
+        raise EngineDied(f"{facts.path}: {found.reason}{hint}")
+    if isinstance(found, str):
+        raise EngineRefused(f"{facts.path}: the engine refuses these settings: {found}")
     return _from_engine(facts, settings, hw, found)
 
 
-def prefetch(facts: ModelFacts, settings: Sequence[Settings]) -> None:
+def prefetch(facts: ModelFacts, settings: Sequence[Settings], hw: Hardware) -> None:
     """Ask the engine about many settings in one child process (a no-op where the replay prices them)."""
-    if replay_gap(facts) is not None:
+    if not replayed(facts, hw):
         dryrun.figures(facts, [validate(s) for s in settings])
 
 
@@ -98,7 +114,7 @@ def _replayed(facts: ModelFacts, settings: Settings, hw: Hardware) -> MemoryEsti
     attn = Attn(settings.flash_attn, settings.type_k, settings.type_v, settings.offload_kqv)
     compute = compute_buffers(shape_of(facts, where), c, attn)
     output = {HOST: facts.n_vocab * 4}  # logits of one sequence, host memory
-    return _assemble(settings, hw, where, c, weights, repack, kv, compute, output, caches, REPLAY)
+    return _assemble(facts, settings, hw, where, c, weights, repack, kv, compute, output, caches, REPLAY)
 
 
 def _device_of(buffer: str) -> str:
@@ -118,7 +134,9 @@ def _from_engine(facts: ModelFacts, settings: Settings, hw: Hardware, found: dry
     weights, repack = weight_buffers(facts, settings, hw, where)
     caches = tuple(KVCache(*cache) for cache in found.kv_caches)
     kv: dict[str, int] = {}
-    for i, cache in enumerate(caches):
+    for name, n in found.kv.items():  # per device, where the engine says (a GPU engine does)
+        kv[_device_of(name)] = kv.get(_device_of(name), 0) + n
+    for i, cache in enumerate(caches if not kv else ()):  # else: split over the devices holding its layers
         if len(caches) == 2 and facts.uses_swa:  # the full-attention cache, then the sliding-window one
             layers = [il for il in range(facts.n_layer) if facts.swa_layers[il] == (i == 1)]
         else:
@@ -146,13 +164,17 @@ def _from_engine(facts: ModelFacts, settings: Settings, hw: Hardware, found: dry
             if dev != HOST:
                 compute[dev] = compute.get(HOST, 0)
         source = DRY_RUN_PROJECTED
-    return _assemble(settings, hw, where, c, weights, repack, kv, compute, output, caches, source)
+    return _assemble(facts, settings, hw, where, c, weights, repack, kv, compute, output, caches, source)
 
 
-def _assemble(settings: Settings, hw: Hardware, where: Placement, c: Ctx, weights: dict[str, int], repack: int,
+def _assemble(facts: ModelFacts, settings: Settings, hw: Hardware, where: Placement, c: Ctx, weights: dict[str, int],
+              repack: int,
               kv: dict[str, int], compute: dict[str, int], output: dict[str, int], caches: tuple[KVCache, ...],
               source: str) -> MemoryEstimate:
+    from .. import engine
+
     budgets = _budgets(hw)
+    gpu_overhead, learned = overhead.allowance(engine.build_key(), tuple(g.name for g in hw.offload_gpus))
     devices = [
         DeviceMemory(
             device=dev,
@@ -161,7 +183,7 @@ def _assemble(settings: Settings, hw: Hardware, where: Placement, c: Ctx, weight
             kv=kv.get(dev, 0),
             compute=compute.get(dev, 0),
             output=output.get(dev, 0),
-            overhead=HOST_OVERHEAD if dev == HOST else GPU_OVERHEAD,
+            overhead=HOST_OVERHEAD if dev == HOST else gpu_overhead,
             budget=budgets[dev],
         )
         for dev in (HOST, *where.gpus)
@@ -176,27 +198,30 @@ def _assemble(settings: Settings, hw: Hardware, where: Placement, c: Ctx, weight
         n_ubatch=c.n_ubatch,
         shared_memory=hw.backend == "metal" and bool(where.gpus),
         source=source,
+        weight_copies=copies(facts, where),
+        gpu_overhead_learned=learned and bool(where.gpus),
     )
 
 
 def max_ctx(facts: ModelFacts, settings: Settings, hw: Hardware, limit: int | None = None,
             keep: int | None = None) -> int:
     """Largest context (a multiple of 256, at most ``limit`` or the trained context) that fits, keeping
-    ``keep`` bytes free per device (None: the default margin); 0 if none.
+    ``keep`` bytes free per device (None: the default margin); 0 if none. EngineDied (no answer) when the
+    engine's dry run dies.
 
     Memory grows with the context, so the answer is found by narrowing a bracket: one midpoint at a time
     for the replay, 31 points per round (one child process) for the engine's dry run."""
     top = (limit or facts.n_ctx_train or 131072) // 256
-    width = 1 if replay_gap(facts) is None else 31
+    width = 1 if replayed(facts, hw) else 31
     lo, hi = 0, top
 
     def fits(m: int) -> bool:
         try:
             return estimate(facts, settings.replace(n_ctx=m * 256), hw).fits_keeping(keep)
-        except ModelError:  # the engine refuses this context: it does not fit either
+        except EngineRefused:  # the engine refuses this context: it does not fit either (a death is raised)
             return False
 
-    prefetch(facts, [settings.replace(n_ctx=hi * 256)])
+    prefetch(facts, [settings.replace(n_ctx=hi * 256)], hw)
     if hi and fits(hi):  # the common case, the whole range fits: one answer
         return hi * 256
     while lo < hi:  # lo fits (or is 0); nothing above hi fits
@@ -204,7 +229,7 @@ def max_ctx(facts: ModelFacts, settings: Settings, hw: Hardware, limit: int | No
             points = [(lo + hi + 1) // 2]
         else:
             points = sorted({lo + max(1, (hi - lo) * i // (width + 1)) for i in range(1, width + 1)} | {hi})
-        prefetch(facts, [settings.replace(n_ctx=m * 256) for m in points])
+        prefetch(facts, [settings.replace(n_ctx=m * 256) for m in points], hw)
         for m in points:
             if not fits(m):
                 hi = m - 1
@@ -228,7 +253,7 @@ def ctx_sweep(facts: ModelFacts, settings: Settings, hw: Hardware, ctxs: Sequenc
     """Footprint against context length for each K/V type: one row per (type, context)."""
     rows = []
     pairs = cache_pairs(kv_types, settings.flash_attn)
-    prefetch(facts, [settings.replace(n_ctx=n, type_k=tk, type_v=tv) for tk, tv in pairs for n in ctxs])
+    prefetch(facts, [settings.replace(n_ctx=n, type_k=tk, type_v=tv) for tk, tv in pairs for n in ctxs], hw)
     for tk, tv in pairs:
         for n in ctxs:
             e = estimate(facts, settings.replace(n_ctx=n, type_k=tk, type_v=tv), hw)

@@ -61,8 +61,8 @@ def verify(facts: ModelFacts, settings_list: Sequence[Settings], hw: Hardware | 
         # llama_model_size counts every weight once, whatever buffer holds it: compare the layout with no
         # extra (AMX / CPU_REPACK) buffers, where every weight sits in a plain or mapped buffer.
         plain = estimate(facts, s.replace(use_extra_bufts=False), hw) if s.use_extra_bufts else e
-        pred = {
-            "weights": sum(d.weights for d in plain.devices),
+        pred = {  # a weight held twice (a tied embedding's GPU copy) is one tensor to llama_model_size
+            "weights": sum(d.weights for d in plain.devices) - plain.weight_copies,
             "kv": e.kv_k + e.kv_v,
             "compute": sum(d.compute for d in e.devices),
             "output": sum(d.output for d in e.devices),
