@@ -351,7 +351,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     import shlex
 
     from . import export, pipeline, space
-    from .engine import Workload
     from .settings import Settings
 
     start, model, ctx = None, args.model, args.ctx
@@ -363,11 +362,14 @@ def cmd_search(args: argparse.Namespace) -> int:
             console.print(f"from your command line, kept as you had them (not tuned): {shlex.join(cmd.other)}")
         if start.draft_model:
             console.print("your draft model is left to the draft stage (--draft PATH); the study tunes the main model")
+    given = {k: v for k, v in (("prompt_tokens", args.prompt_tokens), ("gen_tokens", args.gen_tokens),
+                               ("reps", args.reps)) if v is not None}
+    workload = dataclasses.replace(pipeline.HOST_WORKLOAD, **given) if given else None  # None: the machine's
     options = pipeline.TuneOptions(
         ctx=ctx, objective=args.objective or pipeline.TuneOptions.objective, trade=args.objective is not None,
         patience=args.patience, pareto=args.pareto, trials=args.trials, timeout=args.timeout,
         trial_timeout=args.trial_timeout, storage=args.storage, pins=space.parse_pins(args.set or []), seed=args.seed,
-        workload=Workload(args.prompt_tokens, args.gen_tokens, args.reps), top_k=args.top_k, rounds=args.rounds,
+        workload=workload, top_k=args.top_k, rounds=args.rounds,
         kv_quality=args.kv_quality, recommend=not args.no_recommend, draft=args.draft, depth=args.depth,
         start=start, engine=args.engine)
     try:
@@ -838,7 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_fit)
 
     from .export import FORMATS
-    from .pipeline import TuneOptions
+    from .pipeline import GPU_WORKLOAD, HOST_WORKLOAD, TuneOptions
     from .study import OBJECTIVES
 
     default = TuneOptions()
@@ -868,9 +870,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--depth", type=int, metavar="N",
                     help="measure with N tokens of history already in the cache, like llama-bench -d "
                          "(default: an eighth of --ctx in 256-token blocks)")
-    sp.add_argument("--prompt-tokens", type=int, default=default.workload.prompt_tokens)
-    sp.add_argument("--gen-tokens", type=int, default=default.workload.gen_tokens)
-    sp.add_argument("--reps", type=int, default=default.workload.reps, help="repetitions inside each trial's run")
+    host, gpu = HOST_WORKLOAD, GPU_WORKLOAD
+    sp.add_argument("--prompt-tokens", type=int, help=f"tokens of the measured prompt (default: {host.prompt_tokens}, "
+                    f"or {gpu.prompt_tokens} when every layer is on a GPU)")
+    sp.add_argument("--gen-tokens", type=int, help=f"tokens generated per repetition (default: {host.gen_tokens}, or "
+                    f"{gpu.gen_tokens} on a GPU)")
+    sp.add_argument("--reps", type=int, help=f"repetitions inside each trial's run (default: {host.reps}, or "
+                    f"{gpu.reps} on a GPU)")
     sp.add_argument("--top-k", type=int, default=default.top_k, help="candidates re-measured against the defaults")
     sp.add_argument("--rounds", type=int, default=default.rounds, help="interleaved re-measurement rounds")
     sp.add_argument("--kv-quality", choices=("strict", "relaxed", "off"), default=default.kv_quality)

@@ -60,7 +60,7 @@ def _fits(facts: ModelFacts, hw: Hardware, s: Settings, keep: int | None) -> boo
         return False
 
 
-def _largest(ok: Callable[[int], bool], lo: int, hi: int) -> int | None:
+def largest(ok: Callable[[int], bool], lo: int, hi: int) -> int | None:
     """The largest n in lo..hi with ok(n), for ok true up to some point and false after; None if none."""
     if not ok(lo):
         return None
@@ -74,19 +74,19 @@ def _placements(facts: ModelFacts, hw: Hardware, s: Settings, keep: int | None) 
     if not hw.offload_gpus:
         return [(s, "all on the host")]
     top = facts.n_layer + 1  # the repeating layers and the output layer
-    ngl = _largest(lambda n: _fits(facts, hw, s.replace(n_gpu_layers=n), keep), 0, top)
+    ngl = largest(lambda n: _fits(facts, hw, s.replace(n_gpu_layers=n), keep), 0, top)
     out = [(s.replace(n_gpu_layers=ngl or 0), f"{ngl or 0} of {top} layers on the GPU")]
     if facts.moe_layers and (ngl or 0) < top:
         everything = s.replace(n_gpu_layers=top)
         last = max(facts.moe_layers) + 1
-        fewest = _fewest(lambda n: _fits(facts, hw, everything.replace(n_cpu_moe=n), keep), 0, last)
-        if fewest is not None:
-            out.append((everything.replace(n_cpu_moe=fewest),
-                        f"all layers on the GPU, experts of the first {fewest} in host memory"))
+        least = fewest(lambda n: _fits(facts, hw, everything.replace(n_cpu_moe=n), keep), 0, last)
+        if least is not None:
+            out.append((everything.replace(n_cpu_moe=least),
+                        f"all layers on the GPU, experts of the first {least} in host memory"))
     return out
 
 
-def _fewest(ok: Callable[[int], bool], lo: int, hi: int) -> int | None:
+def fewest(ok: Callable[[int], bool], lo: int, hi: int) -> int | None:
     """The smallest n in lo..hi with ok(n), for ok false up to some point and true after; None if none."""
     if not ok(hi):
         return None

@@ -132,7 +132,8 @@ def _off_on_first(facts: ModelFacts, hw: Hardware, base: Settings) -> tuple[bool
 
 
 def _ubatches(facts: ModelFacts, hw: Hardware, base: Settings) -> tuple[int, ...]:
-    return (64, 128, 256, 512, 1024)
+    """A GPU prefills best in large micro-batches (llama.cpp's own default is 512); a CPU in smaller ones."""
+    return (256, 512, 1024, 2048) if hw.offload_gpus else (64, 128, 256, 512, 1024)
 
 
 def _sliding_window(facts: ModelFacts, hw: Hardware, base: Settings) -> tuple[bool, ...] | None:

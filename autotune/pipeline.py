@@ -40,7 +40,7 @@ class TuneOptions:
     storage: str | None = None
     pins: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-    workload: Workload = Workload(prompt_tokens=256, gen_tokens=32, reps=2)
+    workload: Workload | None = None  # None: the machine's (``default_workload``)
     top_k: int = 2
     rounds: int = 3
     kv_quality: str = "strict"
@@ -56,6 +56,23 @@ class TuneOptions:
 def _started(start: Settings, n_ctx: int, pins: dict[str, Any]) -> Settings:
     """The user's own settings at the study's context, with their pins; a draft is the draft stage's."""
     return start.replace(n_ctx=n_ctx, draft_model=None, draft_max=0, draft_gpu_layers=0, **pins)
+
+
+# What a trial measures when the user does not say: a prompt of the size users send to this placement. A CPU
+# needs seconds for 256 tokens; a GPU prefills that in tens of milliseconds, so there the prompt is thousands of
+# tokens and the reply long enough for decode to outweigh its timer.
+HOST_WORKLOAD = Workload(prompt_tokens=256, gen_tokens=32, reps=2)
+GPU_WORKLOAD = Workload(prompt_tokens=2048, gen_tokens=128, reps=3)
+
+
+def default_workload(sp: space.SearchSpace, facts: ModelFacts, hw: Hardware) -> Workload:
+    """``GPU_WORKLOAD`` where every trial keeps every layer on a GPU (its prompt at most half the context), else
+    ``HOST_WORKLOAD``."""
+    if not hw.offload_gpus or "n_gpu_layers" in sp.int_ranges or "n_cpu_moe" in sp.int_ranges \
+            or sp.base.n_gpu_layers < facts.n_layer + 1 or sp.base.n_cpu_moe:
+        return HOST_WORKLOAD
+    half = sp.base.n_ctx // 2 // 256 * 256
+    return dataclasses.replace(GPU_WORKLOAD, prompt_tokens=max(256, min(GPU_WORKLOAD.prompt_tokens, half)))
 
 
 def default_depth(n_ctx: int, work: Workload) -> int:
@@ -116,7 +133,7 @@ def tune(model: str | None, options: TuneOptions = TuneOptions(), reporter: Repo
     """Tune ``model`` (None: the demo model) on ``options.engine``. Returns None when ``options.recommend`` is
     off. A KeyboardInterrupt leaves the study consistent and propagates; AutotuneError for anything the user
     can fix."""
-    with engine.using(options.engine):
+    with engine.using(options.engine), engine.kept_loaded():  # on a GPU, runs that share a load share one
         return _tune(model, options, reporter)
 
 
@@ -125,7 +142,9 @@ def _tune(model: str | None, options: TuneOptions, reporter: Reporter) -> TunedC
     facts = read_facts(model)
     hw = probe()
     n_ctx = options.ctx or min(4096, facts.n_ctx_train or 4096)
-    work = options.workload
+    pins = options.pins
+    first = space.build_space(hw, facts, n_ctx, pins)
+    work = options.workload or default_workload(first, facts, hw)
     if work.prompt_tokens + work.gen_tokens > n_ctx:
         raise SettingsError(f"--ctx {n_ctx} is smaller than the measured prompt + reply "
                             f"({work.prompt_tokens} + {work.gen_tokens} tokens)")
@@ -134,8 +153,9 @@ def _tune(model: str | None, options: TuneOptions, reporter: Reporter) -> TunedC
         raise SettingsError(f"--depth {depth} leaves no room in --ctx {n_ctx} for the measured prompt + reply "
                             f"({work.prompt_tokens} + {work.gen_tokens} tokens)")
     work = dataclasses.replace(work, depth=depth)
-    pins = options.pins
-    req = study.StudyRequest(model_path=model, facts=facts, hw=hw, space=space.build_space(hw, facts, n_ctx, pins),
+    if first.where:
+        reporter.note(f"placement: {first.where}")
+    req = study.StudyRequest(model_path=model, facts=facts, hw=hw, space=first,
                              objective=options.objective, pareto=options.pareto, workload=work,
                              storage=options.storage, seed=options.seed, pins=pins,
                              start=None if options.start is None else _started(options.start, n_ctx, pins),

@@ -13,14 +13,20 @@ from typing import Any
 import optuna
 from gguf import GGML_QUANT_SIZES
 
-from . import memory
-from .errors import ModelError, SettingsError
+from . import fit, memory
+from .errors import EngineDied, EngineRefused, ModelError, SettingsError
 from .gguf_model import ModelFacts
 from .knobs import BY_NAME, KNOBS, IntRange
 from .probe import Hardware
-from .settings import QUANTIZED_KV, Settings, coerce, ggml_type
+from .settings import QUANTIZED_KV, Settings, coerce, ggml_type, row_bytes
 
 BATCH_FACTORS = (1, 2, 4)
+MAX_BATCH = 4096  # n_batch beyond this buys nothing a prompt of a few thousand tokens can show
+# Layers (or expert layers) below the most the memory model fits that a partial offload still searches: a
+# larger micro-batch or an f16 cache may need a few of them back on the host.
+SPAN = 4
+# Knobs that matter only while layers stay on the host: with every layer on a GPU they are left at the base.
+HOST_ONLY = ("n_threads", "n_threads_batch", "use_mmap", "use_mlock", "offload_kqv", "use_extra_bufts")
 KV_CHOICES = ("f16", "q8_0", "q4_0")
 # The speeds each search parameter can change: a knob's own (``Knob.moves``), and the joint ones'.
 MOVES = {**{k.name: k.moves for k in KNOBS}, "batch_factor": BY_NAME["n_batch"].moves,
@@ -63,6 +69,10 @@ class SearchSpace:
     base: Settings
     params: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # name -> choices (ints are ranges)
     int_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Where the memory model put the layers on this machine's GPUs (empty without GPUs): the placement the
+    # baselines run with (llama.cpp's --fit makes the same choice), and that choice in words.
+    placement: dict[str, int] = field(default_factory=dict)
+    where: str = ""
 
     def suggest(self, trial: optuna.Trial) -> Settings:
         values: dict[str, Any] = {}
@@ -85,7 +95,8 @@ class SearchSpace:
                 changes[name] = value
         s = self.base.replace(**changes)
         if "batch_factor" in values:
-            s = s.replace(n_batch=min(s.n_ubatch * int(values["batch_factor"]), max(s.n_ctx, s.n_ubatch)))
+            s = s.replace(n_batch=min(s.n_ubatch * int(values["batch_factor"]), max(s.n_ctx, s.n_ubatch),
+                                      max(MAX_BATCH, s.n_ubatch)))
         return s
 
     def params_of(self, s: Settings) -> dict[str, Any]:
@@ -115,7 +126,7 @@ class SearchSpace:
             params.pop("attention")
             fa, k, v = parse_attention(kept[0]) if kept else (base.flash_attn, "f16", "f16")
             base = base.replace(flash_attn=fa, type_k=k, type_v=v)
-        return SearchSpace(base, params, dict(self.int_ranges))
+        return SearchSpace(base, params, dict(self.int_ranges), self.placement, self.where)
 
     def moving(self, metric: str, base: Settings | None = None) -> SearchSpace:
         """The parameters that can change ``metric`` ("decode" or "prefill"), over ``base`` (default: this
@@ -128,7 +139,7 @@ class SearchSpace:
 
     def _where(self, keep: Any, base: Settings) -> SearchSpace:
         return SearchSpace(base, {k: v for k, v in self.params.items() if keep(k)},
-                           {k: v for k, v in self.int_ranges.items() if keep(k)})
+                           {k: v for k, v in self.int_ranges.items() if keep(k)}, self.placement, self.where)
 
     def describe(self) -> dict[str, Any]:
         return {**{k: list(v) for k, v in self.params.items()}, **{k: list(v) for k, v in self.int_ranges.items()}}
@@ -192,6 +203,19 @@ def build_space(
             params[knob.name] = domain
     if "use_extra_bufts" in params and not _repacks(facts, hw, base):
         params.pop("use_extra_bufts")  # no weight would go to an extra buffer here: the knob moves nothing
+    placement, where = {}, ""
+    if hw.offload_gpus and not {"n_gpu_layers", "n_cpu_moe"} & set(pins):
+        lean = base.replace(n_ubatch=min(params.get("n_ubatch", (base.n_ubatch,))))
+        lean = lean.replace(n_batch=lean.n_ubatch, **_leanest_attention(attention_choices(kv_types)))
+        placement, ranges, where = _gpu_placement(facts, hw, lean)
+        base = base.replace(**placement)
+        for name in ("n_gpu_layers", "n_cpu_moe"):
+            ints.pop(name, None)
+        ints.update(ranges)
+        if placement.get("n_gpu_layers") == facts.n_layer + 1 and "n_cpu_moe" not in ranges:
+            for name in HOST_ONLY:
+                params.pop(name, None)
+                ints.pop(name, None)
     # Joint encodings, so no trial is spent on what the engine would refuse or clamp.
     params["batch_factor"] = BATCH_FACTORS
     params["attention"] = attention_choices(kv_types)
@@ -212,4 +236,44 @@ def build_space(
                 params["n_ubatch"] = tuple(u for u in params["n_ubatch"] if u <= base.n_batch)
     params = {k: v for k, v in params.items() if len(v) > 1}
     ints = {k: v for k, v in ints.items() if v[1] > v[0]}
-    return SearchSpace(base=base, params=params, int_ranges=ints)
+    return SearchSpace(base=base, params=params, int_ranges=ints, placement=placement, where=where)
+
+
+def _leanest_attention(choices: tuple[str, ...]) -> dict[str, Any]:
+    """The attention choice with the smallest cache (flash attention on among equals: its compute buffer is
+    smaller too)."""
+    label = min(choices, key=lambda c: (sum(row_bytes(t, 32) for t in parse_attention(c)[1:]), not parse_attention(c)[0]))
+    fa, k, v = parse_attention(label)
+    return {"flash_attn": fa, "type_k": k, "type_v": v}
+
+
+def _gpu_placement(facts: ModelFacts, hw: Hardware, lean: Settings) -> tuple[dict[str, int], dict[str, tuple[int, int]], str]:
+    """Where the layers go, from the memory model at the space's leanest settings: every layer on the GPUs where
+    the whole model fits (nothing else is searched: a layer on the host only slows decode); else, for a mixture
+    of experts, every layer on the GPUs with the fewest expert layers in host memory and a few more searched;
+    else the most layers that fit and a few fewer searched. Returns the baselines' placement, the ranges to
+    search and the choice in words. A dry run that dies leaves the placement to the knob domains, and says so."""
+    top = facts.n_layer + 1
+
+    def fits(s: Settings) -> bool:
+        try:
+            return memory.estimate(facts, s, hw).fits
+        except EngineRefused:
+            return False
+
+    try:
+        if fits(lean.replace(n_gpu_layers=top, n_cpu_moe=0)):
+            return {"n_gpu_layers": top, "n_cpu_moe": 0}, {}, f"all {top} layers on the GPU: the whole model fits"
+        if facts.moe_layers:
+            last = max(facts.moe_layers) + 1
+            least = fit.fewest(lambda n: fits(lean.replace(n_gpu_layers=top, n_cpu_moe=n)), 0, last)
+            if least is not None:
+                hi = min(last, least + SPAN)
+                return ({"n_gpu_layers": top, "n_cpu_moe": least}, {"n_cpu_moe": (least, hi)},
+                        f"all {top} layers on the GPU, the experts of the first {least}-{hi} layers in host memory")
+        most = fit.largest(lambda n: fits(lean.replace(n_gpu_layers=n, n_cpu_moe=0)), 0, top) or 0
+    except EngineDied as e:
+        return {}, {"n_gpu_layers": (0, top)}, f"not steered by the memory model ({e})"
+    lo = max(0, most - SPAN)
+    return {"n_gpu_layers": most, "n_cpu_moe": 0}, {"n_gpu_layers": (lo, most)}, \
+        f"{most} of {top} layers fit on the GPU: {lo}-{most} searched"

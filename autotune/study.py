@@ -273,12 +273,16 @@ def open_study(req: StudyRequest) -> optuna.Study:
 
 def baselines(req: StudyRequest) -> list[tuple[str, Settings]]:
     """What a user would run without us, each with the user's pins: the command line they run today (when
-    given), the engine's defaults, llama.cpp's own tools' defaults and the probe's sensible config. One
-    config under two names is measured once, under the first."""
-    named = ([("your command line", req.start)] if req.start is not None else []) + [
-        ("defaults", engine.defaults(req.n_ctx).replace(**req.pins)),
-        ("llama.cpp defaults", engine.llama_cpp_defaults(req.n_ctx).replace(**req.pins)),
-        ("sensible", sensible(req.hw, req.facts, req.n_ctx).replace(**req.pins))]
+    given), llama.cpp's own tools' defaults (the first trial, so a search never reports less), the engine's
+    defaults and the probe's sensible config. On GPUs each runs with the placement the memory model chose
+    (``SearchSpace.placement``): llama.cpp's --fit puts every layer there that fits, and llama-cpp-python's
+    documented GPU call is ``n_gpu_layers=-1``. One config under two names is measured once, under the first."""
+    on = {**req.space.placement, **req.pins}
+    mine, llama = engine.defaults(req.n_ctx).replace(**on), engine.llama_cpp_defaults(req.n_ctx).replace(**on)
+    named = ([("your command line", req.start)] if req.start is not None else []) + (
+        [("llama.cpp defaults", llama)] if llama != mine else []) + [  # an external llama.cpp tool: one config
+        ("defaults", mine),
+        ("sensible", sensible(req.hw, req.facts, req.n_ctx).replace(**on))]
     out: list[tuple[str, Settings]] = []
     for role, s in named:
         if all(s != t for _, t in out):

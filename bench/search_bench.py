@@ -57,7 +57,7 @@ GRID = {
 }
 N_CTX = 4096  # what the default search uses for these models: min(4096, trained context)
 WORK = Workload(prompt_tokens=256, gen_tokens=32, reps=3)
-TRIAL_REPS = pipeline.TuneOptions().workload.reps  # repetitions inside one trial of the default search
+TRIAL_REPS = pipeline.HOST_WORKLOAD.reps  # repetitions inside one trial of the default search (on a CPU)
 TARGET = 0.97
 
 

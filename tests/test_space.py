@@ -38,11 +38,29 @@ def test_cpu_only_space_has_no_gpu_knobs(demo_model):
     assert "swa_full" not in sp.params  # SmolLM2 has no sliding window
 
 
-def test_fake_gpu_space_offers_layers_and_kv_offload(demo_model):
+def test_fake_gpu_space_keeps_every_layer_on_the_gpu_when_the_model_fits(demo_model):
+    """A model the GPU holds whole is searched with every layer there: partial offload, host threads, mmap and
+    a host KV cache only slow it down, so no trial is spent on them; the GPU's knobs are searched instead."""
     facts = read_facts(demo_model)
     sp = space.build_space(fake_gpu_hw(), facts, 4096)
-    assert sp.int_ranges["n_gpu_layers"] == (0, facts.n_layer + 1)
-    assert sp.params["offload_kqv"] == (True, False)
+    assert sp.base.n_gpu_layers == facts.n_layer + 1 and sp.placement["n_gpu_layers"] == facts.n_layer + 1
+    assert "n_gpu_layers" not in sp.int_ranges and not set(space.HOST_ONLY) & (set(sp.params) | set(sp.int_ranges))
+    assert sp.params["n_ubatch"] == (256, 512, 1024, 2048) and "all 31 layers on the GPU" in sp.where
+    s = sp.settings_from({"n_ubatch": 2048, "batch_factor": 4})
+    assert s.n_batch == 4096 and s.n_gpu_layers == facts.n_layer + 1
+
+
+def test_fake_gpu_too_small_searches_the_most_layers_that_fit(demo_model, tmp_path):
+    from autotune import memory, synth
+
+    big = read_facts(synth.write_model(tmp_path / "8b.gguf", demo_model, synth.SHAPES["8b"], "Q4_K", header_only=True))
+    hw = dataclasses.replace(fake_gpu_hw(), gpus=(GPU(0, "Fake 4G", "cuda", 4 * 2**30, 4 * 2**30),))
+    sp = space.build_space(hw, big, 4096)
+    lo, most = sp.int_ranges["n_gpu_layers"]
+    assert 0 < most < big.n_layer + 1 and lo == most - space.SPAN and sp.base.n_gpu_layers == most
+    lean = sp.base.replace(n_ubatch=256, n_batch=256, flash_attn=True, type_k="q4_0", type_v="q4_0")
+    assert memory.estimate(big, lean, hw).fits and not memory.estimate(big, lean.replace(n_gpu_layers=most + 1), hw).fits
+    assert "n_threads" in sp.int_ranges  # layers stay on the host: its threads matter
 
 
 def test_pins_remove_knobs_and_constrain_others(demo_model):

@@ -46,8 +46,10 @@ def test_study_measures_baselines_first_and_resumes(tiny_model, hw, tmp_path):
     st = study.open_study(req)
     study.run_trials(st, req, 3, trial_timeout=120)
     trials = st.get_trials()
-    assert [t.user_attrs.get("role") for t in trials[:3]] == ["defaults", "llama.cpp defaults", "sensible"]
-    assert trials[0].user_attrs["settings"] == engine.defaults(256).to_dict()
+    assert [t.user_attrs.get("role") for t in trials[:3]] == ["llama.cpp defaults", "defaults", "sensible"]
+    llama = engine.llama_cpp_defaults(256)  # as the space spells it (n_batch within the context, no SWA cache here)
+    assert trials[0].user_attrs["settings"] == req.space.settings_from(req.space.params_of(llama)).to_dict()
+    assert trials[1].user_attrs["settings"] == engine.defaults(256).to_dict()
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert all(t.value == pytest.approx(study.objective_value(
         study.Measurement.from_dict(t.user_attrs["measurement"]), "decode", WORK)) for t in trials)
@@ -158,7 +160,7 @@ def test_tuners_opening_one_new_study_together_seed_the_baselines_once(tiny_mode
         req = make_request(tiny_model, hw, url)
         assert released_together(study.open_study, req) == ["ok"] * 4
         roles = [t.user_attrs.get("role") for t in study.open_study(req).trials]
-        assert roles == ["defaults", "llama.cpp defaults", "sensible"]
+        assert roles == ["llama.cpp defaults", "defaults", "sensible"]
 
 
 def test_unwritable_studies_directory(tmp_path, monkeypatch):

@@ -139,7 +139,7 @@ def test_every_study_has_llama_cpp_defaults_and_sensible_as_baselines(tiny_model
     assert named["defaults"] == engine.defaults(1024)
     assert named["sensible"].n_batch != llama.n_batch  # never one config with llama.cpp's: both are measured
     roles = [t.user_attrs["role"] for t in study.open_study(req).trials]
-    assert roles[:2] == ["defaults", "llama.cpp defaults"]
+    assert roles[:2] == ["llama.cpp defaults", "defaults"]
     tool = tmp_path / "llama-bench"  # never run: only its defaults are asked for
     tool.write_text("#!/bin/sh\n")
     tool.chmod(0o755)
