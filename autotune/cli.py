@@ -170,7 +170,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_memory(args: argparse.Namespace) -> int:
     from . import memory
-    from .errors import ModelError
+    from .errors import EngineDied, ModelError
     from .gguf_model import read_facts
     from .probe import probe
     from .settings import Settings
@@ -221,6 +221,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
             {"predicted": r["predicted"], "engine": r["engine"], "error_pct": r["error_pct"], "error": r["error"]}
             for r in memory.verify(facts, [s], hw)
         ]
+        if memory.gpu_engine(hw):  # and the real peak beside it
+            out["peak"] = memory.peak(facts, s, hw)
     cost = memory.dryrun.COST
     out["dry_runs"] = {"children": cost.runs, "settings": cost.settings, "seconds": round(cost.seconds, 3),
                        "wall_s": round(time.perf_counter() - started, 3)}
@@ -285,6 +287,13 @@ def cmd_memory(args: argparse.Namespace) -> int:
         console.print(t)
         console.print("The dry run cannot see the AMX / CPU_REPACK buffers or the fixed overhead: both are left out here. "
                       "Errors are taken at the log's 0.01 MiB resolution.")
+    if "peak" in out:
+        p = out["peak"]
+        if not p["ok"]:
+            raise EngineDied(f"{facts.path}: the real run for the peak failed: {p['error']}")
+        console.print(f"real run ({p['prompt']}-token prompt after {p['depth']:,} tokens of history): GPU peak "
+                      f"{mib(p['peak_vram'])} (NVML), the engine's GPU buffers {mib(p['gpu_buffers'])}; predicted "
+                      f"{mib(p['predicted_gpu'])} ({p['error_pct']:+.1f} %)")
     return 0
 
 

@@ -246,8 +246,8 @@ def llama_kwargs(s: Settings, model: str) -> dict[str, Any]:
     return {"model_path": model, **s.llama_kwargs()}
 
 
-# Llama(...) has no keyword for the model parameter use_extra_bufts: the pasted code sets it on the default
-# model parameters Llama starts from (what autotune.engine.load_llama does for one load).
+# Llama(...) has no keyword for the model parameter use_extra_bufts: the pasted code (the user's program, not
+# autotune's engine) sets it on the default model parameters Llama starts from.
 _NO_REPACK = """import llama_cpp.llama_cpp
 
 # llama.cpp --no-repack: Llama() has no keyword for it, so set it on the model parameters it starts from.
@@ -268,7 +268,7 @@ llama_cpp.llama_cpp.llama_model_default_params = _no_repack_params
 # builds it (the pasted code then needs autotune installed, as a draft model does).
 _MODEL_PARAMS = """import llama_cpp.llama_cpp
 
-from autotune.engine.bundled import model_params
+from autotune.engine.native import model_params
 from autotune.settings import Settings
 
 # llama.cpp --n-cpu-moe{no_repack}: Llama() has no keyword for it, so set it on the model parameters it starts from.

@@ -177,8 +177,12 @@ def test_fake_gpu_space_searches_expert_placement_with_gpu_layers(isolated_cache
     from autotune import space
 
     moe = read_facts(big["qwen3-30b-a3b"])
-    sp = space.build_space(fake_gpu(24), moe, 4096)
-    assert sp.int_ranges["n_cpu_moe"] == (0, moe.n_layer) and "n_gpu_layers" in sp.int_ranges
+    whole = space.build_space(fake_gpu(24), moe, 4096)  # the whole model fits: nothing of its placement is searched
+    assert whole.base.n_gpu_layers == moe.n_layer + 1 and not {"n_cpu_moe", "n_gpu_layers"} & set(whole.int_ranges)
+    sp = space.build_space(fake_gpu(12), moe, 4096)  # it does not: every layer on the GPU, the fewest experts off it
+    least, most = sp.int_ranges["n_cpu_moe"]
+    assert 0 < least < most == least + space.SPAN and "n_gpu_layers" not in sp.int_ranges
+    assert sp.base.n_gpu_layers == moe.n_layer + 1 and sp.base.n_cpu_moe == least
     assert "n_cpu_moe" not in space.build_space(host(), moe, 4096).int_ranges  # nothing to move without a GPU
     assert "n_cpu_moe" not in space.build_space(fake_gpu(24), read_facts(demo_model), 4096).int_ranges  # dense
 

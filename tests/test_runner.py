@@ -97,3 +97,22 @@ def test_peak_rss_is_the_engine_process_own(tiny_model):
     m = engine.measure(str(tiny_model), S, SMALL, timeout=120)
     assert m.ok and 0 < m.base_rss <= m.peak_rss < 500 * 2**20
     del ballast
+
+
+def test_kept_loaded_runs_share_one_load_until_the_load_settings_change(tiny_model, monkeypatch):
+    """On a GPU, runs that share the model's load settings share one load (every load here, on the CPU): the
+    second run loads nothing, one with other load settings loads again, and a run that dies ends only itself."""
+    with engine.kept_loaded(every_load=True):
+        first = engine.measure(str(tiny_model), S, SMALL, timeout=120)
+        second = engine.measure(str(tiny_model), S.replace(n_batch=64, n_ubatch=64), SMALL, timeout=120)
+        other = engine.measure(str(tiny_model), S.replace(use_mmap=False), SMALL, timeout=120)
+        monkeypatch.setenv("AUTOTUNE_FAULT", "segfault")  # read by the next child started: the one after the crash
+        engine.bundled._kept.worker.close()
+        crashed = engine.measure(str(tiny_model), S, SMALL, timeout=120)
+        monkeypatch.delenv("AUTOTUNE_FAULT")
+        after = engine.measure(str(tiny_model), S, SMALL, timeout=120)
+    assert first.ok and second.ok and other.ok and after.ok, (first.error, second.error, other.error, after.error)
+    assert first.load_s > 0 and second.load_s == 0 and other.load_s > 0 and after.load_s > 0
+    assert first.output_tokens == second.output_tokens == after.output_tokens
+    assert second.buffers["kv_cells"] == [256] and second.peak_rss > 0
+    assert not crashed.ok and "SIGSEGV" in crashed.error

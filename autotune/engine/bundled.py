@@ -126,7 +126,11 @@ class _Kept:
     def serves(self, settings: Settings) -> bool:
         """Runs that load layers onto a GPU share the child (a load copies the weights there: seconds to
         minutes); on the host a load maps the file in a fraction of a second, and each run gets a fresh child."""
-        return self.every_load or (settings.n_gpu_layers > 0 and build_info().can_offload)
+        return self.every_load or _on_gpu(settings)
+
+
+def _on_gpu(settings: Settings) -> bool:
+    return settings.n_gpu_layers > 0 and build_info().can_offload
 
 
 _kept: _Kept | None = None
@@ -152,8 +156,11 @@ def measure(model_path: str, settings: Settings, workload: Workload = Workload()
     Never raises for engine faults: a crash, abort, out-of-memory kill or hang becomes a failed Measurement with
     a specific reason. ``on_rep`` may stop the run after any repetition: the Measurement then holds the
     repetitions that ran."""
+    # A saved history is loaded faster than the host evaluates it, not than a GPU does (a GPU evaluates thousands
+    # of tokens in a fraction of a second; the file of their cache takes longer to write and read).
+    history = None if _on_gpu(settings) else history_cache.shared_dir()
     request = {"mode": "measure", "model": model_path, "settings": settings.to_dict(),
-               "workload": workload.__dict__, "index": index, "history_dir": history_cache.shared_dir()}
+               "workload": workload.__dict__, "index": index, "history_dir": history}
     if _kept is not None and _kept.serves(settings):
         done = _kept.worker.ask(request, timeout, watch_vram=True, on_rep=on_rep)
     else:

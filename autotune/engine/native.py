@@ -77,9 +77,10 @@ def silence() -> None:
 # ------------------------------------------------------------------------------------------- parameters
 
 
-def model_params(settings: Settings) -> Any:
-    """``llama_model_params`` for ``settings``: placement and buffer types (the load mode is the caller's)."""
-    params = L.llama_model_default_params()
+def model_params(settings: Settings, defaults: Any = None) -> Any:
+    """``llama_model_params`` for ``settings``: placement and buffer types (the load mode is the caller's),
+    starting from ``defaults()`` (the engine's ``llama_model_default_params``; the Python export passes it)."""
+    params = (defaults or L.llama_model_default_params)()
     params.n_gpu_layers = settings.n_gpu_layers
     params.use_extra_bufts = settings.use_extra_bufts
     if settings.n_cpu_moe:

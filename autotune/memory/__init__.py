@@ -47,9 +47,9 @@ from .layout import (
            pad,
            placement,
 )
-from .oracle import COMPONENTS, as_logged, error_pct, summarize, verify
+from .oracle import COMPONENTS, as_logged, error_pct, peak, summarize, verify
 
 __all__ = ["COMPONENTS", "DRY_RUN", "DRY_RUN_PROJECTED", "GIB", "HOST", "HOST_OVERHEAD", "MARGIN_MIN",
            "MIB", "REPLAY", "REPLAY_ARCHS", "DeviceMemory", "KVCache", "MemoryEstimate", "as_logged", "beyond_trained", "cache_pairs",
-           "ctx_sweep", "error_pct", "estimate", "gpu_engine", "margin", "max_ctx", "pad", "placement", "prefetch", "replay_gap",
+           "ctx_sweep", "error_pct", "estimate", "gpu_engine", "margin", "max_ctx", "pad", "peak", "placement", "prefetch", "replay_gap",
            "summarize", "validate", "verify"]

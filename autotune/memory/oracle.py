@@ -10,7 +10,7 @@ from ..gguf_model import ModelFacts
 from ..probe import Hardware
 from ..settings import Settings
 from .estimate import estimate, validate
-from .layout import MIB
+from .layout import HOST, MIB
 
 COMPONENTS = ("weights", "kv", "compute", "output", "total")
 
@@ -78,6 +78,26 @@ def verify(facts: ModelFacts, settings_list: Sequence[Settings], hw: Hardware | 
         row.update(estimate=e, predicted=pred, source=e.source,
                    error_pct={k: error_pct(seen[k], real[k]) for k in COMPONENTS})
     return rows
+
+
+def peak(facts: ModelFacts, settings: Settings, hw: Hardware, timeout: float = 300.0) -> dict[str, Any]:
+    """A short real run of ``settings`` (a 512-token prompt behind half the context of history, 8 tokens): its
+    peak GPU memory (NVML) beside the predicted GPU total and the buffers the engine logged. The run teaches the
+    GPU's overhead allowance (``autotune.overhead``) as every run does; the prediction is taken before it."""
+    from .. import engine, overhead
+    from ..engine import Workload
+
+    predicted = sum(d.total for d in estimate(facts, settings, hw).devices if d.device != HOST)
+    prompt = min(512, settings.n_ctx // 4)
+    depth = max(0, (settings.n_ctx - prompt - 8) // 2 // 256 * 256)
+    m = engine.measure(facts.path, settings, Workload(prompt_tokens=prompt, gen_tokens=8, reps=1, depth=depth),
+                       timeout=timeout)
+    out: dict[str, Any] = {"ok": m.ok, "error": m.error, "predicted_gpu": predicted, "peak_vram": m.peak_vram,
+                           "gpu_buffers": overhead.on_gpus(m.buffers) if m.ok else None, "depth": depth,
+                           "prompt": prompt}
+    if m.ok and m.peak_vram:
+        out["error_pct"] = error_pct(predicted, m.peak_vram)
+    return out
 
 
 def summarize(errors: Iterable[dict[str, float | None]]) -> dict[str, dict[str, float]]:
