@@ -1,12 +1,13 @@
-"""What a GPU holds for a run beyond llama.cpp's own buffers, learned from real runs on that GPU.
+"""What a GPU holds for a run beyond llama.cpp's own buffers: a part learned from real runs on that GPU, and the
+peak of ggml's CUDA memory pool, priced from the run's settings.
 
 Beside the model, KV, compute and output buffers the engine logs, a CUDA device holds the process's CUDA
-context, the cuBLAS workspace and the peak of ggml's memory pool (temporary dequantized weights, converted K/V
-for flash attention). None of it is in the engine's log or its dry run, and it depends on the GPU, the driver
-and the build, so it is measured: every engine run on a GPU records its peak memory (NVML), and the peak less
-that run's logged GPU buffers is an observation. The allowance a memory estimate adds per GPU is the largest
-observation for this GPU and engine build, kept in the cache like the self-check's verdicts; before any run on
-a GPU it is ``DEFAULT``.
+context and cuBLAS workspace (fixed for a GPU, driver and build) and ggml's memory pool, whose peak depends on
+the settings: without flash attention the attention's KQ matrix passes through the pool as f16 (twice, for the
+two products), and a mixture of experts gathers each expert's tokens there. None of it is in the engine's log or
+its dry run. Every engine run on a GPU records its peak memory (NVML); that peak less the run's logged GPU buffers
+and its priced pool is an observation of the fixed part, and the estimate adds the largest observation for this
+GPU and build (kept in the cache like the self-check's verdicts; ``DEFAULT`` before any run there) plus the pool.
 """
 
 from __future__ import annotations
@@ -17,11 +18,28 @@ from pathlib import Path
 from typing import Any
 
 from .catalog import cache_dir
+from .gguf_model import EXPERTS, ModelFacts
+from .settings import Settings
 
 MIB = 2**20
-# Before a GPU has been measured: a CUDA context with cuBLAS and a pool's worth of room (bench/gpu_check.py
-# measures the real figure on a GPU).
+# Before a GPU has been measured: on an H200 (CUDA 13.0, driver 580) the fixed part (a run's peak less its logged
+# buffers and its priced pool) was at most 639 MiB over 13 runs of six shapes (bench/gpu_check.py).
 DEFAULT = 640 * MIB
+
+
+def pool(facts: ModelFacts, s: Settings) -> int:
+    """The peak of ggml's CUDA pool on a GPU holding attention layers, in bytes: without flash attention the
+    KQ product of a micro-batch against the whole context, as f16, for each of the two attention products (the
+    full context: the pool grows as a conversation fills it); with experts, each expert's gathered tokens (f32
+    activations in and out, and their quantized copy)."""
+    if s.n_gpu_layers <= 0:
+        return 0
+    n = 0 if s.flash_attn else 4 * s.n_ctx * s.n_ubatch * facts.n_head
+    experts = [t for t in facts.tensors if EXPERTS.search(t.name)]
+    if experts and facts.n_expert_used:
+        hidden = max(min(t.shape[:2]) for t in experts)  # ggml order: (n_embd, n_ff) or (n_ff, n_embd), experts
+        n += 3 * s.n_ubatch * facts.n_expert_used * (facts.n_embd + hidden) * 4
+    return n
 
 
 def path() -> Path:
@@ -44,13 +62,13 @@ def on_gpus(buffers: dict[str, Any]) -> int:
     return total
 
 
-def observe(build_key: str, gpus: tuple[str, ...], peak: int, buffers: dict[str, Any]) -> int | None:
-    """Record one run's overhead (its peak GPU memory less its GPU buffers, per GPU holding any); returns it.
-    None (nothing recorded) where the run held nothing on a GPU."""
+def observe(build_key: str, gpus: tuple[str, ...], peak: int, buffers: dict[str, Any], priced: int) -> int | None:
+    """Record one run's fixed overhead (its peak GPU memory less its GPU buffers and its ``priced`` pool, per GPU
+    holding any); returns it. None (nothing recorded) where the run held nothing on a GPU."""
     held = on_gpus(buffers)
     if not gpus or held <= 0 or peak <= held:
         return None
-    per_gpu = (peak - held) // len(gpus)
+    per_gpu = (peak - held) // len(gpus) - priced
     data = _read()
     entry = data.setdefault(key(build_key, gpus), {"max": 0, "n": 0, "seen": []})
     entry["max"] = max(entry["max"], per_gpu)
@@ -61,7 +79,8 @@ def observe(build_key: str, gpus: tuple[str, ...], peak: int, buffers: dict[str,
 
 
 def allowance(build_key: str, gpus: tuple[str, ...]) -> tuple[int, bool]:
-    """(bytes per GPU, learned): the largest overhead measured on these GPUs with this build, else DEFAULT."""
+    """(bytes per GPU, learned): the largest fixed overhead measured on these GPUs with this build, else
+    DEFAULT; an estimate adds ``pool`` to it."""
     entry = _read().get(key(build_key, gpus))
     if entry and entry.get("n"):
         return int(entry["max"]), True

@@ -42,7 +42,8 @@ SHAPES = ("1b", "8b", "70b", "qwen3-30b-a3b", "gpt-oss-20b", "gemma3-4b", "deeps
 CTX = 8192
 # Seconds each phase needs at most on an H200 (a phase that cannot finish before --until is left for a rerun).
 COST = {"probe": 10, "doctor": 20, "search": 180, "bench": 60, "peaks": 120, "verify": 60, "fit": 120, "cli": 60}
-PEAK_WORK = Workload(prompt_tokens=512, gen_tokens=16, reps=1, depth=4096)
+# A nearly full context: the pool's peak (flash attention off) grows as a conversation fills it.
+PEAK_WORK = Workload(prompt_tokens=512, gen_tokens=16, reps=1, depth=7424)
 SEARCH_TRIALS = 16
 BENCH = {"prompt": 2048, "gen": 128, "depth": 1024, "reps": 3, "rounds": 3}
 
@@ -147,14 +148,23 @@ class Check:
                     row["decode"], row["prefill"] = round(m.decode, 1), round(m.prefill, 1)
                 rows.append(row)
                 log(f"  {shape} {label}: peak {(m.peak_vram or 0) / MIB:,.0f} MiB" if m.ok else f"  {shape} {label}: {m.error}")
-        ok = [r for r in rows if r["ok"] and r.get("peak")]
-        for r in ok:  # the allowance learned from every run, and from the others only (the honest test)
-            others = [o["overhead"] for o in ok if o is not r]
-            r["predicted_all"] = r["predicted_buffers"] + max(o["overhead"] for o in ok)
-            r["predicted_others"] = r["predicted_buffers"] + max(others) if others else None
         build = engine.build_key()
         gpus = tuple(g.name for g in self.hw.offload_gpus)
-        return {"rows": rows, "allowance": overhead.allowance(build, gpus)[0], "default": overhead.DEFAULT}
+        return {"rows": self.predict(rows), "allowance": overhead.allowance(build, gpus)[0], "default": overhead.DEFAULT}
+
+    def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each run's predicted GPU total: its predicted buffers, its priced pool (``overhead.pool``) and the fixed
+        part learned from every run, and from the other runs only (the honest test)."""
+        ok = [r for r in rows if r["ok"] and r.get("peak")]
+        for r in ok:
+            facts = read_facts(self.model(r["shape"]))
+            r["pool"] = overhead.pool(facts, dict(placements(facts))[r["settings"]])
+            r["fixed"] = r["overhead"] - r["pool"]
+        for r in ok:
+            others = [o["fixed"] for o in ok if o is not r]
+            r["predicted_all"] = r["predicted_buffers"] + r["pool"] + max(o["fixed"] for o in ok)
+            r["predicted_others"] = r["predicted_buffers"] + r["pool"] + max(others) if others else None
+        return rows
 
     def search(self) -> dict[str, Any]:
         path = self.model("8b")
@@ -216,9 +226,13 @@ class Check:
                    "ours": [{"what": r.what, "ngl": r.settings.n_gpu_layers, "n_cpu_moe": r.settings.n_cpu_moe,
                              "max_ctx": r.max_ctx, "holds": r.holds_target} for r in ours],
                    "llama_fit_params": _fit_line(theirs)}
-            # A margin that leaves room for about 60 % of the weights: both must offload part of the model.
+            # A margin that leaves room for about 60 % of the weights: both must offload part of the model. It is
+            # llama-fit-params' margin on the GPU; ours is the same GPU with that much less free (the host keeps
+            # its own default margin).
             keep = int(free - 0.6 * facts.weight_bytes)
-            ours = fit.fit(facts, self.hw, CTX, kv_types=("f16",), keep=keep)
+            gpu = dataclasses.replace(self.hw.offload_gpus[0], vram_free=free - keep)
+            smaller = dataclasses.replace(self.hw, gpus=(gpu,))
+            ours = fit.fit(facts, smaller, CTX, kv_types=("f16",), keep=0)
             theirs = _text([str(self.bin / "llama-fit-params"), "-m", path, "-c", str(CTX), "-fitt", str(keep // MIB)],
                            timeout=300)
             row["pressed"] = {"keep_mib": keep // MIB,
@@ -333,21 +347,21 @@ def markdown(r: dict[str, Any]) -> str:
         p = r["peaks"]
         lines += [f"## Memory model vs the real peak (NVML; {PEAK_WORK.prompt_tokens}-token prompt after "
                   f"{PEAK_WORK.depth} tokens, ctx {CTX})", "",
-                  f"Learned GPU overhead allowance: {p['allowance'] / MIB:,.0f} MiB (default before any run: "
-                  f"{p['default'] / MIB:,.0f} MiB).", "",
-                  "| shape | settings | peak MiB | engine's GPU buffers | predicted buffers | overhead | predicted "
-                  "(allowance from all runs) | predicted (from the others) |", "|---|---|---|---|---|---|---|---|"]
+                  "Predicted = the predicted buffers + the priced pool (`overhead.pool`) + the fixed part, learned as "
+                  "the largest (overhead - pool) of every run, or of the other runs only.", "",
+                  "| shape | settings | peak MiB | engine's GPU buffers | predicted buffers | overhead | pool priced | "
+                  "predicted (fixed from all) | predicted (fixed from the others) |", "|---|---|---|---|---|---|---|---|---|"]
         for x in p["rows"]:
             if not x["ok"]:
-                lines.append(f"| {x['shape']} | {x['settings']} | failed: {x['error'][:80]} | | | | | |")
+                lines.append(f"| {x['shape']} | {x['settings']} | failed: {x['error'][:80]} | | | | | | |")
                 continue
 
             def pct(v: Any) -> str:
                 return "-" if v is None or not x["peak"] else f"{v / MIB:,.0f} ({(v - x['peak']) / x['peak'] * 100:+.1f} %)"
 
             lines.append(f"| {x['shape']} | {x['settings']} | {x['peak'] / MIB:,.0f} | {x['logged_buffers'] / MIB:,.0f} | "
-                         f"{x['predicted_buffers'] / MIB:,.0f} | {x['overhead'] / MIB:,.0f} | {pct(x.get('predicted_all'))} | "
-                         f"{pct(x.get('predicted_others'))} |")
+                         f"{x['predicted_buffers'] / MIB:,.0f} | {x['overhead'] / MIB:,.0f} | {x.get('pool', 0) / MIB:,.0f} | "
+                         f"{pct(x.get('predicted_all'))} | {pct(x.get('predicted_others'))} |")
         lines.append("")
     s = r.get("search", {})
     if "trials" in s:
@@ -397,9 +411,15 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--until", type=float, default=time.time() + 480, help="epoch seconds: start no phase that could end later")
     ap.add_argument("--phases", default=",".join(COST), help="in this order (the most telling first)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="the synthetic shapes of the memory and fit phases")
+    ap.add_argument("--reanalyze", action="store_true",
+                    help="no runs: price the recorded peaks again with this version's memory model")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     check = Check(a.out, a.work or a.out, a.donor, a.llama_bin, a.until, tuple(a.shapes.split(",")))
+    if a.reanalyze:
+        check.results["peaks"]["rows"] = check.predict(check.results["peaks"]["rows"])
+        check.save()
+        return 0
     check.run(a.phases.split(","))
     check.save()
     return 0

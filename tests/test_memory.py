@@ -315,3 +315,40 @@ def test_verify_on_an_architecture_without_replay_predicts_the_weights(smol, dem
     assert row["error"] is None and row["source"] == memory.DRY_RUN
     assert row["engine"]["kv"] > 0 and abs(row["error_pct"]["weights"]) < 0.01
 
+
+
+# ------------------------------------------------------------------------------------ a GPU's overhead
+
+
+def test_gpu_pool_is_priced_for_attention_without_flash_attention_and_for_experts(shapes, demo_model, tmp_path):
+    from autotune import overhead
+
+    dense = read_facts(shapes["8b"])
+    s = S(n_ctx=8192, n_ubatch=512, n_gpu_layers=33, flash_attn=True)
+    assert overhead.pool(dense, s) == 0
+    assert overhead.pool(dense, s.replace(flash_attn=False)) == 4 * 8192 * 512 * 32  # two f16 KQ products
+    assert overhead.pool(dense, s.replace(flash_attn=False, n_gpu_layers=0)) == 0  # attention on the host
+    moe = read_facts(synth.write_model(tmp_path / "moe.gguf", demo_model, synth.SHAPES["qwen3-30b-a3b"], "Q4_K",
+                                       header_only=True, vocab=2048))
+    assert overhead.pool(moe, s) == 3 * 512 * 8 * (2048 + 768) * 4  # each expert's tokens, in and out
+
+
+def test_gpu_overhead_is_learned_per_gpu_and_build_fake_gpu(shapes):
+    """A constructed GPU and observations written as runs on it would write them: the estimate adds the largest
+    fixed part measured there, plus the run's pool; another build or GPU keeps the default."""
+    from autotune import overhead
+
+    hw = fake_gpus(80)
+    facts = read_facts(shapes["8b"])
+    s = S(n_ctx=8192, n_gpu_layers=33, flash_attn=False)
+    before = memory.estimate(facts, s, hw).device("gpu0")
+    assert before.overhead == overhead.DEFAULT + overhead.pool(facts, s)
+    buffers = {"model": {"CUDA0": 4000 * MIB, "CPU_Mapped": 400 * MIB}, "kv": {"CUDA0": 1000 * MIB}, "compute": {}}
+    build = engine.build_key()
+    assert overhead.observe(build, ("fake0",), 5700 * MIB, buffers, 0) == 700 * MIB  # host buffers do not count
+    assert overhead.observe(build, ("fake0",), 6000 * MIB, buffers, 512 * MIB) == 488 * MIB  # its pool priced apart
+    assert overhead.observe(build, ("fake0",), 900 * MIB, {"model": {"CPU": 900 * MIB}}, 0) is None  # no GPU buffer
+    after = memory.estimate(facts, s, hw)
+    assert after.device("gpu0").overhead == 700 * MIB + overhead.pool(facts, s) and after.gpu_overhead_learned
+    assert overhead.allowance("another-build", ("fake0",)) == (overhead.DEFAULT, False)
+    assert not memory.estimate(facts, s, fake_gpus(80, 80)).gpu_overhead_learned  # two GPUs: not measured

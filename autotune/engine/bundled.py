@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 from .. import overhead
 from ..errors import EngineDied, ModelError
+from ..gguf_model import read_facts
 from ..settings import Settings
 from . import history as history_cache
 from . import process
@@ -179,7 +180,7 @@ def measure(model_path: str, settings: Settings, workload: Workload = Workload()
     m.wall_s = done.wall_s
     m.peak_vram = done.peak_vram
     if done.peak_vram:  # what the GPU held beyond the logged buffers: the memory model's allowance learns it
-        overhead.observe(build_key(), done.gpus, done.peak_vram, m.buffers)
+        overhead.observe(build_key(), done.gpus, done.peak_vram, m.buffers, overhead.pool(read_facts(model_path), settings))
     return m
 
 

@@ -33,10 +33,10 @@ class Diagnosis:
         out = [f"vocabulary load with the engine's library loaded first (how autotune runs it): {self.engine_first}",
                f"vocabulary load with the system libstdc++ loaded first (as after `import numpy`): {self.runtime_first}"]
         own = [c for c in self.carried if c.locale]
-        for c in own:
-            out.append(f"{c.path} defines {c.std_symbols:,} std:: symbols of its own, libstdc++'s locale facet ids "
-                       f"among them" + (f" (built by {c.compiler})" if c.compiler else ""))
-        if self.order_fault:
+        if self.order_fault:  # (a library carrying them is no fault by itself: seen loading in either order)
+            for c in own:
+                out.append(f"{c.path} defines {c.std_symbols:,} std:: symbols of its own, libstdc++'s locale facet "
+                           f"ids among them" + (f" (built by {c.compiler})" if c.compiler else ""))
             compiler = next((c.compiler for c in own if c.compiler), "another compiler")
             system = self.system_libstdcxx or "the system's libstdc++"
             out.append(

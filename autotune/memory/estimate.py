@@ -22,7 +22,6 @@ from .layout import (
     MemoryEstimate,
     Placement,
     context,
-    copies,
     kv_buffers,
     placement,
     weight_buffers,
@@ -178,6 +177,8 @@ def _assemble(facts: ModelFacts, settings: Settings, hw: Hardware, where: Placem
 
     budgets = _budgets(hw)
     gpu_overhead, learned = overhead.allowance(engine.build_key(), tuple(g.name for g in hw.offload_gpus))
+    pool = overhead.pool(facts, settings)  # on each GPU holding layers (their attention and experts run there)
+    held = set(where.layers) | {where.output}
     devices = [
         DeviceMemory(
             device=dev,
@@ -186,7 +187,7 @@ def _assemble(facts: ModelFacts, settings: Settings, hw: Hardware, where: Placem
             kv=kv.get(dev, 0),
             compute=compute.get(dev, 0),
             output=output.get(dev, 0),
-            overhead=HOST_OVERHEAD if dev == HOST else gpu_overhead,
+            overhead=HOST_OVERHEAD if dev == HOST else gpu_overhead + (pool if dev in held else 0),
             budget=budgets[dev],
         )
         for dev in (HOST, *where.gpus)
@@ -201,7 +202,6 @@ def _assemble(facts: ModelFacts, settings: Settings, hw: Hardware, where: Placem
         n_ubatch=c.n_ubatch,
         shared_memory=hw.backend == "metal" and bool(where.gpus),
         source=source,
-        weight_copies=copies(facts, where),
         gpu_overhead_learned=learned and bool(where.gpus),
     )
 

@@ -93,7 +93,6 @@ class MemoryEstimate:
     n_ubatch: int  # after the engine's clamping
     shared_memory: bool = False  # GPU memory is host RAM (Apple unified memory)
     source: str = "replay"  # where the KV and compute figures come from: the replay or the engine's dry run
-    weight_copies: int = 0  # bytes of weights held twice (``copies``): real memory, one tensor to the engine
     gpu_overhead_learned: bool = False  # each GPU's overhead is the allowance measured there (else the default)
 
     @property
@@ -158,7 +157,6 @@ class MemoryEstimate:
             "total": self.total,
             "fits": self.fits,
             "shortfall": self.shortfall,
-            "weight_copies": self.weight_copies,
             "gpu_overhead_learned": self.gpu_overhead_learned,
         }
 
@@ -277,14 +275,6 @@ def extra_bytes(type_name: str, shape: tuple[int, ...], n_bytes: int, features: 
     if amx:
         return pad(amx, TENSOR_ALIGNMENT)
     return pad(n_bytes, TENSOR_ALIGNMENT) if repack_ok(type_name, shape, features, indexed) else 0
-
-
-def copies(facts: ModelFacts, where: Placement) -> int:
-    """Weight bytes ``weight_buffers`` counts twice: the output layer's copy of a tied token embedding on a GPU
-    (llama.cpp duplicates the tensor into the output layer's buffer; ``llama_model_size`` counts it once)."""
-    if not facts.tied_embeddings or where.output == HOST:
-        return 0
-    return pad(next(t for t in facts.tensors if t.name == "token_embd.weight").n_bytes, TENSOR_ALIGNMENT)
 
 
 def weight_buffers(facts: ModelFacts, s: Settings, hw: Hardware, where: Placement) -> tuple[dict[str, int], int]:

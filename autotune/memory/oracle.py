@@ -28,8 +28,8 @@ def as_logged(n: int) -> int:
 
 def verify(facts: ModelFacts, settings_list: Sequence[Settings], hw: Hardware | None = None) -> list[dict[str, Any]]:
     """Each estimate against a fresh no-allocation dry run of the engine (one child process for all).
-    Totals compare what the dry run can see: weights (llama_model_size), KV, compute and output; the repack
-    buffer and the fixed overhead are left out of both sides. ``hw`` must describe the machine the engine
+    Totals compare what the dry run can see: weights (llama_model_size, every tensor once), KV, compute and
+    output; the repack buffer and the fixed overhead are left out of both sides. ``hw`` must describe the machine the engine
     runs on (default: probe it). Rows carry the estimate's source: for an architecture the replay does not
     price, KV, compute and output come from the (cached) dry run and only the weights are predicted."""
     from .. import engine
@@ -58,11 +58,10 @@ def verify(facts: ModelFacts, settings_list: Sequence[Settings], hw: Hardware | 
         except ModelError as err:
             row["error"] = str(err)
             continue
-        # llama_model_size counts every weight once, whatever buffer holds it: compare the layout with no
-        # extra (AMX / CPU_REPACK) buffers, where every weight sits in a plain or mapped buffer.
-        plain = estimate(facts, s.replace(use_extra_bufts=False), hw) if s.use_extra_bufts else e
-        pred = {  # a weight held twice (a tied embedding's GPU copy) is one tensor to llama_model_size
-            "weights": sum(d.weights for d in plain.devices) - plain.weight_copies,
+        # llama_model_size counts every tensor once, whatever buffer holds it (its placement is checked against a
+        # real load: the dry run logs weight buffers as zero): compare the tensor table with it.
+        pred = {
+            "weights": sum(t.n_bytes for t in facts.tensors),
             "kv": e.kv_k + e.kv_v,
             "compute": sum(d.compute for d in e.devices),
             "output": sum(d.output for d in e.devices),
