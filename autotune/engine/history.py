@@ -60,7 +60,7 @@ def load(ctx: Any, path: Path, tokens: list[int]) -> bool:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx.ptr), True)
         return False
     ctx.input_ids[: len(tokens)] = tokens
-    ctx.n_tokens = len(tokens)
+    ctx.n_tokens = ctx._cached = len(tokens)
     return True
 
 

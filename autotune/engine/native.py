@@ -188,6 +188,7 @@ class Context:
         self.batch = L.llama_batch_init(self.n_batch, 0, 1)
         self.input_ids: npt.NDArray[np.intc] = np.zeros(self._n_ctx, dtype=np.intc)
         self.n_tokens = 0
+        self._cached = 0  # positions the cache holds: an eval drops those past n_tokens only when there are some
         self._stage = ""
 
     def n_ctx(self) -> int:
@@ -203,7 +204,7 @@ class Context:
         if self.n_tokens + len(tokens) > self._n_ctx:
             raise RuntimeError(f"{self.n_tokens + len(tokens)} tokens do not fit the context of {self._n_ctx}")
         again = 0
-        if not L.llama_memory_seq_rm(self.memory, 0, self.n_tokens, -1):
+        if self.n_tokens < self._cached and not L.llama_memory_seq_rm(self.memory, 0, self.n_tokens, -1):
             # a recurrent state cannot be cut back: start over and evaluate the kept tokens again (as Llama does)
             again = self.n_tokens
             L.llama_memory_clear(self.memory, True)
@@ -226,6 +227,7 @@ class Context:
                                                   shape=(len(chunk), self.model.n_vocab)).copy())
             self.input_ids[self.n_tokens: self.n_tokens + len(chunk)] = chunk
             self.n_tokens += len(chunk)
+            self._cached = self.n_tokens
         return np.concatenate(rows)[again:] if all_logits and rows else None
 
     def _decode(self, n: int) -> None:
