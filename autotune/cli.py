@@ -359,12 +359,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     import shlex
 
-    from . import export, pipeline, space
+    from . import export, flags, pipeline, space
     from .settings import Settings
 
     start, model, ctx = None, args.model, args.ctx
     if args.from_cmdline:
-        cmd = export.parse_server_flags(shlex.split(args.from_cmdline))
+        cmd = flags.parse_server_flags(shlex.split(args.from_cmdline))
         start, model = cmd.settings, args.model or cmd.model or None
         ctx = ctx or (start.n_ctx if start.n_ctx != Settings().n_ctx else None)
         if cmd.other:

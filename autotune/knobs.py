@@ -18,14 +18,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Union
+from typing import Any, Callable, Union
 
 from gguf import GGMLQuantizationType
-
-if TYPE_CHECKING:
-    from .gguf_model import ModelFacts
-    from .probe import Hardware
-    from .settings import Settings
 
 
 def default_threads() -> tuple[int, int]:
@@ -66,9 +61,21 @@ class IntRange:
     high: int
 
 
+@dataclass(frozen=True)
+class Where:
+    """What a knob's search domain depends on, as plain values: the table sits below the model, the machine
+    and the settings, and the search space (``space``) fills this in from them."""
+
+    n_layer: int
+    moe_layers: tuple[int, ...]  # layers with experts
+    uses_swa: bool  # a sliding-window cache
+    logical_cores: int
+    gpus: bool  # the engine offloads to a GPU on this machine
+
+
 # Which values the search may try on this machine for this model (None: not searched here): a tuple of
-# choices (Optuna ``suggest_categorical``) or an IntRange. ``base`` holds the context and the pins.
-Domain = Callable[["ModelFacts", "Hardware", "Settings"], Union[tuple[Any, ...], IntRange, None]]
+# choices (Optuna ``suggest_categorical``) or an IntRange.
+Domain = Callable[[Where], Union[tuple[Any, ...], IntRange, None]]
 
 
 @dataclass(frozen=True)
@@ -111,38 +118,38 @@ def _true_false(value: bool) -> str:
     return "true" if value else "false"
 
 
-def _threads(facts: ModelFacts, hw: Hardware, base: Settings) -> IntRange:
-    return IntRange(1, hw.logical_cores)
+def _threads(w: Where) -> IntRange:
+    return IntRange(1, w.logical_cores)
 
 
-def _gpu_layers(facts: ModelFacts, hw: Hardware, base: Settings) -> IntRange | None:
-    return IntRange(0, facts.n_layer + 1) if hw.offload_gpus else None
+def _gpu_layers(w: Where) -> IntRange | None:
+    return IntRange(0, w.n_layer + 1) if w.gpus else None
 
 
-def _on_gpus(facts: ModelFacts, hw: Hardware, base: Settings) -> tuple[bool, ...] | None:
-    return (True, False) if hw.offload_gpus else None
+def _on_gpus(w: Where) -> tuple[bool, ...] | None:
+    return (True, False) if w.gpus else None
 
 
-def _on_off_first(facts: ModelFacts, hw: Hardware, base: Settings) -> tuple[bool, ...]:
+def _on_off_first(w: Where) -> tuple[bool, ...]:
     return (True, False)
 
 
-def _off_on_first(facts: ModelFacts, hw: Hardware, base: Settings) -> tuple[bool, ...]:
+def _off_on_first(w: Where) -> tuple[bool, ...]:
     return (False, True)
 
 
-def _ubatches(facts: ModelFacts, hw: Hardware, base: Settings) -> tuple[int, ...]:
+def _ubatches(w: Where) -> tuple[int, ...]:
     """A GPU prefills best in large micro-batches (llama.cpp's own default is 512); a CPU in smaller ones."""
-    return (256, 512, 1024, 2048) if hw.offload_gpus else (64, 128, 256, 512, 1024)
+    return (256, 512, 1024, 2048) if w.gpus else (64, 128, 256, 512, 1024)
 
 
-def _sliding_window(facts: ModelFacts, hw: Hardware, base: Settings) -> tuple[bool, ...] | None:
-    return (True, False) if facts.uses_swa else None
+def _sliding_window(w: Where) -> tuple[bool, ...] | None:
+    return (True, False) if w.uses_swa else None
 
 
-def _experts_on_host(facts: ModelFacts, hw: Hardware, base: Settings) -> IntRange | None:
+def _experts_on_host(w: Where) -> IntRange | None:
     """Searched only with a GPU to keep the other experts on: on the host alone it moves no memory."""
-    return IntRange(0, max(facts.moe_layers) + 1) if hw.offload_gpus and facts.moe_layers else None
+    return IntRange(0, max(w.moe_layers) + 1) if w.gpus and w.moe_layers else None
 
 
 KNOBS: tuple[Knob, ...] = (
@@ -179,7 +186,7 @@ KNOBS: tuple[Knob, ...] = (
                               "-np; Ollama's OLLAMA_NUM_PARALLEL is server-wide); the tuned value is {value}"),
     Knob("kv_unified", "bool", False, "one KV buffer for all slots", None, Flag("--kv-unified", ("-kvu",), when=True),
          plotted=False, memory=True),
-    # llama-server spells mmap and mlock as one load mode (-lm): written jointly by export.server_flags
+    # llama-server spells mmap and mlock as one load mode (-lm): written jointly by flags.server_flags
     Knob("use_mmap", "bool", True, "mmap", _same, None, Flag("--nommap", when=False),
          ("load.tryMmap", _same), ("use_mmap", _true_false), domain=_on_off_first, load=True),
     Knob("use_mlock", "bool", False, "mlock", _same, None, Flag("--usemlock", when=True),

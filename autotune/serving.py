@@ -26,7 +26,7 @@ from . import engine, health, loadgen, memory, space, study
 from .engine import external
 from .engine.base import prompt_text
 from .errors import AutotuneError, ModelError
-from .export import server_flags
+from .flags import server_flags
 from .gguf_model import ModelFacts
 from .probe import Hardware
 from .recommend import Spread

@@ -16,7 +16,7 @@ from gguf import GGML_QUANT_SIZES
 from . import fit, memory
 from .errors import EngineDied, EngineRefused, ModelError, SettingsError
 from .gguf_model import ModelFacts
-from .knobs import BY_NAME, KNOBS, IntRange
+from .knobs import BY_NAME, KNOBS, IntRange, Where
 from .probe import Hardware
 from .settings import QUANTIZED_KV, Settings, coerce, ggml_type, row_bytes
 
@@ -195,8 +195,9 @@ def build_space(
     base.check(hw.can_offload)
     ints: dict[str, tuple[int, int]] = {}
     params: dict[str, tuple[Any, ...]] = {}
+    here = Where(facts.n_layer, facts.moe_layers, facts.uses_swa, hw.logical_cores, bool(hw.offload_gpus))
     for knob in KNOBS:
-        domain = knob.domain(facts, hw, base) if knob.domain else None
+        domain = knob.domain(here) if knob.domain else None
         if isinstance(domain, IntRange):
             ints[knob.name] = (domain.low, domain.high)
         elif domain is not None:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from autotune import engine, export, fit, memory, overhead, pipeline, synth
+from autotune import engine, fit, flags, memory, overhead, pipeline, synth
 from autotune.engine import Workload, diagnose
 from autotune.gguf_model import read_facts
 from autotune.probe import probe
@@ -200,7 +200,7 @@ class Check:
         tool = str(self.bin / "llama-bench")
         test = ["-p", str(b["prompt"]), "-n", str(b["gen"]), "-d", str(b["depth"]), "-r", str(b["reps"]), "-o", "json"]
         argv = {"llama.cpp defaults": [tool, "-m", path, *test],
-                "autotune": [tool, *export.bench_flags(rec, path, b["prompt"], b["gen"], b["depth"], b["reps"])]}
+                "autotune": [tool, *flags.bench_flags(rec, path, b["prompt"], b["gen"], b["depth"], b["reps"])]}
         samples: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in argv}
         for i in range(b["rounds"]):
             for name in (list(argv) if i % 2 == 0 else list(argv)[::-1]):

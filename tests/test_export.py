@@ -6,7 +6,7 @@ import shlex
 import pytest
 from conftest import run_python
 
-from autotune import export
+from autotune import export, flags
 from autotune.errors import ConfigError
 from autotune.gguf_model import read_facts
 from autotune.settings import Settings
@@ -26,7 +26,7 @@ def config(s: Settings = TUNED) -> dict:
 def test_llama_server_flags_round_trip(s):
     text = export.render(config(s), "llama-server")
     assert text.startswith("# written for llama-server of llama.cpp")  # the version the spelling is for
-    back = export.parse_server_flags(shlex.split(text.splitlines()[-1]))
+    back = flags.parse_server_flags(shlex.split(text.splitlines()[-1]))
     assert back.model == "/m/model.gguf" and back.other == ()
     assert back.settings == s
 
@@ -34,7 +34,7 @@ def test_llama_server_flags_round_trip(s):
 def test_a_users_own_command_line_is_read_not_refused():
     """Flags autotune does not tune are kept, older spellings are understood, values it cannot hold stay as
     written: a real command line from someone's start script."""
-    cmd = export.parse_server_flags(shlex.split(
+    cmd = flags.parse_server_flags(shlex.split(
         "llama-server -m ~/models/q.gguf --host 0.0.0.0 --port 8080 --jinja -c 16384 -ngl all -fa auto -t 8 "
         "--no-mmap --mlock --draft-max 8 -md d.gguf -np 4 --temp 0.7"))
     assert cmd.model == "~/models/q.gguf"
@@ -152,7 +152,7 @@ def test_no_repack_reaches_every_format():
     for fmt in ("koboldcpp", "ollama", "lmstudio"):
         assert "has no setting we know of for extra buffer types" in export.render(c, fmt), fmt
     assert "--no-repack" not in export.render(config(), "llama-server")
-    assert export.parse_server_flags(["llama-server", "-m", "m.gguf", "-nr"]).settings.use_extra_bufts is False
+    assert flags.parse_server_flags(["llama-server", "-m", "m.gguf", "-nr"]).settings.use_extra_bufts is False
 
 
 def test_experts_on_host_reach_every_format():
@@ -163,7 +163,7 @@ def test_experts_on_host_reach_every_format():
         assert "experts of the first N layers in host memory" in export.render(c, fmt), fmt
     for fmt in ("llama-server", "koboldcpp", "ollama", "lmstudio"):
         assert "moe" not in export.render(config(), fmt).lower(), fmt  # 0 is every tool's default: not written
-    assert export.parse_server_flags(["llama-server", "-m", "m.gguf", "--n-cpu-moe", "3"]).settings.n_cpu_moe == 3
+    assert flags.parse_server_flags(["llama-server", "-m", "m.gguf", "--n-cpu-moe", "3"]).settings.n_cpu_moe == 3
 
 
 _LOAD_SNIPPET = """

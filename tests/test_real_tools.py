@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from autotune import export, reference, synth
+from autotune import export, flags, reference, synth
 from autotune.settings import Settings
 
 # Extra buffers off: the engine's AMX kernel crashes on some Xeons, and these must pass on every machine.
@@ -151,4 +151,4 @@ def test_exports_name_the_version_of_the_tools_they_were_checked_against(tools):
     for path in tools.values():
         done = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=60)
         version = (done.stdout + done.stderr).split("version: ")[1].split()[0]
-        assert export.LLAMA_CPP == f"llama.cpp {version}, as vendored by llama-cpp-python {reference.engine_version()}"
+        assert flags.LLAMA_CPP == f"llama.cpp {version}, as vendored by llama-cpp-python {reference.engine_version()}"

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from autotune import cli, export, loadgen, memory, plots, reference, serving, space
+from autotune import cli, export, flags, loadgen, memory, plots, reference, serving, space
 from autotune.errors import SettingsError
 from autotune.gguf_model import read_facts
 from autotune.probe import Hardware
@@ -184,10 +184,10 @@ def test_the_serving_space_searches_slots_and_a_unified_cache_not_mmap(demo_mode
 
 def test_slots_and_a_unified_cache_reach_the_llama_server_line_and_back():
     s = Settings(n_ctx=4096, n_parallel=4, kv_unified=True)
-    flags = export.server_flags(s, "m.gguf")
-    assert flags[flags.index("-np") + 1] == "4" and "--kv-unified" in flags
-    assert export.parse_server_flags(flags).settings == s
-    assert "--kv-unified" not in export.server_flags(Settings(), "m.gguf")
+    line = flags.server_flags(s, "m.gguf")
+    assert line[line.index("-np") + 1] == "4" and "--kv-unified" in line
+    assert flags.parse_server_flags(line).settings == s
+    assert "--kv-unified" not in flags.server_flags(Settings(), "m.gguf")
 
 
 @pytest.mark.parametrize("argv,needle", [(["--users", "0"], "--users must be at least 1"),
@@ -203,7 +203,7 @@ def test_a_real_llama_server_under_a_real_load(tiny_model):
     """The reference llama-server (built once from the vendored source), the tiny model, 2 users."""
     binary = reference.tool("llama-server")
     s = Settings(n_ctx=1024, n_parallel=2, kv_unified=True, n_threads=2, n_threads_batch=2, use_extra_bufts=False)
-    served = serving.measure(binary, str(tiny_model), export.server_flags(s, str(tiny_model)), users=2, n_requests=4,
+    served = serving.measure(binary, str(tiny_model), flags.server_flags(s, str(tiny_model)), users=2, n_requests=4,
                              time_limit=120, label="tiny")
     assert served.ok, served.error
     load = served.load

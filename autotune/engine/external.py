@@ -147,7 +147,7 @@ def _run(argv: list[str], timeout: float) -> tuple[int, str, str, int, float]:
 
 
 def _bench(binary: Path, model: str, s: Settings, w: Workload, timeout: float) -> Measurement:
-    from ..export import bench_flags
+    from ..flags import bench_flags
 
     argv = [str(binary), *bench_flags(s, model, w.prompt_tokens, w.gen_tokens, w.depth, w.reps)]
     code, out, err, rss, wall = _run(argv, timeout)
@@ -206,7 +206,7 @@ class Server:
 
 
 def _server(binary: Path, model: str, s: Settings, w: Workload, timeout: float) -> Measurement:
-    from ..export import server_flags
+    from ..flags import server_flags
 
     error = ""
     with Server(binary, server_flags(s, model)) as srv:
