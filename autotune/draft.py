@@ -352,9 +352,8 @@ def summarize(arms: list[Arm], kinds: Sequence[str]) -> list[dict[str, Any]]:
                 entry.update(_outputs(arm, reference, kind))  # is the main alone itself deterministic?
             else:
                 entry["speedup"] = s.median / b.median if s.n and b.n and b.median else None
-                enough = min(s.n, b.n) >= MIN_SAMPLES
-                entry["clear_win"] = enough and s.q25 > b.q75
-                entry["clear_loss"] = enough and s.q75 < b.q25
+                said = s.versus(b)
+                entry["clear_win"], entry["clear_loss"] = said == "better", said == "worse"
                 entry.update(arm.counters(kind))
                 entry.update(_outputs(arm, reference, kind))
             row["kinds"][kind] = entry
@@ -490,3 +489,18 @@ def search_stage(config: dict[str, Any], choice: str, hw: Hardware, plan: Plan =
     except DraftError as e:
         return {**config, "draft": {"recommendation": {"use_draft": False, "verdict": f"No draft: {e}."}}}, None
     return {**config, "settings": report.recommended.to_dict(), "draft": report.to_dict()}, report
+
+
+def command(main_path: str, items: Sequence[str], settings: Settings, pins: dict[str, Any], hw: Hardware,
+            plan: Plan | None, on_verdict: Callable[[Any], None] = lambda v: None,
+            on_run: Callable[[str, str, Measurement], None] | None = None) -> DraftReport:
+    """``autotune draft``: the user's pins over ``settings``, the engine self-check with them (its switch pinned,
+    where one is needed), then ``evaluate``. With no ``plan`` nothing runs: compatibility and memory only."""
+    from . import health
+
+    settings = settings.replace(**pins)
+    if plan is not None:
+        verdict = health.check(main_path, settings, hw, pinned=frozenset(pins), timeout=plan.timeout)
+        on_verdict(verdict)
+        settings = settings.replace(**verdict.pins)
+    return evaluate(main_path, items, settings, hw, plan, on_run=on_run)

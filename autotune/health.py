@@ -156,3 +156,27 @@ def check(model_path: str, settings: Settings, hw: Hardware, pinned: frozenset[s
                               "not tried); see the README's troubleshooting section for rebuilds that do")
     _remember(key, verdict)
     return verdict
+
+
+@dataclass
+class Doctor:
+    """``autotune doctor``'s findings: the environment, and the self-check's verdict or why every run dies."""
+
+    environment: Any  # engine.diagnose.Diagnosis
+    verdict: Verdict | None
+    crash: str = ""  # EngineCrash's line, when no switch helps
+
+
+def doctor(model_path: str, start: Settings, hw: Hardware, pins: dict[str, Any], recheck: bool = False) -> Doctor:
+    """The environment (the vocabulary loaded with either C++ runtime first), then the self-check of ``start``
+    with the user's ``pins`` (run again with ``recheck``, else remembered)."""
+    from .engine import diagnose
+
+    start = start.replace(**pins)
+    if recheck:
+        forget(model_path, start, hw, frozenset(pins))
+    env = diagnose.diagnose(model_path)
+    try:
+        return Doctor(env, check(model_path, start, hw, pinned=frozenset(pins)))
+    except EngineCrash as e:
+        return Doctor(env, None, str(e))

@@ -51,6 +51,16 @@ class Spread:
     def to_dict(self) -> dict[str, float]:
         return self.__dict__.copy()
 
+    def versus(self, other: Spread, larger_is_better: bool = True) -> str:
+        """The one noise rule: "better" or "worse" only when the interquartile ranges are apart and each side has
+        at least ``MIN_SAMPLES`` samples; "same" (within noise) otherwise."""
+        if min(self.n, other.n) < MIN_SAMPLES:
+            return "same"
+        above, below = self.q25 > other.q75, self.q75 < other.q25
+        if not larger_is_better:
+            above, below = below, above
+        return "better" if above else "worse" if below else "same"
+
 
 @dataclass
 class Candidate:
@@ -75,13 +85,8 @@ def better(metric: str) -> int:
 
 
 def compare(a: Candidate, b: Candidate, metric: str, workload: Workload) -> str:
-    """"better", "worse" or "same" (within noise: the interquartile ranges overlap, or too few samples)."""
-    x, y = a.spread(metric, workload), b.spread(metric, workload)
-    if min(x.n, y.n) < MIN_SAMPLES:
-        return "same"
-    if better(metric) > 0:
-        return "better" if x.q25 > y.q75 else "worse" if x.q75 < y.q25 else "same"
-    return "better" if x.q75 < y.q25 else "worse" if x.q25 > y.q75 else "same"
+    """"better", "worse" or "same" on ``metric`` (``Spread.versus``)."""
+    return a.spread(metric, workload).versus(b.spread(metric, workload), better(metric) > 0)
 
 
 def ratio(a: Candidate, b: Candidate, metric: str, workload: Workload) -> float | None:

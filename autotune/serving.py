@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from . import engine, health, loadgen, memory, space, study
 from .engine import external
 from .engine.base import prompt_text
-from .errors import AutotuneError, ModelError
+from .errors import AutotuneError, ModelError, SettingsError
 from .flags import server_flags
 from .gguf_model import ModelFacts
 from .probe import Hardware
@@ -51,6 +51,15 @@ class ServeOptions:
     @property
     def requests(self) -> int:
         return max(4, self.users * self.requests_per_user)
+
+    def __post_init__(self) -> None:
+        """SettingsError (one line, with the flag's name) for a bound that cannot hold."""
+        for name, low in (("users", 1), ("ctx_per_user", 64), ("trials", 1), ("rounds", 2), ("requests_per_user", 1)):
+            if getattr(self, name) < low:
+                raise SettingsError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(self, name)})")
+        for name in ("max_ttft", "min_user_tps", "time_limit"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise SettingsError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
 
 
 @dataclass
@@ -198,10 +207,10 @@ def tune(model: str, facts: ModelFacts, hw: Hardware, binary: Path, opts: ServeO
                             f"--ctx-per-user)")
     say(f"slots that fit {opts.ctx_per_user:,} tokens each: {', '.join(map(str, slots))}")
     quality_req = study.StudyRequest(model_path=model, facts=facts, hw=hw, space=sp)
-    storage = study.open_storage(opts.storage)
-    name = study_name(model, facts, hw, opts, binary)
-    st = optuna.create_study(study_name=name, storage=storage, sampler=study.sampler(opts.seed), direction="maximize",
-                             load_if_exists=True)
+    server = {"name": f"llama-server ({binary})", "build": external.Tool("llama-server", binary).build_key()}
+    st = study.open_named(study_name(model, facts, hw, opts, binary), opts.storage, opts.seed, ["maximize"], hw,
+                          server, lambda new: new.set_user_attr("serving", {"users": opts.users,
+                                                                           "ctx_per_user": opts.ctx_per_user}))
     sp, quality = study.kv_quality(st, quality_req, opts.kv_quality)
     excluded = [pair for pair, r in quality.items() if r.get("excluded")]
     if excluded:
@@ -211,29 +220,29 @@ def tune(model: str, facts: ModelFacts, hw: Hardware, binary: Path, opts: ServeO
         first = sized(sp.base.replace(n_parallel=max(slots), flash_attn=True, kv_unified=True), opts.ctx_per_user)
         st.enqueue_trial(sspace.params_of(first))
 
-    def objective(trial: optuna.Trial) -> float:
+    def step(trial: optuna.Trial) -> tuple[TrialState, list[float] | None]:
         s = sized(sspace.suggest(trial), opts.ctx_per_user)
         trial.set_user_attr("settings", s.to_dict())
         problems = s.problems(hw.can_offload)
         if problems:
             trial.set_user_attr("reason", problems[0])
-            raise optuna.TrialPruned(problems[0])
+            return TrialState.PRUNED, None
         flags = server_flags(s, model)
         served = measure(binary, model, flags, opts.users, opts.requests, opts.time_limit, f"trial {trial.number}")
         trial.set_user_attr("served", dataclasses.asdict(served))
         if not served.ok:
             trial.set_user_attr("reason", served.error)
-            raise optuna.TrialPruned(served.error)
+            return TrialState.PRUNED, None
         for key, value in constraints(served.load, opts).items():
             trial.set_constraint(key, value)
         say(f"trial {trial.number}: {served.throughput:.1f} tok/s all users, p95 TTFT "
             f"{served.load['ttft_p95'] or 0:.2f} s, user {served.load['user_tps'] or 0:.1f} tok/s "
             f"({describe(s)})")
-        return served.throughput
+        return TrialState.COMPLETE, [served.throughput]
 
     remaining = opts.trials - len([t for t in st.trials if t.state.is_finished()])
-    if remaining > 0:
-        st.optimize(objective, n_trials=remaining)
+    if remaining > 0:  # the search's loop: heartbeats, a tuner's orphans, the patience stop
+        study.run(st, remaining, step)
     return _side_by_side(st, model, binary, opts, forced, slots, say)
 
 
@@ -294,7 +303,7 @@ def _decide(result: ServeResult, configs: dict[str, list[str]], settings_of: dic
     if b.n == 0:
         result.verdict = f"llama-server's defaults did not run here; {best} serves {x.median:.1f} tok/s."
         supported = True
-    elif x.q25 > b.q75:
+    elif x.versus(b) == "better":
         result.verdict = (f"{best} serves x{ratio:.2f} the aggregate throughput of {base} ({x.median:.1f} vs "
                           f"{b.median:.1f} tok/s, interquartile ranges apart).")
         supported = True

@@ -234,25 +234,41 @@ def sampler(seed: int) -> optuna.samplers.TPESampler:
                                       constant_liar=True)
 
 
-def open_study(req: StudyRequest) -> optuna.Study:
-    """Create the study, or load it to resume. Only the tuner whose ``create_study`` succeeds (the database's
-    unique study name decides, however many tuners start at once) describes it and enqueues the baselines,
-    so they are measured once."""
-    storage = open_storage(req.storage)
+def open_named(name: str, storage: str | None, seed: int, goals: list[str], hw: Hardware, engine_of: dict[str, str],
+               describe: Callable[[optuna.Study], None]) -> optuna.Study:
+    """Create study ``name``, or load it to resume: a worker joins only on the same kind of machine and engine
+    build (``engine_of``: its name and build key), and the trials a dead tuner of this host left running are
+    failed. Only the tuner whose ``create_study`` succeeds (the database's unique study name decides, however
+    many tuners start at once) records the machine and engine and calls ``describe`` (attributes, first trials),
+    so they are written once."""
+    store = open_storage(storage)
     try:
-        study = optuna.create_study(study_name=req.name(), storage=storage, sampler=sampler(req.seed), pruner=pruner(),
-                                    directions=directions(req.objective, req.pareto))
+        study = optuna.create_study(study_name=name, storage=store, sampler=sampler(seed), pruner=pruner(),
+                                    directions=goals)
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=req.name(), storage=storage, sampler=sampler(req.seed), pruner=pruner())
-        _check_same_kind(study, req)
-        fail_orphans(study, storage)
+        study = optuna.load_study(study_name=name, storage=store, sampler=sampler(seed), pruner=pruner())
+        _check_same_kind(study, hw, engine_of["build"])
+        fail_orphans(study, store)
         return study
     except ValueError as e:
-        raise StudyError(f"study {req.name()}: {e}") from None
+        raise StudyError(f"study {name}: {e}") from None
+    study.set_user_attr("hardware", hw.to_dict())
+    study.set_user_attr("engine", engine_of)
+    describe(study)
+    return study
+
+
+def open_study(req: StudyRequest) -> optuna.Study:
+    """The search's study (``open_named``): the model, workload, objective and space recorded, and the baselines
+    enqueued as its first trials, so they are measured once."""
+    mine = {"name": engine.current().name, "build": engine.current().build_key()}
+    return open_named(req.name(), req.storage, req.seed, directions(req.objective, req.pareto), req.hw, mine,
+                      lambda study: _describe(study, req))
+
+
+def _describe(study: optuna.Study, req: StudyRequest) -> None:
     study.set_user_attr("model", {"path": req.model_path, "sha256": file_sha256(req.model_path),
                                   "architecture": req.facts.architecture, "name": req.facts.name})
-    study.set_user_attr("hardware", req.hw.to_dict())
-    study.set_user_attr("engine", {"name": engine.current().name, "build": engine.current().build_key()})
     study.set_user_attr("workload", req.workload.__dict__)
     study.set_user_attr("objective", "pareto" if req.pareto else req.objective)
     study.set_user_attr("n_ctx", req.n_ctx)
@@ -268,7 +284,14 @@ def open_study(req: StudyRequest) -> optuna.Study:
         if params not in enqueued:
             enqueued.append(params)
             study.enqueue_trial(params, user_attrs={"role": role, "baseline": baseline})
-    return study
+
+
+def recommendation(name: str, url: str) -> dict[str, Any]:
+    """The tuned config a finished study stored (``autotune export --study``); ConfigError before it has one."""
+    st = load_existing(name, url)
+    if "recommendation" not in st.user_attrs:
+        raise ConfigError(f"study {name} has no recommendation yet: run autotune search to finish it")
+    return st.user_attrs["recommendation"]
 
 
 def baselines(req: StudyRequest) -> list[tuple[str, Settings]]:
@@ -290,17 +313,17 @@ def baselines(req: StudyRequest) -> list[tuple[str, Settings]]:
     return out
 
 
-def _check_same_kind(study: optuna.Study, req: StudyRequest) -> None:
+def _check_same_kind(study: optuna.Study, hw: Hardware, build: str) -> None:
     """A worker joins a study only on the same kind of machine and engine build: timings from different ones
     are not comparable, and one study would mix them."""
     theirs = study.user_attrs.get("hardware", {}).get("fingerprint")
-    if theirs and theirs != req.hw.fingerprint():
+    if theirs and theirs != hw.fingerprint():
         raise StudyError(f"study {study.study_name} was made on hardware {theirs}; this machine is "
-                         f"{req.hw.fingerprint()}: its timings would not be comparable (run a study of its own)")
-    build = study.user_attrs.get("engine", {}).get("build")
-    if build and build != engine.current().build_key():
-        raise StudyError(f"study {study.study_name} was measured with engine build {build}; this worker's is "
-                         f"{engine.current().build_key()}: its timings would not be comparable")
+                         f"{hw.fingerprint()}: its timings would not be comparable (run a study of its own)")
+    recorded = study.user_attrs.get("engine", {}).get("build")
+    if recorded and recorded != build:
+        raise StudyError(f"study {study.study_name} was measured with engine build {recorded}; this worker's is "
+                         f"{build}: its timings would not be comparable")
 
 
 def summaries(storage: str | None) -> list[dict[str, Any]]:
@@ -445,6 +468,11 @@ def stalled(study: optuna.Study, patience: int, min_trials: int = MIN_TRIALS) ->
     return f"stopped early: the last {patience} trials moved the best by {100 * (gain - 1):.1f} % (under {100 * MIN_GAIN:.0f} %)"
 
 
+# One trial's measuring step: it records what it measured on the trial and says how the trial ended (with its
+# "reason" user attribute set where it did not complete) and, when complete, the objective value(s).
+Step = Callable[[optuna.Trial], "tuple[TrialState, list[float] | None]"]
+
+
 def run_trials(
     study: optuna.Study,
     req: StudyRequest,
@@ -455,13 +483,29 @@ def run_trials(
     patience: int = PATIENCE,
     min_trials: int = MIN_TRIALS,
 ) -> Progress:
-    """Gate, measure and record ``n_trials`` trials (fewer when ``timeout`` seconds pass first, or when the
-    best has not moved for ``patience`` trials: ``stalled``), through Optuna's ``optimize``: each running
-    trial's heartbeat is recorded, and trials of tuners whose heartbeat stopped are failed before each new
-    trial. A trial whose first repetition the pruner finds clearly worse than earlier trials' stops there.
+    """The search's trials through ``run``: each is gated by the memory model and measured by the engine
+    (``_evaluate``); a trial whose first repetition the pruner finds clearly worse than earlier trials' stops
+    there."""
+    return run(study, n_trials, lambda trial: _evaluate(trial, req.space.suggest(trial), req, trial_timeout),
+               timeout, on_progress, patience, min_trials)
 
-    A KeyboardInterrupt stops the engine run in progress, records that trial as failed (interrupted)
-    and propagates, leaving the study consistent.
+
+def run(
+    study: optuna.Study,
+    n_trials: int,
+    step: Step,
+    timeout: float | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    patience: int = PATIENCE,
+    min_trials: int = MIN_TRIALS,
+) -> Progress:
+    """The one study loop (the search's and the serving study's): ``n_trials`` trials of ``step`` (fewer when
+    ``timeout`` seconds pass first, or when the best has not moved for ``patience`` trials: ``stalled``),
+    through Optuna's ``optimize``: each running trial's heartbeat is recorded, and trials of tuners whose
+    heartbeat stopped are failed before each new trial.
+
+    A KeyboardInterrupt stops the run in progress, records that trial as failed (interrupted) and propagates,
+    leaving the study consistent.
     """
     progress = Progress(total=n_trials)
 
@@ -474,7 +518,7 @@ def run_trials(
         trial.set_user_attr("reason", f"tuner process {pid} on {host} died mid-trial (no heartbeat for "
                                       f"{heartbeat()[1]} s)")
         try:
-            state, values = _evaluate(trial, req.space.suggest(trial), req, trial_timeout)
+            state, values = step(trial)
         except KeyboardInterrupt:
             trial.set_user_attr("reason", "interrupted by the user")
             raise

@@ -19,6 +19,7 @@ graph splits and buffers are the engine's to say), and each GPU adds the overhea
 (``autotune.overhead``: the CUDA context, cuBLAS, the memory pool's peak).
 """
 
+from .describe import KV_TYPES, describe
 from .estimate import (
            DRY_RUN,
            DRY_RUN_PROJECTED,
@@ -49,7 +50,7 @@ from .layout import (
 )
 from .oracle import COMPONENTS, as_logged, error_pct, peak, summarize, verify
 
-__all__ = ["COMPONENTS", "DRY_RUN", "DRY_RUN_PROJECTED", "GIB", "HOST", "HOST_OVERHEAD", "MARGIN_MIN",
+__all__ = ["COMPONENTS", "KV_TYPES", "describe", "DRY_RUN", "DRY_RUN_PROJECTED", "GIB", "HOST", "HOST_OVERHEAD", "MARGIN_MIN",
            "MIB", "REPLAY", "REPLAY_ARCHS", "DeviceMemory", "KVCache", "MemoryEstimate", "as_logged", "beyond_trained", "cache_pairs",
            "ctx_sweep", "error_pct", "estimate", "gpu_engine", "margin", "max_ctx", "pad", "peak", "placement", "prefetch", "replay_gap",
            "summarize", "validate", "verify"]
