@@ -6,8 +6,10 @@ none), and its label in plots. ``Settings`` is built from this table; ``export``
 from it; ``plots`` labels axes from it. Where a tool has no spelling for a setting that matters, the
 knob's ``missing`` sentence becomes a note in that export. ``moves`` says which speeds a knob can change
 (decode is one token per batch, so the batch knobs cannot move it): the search tunes the others in a second
-stage. Adding a knob is one entry here plus its engine wiring (``autotune.engine.bundled``) when
-``Llama(...)`` has no keyword for it.
+stage. ``load`` knobs are fixed by a model load, ``cache`` knobs change what a saved history holds, ``host_only``
+knobs matter only while layers stay on the host. Adding a knob is one entry here; a context parameter named like
+its ``Llama(...)`` keyword reaches the engine by that name (``op_offload`` was added so), a model parameter
+needs its line in ``engine.native.model_params``.
 
 What stays outside the table is joint, not per knob: the search space samples flash attention with the
 cache types, and ``n_batch`` as a multiple of ``n_ubatch`` (``space``); KoboldCpp's one ``--quantkv`` for
@@ -96,6 +98,8 @@ class Knob:
     plotted: bool = True  # a knob the speed-per-knob plot may vary
     memory: bool = False  # changes what the engine allocates (part of a cached dry-run answer's key)
     load: bool = False  # fixed by the model load (a model parameter): runs differing only in others share a load
+    cache: bool = True  # changes what the KV cache holds after a history is evaluated (else a saved one is reused)
+    host_only: bool = False  # matters only while layers stay on the host: not searched with every layer on a GPU
     moves: tuple[str, ...] = ("decode", "prefill")  # the speeds it can change (decode: one token per batch)
 
     def default_value(self) -> Any:
@@ -160,13 +164,15 @@ KNOBS: tuple[Knob, ...] = (
          domain=_gpu_layers, memory=True, load=True, bench=Flag("-ngl")),
     Knob("n_threads", "int", lambda: default_threads()[0], "decode threads (n_threads)", _same,
          Flag("-t", ("--threads",)), Flag("--threads"), ("load.cpuThreadPoolSize", _same), ("num_thread", str),
-         domain=_threads, bench=Flag("-t"), moves=("decode",)),
+         domain=_threads, bench=Flag("-t"), moves=("decode",), cache=False, host_only=True),
     Knob("n_threads_batch", "int", lambda: default_threads()[1], "prompt threads (n_threads_batch)", _same,
-         Flag("-tb", ("--threads-batch",)), Flag("--blasthreads"), domain=_threads, moves=("prefill",)),
+         Flag("-tb", ("--threads-batch",)), Flag("--blasthreads"), domain=_threads, moves=("prefill",), cache=False,
+         host_only=True),
     Knob("n_batch", "int", 512, "n_batch", _same, Flag("-b", ("--batch-size",)), Flag("--blasbatchsize"),
-         ("load.evalBatchSize", _same), ("num_batch", str), memory=True, bench=Flag("-b"), moves=("prefill",)),
+         ("load.evalBatchSize", _same), ("num_batch", str), memory=True, bench=Flag("-b"), moves=("prefill",),
+         cache=False),
     Knob("n_ubatch", "int", 512, "n_ubatch", _same, Flag("-ub", ("--ubatch-size",)), domain=_ubatches, memory=True,
-         bench=Flag("-ub"), moves=("prefill",)),
+         bench=Flag("-ub"), moves=("prefill",), cache=False),
     Knob("flash_attn", "bool", False, "flash attention", _same, Flag("-fa", ("--flash-attn",), encode=_on_off),
          Flag("--flashattention", when=True), ("load.flashAttention", _same), memory=True,
          bench=Flag("-fa", encode=_on_off)),
@@ -178,7 +184,13 @@ KNOBS: tuple[Knob, ...] = (
          domain=_sliding_window, memory=True),
     Knob("offload_kqv", "bool", True, "KV cache on the GPU", _same,
          Flag("--no-kv-offload", ("-nkvo",), when=False), lmstudio=("load.offloadKVCacheToGpu", _same),
-         domain=_on_gpus, memory=True, bench=Flag("-nkvo", encode=lambda on: "0" if on else "1")),
+         domain=_on_gpus, memory=True, bench=Flag("-nkvo", encode=lambda on: "0" if on else "1"), host_only=True),
+    # A prompt's matrix products for layers left on the host run on the GPU, their weights copied over per batch
+    Knob("op_offload", "bool", True, "host layers' batches on the GPU (op_offload)", _same,
+         Flag("--no-op-offload", when=False), domain=_on_gpus, memory=True,
+         bench=Flag("-nopo", encode=lambda on: "0" if on else "1"), moves=("prefill",), cache=False, host_only=True,
+         missing="{tool} has no setting we know of for llama.cpp's --no-op-offload; the tuned settings keep a "
+                 "prompt's host layers on the host (op_offload={value})"),
     # Serving (llama-server): conversations decoded at once, and whether they share one KV buffer. One
     # sequence is what llama-cpp-python runs and what a tuned single-user config was measured with.
     Knob("n_parallel", "int", 1, "server slots (-np)", None, Flag("-np", ("--parallel",)), plotted=False,
@@ -188,11 +200,13 @@ KNOBS: tuple[Knob, ...] = (
          plotted=False, memory=True),
     # llama-server spells mmap and mlock as one load mode (-lm): written jointly by flags.server_flags
     Knob("use_mmap", "bool", True, "mmap", _same, None, Flag("--nommap", when=False),
-         ("load.tryMmap", _same), ("use_mmap", _true_false), domain=_on_off_first, load=True),
+         ("load.tryMmap", _same), ("use_mmap", _true_false), domain=_on_off_first, load=True, cache=False,
+         host_only=True),
     Knob("use_mlock", "bool", False, "mlock", _same, None, Flag("--usemlock", when=True),
-         ("load.keepModelInMemory", _same), domain=_off_on_first, load=True),
+         ("load.keepModelInMemory", _same), domain=_off_on_first, load=True, cache=False, host_only=True),
     Knob("use_extra_bufts", "bool", True, "extra buffer types (repack)", None,
-         Flag("--no-repack", ("-nr",), when=False), domain=_on_off_first, memory=True, load=True,
+         Flag("--no-repack", ("-nr",), when=False), domain=_on_off_first, memory=True, load=True, cache=False,
+         host_only=True,
          bench=Flag("--repack", encode=lambda on: "1" if on else "0"),
          missing="{tool} has no setting we know of for extra buffer types (llama.cpp --no-repack); the tuned "
                  "settings turn them off (use_extra_bufts=False), so {tool} may run slower or faster, and where "

@@ -26,7 +26,7 @@ MAX_BATCH = 4096  # n_batch beyond this buys nothing a prompt of a few thousand 
 # larger micro-batch or an f16 cache may need a few of them back on the host.
 SPAN = 4
 # Knobs that matter only while layers stay on the host: with every layer on a GPU they are left at the base.
-HOST_ONLY = ("n_threads", "n_threads_batch", "use_mmap", "use_mlock", "offload_kqv", "use_extra_bufts")
+HOST_ONLY = tuple(k.name for k in KNOBS if k.host_only)
 KV_CHOICES = ("f16", "q8_0", "q4_0")
 # The speeds each search parameter can change: a knob's own (``Knob.moves``), and the joint ones'.
 MOVES = {**{k.name: k.moves for k in KNOBS}, "batch_factor": BY_NAME["n_batch"].moves,

@@ -55,3 +55,24 @@ def test_row_bytes_follow_ggml_block_sizes():
 def test_llama_kwargs_use_ggml_type_ids():
     kw = Settings(type_k="q8_0", type_v="f16").llama_kwargs()
     assert (kw["type_k"], kw["type_v"]) == (8, 1)
+
+
+
+def test_a_knob_is_its_table_entry_op_offload():
+    """op_offload was added as one table entry: the engine's context parameter of that name, every export's
+    spelling (or its note) and what it changes, all from the table (its search domain: test_space)."""
+    from autotune import export, flags, knobs
+    from conftest import run_python
+
+    off = Settings(op_offload=False)
+    assert "--no-op-offload" in flags.server_flags(off, "m.gguf")
+    assert "--no-op-offload" not in flags.server_flags(Settings(), "m.gguf")
+    bench = flags.bench_flags(off, "m.gguf")
+    assert bench[bench.index("-nopo") + 1] == "1"
+    assert flags.parse_server_flags(flags.server_flags(off, "m.gguf")).settings.op_offload is False
+    assert "--no-op-offload" in export.render(export.build_config(off, {"path": "m.gguf"}, {}), "ollama")
+    k = knobs.BY_NAME["op_offload"]
+    assert k.moves == ("prefill",) and not k.cache and k.host_only and k.memory
+    code = ("import json\nfrom autotune.engine.native import context_params\nfrom autotune.settings import Settings\n"
+            "print(json.dumps([context_params(Settings(op_offload=v)).op_offload for v in (True, False)]))")
+    assert run_python(code) == [True, False]

@@ -116,3 +116,14 @@ def test_extra_buffers_are_a_knob_only_where_weights_would_use_them(demo_model, 
     assert "use_extra_bufts" not in space.build_space(avx2, read_facts(tiny_model), 4096).params
     pinned = space.build_space(amx, smol, 4096, {"use_extra_bufts": False})
     assert "use_extra_bufts" not in pinned.params and pinned.base.use_extra_bufts is False
+
+
+def test_op_offload_is_searched_only_while_layers_stay_on_the_host(demo_model, tmp_path):
+    from autotune import synth
+
+    small = read_facts(demo_model)
+    assert "op_offload" not in space.build_space(CPU_HW, small, 4096).params  # no GPU to offload to
+    assert "op_offload" not in space.build_space(fake_gpu_hw(), small, 4096).params  # every layer on the GPU
+    big = read_facts(synth.write_model(tmp_path / "8b.gguf", demo_model, synth.SHAPES["8b"], "Q4_K", header_only=True))
+    hw = dataclasses.replace(fake_gpu_hw(), gpus=(GPU(0, "Fake 4G", "cuda", 4 * 2**30, 4 * 2**30),))
+    assert space.build_space(hw, big, 4096).params["op_offload"] == (True, False)  # part of it on the host

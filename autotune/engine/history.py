@@ -20,10 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..knobs import BY_NAME
 from ..settings import Settings
-
-# Settings that change how fast the history is evaluated but not what the cache holds afterwards.
-NEUTRAL = ("n_threads", "n_threads_batch", "n_batch", "n_ubatch", "use_mmap", "use_mlock", "use_extra_bufts")
 
 _dir: str | None = None
 
@@ -40,7 +38,7 @@ def shared_dir() -> str:
 def key(model_path: str, settings: Settings, tokens: list[int], engine_version: str) -> str:
     """The file name for ``tokens`` of history under ``settings``: equal only where the cache would be."""
     st = os.stat(model_path)
-    fields = {k: v for k, v in settings.to_dict().items() if k not in NEUTRAL}
+    fields = {k: v for k, v in settings.to_dict().items() if BY_NAME[k].cache}  # what the cache holds depends on
     blob = json.dumps([os.path.abspath(model_path), st.st_size, st.st_mtime_ns, fields, tokens, engine_version],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32] + ".kv"
