@@ -8,6 +8,7 @@ and keep the result in a cache outside the repository, so every later use is ins
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import FetchError
 
@@ -71,6 +73,27 @@ def cache_dir() -> Path:
         return Path(os.environ["AUTOTUNE_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "autotune"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object kept in the cache; {} when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Replace a cache file atomically (two tuners writing at once never leave half a file); an unwritable cache
+    is not an error: it only costs the work again next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError:
+        pass
 
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:

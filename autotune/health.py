@@ -83,11 +83,7 @@ def _key(model_path: str, start: Settings, hw: Hardware, pinned: frozenset[str])
 
 
 def _read_cache() -> dict[str, Any]:
-    try:
-        data = json.loads(cache_path().read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return catalog.read_json(cache_path())
 
 
 def _remember(key: str, verdict: Verdict) -> None:
@@ -97,14 +93,7 @@ def _remember(key: str, verdict: Verdict) -> None:
 
 
 def _write_cache(data: dict[str, Any]) -> None:
-    path = cache_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        tmp.replace(path)  # atomic: two tuners checking at once never leave half a file
-    except OSError:
-        pass  # an unwritable cache only costs a check next time
+    catalog.write_json(cache_path(), data)
 
 
 def forget(model_path: str, settings: Settings, hw: Hardware, pinned: frozenset[str] = frozenset()) -> None:

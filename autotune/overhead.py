@@ -12,12 +12,10 @@ GPU and build (kept in the cache like the self-check's verdicts; ``DEFAULT`` bef
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
-from .catalog import cache_dir
+from .catalog import cache_dir, read_json, write_json
 from .gguf_model import EXPERTS, ModelFacts
 from .settings import Settings
 
@@ -88,19 +86,8 @@ def allowance(build_key: str, gpus: tuple[str, ...]) -> tuple[int, bool]:
 
 
 def _read() -> dict[str, Any]:
-    try:
-        data = json.loads(path().read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_json(path())
 
 
 def _write(data: dict[str, Any]) -> None:
-    p = path()
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        tmp.replace(p)
-    except OSError:
-        pass  # an unwritable cache only means the default next time
+    write_json(path(), data)  # an unwritable cache only means the default next time

@@ -207,7 +207,7 @@ def build_space(
     placement, where = {}, ""
     if hw.offload_gpus and not {"n_gpu_layers", "n_cpu_moe"} & set(pins):
         lean = base.replace(n_ubatch=min(params.get("n_ubatch", (base.n_ubatch,))))
-        lean = lean.replace(n_batch=lean.n_ubatch, **_leanest_attention(attention_choices(kv_types)))
+        lean = lean.replace(n_batch=lean.n_ubatch, **leanest_attention(attention_choices(kv_types)))
         placement, ranges, where = _gpu_placement(facts, hw, lean)
         base = base.replace(**placement)
         for name in ("n_gpu_layers", "n_cpu_moe"):
@@ -240,7 +240,7 @@ def build_space(
     return SearchSpace(base=base, params=params, int_ranges=ints, placement=placement, where=where)
 
 
-def _leanest_attention(choices: tuple[str, ...]) -> dict[str, Any]:
+def leanest_attention(choices: tuple[str, ...]) -> dict[str, Any]:
     """The attention choice with the smallest cache (flash attention on among equals: its compute buffer is
     smaller too)."""
     label = min(choices, key=lambda c: (sum(row_bytes(t, 32) for t in parse_attention(c)[1:]), not parse_attention(c)[0]))

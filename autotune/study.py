@@ -30,8 +30,8 @@ from .engine import Measurement, Workload
 from .errors import ConfigError, EngineDied, EngineRefused, StudyError
 from .gguf_model import ModelFacts, file_sha256
 from .probe import Hardware
-from .settings import Settings, row_bytes
-from .space import SearchSpace, kv_pairs, parse_attention
+from .settings import Settings
+from .space import SearchSpace, kv_pairs, leanest_attention
 
 OBJECTIVES = ("decode", "prefill", "ttft", "balanced")
 DEFAULT_STORAGE_DIR = Path("studies")
@@ -409,10 +409,8 @@ def leanest(req: StudyRequest) -> memory.MemoryEstimate:
     """The smallest footprint the space can reach: if even this does not fit, no trial can."""
     s = req.space.base
     attention = req.space.params.get("attention", ())
-    lean = min(attention, key=lambda c: sum(row_bytes(t, 32) for t in parse_attention(c)[1:]), default=None)
-    if lean:
-        fa, k, v = parse_attention(lean)
-        s = s.replace(flash_attn=fa, type_k=k, type_v=v)
+    if attention:
+        s = s.replace(**leanest_attention(attention))
     ubatch = min(req.space.params.get("n_ubatch", (s.n_ubatch,)))
     s = s.replace(n_ubatch=ubatch, n_batch=max(ubatch, s.n_batch if "n_batch" in req.pins else ubatch))
     layers = req.space.int_ranges.get("n_gpu_layers", (s.n_gpu_layers, s.n_gpu_layers))

@@ -33,7 +33,7 @@ class Diagnosis:
         out = [f"vocabulary load with the engine's library loaded first (how autotune runs it): {self.engine_first}",
                f"vocabulary load with the system libstdc++ loaded first (as after `import numpy`): {self.runtime_first}"]
         own = [c for c in self.carried if c.locale]
-        if self.order_fault:  # (a library carrying them is no fault by itself: seen loading in either order)
+        if self.order_fault:
             for c in own:
                 out.append(f"{c.path} defines {c.std_symbols:,} std:: symbols of its own, libstdc++'s locale facet "
                            f"ids among them" + (f" (built by {c.compiler})" if c.compiler else ""))
@@ -68,10 +68,11 @@ def diagnose(model_path: str, timeout: float = 120.0) -> Diagnosis:
     d = Diagnosis(system_libstdcxx=libs.system_libstdcxx())
     d.engine_first = _outcome(process.spawn(request, timeout))
     d.runtime_first = _outcome(process.Worker(prelude=RUNTIME_FIRST).ask(request, timeout, last=True))
-    for path in sorted(libs.lib_dir().glob("lib*.so")):
-        found = libs.carried(path)
-        if found is not None and found.std_symbols:
-            d.carried.append(found)
+    if d.order_fault:  # what the libraries carry explains a fault; without one it is no finding (seen on the H200)
+        for path in sorted(libs.lib_dir().glob("lib*.so")):
+            found = libs.carried(path)
+            if found is not None and found.std_symbols:
+                d.carried.append(found)
     return d
 
 

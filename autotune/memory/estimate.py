@@ -15,6 +15,7 @@ from .graphs import BUILDERS
 from .. import overhead
 from .layout import (
     HOST,
+    MIB,
     HOST_OVERHEAD,
     Ctx,
     DeviceMemory,
@@ -28,7 +29,6 @@ from .layout import (
 )
 from .reserve import compute_buffers
 
-MIB = 2**20
 REPLAY_ARCHS = tuple(BUILDERS)  # architectures whose reserve graph is rebuilt here, checked against the dry run
 REPLAY = "replay"
 DRY_RUN = "engine dry run"
