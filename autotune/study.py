@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import optuna
+import sqlalchemy
+import sqlalchemy.event
 import sqlalchemy.exc
 from optuna.storages._rdb import models as optuna_models
 from optuna.trial import TrialState
@@ -189,13 +191,34 @@ def open_storage(storage: str | None) -> optuna.storages.BaseStorage:
     for attempt in range(5):
         try:
             beat, grace = heartbeat()
-            return optuna.storages.RDBStorage(url, heartbeat_interval=beat, grace_period=grace, **kwargs)
+            storage = optuna.storages.RDBStorage(url, heartbeat_interval=beat, grace_period=grace, **kwargs)
+            if url.startswith("sqlite"):
+                _serialize_sqlite(storage.engine)
+            return storage
         except Exception as e:  # sqlalchemy / alembic errors: corrupt or foreign databases, or a schema race
             error = e
             if not _schema_race(e):
                 break
             time.sleep(0.1 * attempt)
     raise StudyError(f"cannot open study storage {url}: {type(error).__name__}: {str(error).splitlines()[0]}")
+
+
+def _serialize_sqlite(engine: sqlalchemy.engine.Engine) -> None:
+    """Make each of the storage's SQLite transactions take the write lock when it begins (BEGIN IMMEDIATE).
+
+    Python's sqlite3 runs a transaction's SELECTs before its BEGIN, so Optuna's "take a queued trial if it is
+    still WAITING" (a row lock on PostgreSQL) is a read and a later write there: two tuners both read WAITING,
+    both run the same queued trial, and the second one's tell fails ("Cannot tell a COMPLETE trial"). With the
+    lock taken first, the read and the write are one step. SQLAlchemy's documented recipe for SQLite."""
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None  # no implicit BEGIN from the driver: ours below
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin(connection: sqlalchemy.engine.Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the hooks (creating the schema) are not reused
 
 
 def _schema_race(e: Exception) -> bool:

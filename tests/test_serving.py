@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from autotune import cli, export, flags, loadgen, memory, plots, reference, serving, space
+from autotune import cli, flags, loadgen, memory, plots, reference, serving, space
 from autotune.errors import SettingsError
 from autotune.gguf_model import read_facts
 from autotune.probe import Hardware
