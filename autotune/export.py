@@ -15,7 +15,7 @@ from typing import Any
 from . import __version__
 from .errors import ConfigError, SettingsError
 from .flags import LLAMA_CPP, bench_flags, server_flags, spelled
-from .knobs import KNOBS
+from .knobs import BY_NAME, KNOBS
 from .settings import Settings
 
 SCHEMA_VERSION = 1
@@ -118,8 +118,10 @@ def _missing(s: Settings, spelling: str, tool: str) -> list[str]:
         value = getattr(s, k.name)
         if getattr(k, spelling) is not None or k.name in _JOINT.get(spelling, ()) or value == k.default_value():
             continue
-        if k.needs and not getattr(s, k.needs):
+        if (k.needs and not getattr(s, k.needs)) or (k.spec and s.spec_type not in k.spec):
             continue
+        if k.name == "spec_type" and value == "draft-simple" and getattr(BY_NAME["draft_model"], spelling):
+            continue  # the tool's own draft-model setting speculates this way
         notes.append(k.missing.format(tool=tool, value=value) if k.missing
                      else f"{tool} has no setting for {k.label}: the tuned value was {value}")
     return notes
@@ -136,7 +138,7 @@ def _engine_version() -> str:
 
 
 def llama_kwargs(s: Settings, model: str) -> dict[str, Any]:
-    """``llama_cpp.Llama(**kwargs)`` for these settings (the draft model is wired separately)."""
+    """``llama_cpp.Llama(**kwargs)`` for these settings (speculation is llama-server's: see ``python_kwargs``)."""
     return {"model_path": model, **s.llama_kwargs()}
 
 
@@ -181,19 +183,17 @@ def python_kwargs(s: Settings, model: str) -> str:
     else:
         params = "" if s.use_extra_bufts else _NO_REPACK
     head = "from llama_cpp import Llama\n" + params
-    if not s.draft_model:
-        return f"{head}\nllm = Llama(\n{body},\n)\n"
-    # A draft needs every token's logits kept (the library sizes its score array by n_batch otherwise).
-    return (f"{head}\nfrom autotune.engine.greedy_draft import GreedyDraft\nfrom autotune.settings import Settings\n\n"
-            f"draft = GreedyDraft({s.draft_model!r}, Settings.from_dict({s.to_dict()!r}))\n"
-            f"llm = Llama(\n{body},\n    logits_all=True,\n    draft_model=draft,\n)\n")
+    note = "" if s.spec_type == "none" else (
+        f"# Speculative decoding ({s.spec_type}) was measured in llama-server, which speculates natively; Llama()\n"
+        "# has no native draft-model or n-gram speculation: export --format llama-server to get it.\n")
+    return f"{head}\n{note}llm = Llama(\n{body},\n)\n"
 
 
 def lmstudio(s: Settings) -> dict[str, Any]:
     """An LM Studio SDK load config (``client.llm.model(key, config=...)``), plus the draft model."""
     out: dict[str, Any] = {}
     for k in KNOBS:
-        if k.lmstudio is None or (k.needs and not getattr(s, k.needs)):
+        if k.lmstudio is None or (k.needs and not getattr(s, k.needs)) or (k.spec and s.spec_type not in k.spec):
             continue
         path, encode = k.lmstudio
         *parents, key = path.split(".")

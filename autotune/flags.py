@@ -21,8 +21,9 @@ def spelled(s: Settings, tool: str) -> list[str]:
     out: list[str] = []
     for k in KNOBS:
         flag = getattr(k, tool)
-        if flag is not None and not (k.needs and not getattr(s, k.needs)):
-            out += flag.render(getattr(s, k.name))
+        if flag is None or (k.needs and not getattr(s, k.needs)) or (k.spec and s.spec_type not in k.spec):
+            continue
+        out += [word.replace("{spec_type}", s.spec_type) for word in flag.render(getattr(s, k.name))]
     return out
 
 
@@ -70,6 +71,9 @@ def parse_server_flags(argv: list[str]) -> ServerCommand:
         if k.server is None:
             continue
         for name in (k.server.name, *k.server.aliases):
+            if "{spec_type}" in name:  # one spelling per kind; which kind it was for, --spec-type says
+                takes.update((name.replace("{spec_type}", kind), k.name) for kind in k.spec)
+                continue
             if k.server.switch:
                 switches[name] = (k.name, k.server.when)
             else:

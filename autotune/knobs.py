@@ -83,7 +83,7 @@ Domain = Callable[[Where], Union[tuple[Any, ...], IntRange, None]]
 @dataclass(frozen=True)
 class Knob:
     name: str  # the Settings field
-    kind: str  # "bool", "int", "str" or "path" (a file, or None)
+    kind: str  # "bool", "int", "float", "str" or "path" (a file, or None)
     default: Any  # a value, or a function of nothing (the machine decides)
     label: str  # axis and table label
     llama: Callable[[Any], Any] | None = None  # the Llama(...) keyword's value (None: not a keyword)
@@ -94,6 +94,7 @@ class Knob:
     domain: Domain | None = None  # searched values; None: never searched alone (see space for joint ones)
     bench: Flag | None = None  # llama-bench (one value per flag: what one measured config runs)
     needs: str | None = None  # written only when this other setting is set (a draft model)
+    spec: tuple[str, ...] = ()  # written only with these speculation kinds (spec_type); empty: always
     missing: str | None = None  # the note ({tool}, {value}) for a tool without a spelling, when not the default
     plotted: bool = True  # a knob the speed-per-knob plot may vary
     memory: bool = False  # changes what the engine allocates (part of a cached dry-run answer's key)
@@ -147,6 +148,11 @@ def _ubatches(w: Where) -> tuple[int, ...]:
     return (256, 512, 1024, 2048) if w.gpus else (64, 128, 256, 512, 1024)
 
 
+def _choices(*values: Any) -> Domain:
+    """A fixed set of values, whatever the machine (the speculation stage's parameters)."""
+    return lambda w: values
+
+
 def _sliding_window(w: Where) -> tuple[bool, ...] | None:
     return (True, False) if w.uses_swa else None
 
@@ -154,6 +160,15 @@ def _sliding_window(w: Where) -> tuple[bool, ...] | None:
 def _experts_on_host(w: Where) -> IntRange | None:
     """Searched only with a GPU to keep the other experts on: on the host alone it moves no memory."""
     return IntRange(0, max(w.moe_layers) + 1) if w.gpus and w.moe_layers else None
+
+
+# llama-server's --spec-type kinds (llama.cpp common/speculative.cpp). The draft kinds run a second model: a
+# draft GGUF (draft-simple; eagle3 / dflash / dspark drafters trained for the main model) or the main model's
+# own multi-token-prediction layers (draft-mtp). The n-gram kinds draft from the text itself.
+DRAFT_KINDS = ("draft-simple", "draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark")
+NGRAM_MAP_KINDS = ("ngram-simple", "ngram-map-k", "ngram-map-k4v")
+NGRAM_KINDS = (*NGRAM_MAP_KINDS, "ngram-mod", "ngram-cache")
+SPEC_TYPES = ("none", *DRAFT_KINDS, *NGRAM_KINDS)
 
 
 KNOBS: tuple[Knob, ...] = (
@@ -218,17 +233,40 @@ KNOBS: tuple[Knob, ...] = (
          missing="{tool} has no setting for keeping the experts of the first N layers in host memory (llama.cpp "
                  "--n-cpu-moe); the tuned N is {value} (LM Studio's 'Force Model Expert Weights onto CPU' is N = "
                  "every layer)"),
-    # llama-server loads a draft with -md but drafts nothing until told how (--spec-type defaults to none)
-    Knob("draft_model", "path", None, "draft model", None,
-         Flag("-md", ("--model-draft", "--spec-draft-model"), extra=("--spec-type", "draft-simple")),
+    # Speculative decoding, as llama-server does it natively (the speculation stage measures it there):
+    # --spec-type picks the kind; a draft model is loaded with -md but drafts nothing until --spec-type says
+    # how. The n-gram kinds need no draft model. Each kind's parameters are written only with that kind.
+    Knob("spec_type", "str", "none", "speculation (--spec-type)", None, Flag("--spec-type", unless="none"),
+         plotted=False,
+         missing="{tool} has no setting for llama.cpp's speculative decoding kinds (--spec-type); the tuned "
+                 "config speculates with {value} in llama-server"),
+    Knob("draft_model", "path", None, "draft model", None, Flag("-md", ("--model-draft", "--spec-draft-model")),
          Flag("--draftmodel"),
-         ("prediction.draftModel", _same), needs="draft_model", plotted=False,
+         ("prediction.draftModel", _same), needs="draft_model", plotted=False, spec=DRAFT_KINDS,
          missing="{tool} has no draft-model setting; the tuned draft was {value}"),
     Knob("draft_max", "int", 0, "draft tokens per step", None,
          Flag("--spec-draft-n-max", ("--draft-max", "--draft", "--draft-n"), extra=("--spec-draft-n-min", "0")),
-         Flag("--draftamount"), needs="draft_model", plotted=False),
+         Flag("--draftamount"), plotted=False, spec=DRAFT_KINDS, domain=_choices(2, 3, 4, 6, 8, 12, 16)),
+    Knob("draft_p_min", "float", 0.0, "draft's least greedy probability", None,
+         Flag("--spec-draft-p-min", ("--draft-p-min",)), plotted=False, spec=DRAFT_KINDS,
+         domain=_choices(0.0, 0.5, 0.75, 0.9)),
     Knob("draft_gpu_layers", "int", 0, "draft GPU layers", None,
          Flag("-ngld", ("--gpu-layers-draft", "--spec-draft-ngl", "--n-gpu-layers-draft")),
-         Flag("--draftgpulayers"), needs="draft_model", plotted=False),
+         Flag("--draftgpulayers"), needs="draft_model", plotted=False, spec=DRAFT_KINDS),
+    # ngram-simple, ngram-map-k and ngram-map-k4v: look the last n tokens up in what came before, draft the m
+    # that followed them there (seen at least min-hits times)
+    Knob("ngram_n", "int", 12, "n-gram looked up", None, Flag("--spec-{spec_type}-size-n"), plotted=False,
+         spec=NGRAM_MAP_KINDS, domain=_choices(2, 3, 4, 6, 8, 12)),
+    Knob("ngram_m", "int", 48, "tokens drafted after it", None, Flag("--spec-{spec_type}-size-m"), plotted=False,
+         spec=NGRAM_MAP_KINDS, domain=_choices(4, 8, 16, 32, 48)),
+    Knob("ngram_min_hits", "int", 1, "times seen before drafted", None, Flag("--spec-{spec_type}-min-hits"),
+         plotted=False, spec=NGRAM_MAP_KINDS, domain=_choices(1, 2)),
+    # ngram-mod: a rolling hash of the last n-match tokens; drafts between n-min and n-max tokens
+    Knob("ngram_mod_match", "int", 24, "ngram-mod lookup length", None, Flag("--spec-ngram-mod-n-match"),
+         plotted=False, spec=("ngram-mod",), domain=_choices(4, 8, 16, 24)),
+    Knob("ngram_mod_min", "int", 48, "ngram-mod least draft", None, Flag("--spec-ngram-mod-n-min"),
+         plotted=False, spec=("ngram-mod",), domain=_choices(1, 4, 16, 48)),
+    Knob("ngram_mod_max", "int", 64, "ngram-mod most draft", None, Flag("--spec-ngram-mod-n-max"),
+         plotted=False, spec=("ngram-mod",), domain=_choices(8, 16, 32, 64)),
 )
 BY_NAME = {k.name: k for k in KNOBS}

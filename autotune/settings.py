@@ -13,7 +13,7 @@ from typing import Any
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import SettingsError
-from .knobs import BY_NAME, KNOBS
+from .knobs import BY_NAME, DRAFT_KINDS, KNOBS, SPEC_TYPES
 
 # Cache types the engine accepts for K and V, in the order a search should try them (cheapest last).
 KV_TYPES: tuple[str, ...] = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl", "f32")
@@ -33,7 +33,7 @@ def row_bytes(type_name: str, n_elements: int) -> int:
     return n_elements // block * size
 
 
-_TYPES = {"int": int, "bool": bool, "str": str, "path": "str | None"}
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "path": "str | None"}
 
 
 class _Rules:
@@ -65,9 +65,17 @@ class _Rules:
                 found.append(f"{name} must be 0 or more (got {getattr(self, name)})")
         if not can_offload and (self.n_gpu_layers > 0 or self.draft_gpu_layers > 0):
             found.append("GPU layers were asked for, but this engine build cannot offload (CPU-only build)")
-        if self.draft_model is not None and self.draft_max < 1:
-            found.append("a draft model needs draft_max of at least 1")
+        if self.spec_type not in SPEC_TYPES:
+            found.append(f"unknown spec_type {self.spec_type!r}: choose one of {', '.join(SPEC_TYPES)}")
+        elif self.spec_type in DRAFT_KINDS and self.draft_max < 1:
+            found.append(f"speculation with {self.spec_type} needs draft_max of at least 1")
+        elif self.spec_type in DRAFT_KINDS and self.spec_type != "draft-mtp" and self.draft_model is None:
+            found.append(f"speculation with {self.spec_type} needs a draft model")
         return found
+
+    def unspeculated(self) -> Settings:
+        """These settings without speculation: ``spec_type`` none and every speculation knob at its default."""
+        return self.replace(spec_type="none", **{k.name: k.default_value() for k in KNOBS if k.spec})
 
     def check(self, can_offload: bool = True) -> Settings:
         """Raise SettingsError naming the first contradiction; return self when there is none."""
@@ -125,6 +133,10 @@ def coerce(name: str, value: Any) -> Any:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
         if kind == "path":
             return None if value in (None, "", "none") else str(value)
         return str(value)

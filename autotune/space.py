@@ -197,6 +197,8 @@ def build_space(
     params: dict[str, tuple[Any, ...]] = {}
     here = Where(facts.n_layer, facts.moe_layers, facts.uses_swa, hw.logical_cores, bool(hw.offload_gpus))
     for knob in KNOBS:
+        if knob.spec:  # speculation's parameters are the speculation stage's (``speculation``)
+            continue
         domain = knob.domain(here) if knob.domain else None
         if isinstance(domain, IntRange):
             ints[knob.name] = (domain.low, domain.high)

@@ -22,7 +22,11 @@ def config(s: Settings = TUNED) -> dict:
 
 @pytest.mark.parametrize("s", [TUNED, Settings(), Settings(n_ctx=2048, swa_full=True, offload_kqv=False),
                                TUNED.replace(use_extra_bufts=False),
-                               TUNED.replace(draft_model="/m/draft.gguf", draft_max=4, draft_gpu_layers=0)])
+                               TUNED.replace(spec_type="draft-simple", draft_model="/m/draft.gguf", draft_max=4,
+                                             draft_p_min=0.75, draft_gpu_layers=0),
+                               TUNED.replace(spec_type="ngram-map-k", ngram_n=4, ngram_m=16, ngram_min_hits=2),
+                               TUNED.replace(spec_type="ngram-mod", ngram_mod_match=8, ngram_mod_min=4),
+                               TUNED.replace(spec_type="draft-mtp", draft_max=2)])
 def test_llama_server_flags_round_trip(s):
     text = export.render(config(s), "llama-server")
     assert text.startswith("# written for llama-server of llama.cpp")  # the version the spelling is for
@@ -48,7 +52,8 @@ def test_a_users_own_command_line_is_read_not_refused():
 def test_current_spellings_replace_the_removed_ones():
     """The vendored llama-server refuses --no-mmap, --mlock and --draft-max; it loads a draft with -md but
     drafts nothing without --spec-type."""
-    text = export.render(config(TUNED.replace(draft_model="/m/d.gguf", draft_max=4)), "llama-server")
+    text = export.render(config(TUNED.replace(spec_type="draft-simple", draft_model="/m/d.gguf", draft_max=4)),
+                         "llama-server")
     line = shlex.split(text.splitlines()[-1])
     assert "--no-mmap" not in line and "--mlock" not in line and "--draft-max" not in line
     assert line[line.index("-lm") + 1] == "mlock"  # TUNED: no mmap, mlock
@@ -71,11 +76,24 @@ def test_formats_carry_the_settings():
 
 
 def test_draft_flags():
-    c = config(TUNED.replace(draft_model="/m/d.gguf", draft_max=8, draft_gpu_layers=3))
-    assert ("-md /m/d.gguf --spec-type draft-simple --spec-draft-n-max 8 --spec-draft-n-min 0 -ngld 3"
-            in export.render(c, "llama-server"))
-    assert "--draftmodel /m/d.gguf --draftamount 8 --draftgpulayers 3" in export.render(c, "koboldcpp")
+    c = config(TUNED.replace(spec_type="draft-simple", draft_model="/m/d.gguf", draft_max=8, draft_gpu_layers=3))
+    assert ("--spec-type draft-simple -md /m/d.gguf --spec-draft-n-max 8 --spec-draft-n-min 0 --spec-draft-p-min 0.0 "
+            "-ngld 3" in export.render(c, "llama-server"))
+    kobold = export.render(c, "koboldcpp")
+    assert "--draftmodel /m/d.gguf --draftamount 8 --draftgpulayers 3" in kobold and "--spec-type" not in kobold
     assert json.loads(export.render(c, "lmstudio"))["prediction"]["draftModel"] == "/m/d.gguf"
+    assert "has no draft-model setting; the tuned draft was /m/d.gguf" in export.render(c, "ollama")
+
+
+def test_ngram_speculation_is_llama_servers_and_a_note_elsewhere():
+    c = config(TUNED.replace(spec_type="ngram-map-k4v", ngram_n=4, ngram_m=16))
+    assert ("--spec-type ngram-map-k4v --spec-ngram-map-k4v-size-n 4 --spec-ngram-map-k4v-size-m 16 "
+            "--spec-ngram-map-k4v-min-hits 1" in export.render(c, "llama-server"))
+    for fmt in ("koboldcpp", "ollama", "lmstudio"):
+        assert "the tuned config speculates with ngram-map-k4v in llama-server" in export.render(c, fmt), fmt
+    assert "Speculative decoding (ngram-map-k4v) was measured in llama-server" in export.render(c, "python")
+    plain = export.render(config(), "llama-server")
+    assert "--spec" not in plain and "-md" not in plain.split()
 
 
 def test_config_json_round_trip(tmp_path):
@@ -134,16 +152,6 @@ def test_exported_python_loads_and_runs_in_a_real_llama(demo_model, tiny_model, 
     assert result["tokens"] >= 1 and result["n_ctx"] == 512
     if not extra_bufts:
         assert result["buffers"] == ["CPU"]  # mmap off: one plain host buffer, no AMX / CPU_REPACK
-
-
-def test_python_export_with_a_draft_wires_it(tiny_model):
-    s = Settings(n_ctx=256, n_threads=1, n_threads_batch=1, draft_model=str(tiny_model), draft_max=2)
-    c = config(s)
-    c["model"]["path"] = str(tiny_model)
-    code = export.render(c, "python")
-    assert "logits_all=True" in code and "draft_model=draft" in code
-    result = run_python(_RUN_SNIPPET.format(code=code))  # the pasted snippet builds a real Llama with a real draft
-    assert result["tokens"] >= 1
 
 
 def test_no_repack_reaches_every_format():

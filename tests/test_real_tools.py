@@ -82,7 +82,8 @@ def serve(binary: Path, argv: list[str], log: Path) -> tuple[subprocess.Popen, s
 
 @pytest.mark.parametrize("name", ["tuned", "plain", "draft"])
 def test_exported_llama_server_line_runs_what_we_meant(tools, demo_model, draft, tmp_path, name):
-    s = {"tuned": TUNED, "plain": PLAIN, "draft": PLAIN.replace(draft_model=str(draft), draft_max=4)}[name]
+    s = {"tuned": TUNED, "plain": PLAIN,
+         "draft": PLAIN.replace(spec_type="draft-simple", draft_model=str(draft), draft_max=4)}[name]
     argv = command(s, demo_model, "llama-server")
     log = tmp_path / "server.log"
     proc, url = serve(tools["llama-server"], argv, log)
@@ -103,6 +104,8 @@ def test_exported_llama_server_line_runs_what_we_meant(tools, demo_model, draft,
     assert "AMX model buffer" not in text and "CPU_REPACK model buffer" not in text  # --no-repack reached it
     if name == "draft":
         assert done["timings"].get("draft_n", 0) > 0  # it drafted: --spec-type reached it, not only -md
+    else:
+        assert "draft_n" not in done["timings"]
 
 
 def test_exported_llama_bench_line_measures_what_we_meant(tools, demo_model):
