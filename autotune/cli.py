@@ -112,7 +112,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from . import export, flags, pipeline
+    from . import export, flags, pipeline, speculation
     from .settings import Settings
 
     start, model, ctx = None, args.model, args.ctx
@@ -122,12 +122,14 @@ def cmd_search(args: argparse.Namespace) -> int:
         ctx = ctx or (start.n_ctx if start.n_ctx != Settings().n_ctx else None)
         if cmd.other:
             console.print(f"from your command line, kept as you had them (not tuned): {shlex.join(cmd.other)}")
-        if start.draft_model:
-            console.print("your draft model is left to the draft stage (--draft PATH); the study tunes the main model")
+        if start.spec_type != "none":
+            console.print(f"your speculation ({start.spec_type}) is left to the speculation stage (--spec); the study "
+                          "tunes the main model")
     given = {k: getattr(args, k) for k in ("prompt_tokens", "gen_tokens", "reps") if getattr(args, k) is not None}
     options = _options(pipeline.TuneOptions, args, ctx=ctx, objective=args.objective or pipeline.TuneOptions.objective,
                        trade=args.objective is not None, pins=_pins(args), recommend=not args.no_recommend,
-                       start=start, workload=dataclasses.replace(pipeline.HOST_WORKLOAD, **given) if given else None)
+                       start=start, workload=dataclasses.replace(pipeline.HOST_WORKLOAD, **given) if given else None,
+                       spec_plan=speculation.Plan(target=args.spec_for))
     try:
         tuned = pipeline.tune(model, options, printers.Terminal())
     except KeyboardInterrupt:
@@ -171,30 +173,11 @@ def cmd_studies(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(value: str) -> tuple[int, ...]:
-    try:
-        items = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
-    if not items or min(items) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {value!r}")
-    return items
-
-
-def _kinds(value: str) -> tuple[str, ...]:
-    from .draft import PROMPT_KINDS
-
-    items = tuple(v.strip() for v in value.split(",") if v.strip())
-    if not items or any(k not in PROMPT_KINDS for k in items):
-        raise argparse.ArgumentTypeError(f"prompt kinds are {', '.join(PROMPT_KINDS)}; got {value!r}")
-    return items
-
-
-def _draft_arg(value: str) -> str:
-    """``search --draft``: checked while parsing, so a typo fails before the search, not after it."""
+def _spec_arg(value: str) -> str:
+    """``--spec``: checked while parsing, so a typo fails before the search, not after it."""
     from .gguf_model import read_facts
 
-    if value == "auto":
+    if value in ("auto", "ngram"):
         return value
     try:
         read_facts(value)
@@ -210,15 +193,32 @@ def cmd_draft(args: argparse.Namespace) -> int:
     facts, hw = read_facts(args.model), _hardware()
     settings = export.settings_of(export.load_config(args.config)) if args.config else \
         study.sensible(hw, facts, min(4096, facts.n_ctx_train or 4096))
-    settings = settings.replace(**({"n_ctx": args.ctx} if args.ctx else {}))
-    plan = None if args.no_measure else _options(draft.Plan, args)
-    status_console = printers.Console(stderr=True)
-    with status_console.status("engine self-check, then the candidates ...") as status:
-        report = draft.command(args.model, args.candidates, settings, _pins(args), hw, plan,
-                               on_verdict=lambda v: status_console.print(v.line()),
-                               on_run=lambda label, kind, m: status.update(
-                                   f"{label} [{kind}]: " + (f"{m.decode:.1f} tok/s" if m.ok else m.error[:60])))
+    settings = settings.replace(**({"n_ctx": args.ctx} if args.ctx else {}), **_pins(args))
+    report = draft.check(args.model, args.candidates, settings, hw)
     print_json(report.to_dict()) if args.json else printers.draft_report(report.to_dict())
+    return 0
+
+
+def cmd_spec(args: argparse.Namespace) -> int:
+    from . import export, health, speculation, study
+    from .gguf_model import read_facts
+
+    facts, hw = read_facts(args.model), _hardware()
+    settings = export.settings_of(export.load_config(args.config)) if args.config else \
+        study.sensible(hw, facts, min(4096, facts.n_ctx_train or 4096))
+    pins = _pins(args)
+    settings = settings.replace(**({"n_ctx": args.ctx} if args.ctx else {}), **pins)
+    plan = _options(speculation.Plan, args, workloads=tuple(args.workloads))
+    binary = speculation.server_binary(args.server)
+    status_console = printers.Console(stderr=True)
+    with status_console.status("engine self-check, then the study, then the rounds ...") as status:
+        # the reference llama-server runs the same ggml: where a run crashes, the check's switch avoids it there too
+        verdict = health.check(args.model, settings, hw, pinned=frozenset(pins), timeout=plan.timeout)
+        status_console.print(verdict.line())
+        settings = settings.replace(**verdict.pins)
+        report = speculation.evaluate(binary, args.model, settings, hw, args.draft or [], plan, not args.no_ngram,
+                                      args.storage, on_status=status.update)
+    print_json(report.to_dict()) if args.json else printers.spec_report(report.to_dict())
     return 0
 
 
@@ -280,6 +280,7 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
 def build_parser() -> argparse.ArgumentParser:
     from .export import FORMATS
     from .pipeline import GPU_WORKLOAD, HOST_WORKLOAD, TuneOptions
+    from .speculation import Plan
     from .study import OBJECTIVES
 
     p = argparse.ArgumentParser(prog="autotune", description="Hardware-aware configuration autotuner for llama.cpp")
@@ -356,9 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-recommend", action="store_true", help="only run trials")
     sp.add_argument("--out", help="write the tuned config here")
     sp.add_argument("--format", choices=FORMATS, default="json")
-    sp.add_argument("--draft", type=_draft_arg, metavar="auto|PATH",
-                    help="then measure speculative decoding with this draft (auto: compatible GGUFs next to the model "
-                         "or in the cache); the config carries the draft when it pays")
+    sp.add_argument("--spec", type=_spec_arg, metavar="auto|ngram|DRAFT",
+                    help="then measure speculative decoding in llama-server with the tuned settings: the n-gram kinds, "
+                         "plus a draft model (auto: compatible GGUFs next to the model or in the cache; or a GGUF); "
+                         "the config speculates only where it pays")
+    sp.add_argument("--spec-for", dest="spec_for", choices=("all", "code", "prose", "edit"), default="all",
+                    help="the kind of work the tuned config speculates for (all: none made slower)")
 
     sp = command("export", cmd_export, "write a tuned config in another tool's format", "storage")
     sp.add_argument("source", nargs="?", help="a tuned config JSON, or a study name")
@@ -367,23 +371,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out")
     command("studies", cmd_studies, "every study in a storage: model, machine, engine, trials, best", "storage", "json")
 
-    sp = command("draft", cmd_draft, "which draft models fit a main model, and whether speculative decoding pays",
+    sp = command("draft", cmd_draft, "which draft models llama.cpp accepts for a main model, and their memory",
                  "model", "set", "json")
     sp.add_argument("--candidates", nargs="+", required=True, metavar="DIR_OR_FILE",
                     help="draft GGUF files, or directories whose *.gguf files are candidates")
-    sp.add_argument("--config", help="a tuned config JSON: measure with its settings (default: sensible settings)")
+    sp.add_argument("--config", help="a tuned config JSON: price the drafts beside its settings")
     sp.add_argument("--ctx", type=int, help="context length (default: the config's, else min(4096, trained))")
-    sp.add_argument("--n", dest="ns", type=_int_list, default=(2, 4, 8, 16), metavar="N,N,...", help="draft lengths to measure")
-    sp.add_argument("--kinds", type=_kinds, default=("code", "prose"), metavar="KIND,...", help="prompt kinds: code, prose")
-    sp.add_argument("--rounds", type=int, default=2, help="interleaved rounds (each runs every configuration once per kind)")
-    sp.add_argument("--reps", type=int, default=3, help="repetitions inside each run")
-    sp.add_argument("--prompt-tokens", type=int, default=64)
-    sp.add_argument("--gen-tokens", type=int, default=32,
-                    help="reply length; the draft's prompt processing counts as decode time, so longer replies "
-                         "show more of a draft's steady gain")
-    sp.add_argument("--trial-timeout", dest="timeout", type=float, default=300.0,
-                    help="kill one engine run after this many seconds")
-    sp.add_argument("--no-measure", action="store_true", help="check compatibility and memory only")
+
+    sp = command("spec", cmd_spec, "speculative decoding in llama-server: every kind that applies, on code, prose and "
+                 "edits, against none", "model", "set", "json", "storage")
+    sp.add_argument("--draft", nargs="+", metavar="DIR_OR_FILE", help="draft models to try (files or directories)")
+    sp.add_argument("--no-ngram", action="store_true", help="leave the n-gram kinds out")
+    sp.add_argument("--config", help="a tuned config JSON: the main settings (default: sensible settings)")
+    sp.add_argument("--ctx", type=int, help="context length (default: the config's, else min(4096, trained))")
+    sp.add_argument("--server", help="your llama-server binary (default: the engine's own llama.cpp, built once)")
+    sp.add_argument("--workloads", type=lambda v: [w.strip() for w in v.split(",") if w.strip()],
+                    default=list(Plan.workloads), metavar="KIND,...", help="kinds of work: code, prose, edit")
+    sp.add_argument("--prompts", type=int, default=Plan.prompts, help="messages per kind of work (at most 2)")
+    sp.add_argument("--gen-tokens", type=int, default=Plan.gen_tokens, help="reply length in tokens")
+    sp.add_argument("--trials", type=int, help="study trials (default: two per kind, plus none)")
+    sp.add_argument("--rounds", type=int, default=Plan.rounds, help="rotated side-by-side rounds")
+    sp.add_argument("--spec-for", dest="target", choices=("all", "code", "prose", "edit"), default="all",
+                    help="the kind of work the recommendation speculates for")
+    sp.add_argument("--trial-timeout", dest="timeout", type=float, default=Plan.timeout,
+                    help="kill one server after this many seconds")
 
     sp = command("serve-tune", cmd_serve_tune, "tune llama-server for N concurrent users under a real load "
                  "(default: the demo model)", "model?", "storage")
@@ -396,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--requests-per-user", type=int, default=2, help="the load: users x this many requests")
     sp.add_argument("--time-limit", type=float, default=180.0, help="seconds one load may take, whatever is in flight")
     sp.add_argument("--server", metavar="PATH", help="llama-server binary (default: the reference build)")
+    sp.add_argument("--spec", action="store_true", help="also search llama-server's n-gram speculation per slot; "
+                    "a speculating winner is measured beside itself without it")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", help="write the result (JSON) here")
 

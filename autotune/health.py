@@ -104,9 +104,9 @@ def forget(model_path: str, settings: Settings, hw: Hardware, pinned: frozenset[
 
 
 def starting_settings(settings: Settings) -> Settings:
-    """What the check runs: the settings at a small fixed context (it does not choose kernels), no draft."""
-    return settings.replace(n_ctx=CHECK_CTX, n_batch=min(settings.n_batch, CHECK_CTX),
-                            n_ubatch=min(settings.n_ubatch, CHECK_CTX), draft_model=None, draft_max=0)
+    """What the check runs: the settings at a small fixed context (it does not choose kernels), no speculation."""
+    return settings.unspeculated().replace(n_ctx=CHECK_CTX, n_batch=min(settings.n_batch, CHECK_CTX),
+                            n_ubatch=min(settings.n_ubatch, CHECK_CTX))
 
 
 def check(model_path: str, settings: Settings, hw: Hardware, pinned: frozenset[str] = frozenset(),

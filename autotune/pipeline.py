@@ -1,7 +1,7 @@
 """``tune()``: the one path from a model file to a tuned config, for the CLI, the benches and the notebooks.
 
 probe -> facts -> search space -> fit check -> engine dry run -> engine self-check -> study -> K/V quality
-guard -> trials -> side-by-side re-measurement -> (draft stage) -> the tuned-config record. What happens on
+guard -> trials -> side-by-side re-measurement -> (speculation stage) -> the tuned-config record. What happens on
 the way is told to a ``Reporter``; the CLI's prints it, the default says nothing.
 """
 
@@ -45,7 +45,8 @@ class TuneOptions:
     rounds: int = 3
     kv_quality: str = "strict"
     recommend: bool = True  # False: only run trials
-    draft: str | None = None  # "auto" or a draft GGUF: the speculative decoding stage
+    spec: str | None = None  # "auto", "ngram" or a draft GGUF: the speculation stage, in llama-server
+    spec_plan: Any = None  # its speculation.Plan (None: the stage's defaults)
     depth: int | None = None  # tokens in the cache before each measured prompt (None: default_depth)
     start: Settings | None = None  # what the user runs today (--from-cmdline): measured first, and a baseline
     engine: str | None = None  # None: llama-cpp-python; "llama-bench:PATH" or "llama-server:PATH"
@@ -54,8 +55,8 @@ class TuneOptions:
 
 
 def _started(start: Settings, n_ctx: int, pins: dict[str, Any]) -> Settings:
-    """The user's own settings at the study's context, with their pins; a draft is the draft stage's."""
-    return start.replace(n_ctx=n_ctx, draft_model=None, draft_max=0, draft_gpu_layers=0, **pins)
+    """The user's own settings at the study's context, with their pins; speculation is the speculation stage's."""
+    return start.unspeculated().replace(n_ctx=n_ctx, **pins)
 
 
 # What a trial measures when the user does not say: a prompt of the size users send to this placement. A CPU
@@ -124,7 +125,7 @@ class Reporter:
 
     def trials_done(self, st: optuna.Study) -> None: ...
 
-    def draft(self, config: dict[str, Any], report: Any) -> None: ...
+    def speculation(self, config: dict[str, Any], report: Any) -> None: ...
 
     def depth_sweep(self, rows: list[dict[str, Any]]) -> None: ...
 
@@ -220,8 +221,8 @@ def _tune(model: str | None, options: TuneOptions, reporter: Reporter) -> TunedC
         record["study"]["second_stage"] = {"name": st2.study_name, "objective": SECOND[metric], "chose": polish}
     record["depth_sweep"] = depth_sweep(model, rec.chosen.settings, req.n_ctx, work, options.trial_timeout, reporter,
                                         done=rec.confirmation)
-    if options.draft:
-        record = _draft_stage(record, options.draft, hw, reporter)
+    if options.spec:
+        record = _spec_stage(record, options, hw, reporter)
     st.set_user_attr("recommendation", record)
     return TunedConfig(export.settings_of(record), rec, verdict, st.study_name, record)
 
@@ -338,12 +339,15 @@ def _record(req: study.StudyRequest, st: optuna.Study, rec: recommend.Recommenda
     )
 
 
-def _draft_stage(record: dict[str, Any], choice: str, hw: Hardware, reporter: Reporter) -> dict[str, Any]:
-    """Measure drafts with the tuned main settings; the record carries a draft only when it pays."""
-    from . import draft
+def _spec_stage(record: dict[str, Any], options: TuneOptions, hw: Hardware, reporter: Reporter) -> dict[str, Any]:
+    """Speculation measured in llama-server with the tuned main settings (the user's llama-server where it is the
+    engine, else the reference build); the record carries speculation only where it pays."""
+    from . import speculation
 
-    with reporter.step("measuring speculative decoding with the tuned settings ...") as status:
-        record, report = draft.search_stage(record, choice, hw, on_run=lambda label, kind, m: status(
-            f"draft stage, {label} [{kind}]: " + (f"{m.decode:.1f} tok/s" if m.ok else m.error[:60])))
-    reporter.draft(record, report)
+    server = options.engine.partition(":")[2] if (options.engine or "").startswith("llama-server:") else None
+    with reporter.step("measuring speculative decoding in llama-server with the tuned settings ...") as status:
+        record, report = speculation.search_stage(record, options.spec or "ngram", hw,
+                                                  options.spec_plan or speculation.Plan(), server, options.storage,
+                                                  on_status=status)
+    reporter.speculation(record, report)
     return record

@@ -1,5 +1,5 @@
 """Plots that answer the tuning questions at a glance: memory against context, speed against each knob,
-the study itself, and draft models.
+the study itself, and speculative decoding.
 
 Every function takes plain data (ModelFacts + Hardware, measurements, a Study, a config or draft report
 dict) and returns a matplotlib Figure drawn on an Agg canvas and not registered with pyplot: nothing pops
@@ -14,7 +14,6 @@ import statistics
 import textwrap
 import warnings
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
 import matplotlib
@@ -95,7 +94,7 @@ def memory_vs_context(
     type, the total for each K/V type as a line, the device budget as a horizontal line and, per K/V type,
     the largest context that fits marked (up to the trained context, or ``ctx_limit``)."""
     limit = ctx_limit or max(facts.n_ctx_train or 131072, settings.n_ctx)
-    s = settings.replace(draft_model=None, draft_max=0, draft_gpu_layers=0)
+    s = settings.unspeculated()
     types = [t for t in dict.fromkeys([s.type_k, *kv_types]) if _kv_ok(facts, t)]
     pairs = [(s.type_k, s.type_v)] + [p for p in memory.cache_pairs(types, s.flash_attn) if p != (s.type_k, s.type_v)]
     best = {p: memory.max_ctx(facts, s.replace(type_k=p[0], type_v=p[1]), hw, limit=limit) for p in pairs}
@@ -231,8 +230,7 @@ def _order(values: set[Any]) -> list[Any]:
 
 
 def _same(a: Settings, b: Settings) -> bool:
-    plain = {"draft_model": None, "draft_max": 0, "draft_gpu_layers": 0}
-    return a.replace(**plain) == b.replace(**plain)
+    return a.unspeculated() == b.unspeculated()
 
 
 def _highlight_color(name: str, names: list[str]) -> str:
@@ -513,71 +511,56 @@ def pareto(study: optuna.Study, x: str = "decode", y: str = "prefill") -> Figure
     return _resized(ax, 8, 5.5)
 
 
-# --------------------------------------------------------------------------------------- draft models
+# ---------------------------------------------------------------------------------------- speculation
 
 
-def draft(report: dict[str, Any]) -> Figure:
-    """Acceptance rate and decode speedup against draft length per candidate and kind of text, from a
-    draft report (``DraftReport.to_dict()``, or a tuned config's ``"draft"``); rejected candidates and the
-    verdict underneath."""
+def speculation(report: dict[str, Any]) -> Figure:
+    """Decode speed-up over no speculation (bars: interquartile range of the per-round ratios) and acceptance, per
+    finalist and kind of work, from a speculation report (``SpecReport.to_dict()``, or a tuned config's
+    ``"speculation"``); what was not measured and the verdicts underneath."""
     results = report.get("results") or []
-    rejected = [f"{Path(c['path']).name}: {'; '.join(c['reasons'])}" for c in report.get("candidates", [])
-                if not c["compatible"]]
     if len(results) < 2:
-        why = f" (rejected: {'; '.join(rejected)})" if rejected else ""
-        raise NoData("no draft configuration was measured" + why)
-    base, rows = results[0], results[1:]
-    kinds = list(base["kinds"])
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["draft_model"], r["draft_gpu_layers"]), []).append(r)
+        raise NoData("no kind of speculation was measured")
+    works = list(report["plan"]["workloads"])
+    rows = results[1:]
     fig = _figure(12, 6)
-    grid = fig.add_gridspec(2, 2, height_ratios=(6, 1))
-    acc_ax, speed_ax = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
-    styles = (("-", "o"), ("--", "s"), (":", "^"))
-    ns = sorted({r["draft_max"] for r in rows})
-    for i, ((path, ngl), items) in enumerate(groups.items()):
-        color = PAIR_COLORS[i % len(PAIR_COLORS)]
-        items = sorted(items, key=lambda r: r["draft_max"])
-        name = Path(path).name + (f" (draft GPU layers {ngl})" if ngl else "")
-        for j, kind in enumerate(kinds):
-            ls, marker = styles[j % len(styles)]
-            xs = [r["draft_max"] for r in items]
-            acc = [r["kinds"][kind].get("acceptance") for r in items]
-            acc_ax.plot(xs, [np.nan if a is None else 100 * a for a in acc], color=color, ls=ls, marker=marker,
-                        label=f"{name}, {kind}")
-            b = base["kinds"][kind]["decode"]["median"]
-            sp = [r["kinds"][kind].get("speedup") or np.nan for r in items]
-            lo = [s - r["kinds"][kind]["decode"]["q25"] / b if b else 0 for s, r in zip(sp, items, strict=True)]
-            hi = [r["kinds"][kind]["decode"]["q75"] / b - s if b else 0 for s, r in zip(sp, items, strict=True)]
-            speed_ax.errorbar(xs, sp, yerr=[np.nan_to_num(lo), np.nan_to_num(hi)], color=color, ls=ls, marker=marker,
-                              capsize=4, label=f"{name}, {kind}")
-            failed = [r["draft_max"] for r in items if not r["kinds"][kind]["decode"]["n"]]
-            if failed:
-                speed_ax.plot(failed, [0.0] * len(failed), ls="none", marker="X", ms=10, color=color,
-                              label=f"{name}, {kind}: every run failed")
-    speed_ax.axhline(1.0, color="black", lw=1.2, label="main model alone (x1)")
-    for ax in (acc_ax, speed_ax):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ns, [str(n) for n in ns])
-        ax.minorticks_off()
-        ax.set_xlabel("draft length n (tokens proposed per step)")
-        ax.grid(alpha=0.3)
-    acc_ax.set_ylabel("acceptance rate (% of proposed tokens kept)")
-    acc_ax.set_ylim(-3, 103)
-    acc_ax.set_title("acceptance against draft length", fontsize=10)
-    speed_ax.set_ylabel("decode speedup over the main alone (x)")
-    speed_ax.set_ylim(bottom=0)
-    speed_ax.set_title("decode speedup against draft length (bars: interquartile range)", fontsize=10)
-    speed_ax.legend(fontsize=8, loc="best")
-    main_speed = ", ".join(f"{k} {base['kinds'][k]['decode']['median']:.1f} tok/s" for k in kinds)
-    fig.suptitle(f"draft models for {report.get('main', {}).get('name', 'the main model')} "
-                 f"(main alone: {main_speed})", fontsize=11)
-    notes = [textwrap.fill((report.get("recommendation") or {}).get("verdict", ""), 170)]
-    notes += [textwrap.shorten("rejected " + r, 170) for r in rejected]
+    grid = fig.add_gridspec(2, 2, height_ratios=(6, 1.4), width_ratios=(3, 2))
+    speed_ax, acc_ax = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+    width = 0.8 / len(works)
+    ys = np.arange(len(rows))
+    for j, w in enumerate(works):
+        color = PAIR_COLORS[j % len(PAIR_COLORS)]
+        med = np.array([r["workloads"][w]["speedup"]["median"] if r["workloads"][w]["speedup"] else np.nan
+                        for r in rows])
+        lo = np.array([r["workloads"][w]["speedup"]["q25"] if r["workloads"][w]["speedup"] else np.nan for r in rows])
+        hi = np.array([r["workloads"][w]["speedup"]["q75"] if r["workloads"][w]["speedup"] else np.nan for r in rows])
+        at = ys + (j - (len(works) - 1) / 2) * width
+        speed_ax.barh(at, np.nan_to_num(med), height=width, color=color, label=w,
+                      xerr=[np.nan_to_num(med - lo), np.nan_to_num(hi - med)], capsize=3)
+        for y, r in zip(at, rows):
+            if r["workloads"][w]["versus"] == "better":
+                speed_ax.annotate("faster", (hi[list(at).index(y)], y), xytext=(4, -3), textcoords="offset points",
+                                  fontsize=7)
+        acc = [r["workloads"][w]["acceptance"] for r in rows]
+        acc_ax.barh(at, [0 if a is None else 100 * a for a in acc], height=width, color=color, label=w)
+    speed_ax.axvline(1.0, color="black", lw=1.2, label="no speculation (x1)")
+    for ax in (speed_ax, acc_ax):
+        ax.set_yticks(ys, [textwrap.shorten(r["label"], 40) for r in rows], fontsize=8)
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    acc_ax.set_yticklabels([])
+    speed_ax.set_xlabel("decode speed-up over no speculation (x; bars: q25-q75 over rounds)")
+    acc_ax.set_xlabel("draft tokens accepted (%)")
+    acc_ax.set_xlim(0, 100)
+    speed_ax.legend(fontsize=8, loc="lower right")
+    base = results[0]["workloads"]
+    fig.suptitle("speculative decoding in llama-server (no speculation: " + ", ".join(
+        f"{w} {base[w]['decode']['median']:.1f} tok/s" for w in works if base[w]["decode"]["n"]) + ")", fontsize=11)
+    notes = [textwrap.shorten(v, 170) for v in report.get("verdicts", {}).values()]
+    notes += [textwrap.shorten(f"not measured: {s['kind']}: {s['why']}", 170) for s in report.get("skipped", [])][:4]
     note_ax = fig.add_subplot(grid[1, :])
     note_ax.axis("off")
-    note_ax.text(0, 1, "\n".join(n for n in notes if n), fontsize=8, va="top", transform=note_ax.transAxes)
+    note_ax.text(0, 1, "\n".join(notes), fontsize=8, va="top", transform=note_ax.transAxes)
     return fig
 
 

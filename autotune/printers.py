@@ -259,11 +259,8 @@ class Terminal(Reporter):
     def trials_done(self, st: Any) -> None:
         trials_summary(st)
 
-    def draft(self, config: dict[str, Any], report: Any) -> None:
-        if report is not None:
-            draft_report(report.to_dict())
-        else:
-            console.print(config["draft"]["recommendation"]["verdict"])
+    def speculation(self, config: dict[str, Any], report: Any) -> None:
+        spec_report(report.to_dict())
 
     def depth_sweep(self, rows: list[dict[str, Any]]) -> None:
         t = Table(title="the recommendation against context depth (tokens already in the cache)")
@@ -386,9 +383,9 @@ def draft_report(d: dict[str, Any]) -> None:
             console.print(f"memory of {os.path.basename(c['path'])}: {mem['error']}")
         if not mem.get("placements"):
             continue
-        t = Table(title=f"memory in MiB: main + {os.path.basename(c['path'])} "
+        t = Table(title=f"memory in MiB: main + {os.path.basename(c['path'])} in llama-server "
                         f"(draft context {mem['placements'][0]['draft_n_ctx']:,})")
-        for col in ("draft on", "ngld", "draft KV", "device", "main", "draft", "logits", "total", "free", "fits"):
+        for col in ("draft on", "ngld", "draft KV", "device", "main", "draft", "total", "free", "fits"):
             t.add_column(col)
         for r in mem["placements"]:
             for i, x in enumerate(x for x in r["devices"] if x["total"]):
@@ -396,37 +393,45 @@ def draft_report(d: dict[str, Any]) -> None:
                     f"[red]no[/] ({r['shortfall'] / MIB:,.0f} short)"
                 head = [f"{r['placement']} ({r['kind']})", str(r["draft_gpu_layers"]), f"{r['draft_kv'] / MIB:,.0f}"]
                 t.add_row(*(head if not i else ["", "", ""]), x["device"],
-                          *(f"{x[k] / MIB:,.0f}" for k in ("main", "draft", "speculative", "total", "budget")), fits)
+                          *(f"{x[k] / MIB:,.0f}" for k in ("main", "draft", "total", "budget")), fits)
         console.print(t)
-        console.print("logits: what llama-cpp-python adds to the main when a draft is attached "
-                      "(every token's logits kept; at a full context)")
-    results = d["results"]
-    for path in dict.fromkeys(r["draft_model"] for r in results[1:]):
-        t = Table(title=f"decode with {os.path.basename(path)} vs the main alone (a speedup counts only when "
-                        "the interquartile ranges are apart)")
-        for col in ("draft", "text", "tok/s", "IQR", "speedup", "accept", "acc/step", "drafting", "output"):
-            t.add_column(col)
-        for r in [results[0]] + [r for r in results[1:] if r["draft_model"] == path]:
-            name = "none" if r is results[0] else f"n={r['draft_max']}" + (
-                f" ngld={r['draft_gpu_layers']}" if r["draft_gpu_layers"] else "")
-            for kind, e in r["kinds"].items():
-                s = e["decode"]
-                cells = [f"{s['median']:.1f}", f"{s['q25']:.1f}-{s['q75']:.1f}"] if s["n"] else ["failed", "-"]
-                if r is results[0]:
-                    t.add_row(name, kind, *cells, "-", "-", "-", "-", "reference" if e["outputs_match"] else e["mismatch"])
-                    continue
-                sp = "-" if e["speedup"] is None else f"x{e['speedup']:.2f}" + (
-                    " [green]clear[/]" if e["clear_win"] else " [red]slower[/]" if e["clear_loss"] else "")
-                acc = "-" if e["acceptance"] is None else f"{e['acceptance']:.0%}"
-                aps = "-" if e["accepted_per_step"] is None else f"{e['accepted_per_step']:.2f}"
-                share = "-" if e["draft_share"] is None else f"{e['draft_share']:.0%}"
-                t.add_row(name, kind, *cells, sp, acc, aps, share, "same" if e["outputs_match"] else e["mismatch"] or "-")
-        console.print(t)
-    for r in results:
-        for f in r["failures"][:2]:
+    console.print("whether a draft pays is measured in llama-server: autotune spec MODEL --draft DRAFT")
+
+
+def spec_report(d: dict[str, Any]) -> None:
+    """``autotune spec``: each finalist per kind of work against no speculation, then the verdicts."""
+    works = d["plan"]["workloads"]
+    t = Table(title=f"speculation in llama-server, {d['plan']['rounds']} rotated rounds of fresh servers "
+                    "(decode tok/s median; speed-up over none per round; a win needs the interquartile ranges apart)")
+    for col in ("speculation", *works):
+        t.add_column(col)
+    for r in d["results"]:
+        cells = []
+        for w in works:
+            e = r["workloads"][w]
+            if not e["decode"]["n"]:
+                cells.append("[red]failed[/]")
+                continue
+            cell = f"{e['decode']['median']:.1f}"
+            if e["speedup"] and r is not d["results"][0]:
+                sp = e["speedup"]
+                mark = {"better": "[green]faster[/]", "worse": "[red]slower[/]"}.get(e["versus"], "same")
+                cell += f"  x{sp['median']:.2f} ({sp['q25']:.2f}-{sp['q75']:.2f}) {mark}"
+            if e["acceptance"] is not None:
+                cell += f"\n{e['acceptance']:.0%} accepted, {e['accepted_per_step'] or 0:.1f}/step"
+            if not e["unchanged"]:
+                cell += "\n[yellow]reply differs[/]"
+            cells.append(cell)
+        t.add_row(r["label"], *cells)
+    console.print(t)
+    for r in d["results"]:
+        for f in r["failures"]:
             console.print(f"[yellow]{r['label']} failed[/]: {f}")
-    console.print(f"[bold]{d['recommendation']['verdict']}[/]")
-    console.print(f"({d['wall_s']:.0f} s)")
+    for s in d["skipped"]:
+        console.print(f"not measured: {s['kind']}: {s['why']}")
+    for line in d["verdicts"].values():
+        console.print(line)
+    console.print(f"[bold]{d['recommendation']['verdict'].split(':')[0]}[/] ({d['wall_s']:.0f} s)")
 
 
 def studies(rows: list[dict[str, Any]], url: str) -> None:

@@ -2,7 +2,7 @@
 tuned config, built from a study in its storage or from a tuned-config JSON.
 
 Each part is drawn from what the source holds: a config whose study is not reachable still gets its
-recommendation, memory and draft plots; a study without a recommendation gets its study plots. What is
+recommendation, memory and speculation plots; a study without a recommendation gets its study plots. What is
 left out is said in the page's notes, never silently dropped.
 """
 
@@ -160,12 +160,13 @@ def figures(src: Source) -> list[Plot]:
         add("pareto_decode_memory", "Pareto front: decode vs memory", "Peak memory of each trial's process.",
             lambda: plots.pareto(st, "decode", "memory"))
         add("timeline", "Trial timeline", "Wall-clock span and final state of every trial.", lambda: plots.timeline(st))
-    drafted = (src.config or {}).get("draft") or {}
-    if drafted.get("results"):
-        add("draft", "Draft models", "Speculative decoding measured with the tuned settings; a speedup counts "
-            "only when the interquartile ranges are apart from the main alone.", lambda: plots.draft(drafted))
-    elif drafted:
-        src.notes.append(f"draft models: {drafted.get('recommendation', {}).get('verdict', 'nothing measured')}")
+    spec = (src.config or {}).get("speculation") or {}
+    if len(spec.get("results") or []) > 1:
+        add("speculation", "Speculative decoding", "Measured in llama-server with the tuned settings, each kind "
+            "against no speculation in rotated rounds of fresh servers; a speed-up counts only when the interquartile "
+            "ranges are apart.", lambda: plots.speculation(spec))
+    elif spec:
+        src.notes.append(f"speculation: {spec.get('recommendation', {}).get('verdict', 'nothing measured')}")
     return out
 
 

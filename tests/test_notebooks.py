@@ -10,10 +10,12 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from autotune import reference
+
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 KERNEL = "autotune-tests"
-# plots each notebook must show: memory x2 + verify; recommendation, knobs, history, Pareto, memory; drafts
-MIN_PLOTS = {"01_memory_model": 3, "02_search": 5, "03_draft_models": 1}
+# plots each notebook must show: memory x2 + verify; recommendation, knobs, history, Pareto, memory; speculation
+MIN_PLOTS = {"01_memory_model": 3, "02_search": 5, "03_speculation": 1}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def kernel(tmp_path_factory) -> str:
 
 
 def test_there_are_notebooks():
-    assert [p.name for p in NOTEBOOKS] == ["01_memory_model.ipynb", "02_search.ipynb", "03_draft_models.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == ["01_memory_model.ipynb", "02_search.ipynb", "03_speculation.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -44,8 +46,15 @@ def test_stored_without_outputs(path):
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: clear the outputs"
 
 
+@pytest.fixture(scope="module")
+def server() -> None:
+    """The reference llama-server the speculation notebook runs, built here (minutes, once) rather than inside a
+    notebook cell's time limit."""
+    reference.tool("llama-server")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path, kernel, demo_model, tmp_path):
+def test_notebook_runs(path, kernel, demo_model, server, tmp_path):
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, kernel_name=kernel, timeout=600, resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]

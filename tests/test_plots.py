@@ -15,7 +15,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from autotune import export, memory, plots, report
+from autotune import export, memory, plots, report, speculation
 from autotune.engine import Measurement
 from autotune.gguf_model import read_facts
 from autotune.probe import GPU, Hardware
@@ -284,44 +284,32 @@ def test_timeline_and_no_leaks_into_pyplot_or_global_style():
     assert matplotlib.rcParams["axes.facecolor"] == before_style["axes.facecolor"]
 
 
-# --------------------------------------------------------------------------------------------- draft
+# --------------------------------------------------------------------------------------- speculation
 
 
-def draft_report() -> dict[str, Any]:
-    def entry(median: float, base: float | None, acceptance: float | None) -> dict[str, Any]:
-        e: dict[str, Any] = {"decode": {"median": median, "q25": median - 1, "q75": median + 1, "low": median - 2,
-                                        "high": median + 2, "n": 4}, "samples": [median] * 4}
-        if base is not None:
-            e.update(speedup=median / base, clear_win=median - 1 > base + 1, clear_loss=median + 1 < base - 1,
-                     acceptance=acceptance, accepted_per_step=None, outputs_match=True, mismatch="")
-        return e
+def spec_report() -> dict[str, Any]:
+    """A speculation report as ``SpecReport.to_dict()`` writes it, made from rounds whose speeds are given."""
+    from test_speculation import rows_for
 
-    rows = [{"label": "main alone", "draft_model": None, "draft_max": 0, "draft_gpu_layers": 0, "failures": [],
-             "kinds": {"code": entry(50, None, None), "prose": entry(48, None, None)}}]
-    for path, acc in (("/m/same.gguf", 0.95), ("/m/random.gguf", 0.02)):
-        for n in (2, 4, 8):
-            rows.append({"label": f"{path} n={n}", "draft_model": path, "draft_max": n, "draft_gpu_layers": 0,
-                         "failures": [],
-                         "kinds": {k: entry((40 if acc < 0.5 else 45) - n, 50 if k == "code" else 48, acc)
-                                   for k in ("code", "prose")}})
-    return {"main": {"name": "tiny main"}, "results": rows,
-            "candidates": [{"path": "/m/qwen.gguf", "compatible": False, "reasons": ["vocab sizes differ by 100,000"]}],
-            "recommendation": {"verdict": "No speculative decoding: nothing beats the main model alone."}}
+    rows = rows_for(edit_gain=1.4, code_gain=0.9)
+    plan = speculation.Plan(rounds=4)
+    return speculation.SpecReport("m.gguf", Settings(), [speculation.NONE], [("draft-mtp", "no MTP layers")], plan, [],
+                                  rows, speculation.verdicts(rows, plan), None, 1.0).to_dict()
 
 
-def test_draft_acceptance_and_speedup_per_candidate():
-    fig = plots.draft(draft_report())
-    acc_ax, speed_ax, note_ax = fig.axes
-    assert acc_ax.get_ylabel().startswith("acceptance rate") and speed_ax.get_ylabel().startswith("decode speedup")
-    assert acc_ax.get_xlabel() == speed_ax.get_xlabel() == "draft length n (tokens proposed per step)"
-    assert sorted(labels(acc_ax)) == ["random.gguf, code", "random.gguf, prose", "same.gguf, code", "same.gguf, prose"]
-    same_code = next(line for line in acc_ax.get_lines() if line.get_label() == "same.gguf, code")
-    assert list(same_code.get_xdata()) == [2, 4, 8] and list(same_code.get_ydata()) == pytest.approx([95.0] * 3)
-    assert "main model alone (x1)" in labels(speed_ax)
+def test_speculation_speedup_and_acceptance_per_kind_and_work():
+    fig = plots.speculation(spec_report())
+    speed_ax, acc_ax, note_ax = fig.axes
+    assert speed_ax.get_xlabel().startswith("decode speed-up over no speculation")
+    assert acc_ax.get_xlabel() == "draft tokens accepted (%)"
+    assert [t.get_text() for t in speed_ax.get_yticklabels()] == ["ngram-map-k4v n=12"]
+    widths = sorted(round(p.get_width(), 2) for p in speed_ax.patches)
+    assert widths == [0.9, 1.0, 1.4]  # code, prose, edit
+    assert "no speculation (x1)" in labels(speed_ax)
     notes = note_ax.texts[0].get_text()
-    assert "qwen.gguf: vocab sizes differ" in notes and "No speculative decoding" in notes
-    with pytest.raises(plots.NoData, match="rejected: qwen.gguf"):
-        plots.draft({**draft_report(), "results": []})
+    assert "edit: speculate with ngram-map-k4v" in notes and "not measured: draft-mtp" in notes
+    with pytest.raises(plots.NoData, match="no kind of speculation was measured"):
+        plots.speculation({**spec_report(), "results": spec_report()["results"][:1]})
 
 
 # -------------------------------------------------------------------------------------------- report
@@ -358,10 +346,10 @@ def test_report_from_a_study_name_and_from_a_config_alone(stored, tmp_path):
     assert "no recommendation yet" in done.index.read_text()
     alone = json.loads(stored["config"].read_text())
     alone["study"]["storage"] = f"sqlite:///{tmp_path / 'moved.db'}"
-    alone["draft"] = draft_report()  # what search --draft adds
+    alone["speculation"] = spec_report()  # what search --spec adds
     (tmp_path / "alone.json").write_text(json.dumps(alone))
     done = report.build(str(tmp_path / "alone.json"), tmp_path / "b")
-    assert [p.name for p in done.images] == ["recommendation.png", "memory.png", "draft.png"]
+    assert [p.name for p in done.images] == ["recommendation.png", "memory.png", "speculation.png"]
     assert any("knob and study plots left out" in n for n in done.notes)
     assert not (tmp_path / "moved.db").exists()  # looking for a study never creates a database
 

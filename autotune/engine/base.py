@@ -7,6 +7,8 @@ processes that talk JSON (``python -m autotune.engine``), so a native crash take
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import re
 import signal
@@ -73,7 +75,6 @@ class Measurement:
     base_rss: int = 0  # bytes resident before the model loaded (Python + engine library): not the model's
     peak_vram: int | None = None  # bytes over the baseline, where NVML sees a GPU
     buffers: dict[str, Any] = field(default_factory=dict)  # the engine's logged buffer sizes
-    draft: dict[str, Any] = field(default_factory=dict)  # speculative decoding counters, when a draft ran
     output_tokens: list[int] = field(default_factory=list)  # greedy output of the last repetition
     depth_fill_s: float = 0.0  # seconds to put the workload's depth of history in the cache (not timed above)
     history_loaded: bool = False  # that history came from an earlier run's saved cache (engine.history)
@@ -98,7 +99,8 @@ class Measurement:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Measurement:
-        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}  # a study stored before a field was retired reads too
+        data = {k: v for k, v in data.items() if k in known}
         data["settings"] = Settings.from_dict(data["settings"])
         return cls(**data)
 

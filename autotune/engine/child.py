@@ -162,14 +162,10 @@ def _measure(request: dict[str, Any], session: Session) -> dict[str, Any]:
     settings = Settings.from_dict(request["settings"])
     work = Workload(**request["workload"])
     _restart_peak_rss()
-    draft = ctx = None
+    ctx = None
     try:
         model, load_s = session.model_for(request["model"], settings)
         ctx = Context(model, settings, session.faults, echo=True)
-        if settings.draft_model:
-            from .greedy_draft import GreedyDraft
-
-            draft = GreedyDraft(settings.draft_model, settings, session.faults)
     except Refused as e:
         if ctx is not None:
             ctx.close()
@@ -177,15 +173,13 @@ def _measure(request: dict[str, Any], session: Session) -> dict[str, Any]:
     try:
         if session.faults is not None:
             session.faults.after_load(int(request.get("index", 0)))
-        return _timed(request, settings, work, model, ctx, draft, load_s, session.base_rss)
+        return _timed(request, settings, work, model, ctx, load_s, session.base_rss)
     finally:
-        if draft is not None:
-            draft.close()
         ctx.close()
 
 
 def _timed(request: dict[str, Any], settings: Settings, work: Workload, model: Model, ctx: Context,
-           draft: Any, load_s: float, base_rss: int) -> dict[str, Any]:
+           load_s: float, base_rss: int) -> dict[str, Any]:
     buffers = parse_buffers(model.log + ctx.log).to_dict()
     text = prompt_text(work.prompt_kind)
     tokens = model.tokenize(text)
@@ -198,7 +192,7 @@ def _timed(request: dict[str, Any], settings: Settings, work: Workload, model: M
     if history:  # the history every repetition starts from: evaluated once, kept in the cache
         start = time.perf_counter()
         saved = None
-        if request.get("history_dir") and draft is None:  # a draft keeps a cache of its own
+        if request.get("history_dir"):
             saved = Path(request["history_dir"]) / history_cache.key(request["model"], settings, history, L.__version__)
         loaded = saved is not None and history_cache.load(ctx, saved, history)
         if not loaded:
@@ -209,18 +203,13 @@ def _timed(request: dict[str, Any], settings: Settings, work: Workload, model: M
 
     def one_pass(n_prompt: int, n_gen: int) -> tuple[float, float, float, list[int]]:
         ctx.n_tokens = len(history)  # back to the history: the cache past it is dropped on the next eval
-        if draft is not None:
-            draft.reset()
         start = time.perf_counter()
         ctx.eval(prompt[:n_prompt])
         out = [ctx.greedy()]
         first = time.perf_counter()
         while len(out) < n_gen:
-            if draft is None:
-                ctx.eval([out[-1]])
-                out.append(ctx.greedy())
-            else:
-                out += _speculate(ctx, draft, out[-1], n_gen - len(out))
+            ctx.eval([out[-1]])
+            out.append(ctx.greedy())
         end = time.perf_counter()
         ttft = first - start
         decode = (len(out) - 1) / (end - first) if len(out) > 1 and end > first else 0.0
@@ -245,34 +234,11 @@ def _timed(request: dict[str, Any], settings: Settings, work: Workload, model: M
         "base_rss": base_rss,
         "peak_vram": None,
         "buffers": buffers,
-        "draft": draft.stats() if draft is not None else {},
         "output_tokens": samples[-1][3],
         "depth_fill_s": fill_s,
         "history_loaded": loaded,
     }
     return {"ok": True, "measurement": m}
-
-
-def _speculate(ctx: Context, draft: Any, last: int, room: int) -> list[int]:
-    """One greedy speculative step, as llama-cpp-python's ``Llama.generate`` takes one with a draft model:
-    the draft proposes tokens after ``last``, the main evaluates ``last`` and them in one batch and keeps the
-    proposals it would have chosen itself, then its own next token. Returns at most ``room`` new tokens; the
-    cache keeps only what was kept."""
-    before = ctx.n_tokens
-    ids = ctx.input_ids[: before].tolist() + [last]
-    proposals = [int(t) for t in draft(ids)][: max(0, min(room - 1, ctx.n_ctx() - before - 1))]
-    rows = ctx.eval([last, *proposals], all_logits=True)
-    assert rows is not None
-    out: list[int] = []
-    for i, proposed in enumerate(proposals):
-        chosen = int(rows[i].argmax())
-        out.append(chosen)
-        if chosen != proposed:
-            break
-    else:
-        out.append(int(rows[len(proposals)].argmax()))
-    ctx.n_tokens = before + len(out)  # ``last`` and the kept proposals; the rest is dropped on the next eval
-    return out[:room]
 
 
 # -------------------------------------------------------------------------------------------- K/V divergence
@@ -281,7 +247,7 @@ def _speculate(ctx: Context, draft: Any, last: int, room: int) -> list[int]:
 def _divergence(request: dict[str, Any], faults: Faults | None) -> dict[str, Any]:
     import numpy as np
 
-    base = Settings.from_dict(request["settings"]).replace(flash_attn=True, draft_model=None)
+    base = Settings.from_dict(request["settings"]).replace(flash_attn=True)
     n = int(request["tokens"])
     model = Model(request["model"], base.replace(type_k="f16", type_v="f16"), faults=faults)
 

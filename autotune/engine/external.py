@@ -86,8 +86,9 @@ class Tool:
     def measure(self, model_path: str, settings: Settings, workload: Workload = Workload(), timeout: float = 300.0,
                 index: int = 0, on_rep: OnRep | None = None) -> Measurement:
         """One run of the tool; it reports every repetition at once, so ``on_rep`` is never called."""
-        if settings.draft_model:
-            return Measurement(settings, False, f"{self.kind} as an engine measures the main model alone")
+        if settings.spec_type != "none":
+            return Measurement(settings, False, f"{self.kind} as an engine measures the main model alone "
+                                                "(speculation is measured by the speculation stage)")
         if self.kind == "llama-bench":
             return _bench(self.path, model_path, settings, workload, timeout)
         return _server(self.path, model_path, settings, workload, timeout)
@@ -287,3 +288,66 @@ def _stream(url: str, body: dict[str, Any]) -> tuple[float, float, float]:
     if not timings:
         raise ValueError("no timings in the server's answer")
     return float(timings["prompt_per_second"]), float(timings["predicted_per_second"]), first
+
+
+@dataclass
+class Reply:
+    """One greedy completion on a llama-server: its decode timing, the speculation counters of its timings
+    (``draft_n`` proposed, ``draft_n_accepted`` kept) and the tokens it produced."""
+
+    decode_tps: float
+    predicted_n: int
+    predicted_ms: float
+    draft_n: int
+    accepted: int
+    tokens: list[int]
+    mean_len: float | None = None  # the server log's "mean len": 1 + accepted tokens per verification step
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+# llama-server logs, per finished request that drafted: "draft acceptance = 0.53571 (30 accepted / 56 generated),
+# mean len = 5.29"
+_ACCEPTANCE = re.compile(r"draft acceptance = [\d.]+ \(\s*(\d+) accepted /\s*(\d+) generated\), mean len =\s*([\d.]+)")
+
+
+def speculative_replies(binary: Path, model: str, s: Settings, messages: list[str], n_predict: int,
+                        timeout: float) -> tuple[list[Reply], str, float]:
+    """A fresh llama-server with ``s`` (its speculation flags included) answers each user message once, in order,
+    greedily, through the model's chat template (``/apply-template``; the raw text where it has none): the
+    replies, "" or why it failed, and the seconds the server took to come up."""
+    from ..flags import server_flags
+
+    error, replies, load_s = "", [], 0.0
+    with Server(binary, server_flags(s, model)) as srv:
+        try:
+            if not srv.healthy(timeout):
+                error = "did not come up"
+            else:
+                load_s = time.perf_counter() - srv.start
+                for text in messages:
+                    replies.append(_greedy(srv.url, text, n_predict))
+        except (OSError, ValueError, KeyError) as e:
+            error = f"stopped answering ({e})"
+    if error:
+        return [], srv.failure(error), load_s
+    srv.log.seek(0)
+    lines = iter(_ACCEPTANCE.findall(srv.log.read()))
+    for r in replies:  # one log line per reply that drafted, in order
+        if r.draft_n and (line := next(lines, None)) and int(line[1]) == r.draft_n:
+            r.mean_len = float(line[2])
+    return replies, "", load_s
+
+
+def _greedy(url: str, text: str, n_predict: int) -> Reply:
+    try:
+        prompt = post_json(url + "/apply-template", {"messages": [{"role": "user", "content": text}]})["prompt"]
+    except (OSError, KeyError):  # no chat template: the message as it is
+        prompt = text
+    body = {"prompt": prompt, "n_predict": n_predict, "temperature": 0, "top_k": 1, "seed": 0,
+            "cache_prompt": False, "return_tokens": True}
+    out = post_json(url + "/completion", body)
+    t = out["timings"]
+    return Reply(float(t["predicted_per_second"]), int(t["predicted_n"]), float(t["predicted_ms"]),
+                 int(t.get("draft_n", 0)), int(t.get("draft_n_accepted", 0)), [int(x) for x in out.get("tokens", [])])
