@@ -28,6 +28,7 @@ from .engine.base import prompt_text
 from .errors import AutotuneError, ModelError, SettingsError
 from .flags import server_flags
 from .gguf_model import ModelFacts
+from .knobs import NGRAM_KINDS
 from .probe import Hardware
 from .recommend import Spread
 from .settings import Settings
@@ -47,6 +48,7 @@ class ServeOptions:
     storage: str | None = None
     seed: int = 0
     kv_quality: str = "strict"
+    spec: bool = False  # also search llama-server's n-gram speculation per slot (it can cost batching)
 
     @property
     def requests(self) -> int:
@@ -94,12 +96,15 @@ def slot_choices(facts: ModelFacts, hw: Hardware, base: Settings, users: int, ct
     return tuple(fit)
 
 
-def serving_space(sp: space.SearchSpace, slots: tuple[int, ...]) -> space.SearchSpace:
+def serving_space(sp: space.SearchSpace, slots: tuple[int, ...], spec: bool = False) -> space.SearchSpace:
     """The search's space for serving: mmap and mlock do not change a running server's speed; slots and a
-    unified KV cache do."""
+    unified KV cache do. With ``spec``, each n-gram speculation kind (its llama.cpp defaults) or none: each
+    slot drafts for itself, which one user's decode gains and a full batch may pay for."""
     params = {k: v for k, v in sp.params.items() if k not in ("use_mmap", "use_mlock")}
     params["n_parallel"] = slots
     params["kv_unified"] = (True, False)
+    if spec:
+        params["spec_type"] = ("none", *NGRAM_KINDS)
     return space.SearchSpace(sp.base, params, dict(sp.int_ranges))
 
 
@@ -154,7 +159,7 @@ def study_name(model: str, facts: ModelFacts, hw: Hardware, opts: ServeOptions, 
 
     bounds = f"ttft{opts.max_ttft}-utps{opts.min_user_tps}"
     return "-".join([Path(model).stem, file_sha256(model)[:12], hw.fingerprint(), "serve", f"u{opts.users}",
-                     f"c{opts.ctx_per_user}", f"r{opts.requests}", bounds,
+                     f"c{opts.ctx_per_user}", f"r{opts.requests}", bounds, *(["spec"] if opts.spec else []),
                      external.Tool("llama-server", binary).build_key()])
 
 
@@ -215,7 +220,7 @@ def tune(model: str, facts: ModelFacts, hw: Hardware, binary: Path, opts: ServeO
     excluded = [pair for pair, r in quality.items() if r.get("excluded")]
     if excluded:
         say(f"K/V quality guard ({opts.kv_quality}): {', '.join(excluded)} change the outputs too much: not searched")
-    sspace = serving_space(sp, slots)
+    sspace = serving_space(sp, slots, opts.spec)
     if not st.trials:  # the first trial: every user a slot, flash attention on, one shared cache
         first = sized(sp.base.replace(n_parallel=max(slots), flash_attn=True, kv_unified=True), opts.ctx_per_user)
         st.enqueue_trial(sspace.params_of(first))
@@ -249,18 +254,27 @@ def tune(model: str, facts: ModelFacts, hw: Hardware, binary: Path, opts: ServeO
 def describe(s: Settings) -> str:
     cache = f"{s.type_k}/{s.type_v}"
     return (f"-np {s.n_parallel}{' unified' if s.kv_unified else ''}, -t {s.n_threads} -tb {s.n_threads_batch}, "
-            f"-b {s.n_batch} -ub {s.n_ubatch}, FA {'on' if s.flash_attn else 'off'}, {cache}")
+            f"-b {s.n_batch} -ub {s.n_ubatch}, FA {'on' if s.flash_attn else 'off'}, {cache}"
+            + ("" if s.spec_type == "none" else f", --spec-type {s.spec_type}"))
+
+
+def contenders(trials: list[optuna.trial.FrozenTrial], top_k: int) -> dict[str, Settings]:
+    """The best ``top_k`` feasible trials' settings by label; a speculating one also without its speculation,
+    so the side-by-side measures what speculation itself is worth at this many users."""
+    good = sorted((t for t in trials if feasible(t)), key=lambda t: t.value or 0.0, reverse=True)
+    out: dict[str, Settings] = {}
+    for t in good[:top_k]:
+        s = Settings.from_dict(t.user_attrs["settings"])
+        out[f"trial {t.number}"] = s
+        if s.spec_type != "none":
+            out[f"trial {t.number} without speculation"] = s.unspeculated()
+    return out
 
 
 def _side_by_side(st: optuna.Study, model: str, binary: Path, opts: ServeOptions, forced: dict[str, Any],
                   slots: tuple[int, ...], say: Callable[[str], None]) -> ServeResult:
-    good = sorted((t for t in st.trials if feasible(t)), key=lambda t: t.value or 0.0, reverse=True)
-    configs: dict[str, list[str]] = {}
-    settings_of: dict[str, Settings] = {}
-    for t in good[: opts.top_k]:
-        s = Settings.from_dict(t.user_attrs["settings"])
-        label = f"trial {t.number}"
-        configs[label], settings_of[label] = server_flags(s, model), s
+    settings_of = contenders(st.trials, opts.top_k)
+    configs = {label: server_flags(s, model) for label, s in settings_of.items()}
     base_label, base_flags = defaults_flags(model, forced)
     configs[base_label] = base_flags
     labels = list(configs)

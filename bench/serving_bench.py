@@ -2,7 +2,7 @@
 tuned server side by side with llama-server's own defaults under the same load.
 
     python bench/serving_bench.py [--models smollm2-135m,qwen2.5-coder-0.5b] [--users 1,4,8] [--trials 10]
-                                  [--rounds 4] [--ctx-per-user 1024] [--out bench/serving_results.md]
+                                  [--rounds 4] [--ctx-per-user 1024] [--spec] [--out bench/serving_results.md]
 
 Writes the table (``--out``), the raw results (same name, ``.json``) and the plot (same name, ``.png``).
 Run it on a quiet machine: the load is CPU-bound and a second busy process would be measured too.
@@ -33,7 +33,8 @@ def fmt(rows: list[dict], key: str, digits: int = 1) -> str:
 
 
 def table(results: list[dict], cpu: str, args: argparse.Namespace) -> str:
-    lines = [f"On this machine ({cpu}): `autotune serve-tune MODEL --users N --ctx-per-user {args.ctx_per_user} "
+    lines = [f"On this machine ({cpu}): `autotune serve-tune MODEL --users N --ctx-per-user {args.ctx_per_user}"
+             f"{' --spec' if args.spec else ''} "
              f"--trials {args.trials}`, then the best tuned configs and llama-server's defaults side by side in "
              f"{args.rounds} rotated rounds, each round one fresh server under the same load ({serving.ServeOptions().requests_per_user} "
              f"requests per user, the shipped mix). Medians (q25-q75).", "",
@@ -58,6 +59,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--ctx-per-user", type=int, default=1024)
+    ap.add_argument("--spec", action="store_true", help="also search n-gram speculation per slot (serve-tune --spec)")
     ap.add_argument("--out", default="bench/serving_results.md")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -71,7 +73,8 @@ def main() -> None:
             facts = read_facts(model)
             for users in map(int, args.users.split(",")):
                 opts = serving.ServeOptions(users=users, ctx_per_user=args.ctx_per_user, trials=args.trials,
-                                            rounds=args.rounds, storage=f"sqlite:///{tmp}/serve.db")
+                                            rounds=args.rounds, storage=f"sqlite:///{tmp}/serve.db",
+                                            spec=args.spec)
                 start = time.perf_counter()
                 res = serving.tune(model, facts, hw, binary, opts, say=lambda t, n=name, u=users: print(f"[{n} x{u}] {t}", flush=True))
                 results.append({"model": name, "users": users, "search_s": time.perf_counter() - start, **res.to_dict()})

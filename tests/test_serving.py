@@ -12,11 +12,13 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
 
+import optuna
 import pytest
 
 from autotune import cli, flags, loadgen, memory, plots, reference, serving, space
 from autotune.errors import SettingsError
 from autotune.gguf_model import read_facts
+from autotune.knobs import NGRAM_KINDS
 from autotune.probe import Hardware
 from autotune.settings import Settings
 
@@ -182,6 +184,33 @@ def test_the_serving_space_searches_slots_and_a_unified_cache_not_mmap(demo_mode
     assert s.n_ctx == 4096
 
 
+def test_serve_tune_searches_n_gram_speculation_only_when_asked(demo_model):
+    facts = read_facts(str(demo_model))
+    hw = Hardware(cpu_model="fake", physical_cores=2, logical_cores=2, ram_total=64 * GIB, ram_available=64 * GIB,
+                  cpu_features=())
+    base = space.build_space(hw, facts, 1024)
+    assert "spec_type" not in serving.serving_space(base, (1, 2)).params
+    kinds = serving.serving_space(base, (1, 2), spec=True).params["spec_type"]
+    assert kinds[0] == "none" and set(kinds[1:]) == set(NGRAM_KINDS)
+
+
+def test_a_speculating_contender_is_measured_beside_itself_without_speculation():
+    def trial(value: float, s: Settings) -> optuna.trial.FrozenTrial:
+        return optuna.trial.create_trial(value=value, user_attrs={"settings": s.to_dict()})
+
+    plain = Settings(n_parallel=4)
+    trials = [trial(10.0, plain), trial(12.0, plain.replace(spec_type="ngram-mod", ngram_mod_min=4)),
+              trial(1.0, plain.replace(n_parallel=2))]
+    for number, t in enumerate(trials):
+        t.number = number
+    got = serving.contenders(trials, top_k=2)
+    assert list(got) == ["trial 1", "trial 1 without speculation", "trial 0"]
+    assert got["trial 1 without speculation"] == plain and got["trial 1"].spec_type == "ngram-mod"
+    line = flags.server_flags(got["trial 1"], "m.gguf")
+    assert line[line.index("--spec-type") + 1] == "ngram-mod" and "--spec-ngram-mod-n-min" in line
+    assert "--spec-type" not in flags.server_flags(got["trial 1 without speculation"], "m.gguf")
+
+
 def test_slots_and_a_unified_cache_reach_the_llama_server_line_and_back():
     s = Settings(n_ctx=4096, n_parallel=4, kv_unified=True)
     line = flags.server_flags(s, "m.gguf")
@@ -209,6 +238,10 @@ def test_a_real_llama_server_under_a_real_load(tiny_model):
     load = served.load
     assert load["requests"] == 4 and load["failed"] == 0 and load["truncated"] == 0
     assert load["throughput"] > 0 and load["ttft_p95"] >= load["ttft_p50"] > 0 and served.peak_rss > 0
+    drafting = serving.measure(binary, str(tiny_model), flags.server_flags(s.replace(spec_type="ngram-simple"),
+                                                                          str(tiny_model)),
+                               users=2, n_requests=4, time_limit=120, label="tiny, ngram-simple")
+    assert drafting.ok and drafting.load["failed"] == 0, drafting.error
     broken = serving.measure(binary, str(tiny_model), ["-m", str(tiny_model) + ".missing"], users=1, n_requests=1,
                              time_limit=30, label="broken")
     assert not broken.ok and broken.error.startswith("llama-server")
