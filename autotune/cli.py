@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                     default=list(Plan.workloads), metavar="KIND,...", help="kinds of work: code, prose, edit")
     sp.add_argument("--prompts", type=int, default=Plan.prompts, help="messages per kind of work (at most 2)")
     sp.add_argument("--gen-tokens", type=int, default=Plan.gen_tokens, help="reply length in tokens")
-    sp.add_argument("--trials", type=int, help="study trials (default: two per kind, plus none)")
+    sp.add_argument("--trials", type=int, help="study trials (default: each kind's defaults, then one more per kind with parameters)")
     sp.add_argument("--rounds", type=int, default=Plan.rounds, help="rotated side-by-side rounds")
     sp.add_argument("--spec-for", dest="target", choices=("all", "code", "prose", "edit"), default="all",
                     help="the kind of work the recommendation speculates for")

@@ -419,6 +419,8 @@ def spec_report(d: dict[str, Any]) -> None:
                 cell += f"  x{sp['median']:.2f} ({sp['q25']:.2f}-{sp['q75']:.2f}) {mark}"
             if e["acceptance"] is not None:
                 cell += f"\n{e['acceptance']:.0%} accepted, {e['accepted_per_step'] or 0:.1f}/step"
+            if e.get("doubt"):
+                cell += f"\n[yellow]noise: x{e['ceiling']:.2f} at most[/]"
             if not e["unchanged"]:
                 cell += "\n[yellow]reply differs[/]"
             cells.append(cell)
