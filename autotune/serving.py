@@ -117,21 +117,16 @@ def measure(binary: Path, model: str, flags: list[str], users: int, n_requests: 
             label: str = "", timeout: float = 120.0) -> Served:
     """Start llama-server with ``flags`` on a free loopback port, warm it up with one short request, drive it
     with the load, stop it. Never raises for a server that dies or never comes up."""
-    error, result = "", None
-    with external.Server(binary, flags) as srv:
-        try:
-            if not srv.healthy(timeout):
-                error = "did not come up"
-            else:
-                text = prompt_text("code") + prompt_text("prose")
-                tokens = external.post_json(srv.url + "/tokenize", {"content": text})["tokens"]
-                warm = loadgen.run(srv.url, [loadgen.Request(tokens[:16], 4)], users=1, time_limit=timeout)
-                if warm.failed:
-                    error = f"failed its warm-up request ({warm.done[0].error if warm.done else 'not sent'})"
-                else:
-                    result = loadgen.run(srv.url, loadgen.requests_for(tokens, n_requests), users, time_limit)
-        except (OSError, ValueError, KeyError) as e:
-            error = f"stopped answering ({e})"
+
+    def drive(url: str) -> loadgen.LoadResult:
+        text = prompt_text("code") + prompt_text("prose")
+        tokens = external.post_json(url + "/tokenize", {"content": text})["tokens"]
+        warm = loadgen.run(url, [loadgen.Request(tokens[:16], 4)], users=1, time_limit=timeout)
+        if warm.failed:
+            raise ValueError(f"its warm-up request failed: {warm.done[0].error if warm.done else 'not sent'}")
+        return loadgen.run(url, loadgen.requests_for(tokens, n_requests), users, time_limit)
+
+    srv, result, error, _ = external.serve(binary, flags, timeout, drive)
     peak, wall = srv.rss.stop(), time.perf_counter() - srv.start
     if result is None or srv.died is not None:  # a server that died under the load failed it, whatever was answered
         return Served(label, flags, False, srv.failure(error or "stopped"), peak_rss=peak, wall_s=wall)

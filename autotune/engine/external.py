@@ -23,7 +23,7 @@ import urllib.request
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from ..errors import SettingsError
 from ..settings import Settings
@@ -206,21 +206,33 @@ class Server:
         return f"llama-server {child_failure(self.died, self.log.read())}"
 
 
-def _server(binary: Path, model: str, s: Settings, w: Workload, timeout: float) -> Measurement:
-    from ..flags import server_flags
+T = TypeVar("T")
 
-    error = ""
-    with Server(binary, server_flags(s, model)) as srv:
+
+def serve(binary: Path, flags: list[str], timeout: float,
+          work: Callable[[str], T]) -> tuple[Server, T | None, str, float]:
+    """A fresh llama-server with ``flags``, once healthy given to ``work`` (its URL); never raises for a server
+    that does not come up or stops answering: the stopped server, what ``work`` returned, "" or why it failed
+    (``Server.failure`` tells how it died), and the seconds it took to come up."""
+    error, result, load_s = "", None, 0.0
+    with Server(binary, flags) as srv:
         try:
             if not srv.healthy(timeout):
                 error = "did not come up"
             else:
                 load_s = time.perf_counter() - srv.start
-                samples = _completions(srv.url, w)
+                result = work(srv.url)
         except (OSError, ValueError, KeyError) as e:
             error = f"stopped answering ({e})"
+    return srv, result, error, load_s
+
+
+def _server(binary: Path, model: str, s: Settings, w: Workload, timeout: float) -> Measurement:
+    from ..flags import server_flags
+
+    srv, samples, error, load_s = serve(binary, server_flags(s, model), timeout, lambda url: _completions(url, w))
     wall = time.perf_counter() - srv.start
-    if error:
+    if error or samples is None:
         return Measurement(s, False, srv.failure(error), wall_s=wall)
     return Measurement(s, True, prefill_tps=[x[0] for x in samples], decode_tps=[x[1] for x in samples],
                        ttft_s=[x[2] for x in samples], load_s=load_s, wall_s=wall, peak_rss=srv.rss.stop())
@@ -319,18 +331,9 @@ def speculative_replies(binary: Path, model: str, s: Settings, messages: list[st
     replies, "" or why it failed, and the seconds the server took to come up."""
     from ..flags import server_flags
 
-    error, replies, load_s = "", [], 0.0
-    with Server(binary, server_flags(s, model)) as srv:
-        try:
-            if not srv.healthy(timeout):
-                error = "did not come up"
-            else:
-                load_s = time.perf_counter() - srv.start
-                for text in messages:
-                    replies.append(_greedy(srv.url, text, n_predict))
-        except (OSError, ValueError, KeyError) as e:
-            error = f"stopped answering ({e})"
-    if error:
+    srv, replies, error, load_s = serve(binary, server_flags(s, model), timeout,
+                                        lambda url: [_greedy(url, text, n_predict) for text in messages])
+    if error or replies is None:
         return [], srv.failure(error), load_s
     srv.log.seek(0)
     lines = iter(_ACCEPTANCE.findall(srv.log.read()))
