@@ -498,17 +498,3 @@ def search_stage(config: dict[str, Any], choice: str, hw: Hardware, plan: Plan =
     except drafts.DraftError as e:
         raise SpecError(str(e)) from None
     return {**config, "settings": report.recommended.to_dict(), "speculation": report.to_dict()}, report
-
-
-def statistics_of(row: dict[str, Any], w: str) -> str:
-    """A row's cell for one kind of work, in words (printers and the report share it)."""
-    e = row["workloads"][w]
-    if not e["decode"]["n"]:
-        return "failed"
-    parts = [f"{e['decode']['median']:.1f} tok/s"]
-    if e["speedup"]:
-        parts.append(f"x{e['speedup']['median']:.2f}")
-    if e["acceptance"] is not None:
-        parts.append(f"{e['acceptance']:.0%} accepted")
-    return ", ".join(parts)
-
