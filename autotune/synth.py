@@ -2,19 +2,22 @@
 header-only ones of any size (a sparse file) for the engine's no-allocation dry run.
 
 Tests and benchmarks use them to cover shapes this machine cannot hold. The tokenizer is copied from a
-real GGUF file, so a synthetic model is vocab-compatible with its donor (a real draft/main pair).
+real GGUF file, so a synthetic model is vocab-compatible with its donor (a real draft/main pair). A header-only
+mixture of experts holds real data where its routers read (``_write_routing``), so it routes like a trained one.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf.quants import quantize
 
 from .gguf_model import FastReader
 
@@ -98,6 +101,7 @@ def write_model(
     header_only: bool = False,
     seed: int = 0,
     vocab: int | None = None,
+    routing: bool = True,
 ) -> Path:
     """Write a model of ``shape`` to ``path`` and return it.
 
@@ -106,6 +110,10 @@ def write_model(
     numbers (``weight_type`` F16 or F32) and the engine can run the model, producing nonsense text.
     ``vocab`` keeps only the donor's first tokens (and the merges among them): a 49k-token vocabulary
     costs a second or two to write and to read back.
+
+    ``routing`` (header-only mixture of experts): the little the routers read is real data, written into the
+    hole (``_write_routing``), so tokens spread over the experts as in a trained model. Without it every
+    weight reads as zero and every token goes to the same experts, which overstates MoE prefill.
     """
     path = Path(path)
     fields = _tokenizer_fields(Path(tokenizer_from))
@@ -139,6 +147,7 @@ def write_model(
     dtype = GGMLQuantizationType[weight_type]
     np_dtype = np.float16 if dtype == GGMLQuantizationType.F16 else np.float32
     data_bytes = 0
+    routed: list[Placed] = []
     for name, dims, kind in _tensors(shape, n_vocab):
         t = {"vec": GGMLQuantizationType.F32, "exp": GGMLQuantizationType[shape.expert_type or weight_type]}.get(kind, dtype)
         if dims[-1] % GGML_QUANT_SIZES[t][0]:  # rows too short for the type's blocks: a quantizer falls back
@@ -147,6 +156,8 @@ def write_model(
         nbytes = int(np.prod(dims)) // block * size
         if header_only:
             w.add_tensor_info(name, dims, np.dtype(np.float16 if t == GGMLQuantizationType.F16 else np.float32), nbytes, t)
+            if routing and shape.n_expert and _routes(name):
+                routed.append((name, dims, t, data_bytes))
             data_bytes += GGUFWriter.ggml_pad(nbytes, w.data_alignment)
         elif kind == "vec":  # norms 1, biases 0
             w.add_tensor(name, np.full(dims, 0.0 if name.endswith(".bias") else 1.0, dtype=np.float32))
@@ -162,10 +173,94 @@ def write_model(
         data_start = out.tell()
         w.close()
         os.truncate(path, data_start + data_bytes)
+        _write_routing(path, data_start, routed, seed)
     else:
         w.write_tensors_to_file()
         w.close()
     return path
+
+
+# ------------------------------------------------------------------------- routing data in a header-only file
+# With every weight zero, attention and the experts add nothing: each layer's residual stays the token's
+# embedding, and the router reads it through the layer's FFN norm. So a random embedding, unit norms and a random
+# router per layer give each layer its own spread of tokens over the experts, as a trained model's routers do;
+# with zeros, every router's logits tie and every token picks the same experts in every layer. The experts
+# (nearly all the bytes) stay a hole.
+
+Placed = tuple[str, tuple[int, ...], GGMLQuantizationType, int]  # name, numpy-order dims, type, offset in the data
+
+Q = GGMLQuantizationType
+_D = 2.0**-8
+# Block types written as random bytes: where their float16 scale (and min) fields sit in a block, and the value
+# each gets. Small finite scales keep every value finite; each min is set so that a block's values centre on zero
+# (x = d*sc*q - dmin*m over uniform random sc, q, m), and each block's scales get a random sign (Q4_0's d*(q - 8)
+# leans negative), or every token's embedding would share one direction.
+_SCALES: dict[GGMLQuantizationType, tuple[tuple[int, float], ...]] = {
+    Q.Q4_0: ((0, _D),), Q.Q5_0: ((0, _D),), Q.Q8_0: ((0, _D),), Q.IQ4_NL: ((0, _D),), Q.IQ4_XS: ((0, _D),),
+    Q.Q4_1: ((0, _D), (2, -7.5 * _D)), Q.Q5_1: ((0, _D), (2, -15.5 * _D)),
+    Q.Q2_K: ((80, _D), (82, 1.5 * _D)), Q.Q3_K: ((108, _D),), Q.Q4_K: ((0, _D), (2, 7.5 * _D)),
+    Q.Q5_K: ((0, _D), (2, 15.5 * _D)), Q.Q6_K: ((208, _D),),
+}
+
+
+def _routes(name: str) -> bool:
+    """Whether the routers' choice depends on this tensor when the rest is zero: the token embedding, the norms
+    on the way (all of them: they are small), the routers. Router biases (``ffn_gate_inp.bias``,
+    ``exp_probs_b``) may stay zero."""
+    return name == "token_embd.weight" or name.endswith("norm.weight") or name.endswith("ffn_gate_inp.weight")
+
+
+def _write_routing(path: Path, data_start: int, placed: list[Placed], seed: int) -> None:
+    """Write the routed tensors' data at their places in the file, already at its full size. Each tensor's
+    random numbers come from the seed and its name alone: the same file every time."""
+    with open(path, "r+b") as f:
+        for name, dims, t, offset in placed:
+            rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+            f.seek(data_start + offset)
+            for chunk in _routing_data(name, dims, t, rng):
+                f.write(chunk)
+
+
+def _routing_data(name: str, dims: tuple[int, ...], t: GGMLQuantizationType, rng: np.random.Generator
+                  ) -> Iterator[bytes]:
+    """The bytes of one routed tensor, in chunks of about 16M values (a 150k-token embedding is not held whole):
+    norms 1, a router of random rows with logits of about unit spread, an embedding of random rows."""
+    rows, cols = int(np.prod(dims[:-1])), dims[-1]
+    if name.endswith("norm.weight"):
+        yield _encode(np.ones(rows * cols, np.float32), t)
+    elif name.endswith("ffn_gate_inp.weight"):
+        yield _encode(rng.standard_normal(rows * cols, dtype=np.float32) / np.float32(np.sqrt(cols)), t)
+    else:
+        step = max(1, (1 << 24) // cols)
+        for start in range(0, rows, step):
+            yield _random_rows(rng, t, min(step, rows - start), cols)
+
+
+def _encode(values: np.ndarray, t: GGMLQuantizationType) -> bytes:
+    """Float values as a float type's bytes."""
+    if t == Q.BF16:
+        return (values.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
+    return values.astype(np.float16 if t == Q.F16 else np.float32).tobytes()
+
+
+def _random_rows(rng: np.random.Generator, t: GGMLQuantizationType, n_rows: int, n_cols: int) -> bytes:
+    """``n_rows`` random rows of type ``t``, finite and centred on zero: float types drawn normal; block types
+    in ``_SCALES`` as random bytes with their scales set (fast: a 150k x 2k Q4_K embedding in about a second);
+    others quantized by ``gguf`` where it can, else ValueError."""
+    if t in (Q.F32, Q.F16, Q.BF16):
+        return _encode(rng.standard_normal(n_rows * n_cols, dtype=np.float32), t)
+    block, size = GGML_QUANT_SIZES[t]
+    fields = _SCALES.get(t)
+    if fields is None:
+        try:
+            return quantize(rng.standard_normal((n_rows, n_cols), dtype=np.float32), t).tobytes()
+        except NotImplementedError:
+            raise ValueError(f"cannot write random {t.name} rows for a router's token embedding") from None
+    blocks = np.frombuffer(bytearray(rng.bytes(n_rows * n_cols // block * size)), np.uint8).reshape(-1, size)
+    sign = (rng.integers(0, 2, len(blocks), dtype=np.int8) * 2 - 1).astype(np.float16)
+    for offset, value in fields:
+        blocks[:, offset: offset + 2] = (sign * np.float16(value)).view(np.uint8).reshape(-1, 2)
+    return blocks.tobytes()
 
 
 def _arch_keys(w: GGUFWriter, s: Shape) -> None:
