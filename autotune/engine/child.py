@@ -19,6 +19,7 @@ import llama_cpp as L
 
 from ..settings import Settings
 from . import history as history_cache
+from . import routing
 from .base import REP_MARK, Workload, mark, parse_buffers, prompt_text
 from .libs import loaded_libraries
 from .native import Context, Faults, Model, Refused, silence
@@ -67,6 +68,8 @@ def serve(request: dict[str, Any], session: Session) -> dict[str, Any]:
         return _divergence(request, session.faults)
     if mode == "libraries":
         return {"ok": True, "libraries": loaded_libraries()}
+    if mode == "routing":
+        return routing.serve(request)
     return _measure(request, session)
 
 
