@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import ConfigError, SettingsError
+from .errors import ConfigError, ModelError, SettingsError
 from .flags import LLAMA_CPP, bench_flags, server_flags, spelled
 from .knobs import BY_NAME, KNOBS
-from .settings import Settings
+from .settings import Settings, layer_list, parse_layers
 
 SCHEMA_VERSION = 1
 FORMATS = ("json", "llama-server", "llama-bench", "python", "lmstudio", "ollama", "koboldcpp")
@@ -74,23 +74,42 @@ def settings_of(config: dict[str, Any]) -> Settings:
     return Settings.from_dict(config["settings"])
 
 
+def moe_layers(config: dict[str, Any]) -> tuple[int, ...] | None:
+    """The model's expert layers where the settings need them (the experts of the last N layers are written layer
+    by layer): from the config's model record, else read from its file; None where not needed."""
+    s = settings_of(config)
+    if not s.experts_by_layer() or s.moe_host_layers:
+        return None
+    model = config.get("model", {})
+    if "moe_layers" in model:
+        return tuple(model["moe_layers"])
+    from .gguf_model import read_facts
+
+    try:
+        return read_facts(model.get("path", "model.gguf")).moe_layers
+    except ModelError as e:
+        raise ConfigError(f"the experts of the {s.moe_host_from} {s.n_cpu_moe} layers are written layer by layer, "
+                          f"which needs the model's layers: {e}") from None
+
+
 def render(config: dict[str, Any], fmt: str) -> str:
     """The config in format ``fmt`` (one of FORMATS)."""
     s = settings_of(config)
     model = config.get("model", {}).get("path", "model.gguf")
+    layers = moe_layers(config) if fmt in ("llama-server", "llama-bench", "python", "koboldcpp") else None
     if fmt == "json":
         return json.dumps(config, indent=2)
     if fmt == "llama-server":
         notes = [f"written for llama-server of {LLAMA_CPP}", *_missing(s, "server", "llama-server")]
-        return "\n".join([*(f"# {n}" for n in notes), shlex.join(["llama-server", *server_flags(s, model)])])
+        return "\n".join([*(f"# {n}" for n in notes), shlex.join(["llama-server", *server_flags(s, model, layers)])])
     if fmt == "llama-bench":
         notes = [f"written for llama-bench of {LLAMA_CPP}",
                  "llama-bench sizes the context to the test and runs one thread count (-t): "
                  f"n_ctx={s.n_ctx} and n_threads_batch={s.n_threads_batch} are not written",
                  *_missing(s, "bench", "llama-bench")]
-        return "\n".join([*(f"# {n}" for n in notes), shlex.join(["llama-bench", *bench_flags(s, model)])])
+        return "\n".join([*(f"# {n}" for n in notes), shlex.join(["llama-bench", *bench_flags(s, model, moe_layers=layers)])])
     if fmt == "python":
-        return f"# written for llama-cpp-python {_engine_version()}\n" + python_kwargs(s, model)
+        return f"# written for llama-cpp-python {_engine_version()}\n" + python_kwargs(s, model, layers)
     if fmt == "lmstudio":
         return json.dumps({"written_for": UNCHECKED.format(tool="LM Studio's SDK load config (llm.load.* keys)"),
                            **lmstudio(s)}, indent=2)
@@ -101,13 +120,17 @@ def render(config: dict[str, Any], fmt: str) -> str:
         if (s.type_k, s.type_v) != ("f16", "f16") and not (s.type_k == s.type_v and s.type_k in _KOBOLD_QUANTKV):
             notes.append(f"KoboldCpp has one cache type for K and V (--quantkv): the tuned K={s.type_k}, "
                          f"V={s.type_v} is not written")
-        return "\n".join([*(f"# {n}" for n in notes), shlex.join(["koboldcpp", *koboldcpp_flags(s, model)])])
+        return "\n".join([*(f"# {n}" for n in notes), shlex.join(["koboldcpp", *koboldcpp_flags(s, model, layers)])])
     raise ConfigError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
 
 
 # Knobs a format writes jointly, outside the table's per-knob spellings.
-_JOINT = {"server": ("use_mmap", "use_mlock"), "bench": ("use_mmap", "use_mlock", "n_ctx", "n_threads_batch"),
-          "kobold": ("type_k", "type_v"), "ollama": ("flash_attn", "type_k", "type_v")}
+# Which layers' experts stay on the host, and (where the tool has no --n-cpu-ffn) the dense FFN layers, are tensor
+# overrides (``flags.overrides``).
+_PLACED = ("moe_host_from", "moe_host_layers")
+_JOINT = {"server": ("use_mmap", "use_mlock", *_PLACED),
+          "bench": ("use_mmap", "use_mlock", "n_ctx", "n_threads_batch", *_PLACED, "n_cpu_ffn"),
+          "kobold": ("type_k", "type_v", *_PLACED, "n_cpu_ffn"), "ollama": ("flash_attn", "type_k", "type_v")}
 
 
 def _missing(s: Settings, spelling: str, tool: str) -> list[str]:
@@ -160,25 +183,36 @@ llama_cpp.llama_cpp.llama_model_default_params = _no_repack_params
 """
 
 
-# Experts kept in host memory need llama.cpp's tensor buffer-type overrides, a C array: autotune's engine
-# builds it (the pasted code then needs autotune installed, as a draft model does).
+# Layers kept in host memory need llama.cpp's tensor buffer-type overrides, a C array: autotune's engine builds it
+# (the pasted code then needs autotune installed, as a draft model does).
 _MODEL_PARAMS = """import llama_cpp.llama_cpp
 
 from autotune.engine.native import model_params
 from autotune.settings import Settings
 
-# llama.cpp --n-cpu-moe{no_repack}: Llama() has no keyword for it, so set it on the model parameters it starts from.
+# llama.cpp's tensor overrides (--n-cpu-moe, -ot, --n-cpu-ffn){no_repack}: Llama() has no keyword for them, so set
+# them on the model parameters it starts from.
 _default_model_params = llama_cpp.llama_cpp.llama_model_default_params
 llama_cpp.llama_cpp.llama_model_default_params = lambda: model_params(
-    Settings(n_cpu_moe={n_cpu_moe}, use_extra_bufts={use_extra_bufts}), _default_model_params)
+    Settings({placement}use_extra_bufts={use_extra_bufts}), _default_model_params)
 """
 
 
-def python_kwargs(s: Settings, model: str) -> str:
+def python_kwargs(s: Settings, model: str, moe_layers: tuple[int, ...] | None = None) -> str:
+    """``Llama(...)`` code; the layers kept on the host are written as the layer set they resolve to for this model
+    (``moe_layers``, where the last N are meant)."""
     kwargs = llama_kwargs(s, model)
     body = ",\n".join(f"    {k}={v!r}" for k, v in kwargs.items())
-    if s.n_cpu_moe:
-        params = _MODEL_PARAMS.format(n_cpu_moe=s.n_cpu_moe, use_extra_bufts=s.use_extra_bufts,
+    placement = ""
+    if s.experts_by_layer():
+        layers = s.experts_on_host(moe_layers) if moe_layers is not None else parse_layers(s.moe_host_layers)
+        placement += f"moe_host_layers={layer_list(layers)!r}, "
+    elif s.n_cpu_moe:
+        placement += f"n_cpu_moe={s.n_cpu_moe}, "
+    if s.n_cpu_ffn:
+        placement += f"n_cpu_ffn={s.n_cpu_ffn}, "
+    if placement:
+        params = _MODEL_PARAMS.format(placement=placement, use_extra_bufts=s.use_extra_bufts,
                                       no_repack="" if s.use_extra_bufts else " and --no-repack")
     else:
         params = "" if s.use_extra_bufts else _NO_REPACK
@@ -220,8 +254,8 @@ def ollama_modelfile(s: Settings, model: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def koboldcpp_flags(s: Settings, model: str) -> list[str]:
-    flags = ["--model", model, *spelled(s, "kobold")]
+def koboldcpp_flags(s: Settings, model: str, moe_layers: tuple[int, ...] | None = None) -> list[str]:
+    flags = ["--model", model, *spelled(s, "kobold", moe_layers)]
     if s.type_k == s.type_v and s.type_k in _KOBOLD_QUANTKV and s.type_k != "f16":  # one setting for K and V
         flags += ["--quantkv", str(_KOBOLD_QUANTKV[s.type_k])]
     return flags

@@ -5,26 +5,77 @@ their load modes, and a user's llama-server command line read back. The external
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 from .errors import SettingsError
-from .knobs import KNOBS
-from .settings import Settings, coerce
+from .knobs import BY_NAME, DENSE_FFN_REGEX, EXPERTS_REGEX, KNOBS
+from .settings import Settings, coerce, layer_list, parse_layers
 
 # The llama.cpp these spellings were checked against: the one llama-cpp-python 0.3.36 vendors, whose
 # llama-server and llama-bench the export tests run (and whose --version they compare with this line).
 LLAMA_CPP = "llama.cpp 0.5.0-dev, as vendored by llama-cpp-python 0.3.36"
 
-def spelled(s: Settings, tool: str) -> list[str]:
-    """The command-line spelling of every knob ``tool`` has one for, in table order."""
+def spelled(s: Settings, tool: str, moe_layers: Iterable[int] | None = None) -> list[str]:
+    """The command-line spelling of every knob ``tool`` has one for, in table order, then the tensor overrides
+    that keep layers' weights in host memory (``moe_layers``, the model's expert layers, is needed only for the
+    experts of the last N layers)."""
     out: list[str] = []
     for k in KNOBS:
         flag = getattr(k, tool)
         if flag is None or (k.needs and not getattr(s, k.needs)) or (k.spec and s.spec_type not in k.spec):
             continue
+        if k.name == "n_cpu_moe" and s.experts_by_layer():
+            continue  # named layer by layer in the overrides below
         out += [word.replace("{spec_type}", s.spec_type) for word in flag.render(getattr(s, k.name))]
-    return out
+    return out + overrides(s, tool, moe_layers)
+
+
+# -ot's pattern for the experts (or dense FFN weights) of a set of layers: one regex, layers as alternatives.
+_OT_TOOLS = {"server": ("-ot", ","), "bench": ("-ot", ";"), "kobold": ("--overridetensors", ",")}
+_OT_LAYERS = re.compile(r"blk\\\.(?:(\d+)|\(((?:\d+\|)*\d+)\))(.*)=CPU")
+
+
+def layer_pattern(layers: Iterable[int], tensors: str) -> str:
+    """The -ot entry keeping the ``tensors`` (EXPERTS_REGEX or DENSE_FFN_REGEX) of ``layers`` on the host."""
+    return f"blk\\.({'|'.join(str(i) for i in sorted(layers))}){tensors}=CPU"
+
+
+def overrides(s: Settings, tool: str, moe_layers: Iterable[int] | None = None) -> list[str]:
+    """Tensor overrides (-ot) for what the tool's own flags cannot say: the experts of the last N or of chosen
+    layers, and (llama-bench and KoboldCpp have no --n-cpu-ffn) the dense FFN weights of the first N. One flag,
+    entries joined the way the tool splits them (llama-bench: ';' within one test)."""
+    if tool not in _OT_TOOLS:
+        return []
+    entries = []
+    if s.experts_by_layer():
+        if moe_layers is None and not s.moe_host_layers:
+            raise SettingsError(f"the experts of the {s.moe_host_from} {s.n_cpu_moe} layers are written layer by "
+                                "layer: the model's expert layers are needed")
+        layers = s.experts_on_host(parse_layers(s.moe_host_layers) if moe_layers is None else moe_layers)
+        if layers:
+            entries.append(layer_pattern(layers, EXPERTS_REGEX))
+    if s.n_cpu_ffn and getattr(BY_NAME["n_cpu_ffn"], tool) is None:
+        entries.append(layer_pattern(s.ffn_on_host(), DENSE_FFN_REGEX))
+    flag, joiner = _OT_TOOLS[tool]
+    return [flag, joiner.join(entries)] if entries else []
+
+
+def read_overrides(value: str) -> tuple[set[int], set[int], list[str]]:
+    """An -ot value read back: the layers whose experts, and those whose dense FFN weights, it keeps on the host,
+    and the entries of any other shape, kept as written."""
+    experts: set[int] = set()
+    ffn: set[int] = set()
+    rest = []
+    for entry in value.split(","):
+        m = _OT_LAYERS.fullmatch(entry)
+        into = {EXPERTS_REGEX: experts, DENSE_FFN_REGEX: ffn}.get(m.group(3)) if m else None
+        if into is None:
+            rest.append(entry)
+        else:
+            into.update(int(i) for i in (m.group(1) or m.group(2)).split("|"))
+    return experts, ffn, rest
 
 
 # -lm/--load-mode replaced --no-mmap and --mlock in llama-server and -mmp in llama-bench.
@@ -35,17 +86,18 @@ def load_mode(s: Settings) -> str:
     return _LOAD_MODES[(s.use_mmap, s.use_mlock)]
 
 
-def server_flags(s: Settings, model: str) -> list[str]:
+def server_flags(s: Settings, model: str, moe_layers: Iterable[int] | None = None) -> list[str]:
     """llama-server (and llama-cli) flags in the spelling of ``LLAMA_CPP``; defaults are written out too (its
     defaults differ from llama-cpp-python's: ``--swa-full`` is off there, flash attention is auto)."""
-    return ["-m", model, *spelled(s, "server"), "-lm", load_mode(s)]
+    return ["-m", model, *spelled(s, "server", moe_layers), "-lm", load_mode(s)]
 
 
-def bench_flags(s: Settings, model: str, prompt: int = 256, gen: int = 32, depth: int = 0, reps: int = 3) -> list[str]:
+def bench_flags(s: Settings, model: str, prompt: int = 256, gen: int = 32, depth: int = 0, reps: int = 3,
+                moe_layers: Iterable[int] | None = None) -> list[str]:
     """llama-bench flags measuring ``s`` on one prompt/generate test (JSON out). llama-bench sizes the context
     to the test and has one thread count: the context and the batch thread count are not written."""
-    return ["-m", model, "-p", str(prompt), "-n", str(gen), "-d", str(depth), "-r", str(reps), *spelled(s, "bench"),
-            "-lm", load_mode(s), "-o", "json"]
+    return ["-m", model, "-p", str(prompt), "-n", str(gen), "-d", str(depth), "-r", str(reps),
+            *spelled(s, "bench", moe_layers), "-lm", load_mode(s), "-o", "json"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +135,8 @@ def parse_server_flags(argv: list[str]) -> ServerCommand:
         if k.server.extra:
             skips[k.server.extra[0]] = len(k.server.extra) - 1
     model, other = "", []
+    experts: set[int] = set()  # layers kept on the host by -ot patterns of the expert and dense FFN shapes
+    ffn: set[int] = set()
     args = list(argv[1:] if argv and not argv[0].startswith("-") else argv)
     i = 0
     while i < len(args):
@@ -99,6 +153,14 @@ def parse_server_flags(argv: list[str]) -> ServerCommand:
             else:
                 other += [a, value]
             i += 2
+        elif a in ("-ot", "--override-tensor"):
+            if value is None:
+                raise SettingsError(f"flag {a} needs a value")
+            found, dense, rest = read_overrides(value)
+            experts |= found
+            ffn |= dense
+            other += [a, ",".join(rest)] if rest else []
+            i += 2
         elif a in switches:
             name, v = switches[a]
             values[name] = v
@@ -109,7 +171,26 @@ def parse_server_flags(argv: list[str]) -> ServerCommand:
             takes_value = value is not None and (not value.startswith("-") or value[1:].replace(".", "").isdigit())
             other += [a, value] if takes_value else [a]
             i += 2 if takes_value else 1
-    return ServerCommand(model, Settings.from_dict(values), tuple(other))
+    s = Settings.from_dict(values)
+    ffn |= s.ffn_on_host()
+    first = next(n for n in range(len(ffn) + 1) if n not in ffn)  # --n-cpu-ffn names the first N layers ...
+    if ffn - set(range(first)):  # ... any others stay as the user wrote them
+        other += ["-ot", layer_pattern(ffn - set(range(first)), DENSE_FFN_REGEX)]
+    return ServerCommand(model, _with_experts(s.replace(n_cpu_ffn=first), experts), tuple(other))
+
+
+def _first(layers: set[int]) -> bool:
+    return layers == set(range(len(layers)))
+
+
+def _with_experts(s: Settings, experts: set[int]) -> Settings:
+    """The settings with the experts -ot keeps on the host added: llama.cpp applies -ncmoe and -ot alike, so the
+    layers on the host are their union. The experts of the first N layers read back as -ncmoe N."""
+    if not experts:
+        return s
+    layers = experts | set(range(s.n_cpu_moe))
+    first = _first(layers)
+    return s.replace(n_cpu_moe=len(layers) if first else 0, moe_host_layers="" if first else layer_list(layers))
 
 
 def _takes(name: str, value: str) -> bool:

@@ -144,8 +144,10 @@ def _off_on_first(w: Where) -> tuple[bool, ...]:
 
 
 def _ubatches(w: Where) -> tuple[int, ...]:
-    """A GPU prefills best in large micro-batches (llama.cpp's own default is 512); a CPU in smaller ones."""
-    return (256, 512, 1024, 2048) if w.gpus else (64, 128, 256, 512, 1024)
+    """A GPU prefills best in large micro-batches (llama.cpp's own default is 512; with layers on the host, op
+    offload copies their weights over once per micro-batch, so 4096 or 8192 can pay); a CPU in smaller ones.
+    The space drops those whose compute buffer does not fit (``space``)."""
+    return (256, 512, 1024, 2048, 4096, 8192) if w.gpus else (64, 128, 256, 512, 1024)
 
 
 def _choices(*values: Any) -> Domain:
@@ -160,6 +162,23 @@ def _sliding_window(w: Where) -> tuple[bool, ...] | None:
 def _experts_on_host(w: Where) -> IntRange | None:
     """Searched only with a GPU to keep the other experts on: on the host alone it moves no memory."""
     return IntRange(0, max(w.moe_layers) + 1) if w.gpus and w.moe_layers else None
+
+
+def _host_order(w: Where) -> tuple[str, ...] | None:
+    """Which end the host's expert layers are counted from: a choice only where experts can go to a GPU."""
+    return ("first", "last") if w.gpus and w.moe_layers else None
+
+
+def _ffn_on_host(w: Where) -> IntRange | None:
+    """Dense FFN weights on the host, attention on the GPU: a dense model's answer to a GPU too small for it."""
+    return IntRange(0, w.n_layer) if w.gpus and not w.moe_layers else None
+
+
+# How the spellings name the tensors a placement keeps in host memory (llama.cpp common/common.h): the experts
+# (LLM_FFN_EXPS_REGEX, what --n-cpu-moe overrides) and the dense FFN weights (LLM_FFN_DENSE_REGEX, --n-cpu-ffn).
+EXPERTS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+DENSE_FFN_REGEX = r"\.ffn_(up|down|gate)\."
+HOST_ORDERS = ("first", "last")
 
 
 # llama-server's --spec-type kinds (llama.cpp common/speculative.cpp). The draft kinds run a second model: a
@@ -233,6 +252,21 @@ KNOBS: tuple[Knob, ...] = (
          missing="{tool} has no setting for keeping the experts of the first N layers in host memory (llama.cpp "
                  "--n-cpu-moe); the tuned N is {value} (LM Studio's 'Force Model Expert Weights onto CPU' is N = "
                  "every layer)"),
+    # Which layers' experts those are: the first N (llama.cpp --n-cpu-moe), the last N (the order llama.cpp's --fit
+    # uses), or a chosen set that replaces both. Written jointly with n_cpu_moe (``flags``): -ncmoe for the first
+    # N, tensor overrides (-ot) naming the layers otherwise.
+    Knob("moe_host_from", "str", "first", "end the host's expert layers count from", None, domain=_host_order,
+         memory=True, load=True, host_only=True,
+         missing="{tool} has no setting for which layers' experts stay in host memory; the tuned order counts "
+                 "them from the {value} layer (llama.cpp -ot)"),
+    Knob("moe_host_layers", "str", "", "layers whose experts stay in host memory", None, plotted=False, memory=True,
+         load=True,
+         missing="{tool} has no setting for keeping the experts of chosen layers in host memory; the tuned layers "
+                 "are {value} (llama.cpp -ot)"),
+    Knob("n_cpu_ffn", "int", 0, "dense FFN layers in host memory (n_cpu_ffn)", None,
+         Flag("-ncffn", ("--n-cpu-ffn",), unless=0), domain=_ffn_on_host, memory=True, load=True, host_only=True,
+         missing="{tool} has no setting for keeping the dense FFN weights of the first N layers in host memory "
+                 "(llama.cpp --n-cpu-ffn); the tuned N is {value}"),
     # Speculative decoding, as llama-server does it natively (the speculation stage measures it there):
     # --spec-type picks the kind; a draft model is loaded with -md but drafts nothing until --spec-type says
     # how. The n-gram kinds need no draft model. Each kind's parameters are written only with that kind.

@@ -49,6 +49,7 @@ class ServeOptions:
     seed: int = 0
     kv_quality: str = "strict"
     spec: bool = False  # also search llama-server's n-gram speculation per slot (it can cost batching)
+    gpu_budget: tuple[int, ...] | None = None  # MiB each GPU may hold in all (one value: every GPU); None: what is free
 
     @property
     def requests(self) -> int:
@@ -227,7 +228,7 @@ def tune(model: str, facts: ModelFacts, hw: Hardware, binary: Path, opts: ServeO
         if problems:
             trial.set_user_attr("reason", problems[0])
             return TrialState.PRUNED, None
-        flags = server_flags(s, model)
+        flags = server_flags(s, model, external.moe_layers(model, s))
         served = measure(binary, model, flags, opts.users, opts.requests, opts.time_limit, f"trial {trial.number}")
         trial.set_user_attr("served", dataclasses.asdict(served))
         if not served.ok:
@@ -269,7 +270,7 @@ def contenders(trials: list[optuna.trial.FrozenTrial], top_k: int) -> dict[str, 
 def _side_by_side(st: optuna.Study, model: str, binary: Path, opts: ServeOptions, forced: dict[str, Any],
                   slots: tuple[int, ...], say: Callable[[str], None]) -> ServeResult:
     settings_of = contenders(st.trials, opts.top_k)
-    configs = {label: server_flags(s, model) for label, s in settings_of.items()}
+    configs = {label: server_flags(s, model, external.moe_layers(model, s)) for label, s in settings_of.items()}
     base_label, base_flags = defaults_flags(model, forced)
     configs[base_label] = base_flags
     labels = list(configs)

@@ -8,12 +8,12 @@ what the engine refuses, which no single knob can tell.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Iterable
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import SettingsError
-from .knobs import BY_NAME, DRAFT_KINDS, KNOBS, SPEC_TYPES
+from .knobs import BY_NAME, DRAFT_KINDS, HOST_ORDERS, KNOBS, SPEC_TYPES
 
 # Cache types the engine accepts for K and V, in the order a search should try them (cheapest last).
 KV_TYPES: tuple[str, ...] = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl", "f32")
@@ -31,6 +31,28 @@ def row_bytes(type_name: str, n_elements: int) -> int:
     """Bytes of a row of ``n_elements`` values stored as ``type_name`` (quantized blocks included)."""
     block, size = GGML_QUANT_SIZES[ggml_type(type_name)]
     return n_elements // block * size
+
+
+def parse_layers(text: str) -> frozenset[int]:
+    """A layer set written like "0-11,40-47" (SettingsError, in one sentence, for anything else)."""
+    out: set[int] = set()
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()) or (dash and int(high) < int(low)):
+            raise SettingsError(f"moe_host_layers {text!r} is not a layer set like 0-11,40-47")
+        out.update(range(int(low), int(high if dash else low) + 1))
+    return frozenset(out)
+
+
+def layer_list(layers: Iterable[int]) -> str:
+    """The short form of a layer set, runs joined: {0, 1, 2, 5} -> "0-2,5" (what ``parse_layers`` reads)."""
+    runs: list[list[int]] = []
+    for i in sorted(set(layers)):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str, "path": "str | None"}
@@ -60,9 +82,16 @@ class _Rules:
                 found.append(f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(KV_TYPES)}")
         if self.type_v in QUANTIZED_KV and not self.flash_attn:
             found.append(f"a quantized V cache ({self.type_v}) needs flash attention: set flash_attn on")
-        for name in ("n_gpu_layers", "n_cpu_moe"):
+        for name in ("n_gpu_layers", "n_cpu_moe", "n_cpu_ffn"):
             if getattr(self, name) < 0:
                 found.append(f"{name} must be 0 or more (got {getattr(self, name)})")
+        if self.moe_host_from not in HOST_ORDERS:
+            found.append(f"unknown moe_host_from {self.moe_host_from!r}: choose one of {', '.join(HOST_ORDERS)}")
+        if self.moe_host_layers:
+            try:
+                parse_layers(self.moe_host_layers)
+            except SettingsError as e:
+                found.append(str(e))
         if not can_offload and (self.n_gpu_layers > 0 or self.draft_gpu_layers > 0):
             found.append("GPU layers were asked for, but this engine build cannot offload (CPU-only build)")
         if self.spec_type not in SPEC_TYPES:
@@ -72,6 +101,27 @@ class _Rules:
         elif self.spec_type in DRAFT_KINDS and self.spec_type != "draft-mtp" and self.draft_model is None:
             found.append(f"speculation with {self.spec_type} needs a draft model")
         return found
+
+    def experts_on_host(self, moe_layers: Iterable[int]) -> frozenset[int]:
+        """The layers whose experts stay in host memory, in a model whose expert layers are ``moe_layers``: the
+        chosen set, else the first or the last ``n_cpu_moe`` layers up to the last expert layer. Counted by layer
+        index, as llama.cpp's --n-cpu-moe counts: a dense layer among the first N keeps nothing on the host."""
+        moe = frozenset(moe_layers)
+        if self.moe_host_layers:
+            return parse_layers(self.moe_host_layers) & moe
+        if not moe or self.n_cpu_moe <= 0:
+            return frozenset()
+        end = max(moe) + 1
+        span = range(self.n_cpu_moe) if self.moe_host_from == "first" else range(end - self.n_cpu_moe, end)
+        return moe & frozenset(span)
+
+    def ffn_on_host(self) -> frozenset[int]:
+        """The layers whose dense FFN weights stay in host memory: the first ``n_cpu_ffn`` (llama.cpp --n-cpu-ffn)."""
+        return frozenset(range(max(self.n_cpu_ffn, 0)))
+
+    def experts_by_layer(self) -> bool:
+        """Whether the experts kept on the host are named layer by layer (-ot), not as llama.cpp's "first N"."""
+        return bool(self.moe_host_layers) or (self.moe_host_from != "first" and self.n_cpu_moe > 0)
 
     def unspeculated(self) -> Settings:
         """These settings without speculation: ``spec_type`` none and every speculation knob at its default."""
@@ -101,7 +151,7 @@ class _Rules:
 
     def llama_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``llama_cpp.Llama`` (the draft model is wired by the engine; the model
-        parameters Llama has no keyword for, ``use_extra_bufts`` and ``n_cpu_moe``, by ``engine.load_llama``)."""
+        parameters Llama has no keyword for, ``use_extra_bufts`` and the host placement, by ``engine.native``)."""
         return {k.name: k.llama(getattr(self, k.name)) for k in KNOBS if k.llama is not None}
 
 

@@ -139,6 +139,7 @@ print(json.dumps({{"tokens": out["usage"]["completion_tokens"], "n_ctx": llm.n_c
 
 
 @pytest.mark.parametrize("extra_bufts", [True, False])
+@pytest.mark.engine
 def test_exported_python_loads_and_runs_in_a_real_llama(demo_model, tiny_model, extra_bufts):
     """With extra buffers on (the engine default) on the F16 tiny model, which no known CPU crashes on, and
     off on the real Q4_1 demo model, where the snippet must keep AMX and CPU_REPACK buffers away."""
@@ -189,10 +190,12 @@ print(json.dumps({{"n_ctx": llm.n_ctx(), "buffers": buffers}}))
 """
 
 
+@pytest.mark.engine
 def test_exported_python_keeps_experts_in_host_memory(demo_model, tmp_path):
     """A header-only Qwen3-MoE file loads in a real Llama from the pasted code (no tokens are run: zeros for
-    weights, and extra buffers on). With --n-cpu-moe 1 the experts of layer 0 leave the repack buffer for the
-    plain CPU buffer, by exactly their size, as llama.cpp's override does."""
+    weights, and extra buffers on). With --n-cpu-moe 1 the loader overrides the experts of layer 0, and as
+    llama.cpp's own override does, sends them to the CPU's buffer types, the repack buffer first: on a CPU alone
+    the buffers stay as they were (tests/test_placement.py checks the overridden tensors one by one)."""
     from autotune import synth
 
     shape = synth.Shape(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, head_dim=64, arch="qwen3moe",
@@ -203,11 +206,7 @@ def test_exported_python_keeps_experts_in_host_memory(demo_model, tmp_path):
         c = config(TUNED.replace(n_ctx=512, use_mlock=False, use_mmap=False, use_extra_bufts=True, n_cpu_moe=n))
         c["model"]["path"] = str(model)
         runs[n] = run_python(_LOAD_SNIPPET.format(code=export.render(c, "python")))["buffers"]
-    if "CPU_REPACK" not in runs[0]:
-        pytest.skip("this CPU repacks no expert tensor: the override moves nothing visible")
-    experts = sum(t.n_bytes for t in read_facts(model).tensors if t.layer == 0 and "_exps" in t.name) / 2**20
-    assert runs[1]["CPU"] - runs[0]["CPU"] == pytest.approx(experts, abs=0.02)
-    assert runs[0]["CPU_REPACK"] - runs[1]["CPU_REPACK"] == pytest.approx(experts, abs=0.02)
+    assert runs[1] == runs[0]
 
 
 def test_what_a_tool_cannot_spell_is_said_not_dropped():

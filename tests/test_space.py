@@ -45,7 +45,7 @@ def test_fake_gpu_space_keeps_every_layer_on_the_gpu_when_the_model_fits(demo_mo
     sp = space.build_space(fake_gpu_hw(), facts, 4096)
     assert sp.base.n_gpu_layers == facts.n_layer + 1 and sp.placement["n_gpu_layers"] == facts.n_layer + 1
     assert "n_gpu_layers" not in sp.int_ranges and not set(space.HOST_ONLY) & (set(sp.params) | set(sp.int_ranges))
-    assert sp.params["n_ubatch"] == (256, 512, 1024, 2048) and "all 31 layers on the GPU" in sp.where
+    assert sp.params["n_ubatch"] == (256, 512, 1024, 2048, 4096, 8192) and "all 31 layers on the GPU" in sp.where
     s = sp.settings_from({"n_ubatch": 2048, "batch_factor": 4})
     assert s.n_batch == 4096 and s.n_gpu_layers == facts.n_layer + 1
 

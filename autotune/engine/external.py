@@ -147,10 +147,20 @@ def _run(argv: list[str], timeout: float) -> tuple[int, str, str, int, float]:
     return proc.returncode, out, err, rss.stop(), time.perf_counter() - start
 
 
+def moe_layers(model: str, s: Settings) -> tuple[int, ...] | None:
+    """The model's expert layers where the settings keep the last N layers' experts on the host (llama.cpp's tools
+    name them layer by layer, ``flags.overrides``); None where the flags need no model facts."""
+    if not s.experts_by_layer() or s.moe_host_layers:
+        return None
+    from ..gguf_model import read_facts
+
+    return read_facts(model).moe_layers
+
+
 def _bench(binary: Path, model: str, s: Settings, w: Workload, timeout: float) -> Measurement:
     from ..flags import bench_flags
 
-    argv = [str(binary), *bench_flags(s, model, w.prompt_tokens, w.gen_tokens, w.depth, w.reps)]
+    argv = [str(binary), *bench_flags(s, model, w.prompt_tokens, w.gen_tokens, w.depth, w.reps, moe_layers(model, s))]
     code, out, err, rss, wall = _run(argv, timeout)
     if code != 0:
         reason = err.strip().splitlines()[-1] if code == -9 else child_failure(code, err)
@@ -230,7 +240,8 @@ def serve(binary: Path, flags: list[str], timeout: float,
 def _server(binary: Path, model: str, s: Settings, w: Workload, timeout: float) -> Measurement:
     from ..flags import server_flags
 
-    srv, samples, error, load_s = serve(binary, server_flags(s, model), timeout, lambda url: _completions(url, w))
+    srv, samples, error, load_s = serve(binary, server_flags(s, model, moe_layers(model, s)), timeout,
+                                        lambda url: _completions(url, w))
     wall = time.perf_counter() - srv.start
     if error or samples is None:
         return Measurement(s, False, srv.failure(error), wall_s=wall)
@@ -331,7 +342,7 @@ def speculative_replies(binary: Path, model: str, s: Settings, messages: list[st
     replies, "" or why it failed, and the seconds the server took to come up."""
     from ..flags import server_flags
 
-    srv, replies, error, load_s = serve(binary, server_flags(s, model), timeout,
+    srv, replies, error, load_s = serve(binary, server_flags(s, model, moe_layers(model, s)), timeout,
                                         lambda url: [_greedy(url, text, n_predict) for text in messages])
     if error or replies is None:
         return [], srv.failure(error), load_s

@@ -13,14 +13,16 @@ import os
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterable, Iterator, Protocol
 
 import llama_cpp as L
 import numpy as np
 import numpy.typing as npt
 
-from ..gguf_model import EXPERTS
-from ..settings import Settings
+from ..errors import SettingsError
+from ..gguf_model import EXPERTS, read_facts
+from ..knobs import DENSE_FFN_REGEX
+from ..settings import Settings, parse_layers
 from .base import last_error, mark
 
 
@@ -77,35 +79,64 @@ def silence() -> None:
 # ------------------------------------------------------------------------------------------- parameters
 
 
-def model_params(settings: Settings, defaults: Any = None) -> Any:
+def model_params(settings: Settings, defaults: Any = None, moe_layers: Iterable[int] | None = None) -> Any:
     """``llama_model_params`` for ``settings``: placement and buffer types (the load mode is the caller's),
-    starting from ``defaults()`` (the engine's ``llama_model_default_params``; the Python export passes it)."""
+    starting from ``defaults()`` (the engine's ``llama_model_default_params``; the Python export passes it).
+    ``moe_layers``, the model's expert layers, is needed only to find the last N of them; without it the first N
+    layers and a chosen set are named as written."""
     params = (defaults or L.llama_model_default_params)()
     params.n_gpu_layers = settings.n_gpu_layers
     params.use_extra_bufts = settings.use_extra_bufts
-    if settings.n_cpu_moe:
-        params.tensor_buft_overrides = ctypes.addressof(_experts_on_host(settings.n_cpu_moe))
+    experts = settings.experts_on_host(_as_written(settings) if moe_layers is None else moe_layers)
+    ffn = settings.ffn_on_host()
+    if experts or ffn:
+        params.tensor_buft_overrides = ctypes.addressof(_host_overrides(experts, ffn))
     return params
 
 
+def _as_written(settings: Settings) -> Iterable[int]:
+    """The layers the settings name without the model: a chosen set, or the first n_cpu_moe."""
+    if settings.moe_host_layers:
+        return parse_layers(settings.moe_host_layers)
+    if settings.moe_host_from != "first" and settings.n_cpu_moe:
+        raise SettingsError(f"the experts of the {settings.moe_host_from} {settings.n_cpu_moe} layers need the "
+                            "model's expert layers")
+    return range(settings.n_cpu_moe)
+
+
 @lru_cache(maxsize=16)
-def _experts_on_host(n: int) -> Any:
-    """llama.cpp's ``--n-cpu-moe n``: a NULL-terminated override list sending the expert tensors of layers
-    0..n-1 to the CPU buffer type. Cached, so the array and its pattern strings outlive every load using them."""
-    import llama_cpp._ctypes_extensions as ext
+def _host_overrides(experts: frozenset[int], ffn: frozenset[int]) -> Any:
+    """llama.cpp's --n-cpu-moe / -ot and --n-cpu-ffn: a NULL-terminated override list sending the expert tensors of
+    ``experts`` and the dense FFN weights of ``ffn`` to the CPU buffer type, one pattern per layer as llama.cpp
+    writes them. Cached by the layer sets, so the array and its pattern strings outlive every load using them."""
 
     class Override(ctypes.Structure):  # struct llama_model_tensor_buft_override (not bound by llama-cpp-python)
         _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 
-    lib_dir = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(L.__file__).parent / "lib")
-    base = ext.load_shared_library("ggml-base", lib_dir)
-    base.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
-    cpu = base.ggml_backend_cpu_buffer_type()
-    array = (Override * (n + 1))()
-    for i in range(n):
-        array[i].pattern = f"blk\\.{i}{EXPERTS.pattern}".encode()
-        array[i].buft = cpu
+    cpu = _cpu_buffer_type()
+    patterns = [f"blk\\.{i}{EXPERTS.pattern}" for i in sorted(experts)]
+    patterns += [f"blk\\.{i}{DENSE_FFN_REGEX}" for i in sorted(ffn)]
+    array = (Override * (len(patterns) + 1))()
+    for entry, pattern in zip(array, patterns):
+        entry.pattern = pattern.encode()
+        entry.buft = cpu
     return array
+
+
+def _cpu_buffer_type() -> int:
+    """The CPU backend's buffer type, as its device reports it: the one llama.cpp's tools put in their overrides,
+    and the one the loader recognises, so a tensor sent to the CPU may still go to the host buffer types before it
+    (a GPU's pinned host memory, AMX, CPU_REPACK) exactly as with --n-cpu-moe. (libggml-base exports a
+    ``ggml_backend_cpu_buffer_type`` of its own, which the loader takes for a foreign buffer type: plain memory,
+    never repacked.)"""
+    import llama_cpp._ctypes_extensions as ext
+
+    lib_dir = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(L.__file__).parent / "lib")
+    ggml, base = ext.load_shared_library("ggml", lib_dir), ext.load_shared_library("ggml-base", lib_dir)
+    ggml.ggml_backend_dev_by_type.restype, ggml.ggml_backend_dev_by_type.argtypes = ctypes.c_void_p, [ctypes.c_int]
+    base.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
+    base.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
+    return int(base.ggml_backend_dev_buffer_type(ggml.ggml_backend_dev_by_type(0)))  # GGML_BACKEND_DEVICE_TYPE_CPU
 
 
 def context_params(settings: Settings) -> Any:
@@ -127,7 +158,7 @@ class Model:
 
     def __init__(self, path: str, settings: Settings, alloc: bool = True, echo: bool = False,
                  vocab_only: bool = False, faults: Faults | None = None) -> None:
-        params = model_params(settings)
+        params = model_params(settings, moe_layers=read_facts(path).moe_layers if settings.experts_by_layer() else None)
         params.vocab_only = vocab_only
         if alloc:
             params.load_mode = L.LLAMA_LOAD_MODE_MMAP if settings.use_mmap else L.LLAMA_LOAD_MODE_NONE

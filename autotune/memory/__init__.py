@@ -2,8 +2,8 @@
 
 Weights are placed from the GGUF tensor table by the rules of the vendored llama.cpp (0.3.36), read from its
 source: whole tensors by llama.cpp's layer rule (input layer on the host, the last ``n_gpu_layers - 1``
-repeating layers plus the output layer on the GPUs), experts of the first ``n_cpu_moe`` layers in host
-memory, the mapped file range with mmap, and a second copy in the AMX / CPU_REPACK buffers for the matrices
+repeating layers plus the output layer on the GPUs), the experts and dense FFN weights the overrides keep in
+host memory (``Settings.experts_on_host``, ``Settings.ffn_on_host``), the mapped file range with mmap, and a second copy in the AMX / CPU_REPACK buffers for the matrices
 ggml-cpu repacks (checked against real loads).
 
 KV cache, compute and output buffers come from one of two sources, named in every estimate:

@@ -48,7 +48,7 @@ def describe(facts: ModelFacts, s: Settings, hw: Hardware, sweep: bool = False, 
         out["max_ctx"] = rows
     if check:
         out["verify"] = [{"predicted": r["predicted"], "engine": r["engine"], "error_pct": r["error_pct"],
-                          "error": r["error"]} for r in verify(facts, [s], hw)]
+                          "error": r["error"], "devices": r["devices"]} for r in verify(facts, [s], hw)]
         if gpu_engine(hw):  # and the real peak beside it
             out["peak"] = peak(facts, s, hw)
     cost = dryrun.COST

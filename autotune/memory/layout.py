@@ -5,12 +5,14 @@ is made of. The compute buffer is the reserve graph's (``reserve``)."""
 from __future__ import annotations
 
 import bisect
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..gguf_model import EXPERTS, ModelFacts
+from ..knobs import DENSE_FFN_REGEX
 from ..probe import Hardware
 from ..settings import Settings, row_bytes
 
@@ -27,6 +29,7 @@ MARGIN_MIN = 512 * MIB
 MARGIN_FRACTION = 0.05
 TENSOR_ALIGNMENT = 32  # ggml's CPU buffer alignment, also the gallocr alignment of CPU compute buffers
 GGUF_ALIGNMENT = 32
+DENSE_FFN = re.compile(DENSE_FFN_REGEX)
 
 
 def margin(budget: int) -> int:
@@ -40,7 +43,8 @@ def pad(n: int, to: int) -> int:
 
 @dataclass(frozen=True)
 class DeviceMemory:
-    """Predicted bytes on one device ("host", "gpu0", ...); budget is that device's free memory."""
+    """Predicted bytes on one device ("host", "gpu0", ...); budget is that device's free memory, limit the
+    user's GPU budget there (--gpu-budget; None: none)."""
 
     device: str
     weights: int
@@ -50,14 +54,21 @@ class DeviceMemory:
     output: int
     overhead: int
     budget: int
+    limit: int | None = None
 
     @property
     def total(self) -> int:
         return self.weights + self.repack + self.kv + self.compute + self.output + self.overhead
 
+    def room(self, margin_bytes: int | None = None) -> int:
+        """Bytes this configuration may use here: the free memory less the margin (``margin_bytes``, None: the
+        default), and at most the user's budget. The total includes the GPU's fixed overhead, so the budget
+        bounds the whole process's use of the device; the margin is for what others allocate meanwhile."""
+        free = self.budget - (margin(self.budget) if margin_bytes is None else margin_bytes)
+        return free if self.limit is None else min(free, self.limit)
+
     def fits(self, margin_bytes: int | None = None) -> bool:
-        keep = margin(self.budget) if margin_bytes is None else margin_bytes
-        return self.total <= self.budget - keep
+        return self.total <= self.room(margin_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +82,8 @@ class DeviceMemory:
             "total": self.total,
             "budget": self.budget,
             "margin": margin(self.budget),
+            "gpu_budget": self.limit,
+            "room": self.room(),
             "fits": self.fits(),
         }
 
@@ -119,13 +132,10 @@ class MemoryEstimate:
 
     def _misses(self, keep: int | None = None) -> list[int]:
         """Bytes by which each checked budget is exceeded (negative: room left), keeping ``keep`` bytes free
-        on each device (None: ``margin`` of its budget)."""
-        def room(budget: int) -> int:
-            return budget - (margin(budget) if keep is None else keep)
-
-        out = [d.total - room(d.budget) for d in self.devices]
+        on each device (None: ``margin`` of its budget), within the user's GPU budget."""
+        out = [d.total - d.room(keep) for d in self.devices]
         if self.shared_memory:
-            out.append(self.total - room(self.device(HOST).budget))
+            out.append(self.total - self.device(HOST).room(keep))
         return out
 
     @property
@@ -302,11 +312,12 @@ def weight_buffers(facts: ModelFacts, s: Settings, hw: Hardware, where: Placemen
         else:
             plain[dev] = plain.get(dev, 0) + pad(t.n_bytes, TENSOR_ALIGNMENT)
 
+    pins = pinned_to_host(facts, s)
     for i, t in enumerate(facts.tensors):
         expert = t.layer is not None and bool(EXPERTS.search(t.name))
-        # --n-cpu-moe: an override to the plain CPU buffer type, which also bypasses the extra buffers
-        pinned = expert and t.layer is not None and t.layer < s.n_cpu_moe
-        if pinned:
+        if i in pins:
+            # experts or dense FFN weights kept on the host: an override to the CPU buffer type, for which the
+            # loader picks from the host's buffer types, the extra ones included, as for a layer on the host
             dev = HOST
         elif t.layer is not None:
             dev = where.layers[t.layer] if t.layer < facts.n_layer else HOST
@@ -316,7 +327,7 @@ def weight_buffers(facts: ModelFacts, s: Settings, hw: Hardware, where: Placemen
             dev = HOST  # input layer (token embedding) always stays on the host
         # only matrix-multiply weights can live in an extra buffer; the embedding is read with GET_ROWS
         matmul = t.name.endswith(".weight") and t.name != "token_embd.weight" and len(t.shape) in (2, 3)
-        host = dev == HOST and matmul and not pinned
+        host = dev == HOST and matmul
         extra = extra_bytes(t.type, t.shape, t.n_bytes, features, indexed=expert) if host else 0
         if extra:
             repack += extra
@@ -334,6 +345,15 @@ def weight_buffers(facts: ModelFacts, s: Settings, hw: Hardware, where: Placemen
     for dev, (first, last) in mapped.items():
         out[dev] = out.get(dev, 0) + last - first
     return out, repack
+
+
+def pinned_to_host(facts: ModelFacts, s: Settings) -> frozenset[int]:
+    """Indexes of the tensors the settings' overrides keep in host memory: the experts of
+    ``Settings.experts_on_host`` and the dense FFN weights of ``Settings.ffn_on_host`` (llama.cpp's --n-cpu-moe /
+    -ot and --n-cpu-ffn patterns)."""
+    experts, ffn = s.experts_on_host(facts.moe_layers), s.ffn_on_host()
+    return frozenset(i for i, t in enumerate(facts.tensors) if t.layer is not None and (
+        (t.layer in experts and EXPERTS.search(t.name)) or (t.layer in ffn and DENSE_FFN.search(t.name))))
 
 
 # ----------------------------------------------------------------------------------------------- KV
