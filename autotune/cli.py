@@ -36,6 +36,13 @@ def _hardware(bandwidth: bool = False) -> Any:
     return probe(measure_bandwidth=bandwidth)
 
 
+def _budget(args: argparse.Namespace) -> tuple[int, ...] | None:
+    """``--gpu-budget`` as MiB per GPU (SettingsError, one line, for a bad value)."""
+    from .probe import parse_gpu_budget
+
+    return parse_gpu_budget(args.gpu_budget)
+
+
 def _model(args: argparse.Namespace) -> str:
     from . import catalog
 
@@ -89,7 +96,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
     from . import memory
     from .gguf_model import read_facts
 
-    facts, hw = read_facts(args.model), _hardware()
+    budget = _budget(args)
+    facts, hw = read_facts(args.model), _hardware().with_gpu_budget(budget)
     s = _settings(args, n_ctx=args.ctx, n_gpu_layers=args.ngl, flash_attn=args.fa == "on", type_k=args.type_k,
                   type_v=args.type_v, swa_full=args.swa_full == "on", n_cpu_moe=args.n_cpu_moe)
     out = memory.describe(facts, s, hw, args.ctx_sweep, args.max_ctx, args.verify)
@@ -101,13 +109,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from .fit import fit
     from .gguf_model import read_facts
 
-    facts, hw = read_facts(args.model), _hardware()
+    budget = _budget(args)
+    facts, hw = read_facts(args.model), _hardware().with_gpu_budget(budget)
     keep = None if args.margin is None else int(args.margin * 2**20)
     started = time.perf_counter()
     rows = fit(facts, hw, args.ctx, _settings(args), tuple(t.strip() for t in args.kv.split(",") if t.strip()), keep,
                args.beyond_trained)
     seconds = time.perf_counter() - started
-    print_json(printers.fit_json(facts, rows, keep, seconds)) if args.json else printers.fit(facts, rows, keep, seconds)
+    print_json(printers.fit_json(facts, rows, keep, seconds, hw)) if args.json else \
+        printers.fit(facts, rows, keep, seconds, hw)
     return 0
 
 
@@ -115,7 +125,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from . import export, flags, pipeline, speculation
     from .settings import Settings
 
-    start, model, ctx = None, args.model, args.ctx
+    start, model, ctx, budget = None, args.model, args.ctx, _budget(args)
     if args.from_cmdline:
         cmd = flags.parse_server_flags(shlex.split(args.from_cmdline))
         start, model = cmd.settings, args.model or cmd.model or None
@@ -129,7 +139,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     options = _options(pipeline.TuneOptions, args, ctx=ctx, objective=args.objective or pipeline.TuneOptions.objective,
                        trade=args.objective is not None, pins=_pins(args), recommend=not args.no_recommend,
                        start=start, workload=dataclasses.replace(pipeline.HOST_WORKLOAD, **given) if given else None,
-                       spec_plan=speculation.Plan(target=args.spec_for))
+                       spec_plan=speculation.Plan(target=args.spec_for), gpu_budget=budget)
     try:
         tuned = pipeline.tune(model, options, printers.Terminal())
     except KeyboardInterrupt:
@@ -203,12 +213,12 @@ def cmd_spec(args: argparse.Namespace) -> int:
     from . import export, health, speculation, study
     from .gguf_model import read_facts
 
-    facts, hw = read_facts(args.model), _hardware()
+    plan = _options(speculation.Plan, args, workloads=tuple(args.workloads), gpu_budget=_budget(args))
+    facts, hw = read_facts(args.model), _hardware().with_gpu_budget(plan.gpu_budget)
     settings = export.settings_of(export.load_config(args.config)) if args.config else \
         study.sensible(hw, facts, min(4096, facts.n_ctx_train or 4096))
     pins = _pins(args)
     settings = settings.replace(**({"n_ctx": args.ctx} if args.ctx else {}), **pins)
-    plan = _options(speculation.Plan, args, workloads=tuple(args.workloads))
     binary = speculation.server_binary(args.server)
     status_console = printers.Console(stderr=True)
     with status_console.status("engine self-check, then the study, then the rounds ...") as status:
@@ -229,14 +239,15 @@ def cmd_serve_tune(args: argparse.Namespace) -> int:
     from .engine import external
     from .gguf_model import read_facts
 
-    opts = _options(serving.ServeOptions, args)
+    opts = _options(serving.ServeOptions, args, gpu_budget=_budget(args))
+    hw = _hardware().with_gpu_budget(opts.gpu_budget)
     model = _model(args)
     facts = read_facts(model)
     binary = external.parse(f"llama-server:{args.server}")[1] if args.server else reference.tool("llama-server",
                                                                                                 quiet=False)
     console.print(f"serving study: {facts.name}, {opts.users} users x {opts.ctx_per_user:,} tokens, "
                   f"{opts.requests} requests per load, llama-server {binary}")
-    result = serving.tune(model, facts, _hardware(), binary, opts, say=lambda text: console.print(f"  {text}"))
+    result = serving.tune(model, facts, hw, binary, opts, say=lambda text: console.print(f"  {text}"))
     printers.serving(result, opts)
     if args.out:
         serving.save(result, Path(args.out))
@@ -271,6 +282,9 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
         "set": parser((("--set",), {"action": "append", "metavar": "NAME=VALUE", "help": "pin a setting, e.g. n_threads=2"})),
         "model?": parser((("model",), {"nargs": "?", "help": "GGUF file (default: the SmolLM2-135M demo model, fetched once)"})),
         "model": parser((("model",), {})),
+        "budget": parser((("--gpu-budget",), {
+            "metavar": "MIB", "help": "use at most this much of each GPU, fixed overhead included (one value for "
+                                      "every GPU, or one per GPU: 12288,8192); room for a desktop or a second model"})),
         "batches": parser((("-b", "--batch"), {"type": int, "default": 512}), (("-ub", "--ubatch"), {"type": int, "default": 512}),
                           (("--repack",), {"choices": ("on", "off"), "default": "on",
                                            "help": "extra weight buffer types (AMX, CPU_REPACK); off is llama.cpp's --no-repack"})),
@@ -301,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--recheck", action="store_true", help="run the check again instead of reading the remembered verdict")
     command("inspect", cmd_inspect, "what a GGUF file says about its model", "model", "json")
 
-    sp = command("memory", cmd_memory, "predict the memory a configuration needs, per device", "model", "batches", "json")
+    sp = command("memory", cmd_memory, "predict the memory a configuration needs, per device", "model", "batches", "json",
+                 "budget")
     sp.add_argument("--ctx", type=int, default=4096,
                     help="context length; above the trained context it also raises the --ctx-sweep/--max-ctx limit")
     sp.add_argument("--ngl", type=int, default=0, help="layers offloaded to the GPU")
@@ -316,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--verify", action="store_true", help="compare with the engine's own dry run (and a GPU's real peak)")
 
     sp = command("fit", cmd_fit, "placements that hold a context on this machine, and the largest context each allows",
-                 "model", "batches", "json")
+                 "model", "batches", "json", "budget")
     sp.add_argument("--ctx", type=int, help="the context you need (default: the trained context)")
     sp.add_argument("--beyond-trained", action="store_true",
                     help="allow and offer contexts beyond the trained one (RoPE-scaled use)")
@@ -326,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = TuneOptions()
     sp = command("search", cmd_search, "tune the settings with real engine runs (default: the demo model)",
-                 "model?", "storage", "set")
+                 "model?", "storage", "set", "budget")
     sp.add_argument("--ctx", type=int, help="context length you need (default: min(4096, trained context))")
     sp.add_argument("--objective", choices=OBJECTIVES,
                     help=f"the speed to maximize (default: {d.objective}, losing no other speed to the best "
@@ -379,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ctx", type=int, help="context length (default: the config's, else min(4096, trained))")
 
     sp = command("spec", cmd_spec, "speculative decoding in llama-server: every kind that applies, on code, prose and "
-                 "edits, against none", "model", "set", "json", "storage")
+                 "edits, against none", "model", "set", "json", "storage", "budget")
     sp.add_argument("--draft", nargs="+", metavar="DIR_OR_FILE", help="draft models to try (files or directories)")
     sp.add_argument("--no-ngram", action="store_true", help="leave the n-gram kinds out")
     sp.add_argument("--config", help="a tuned config JSON: the main settings (default: sensible settings)")
@@ -397,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="kill one server after this many seconds")
 
     sp = command("serve-tune", cmd_serve_tune, "tune llama-server for N concurrent users under a real load "
-                 "(default: the demo model)", "model?", "storage")
+                 "(default: the demo model)", "model?", "storage", "budget")
     sp.add_argument("--users", type=int, default=4, help="concurrent users the server must serve")
     sp.add_argument("--ctx-per-user", type=int, default=2048, metavar="C", help="context each user's conversation needs")
     sp.add_argument("--max-ttft", type=float, metavar="S", help="bound: p95 time to first token, seconds")

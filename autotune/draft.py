@@ -167,10 +167,10 @@ def predict_memory(main: ModelFacts, draft: ModelFacts, settings: Settings, hw: 
             draft_bytes = d.total - (d.overhead if m else 0) if d else 0  # one process: the overhead is shared
             total = (m.total if m else 0) + draft_bytes
             budget = m.budget if m else d.budget if d else 0
+            room = m.room() if m else d.room() if d else 0  # free less the margin, within a GPU budget
             devices.append({"device": name, "main": m.total if m else 0, "draft": draft_bytes,
-                            "total": total, "budget": budget,
-                            "fits": total <= budget - memory.margin(budget)})
-        misses = [x["total"] - (x["budget"] - memory.margin(x["budget"])) for x in devices]
+                            "total": total, "budget": budget, "room": room, "fits": total <= room})
+        misses = [x["total"] - x["room"] for x in devices]
         if main_est.shared_memory or d_est.shared_memory:  # unified memory: everything comes out of RAM
             host = next(x for x in devices if x["device"] == memory.HOST)
             misses.append(sum(x["total"] for x in devices) - (host["budget"] - memory.margin(host["budget"])))

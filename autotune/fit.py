@@ -3,8 +3,9 @@
 llama.cpp's ``--fit`` fills memory by one rule (shrink the context, then offload fewer layers, then move
 experts to the host) and stops at the first answer. Here every K/V cache type gets its own placements: the
 most layers the GPUs hold at the target context, and for a mixture-of-experts model all layers on the GPUs
-with the fewest expert layers kept in host memory. Each row says what it costs per device at the target,
-the largest context it allows, and whether the search should measure it (it holds the target).
+with the fewest expert layers kept in host memory (those of the last layers, as ``--fit`` chooses). Each row
+says what it costs per device at the target, the largest context it allows, and whether the search should
+measure it (it holds the target). A GPU budget (``Hardware.with_gpu_budget``) bounds each GPU's whole use.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import memory
-from .errors import EngineRefused, SettingsError
+from .errors import EngineRefused, FitError, SettingsError
 from .gguf_model import ModelFacts
 from .probe import Hardware
 from .settings import Settings
@@ -45,12 +46,38 @@ def fit(facts: ModelFacts, hw: Hardware, n_ctx: int | None = None, base: Setting
         raise SettingsError(f"--ctx {target:,} is beyond the {trained:,} tokens {facts.name} was trained for; "
                             "pass --beyond-trained to price it anyway")
     limit = max(target, trained) if beyond_trained else trained
+    check_weights(facts, hw, keep)
     rows = []
     for tk, tv in memory.cache_pairs(kv_types, True):
         s = base.replace(n_ctx=target, flash_attn=True, type_k=tk, type_v=tv, n_gpu_layers=0, n_cpu_moe=0)
-        for settings, what in _placements(facts, hw, s, keep):
+        for settings, what in placements(facts, hw, s, keep):
             rows.append(_row(facts, hw, settings, what, limit, keep))
     return rows
+
+
+def check_weights(facts: ModelFacts, hw: Hardware, keep: int | None) -> None:
+    """FitError, with the sizes, where the weights alone exceed the room of host memory and the GPUs together
+    (each less its margin, a GPU at most its budget): then no placement or context helps, and pricing them would
+    only answer "the most is 0 tokens"."""
+    host = _room(hw.ram_available, None, keep)
+    shared = hw.backend == "metal"  # unified memory: the GPU's room is host RAM, not more of it
+    gpu = 0 if shared else sum(max(0, _room(g.vram_free, g.budget, keep)) for g in hw.offload_gpus)
+    if facts.weight_bytes <= host + gpu:
+        return
+    kind = "GPU budget" if any(g.budget is not None for g in hw.offload_gpus) else "GPU memory"
+    held = (f"{_gib(max(host, 0))} RAM + {_gib(gpu)} {kind}, after the safety margins" if hw.offload_gpus and not shared
+            else f"{_gib(max(host, 0))} RAM after its safety margin")
+    raise FitError(f"{facts.name}: the weights alone ({_gib(facts.weight_bytes)}) exceed what this machine can hold "
+                   f"({held})")
+
+
+def _room(free: int, limit: int | None, keep: int | None) -> int:
+    """What the memory model lets a configuration use on a device with ``free`` bytes free (DeviceMemory.room)."""
+    return memory.DeviceMemory("", 0, 0, 0, 0, 0, 0, budget=free, limit=limit).room(keep)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
 
 
 def _fits(facts: ModelFacts, hw: Hardware, s: Settings, keep: int | None) -> bool:
@@ -70,19 +97,21 @@ def largest(ok: Callable[[int], bool], lo: int, hi: int) -> int | None:
     return lo
 
 
-def _placements(facts: ModelFacts, hw: Hardware, s: Settings, keep: int | None) -> list[tuple[Settings, str]]:
+def placements(facts: ModelFacts, hw: Hardware, s: Settings, keep: int | None = None) -> list[tuple[Settings, str]]:
+    """The placements of ``s`` (at its context) that the memory model fits, each with its description: the most
+    layers on the GPUs; for a mixture of experts where not every layer fits, also every layer on the GPUs with the
+    experts of the fewest last layers in host memory (llama.cpp's --fit order). Each answer is a bisection."""
     if not hw.offload_gpus:
         return [(s, "all on the host")]
     top = facts.n_layer + 1  # the repeating layers and the output layer
     ngl = largest(lambda n: _fits(facts, hw, s.replace(n_gpu_layers=n), keep), 0, top)
     out = [(s.replace(n_gpu_layers=ngl or 0), f"{ngl or 0} of {top} layers on the GPU")]
     if facts.moe_layers and (ngl or 0) < top:
-        everything = s.replace(n_gpu_layers=top)
-        last = max(facts.moe_layers) + 1
-        least = fewest(lambda n: _fits(facts, hw, everything.replace(n_cpu_moe=n), keep), 0, last)
+        everything = s.replace(n_gpu_layers=top, moe_host_from="last", moe_host_layers="")
+        least = fewest(lambda n: _fits(facts, hw, everything.replace(n_cpu_moe=n), keep), 0, len(facts.moe_layers))
         if least is not None:
             out.append((everything.replace(n_cpu_moe=least),
-                        f"all layers on the GPU, experts of the first {least} in host memory"))
+                        f"all layers on the GPU, experts of the last {least} in host memory"))
     return out
 
 

@@ -51,7 +51,7 @@ def probe(hw: Any) -> None:
     for g in hw.gpus:
         extra = ", ".join(x for x in (g.driver and f"driver {g.driver}", g.compute_capability and f"cc {g.compute_capability}") if x)
         t.add_row(f"gpu{g.index} ({g.backend})", f"{g.name}: {gib(g.vram_free)} free of {gib(g.vram_total)}"
-                  + (f" ({extra})" if extra else ""))
+                  + (f", budget {mib(g.budget)}" if g.budget is not None else "") + (f" ({extra})" if extra else ""))
     for note in hw.notes:
         t.add_row("note", note)
     t.add_row("fingerprint", hw.fingerprint())
@@ -121,12 +121,16 @@ def memory_report(out: dict[str, Any], facts: Any, s: Any, hw: Any) -> None:
                        ("output", "output"), ("overhead", "fixed overhead"), ("total", "[bold]total[/bold]"),
                        ("budget", "free memory"), ("margin", "margin kept free")):
         t.add_row(label, *(mib(d[key]) for d in est["devices"]))
+    if any(d.get("gpu_budget") is not None for d in est["devices"]):
+        t.add_row("GPU budget (--gpu-budget)", *(mib(d["gpu_budget"]) for d in est["devices"]))
     t.add_row("fits", *("[green]yes[/green]" if d["fits"] else "[red]no[/red]" for d in est["devices"]))
     console.print(t)
     caches = ", ".join(f"{c['cells']:,} cells (K {mib(c['k'])}, V {mib(c['v'])})" for c in est["kv_caches"])
     verdict = "fits" if est["fits"] else f"does NOT fit: {mib(est['shortfall'])} over"
+    fixed = "learned from runs on this GPU" if est["gpu_overhead_learned"] else "default, not yet measured here"
     console.print(f"KV caches: {caches}\ntotal {mib(est['total'])}: {verdict} "
-                  "(keeping max(512 MiB, 5 %) of each device free; overhead is a fixed allowance)")
+                  "(keeping max(512 MiB, 5 %) of each device free; overhead is a fixed allowance"
+                  + (f", on GPUs {fixed})" if len(est["devices"]) > 1 else ")"))
     paid = (f": {cost.settings} settings in {cost.runs} child process(es), {cost.seconds:.2f} s"
             if cost.runs else ", answered from the cache" if est["source"] != memory.REPLAY else "")
     console.print(f"source: {est['source']}{paid}")
@@ -175,14 +179,21 @@ def memory_report(out: dict[str, Any], facts: Any, s: Any, hw: Any) -> None:
                       f"{mib(p['predicted_gpu'])} ({p['error_pct']:+.1f} %)")
 
 
-def fit_json(facts: Any, rows: list[Any], keep: int | None, seconds: float) -> dict[str, Any]:
+def _budgets(hw: Any) -> str:
+    """The GPU budgets in words ("" where none is set), for the lines that say what memory is kept free."""
+    found = [f"gpu{g.index} {mib(g.budget)}" for g in hw.offload_gpus if g.budget is not None]
+    return f"; GPU budget {', '.join(found)}, fixed overhead included" if found else ""
+
+
+def fit_json(facts: Any, rows: list[Any], keep: int | None, seconds: float, hw: Any) -> dict[str, Any]:
     cost = memory.dryrun.COST
     return {"model": facts.path, "n_ctx": rows[0].settings.n_ctx, "margin": "default" if keep is None else keep,
+            "gpu_budget": {f"gpu{g.index}": g.budget for g in hw.offload_gpus if g.budget is not None} or None,
             "placements": [r.to_dict() for r in rows], "wall_s": round(seconds, 3),
             "dry_runs": {"children": cost.runs, "settings": cost.settings, "seconds": round(cost.seconds, 3)}}
 
 
-def fit(facts: Any, rows: list[Any], keep: int | None, seconds: float) -> None:
+def fit(facts: Any, rows: list[Any], keep: int | None, seconds: float, hw: Any) -> None:
     target, cost = rows[0].settings.n_ctx, memory.dryrun.COST
     warning = memory.beyond_trained(facts, target)
     if warning:
@@ -190,7 +201,7 @@ def fit(facts: Any, rows: list[Any], keep: int | None, seconds: float) -> None:
     first = next((r.estimate for r in rows if r.estimate), None)
     devices = [d.device for d in first.devices] if first else ["host"]
     t = Table(title=f"fit: {facts.name} at n_ctx {target:,} (flash attention on; keeping "
-                    f"{'max(512 MiB, 5 %)' if keep is None else mib(keep)} free per device)")
+                    f"{'max(512 MiB, 5 %)' if keep is None else mib(keep)} free per device{_budgets(hw)})")
     for col in ("K / V", "placement", *(f"{d} at {target:,}" for d in devices), "holds it", "largest n_ctx"):
         t.add_column(col, justify="left" if col in ("K / V", "placement") else "right")
     for r in rows:
@@ -202,8 +213,9 @@ def fit(facts: Any, rows: list[Any], keep: int | None, seconds: float) -> None:
     holding = [r for r in rows if r.holds_target]
     if holding:
         one = holding[0].settings
-        pin = " ".join(f"--set {k}={getattr(one, k)}" for k in ("type_k", "type_v", "n_gpu_layers", "n_cpu_moe")
-                       if k.startswith("type") or getattr(one, k))
+        pin = " ".join(f"--set {k}={getattr(one, k)}" for k in ("type_k", "type_v", "n_gpu_layers", "n_cpu_moe",
+                                                                "moe_host_from")
+                       if k.startswith("type") or getattr(one, k) not in (0, "first"))
         console.print(f"{len(holding)} placement(s) hold {target:,} tokens: the search should measure them "
                       f"(autotune search {facts.path} --ctx {target}; to try one alone: {pin})")
     else:
@@ -289,6 +301,10 @@ def space(sp: Any, hw: Any, pins: dict[str, Any], forced: dict[str, Any]) -> Non
         t.add_row(name, f"{value}  [dim](pinned by --set)[/]")
     for name, value in forced.items():
         t.add_row(name, f"{value}  [dim](pinned by the engine self-check)[/]")
+    for g in hw.offload_gpus:
+        if g.budget is not None:
+            t.add_row(f"gpu{g.index} budget", f"{mib(g.budget)} of {gib(g.vram_free)} free  [dim](--gpu-budget: the "
+                      "placement fits it, a trial whose peak passes it fails)[/]")
     console.print(t)
 
 

@@ -22,8 +22,10 @@ import numpy as np
 import psutil
 
 from . import engine
+from .errors import SettingsError
 
 SCHEMA = 1
+MIB = 2**20
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class GPU:
     vram_free: int  # bytes
     driver: str = ""
     compute_capability: str = ""
+    budget: int | None = None  # bytes a run may use here in all (--gpu-budget); None: whatever is free
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,33 @@ class Hardware:
             return ()
         return tuple(g for g in self.gpus if g.backend == self.backend)
 
+    def with_gpu_budget(self, mib: tuple[int, ...] | None) -> Hardware:
+        """This machine with at most ``mib`` MiB used on each GPU the engine offloads to (one value: every GPU;
+        else one per GPU, in order). People keep room for a desktop or a second model: every estimate, fit and
+        run then keeps to it. SettingsError where it cannot apply (no GPU to budget, a count that does not
+        match the GPUs)."""
+        if not mib:
+            return self
+        gpus = self.offload_gpus
+        if not gpus:
+            why = "no GPU found" if not self.gpus else f"the engine's {self.backend} build cannot offload to them"
+            raise SettingsError(f"--gpu-budget: this machine has no GPU the engine can use ({why}); leave it out")
+        if len(mib) not in (1, len(gpus)):
+            raise SettingsError(f"--gpu-budget gives {len(mib)} values for {len(gpus)} GPU(s): give one value for "
+                                "every GPU, or one per GPU")
+        per = dict(zip((g.index for g in gpus), mib * len(gpus) if len(mib) == 1 else mib))
+        return dataclasses.replace(self, gpus=tuple(
+            dataclasses.replace(g, budget=per[g.index] * MIB) if g.index in per else g for g in self.gpus))
+
+    @property
+    def gpu_budget(self) -> int | None:
+        """Bytes the budgeted GPUs may hold together (a run's recorded peak is their sum); None: no budget."""
+        budgets = [g.budget for g in self.offload_gpus if g.budget is not None]
+        return sum(budgets) if budgets else None
+
     def fingerprint(self) -> str:
-        """Stable identity of the machine for naming studies: free memory and bandwidth are left out."""
+        """Stable identity of the machine for naming studies: free memory and bandwidth are left out; a GPU
+        budget is in (trials measured without it may not keep to it)."""
         parts = [
             self.cpu_model,
             str(self.physical_cores),
@@ -71,6 +99,7 @@ class Hardware:
             str(round(self.ram_total / 2**30)),
             self.backend,
             *(f"{g.name}:{round(g.vram_total / 2**30)}" for g in self.gpus),
+            *(f"gpu{g.index} budget {g.budget}" for g in self.gpus if g.budget is not None),
         ]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
@@ -88,6 +117,18 @@ class Hardware:
         for key in ("cpu_features", "notes"):
             kept[key] = tuple(kept.get(key, ()))
         return cls(**kept)
+
+
+def parse_gpu_budget(text: str | None) -> tuple[int, ...] | None:
+    """``--gpu-budget``: MiB for every GPU (``12288``) or per GPU (``12288,8192``); SettingsError, one line, for
+    anything else."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise SettingsError(f"--gpu-budget {text!r}: give MiB as positive whole numbers, one for every GPU (12288) "
+                            "or one per GPU (12288,8192)")
+    return tuple(int(p) for p in parts)
 
 
 def probe(measure_bandwidth: bool = True) -> Hardware:

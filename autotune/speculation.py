@@ -74,6 +74,7 @@ class Plan:
     rounds: int = 4
     target: str = "all"  # which kind of work the tuned config speculates for ("all": none made slower)
     timeout: float = 300.0
+    gpu_budget: tuple[int, ...] | None = None  # MiB each GPU may hold in all (one value: every GPU); None: what is free
 
     def __post_init__(self) -> None:
         unknown = [w for w in self.workloads if w not in WORKLOADS]
@@ -163,7 +164,7 @@ def _mtp_shortfall(main: ModelFacts, base: Settings, hw: Hardware) -> int:
     short = 0
     for d in est.devices:
         need = d.total + d.compute + (extra_kv if d.kv else 0)
-        short = max(short, need - (d.budget - memory.margin(d.budget)))
+        short = max(short, need - d.room())  # free less the margin, within a GPU budget
     return short
 
 

@@ -100,9 +100,10 @@ def prefetch(facts: ModelFacts, settings: Sequence[Settings], hw: Hardware) -> N
         dryrun.figures(facts, [validate(s) for s in settings])
 
 
-def _budgets(hw: Hardware) -> dict[str, int]:
-    budgets = {HOST: hw.ram_available}
-    budgets.update({f"gpu{g.index}": g.vram_free for g in hw.offload_gpus})
+def _budgets(hw: Hardware) -> dict[str, tuple[int, int | None]]:
+    """Each device's free memory and the user's budget there (None: no budget; the host never has one)."""
+    budgets: dict[str, tuple[int, int | None]] = {HOST: (hw.ram_available, None)}
+    budgets.update({f"gpu{g.index}": (g.vram_free, g.budget) for g in hw.offload_gpus})
     return budgets
 
 
@@ -176,7 +177,8 @@ def _assemble(facts: ModelFacts, settings: Settings, hw: Hardware, where: Placem
     from .. import engine
 
     budgets = _budgets(hw)
-    gpu_overhead, learned = overhead.allowance(engine.build_key(), tuple(g.name for g in hw.offload_gpus))
+    fixed = {f"gpu{g.index}": overhead.allowance(engine.build_key(), g.name, g.driver, overhead.kind(facts))
+             for g in hw.offload_gpus}  # per GPU model, driver and build
     pool = overhead.pool(facts, settings)  # on each GPU holding layers (their attention and experts run there)
     held = set(where.layers) | {where.output}
     devices = [
@@ -187,8 +189,9 @@ def _assemble(facts: ModelFacts, settings: Settings, hw: Hardware, where: Placem
             kv=kv.get(dev, 0),
             compute=compute.get(dev, 0),
             output=output.get(dev, 0),
-            overhead=HOST_OVERHEAD if dev == HOST else gpu_overhead + (pool if dev in held else 0),
-            budget=budgets[dev],
+            overhead=HOST_OVERHEAD if dev == HOST else fixed[dev][0] + (pool if dev in held else 0),
+            budget=budgets[dev][0],
+            limit=budgets[dev][1],
         )
         for dev in (HOST, *where.gpus)
     ]
@@ -202,7 +205,7 @@ def _assemble(facts: ModelFacts, settings: Settings, hw: Hardware, where: Placem
         n_ubatch=c.n_ubatch,
         shared_memory=hw.backend == "metal" and bool(where.gpus),
         source=source,
-        gpu_overhead_learned=learned and bool(where.gpus),
+        gpu_overhead_learned=bool(where.gpus) and all(fixed[dev][1] for dev in where.gpus),
     )
 
 
