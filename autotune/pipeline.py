@@ -16,12 +16,12 @@ from typing import Any, Callable, Iterator
 
 import optuna
 
-from . import catalog, engine, export, health, memory, recommend, space, study
+from . import catalog, engine, export, health, memory, overhead, recommend, space, study
 from .engine import Measurement, Workload
 from .errors import EngineDied, FitError, ModelError, SettingsError
 from .gguf_model import ModelFacts, file_sha256, read_facts
 from .knobs import KNOBS
-from .probe import Hardware, probe
+from .probe import Hardware, measure_bandwidth_gbs, probe
 from .settings import Settings
 
 MIB = 2**20
@@ -52,6 +52,7 @@ class TuneOptions:
     engine: str | None = None  # None: llama-cpp-python; "llama-bench:PATH" or "llama-server:PATH"
     trade: bool = False  # the user named the objective: the other metrics may be given up for it
     patience: int = study.PATIENCE  # stop a stage once this many trials have not moved its best (0: never)
+    gpu_budget: tuple[int, ...] | None = None  # MiB each GPU may hold in all (one value: every GPU); None: what is free
 
 
 def _started(start: Settings, n_ctx: int, pins: dict[str, Any]) -> Settings:
@@ -141,7 +142,8 @@ def tune(model: str | None, options: TuneOptions = TuneOptions(), reporter: Repo
 def _tune(model: str | None, options: TuneOptions, reporter: Reporter) -> TunedConfig | None:
     model = model or str(catalog.fetch(quiet=False))
     facts = read_facts(model)
-    hw = probe()
+    # the space, the fit check and every trial keep to the budget; the bandwidth is measured for the roofline only
+    hw = probe(measure_bandwidth=False).with_gpu_budget(options.gpu_budget)
     n_ctx = options.ctx or min(4096, facts.n_ctx_train or 4096)
     pins = options.pins
     first = space.build_space(hw, facts, n_ctx, pins)
@@ -209,6 +211,7 @@ def _tune(model: str | None, options: TuneOptions, reporter: Reporter) -> TunedC
         polish, st2 = second_stage(st, req, full, metric, n_second, options, reporter)
     if not options.recommend:
         return None
+    req = dataclasses.replace(req, hw=dataclasses.replace(req.hw, bandwidth_gbs=measure_bandwidth_gbs()))
     with reporter.step("re-measuring the best candidates against every baseline ...") as status:
         def on_run(label: str, m: Measurement) -> None:
             status(f"re-measured {label}: " + (f"{m.decode:.1f} tok/s decode" if m.ok else m.error[:60]))
@@ -286,7 +289,9 @@ def depth_sweep(model: str, settings: Settings, n_ctx: int, work: Workload, time
             if done is not None and done.ok and d == work.depth and done.settings == settings:
                 m = done
             else:
-                m = engine.measure(model, settings, dataclasses.replace(work, depth=d), timeout=timeout)
+                deep = dataclasses.replace(work, depth=d)
+                m = engine.measure(model, settings, deep, timeout=timeout)
+                overhead.learn(engine.build_key(), read_facts(model), m, deep)  # nearly full: the pool at its peak
             rows.append({"depth": d, "ok": m.ok, "error": m.error, "decode": m.decode if m.ok else None,
                          "prefill": m.prefill if m.ok else None, "ttft": m.ttft if m.ok else None,
                          "decode_tps": m.decode_tps, "prefill_tps": m.prefill_tps})
@@ -302,8 +307,9 @@ def check_fits(req: study.StudyRequest) -> str | None:
     except EngineDied as e:
         return str(e)
     if not lean.fits:
-        raise FitError(f"{req.facts.name} at context {req.n_ctx} cannot fit this machine in any searched setting: "
-                       f"{lean.shortfall / MIB:,.0f} MiB short even at its leanest (try a smaller --ctx)")
+        within = " within the GPU budget" if req.hw.gpu_budget is not None else ""
+        raise FitError(f"{req.facts.name} at context {req.n_ctx} cannot fit this machine{within} in any searched "
+                       f"setting: {lean.shortfall / MIB:,.0f} MiB short even at its leanest (try a smaller --ctx)")
     return None
 
 

@@ -145,12 +145,13 @@ class Check:
                     row["logged_parts"] = {part: overhead.on_gpus({part: m.buffers.get(part, {})})
                                            for part in ("model", "kv", "compute", "output")}
                     row["overhead"] = (m.peak_vram or 0) - row["logged_buffers"]
+                    row["gpu_peaks"] = [dataclasses.asdict(g) for g in m.gpu_peaks]  # per GPU, with its source
                     row["decode"], row["prefill"] = round(m.decode, 1), round(m.prefill, 1)
                 rows.append(row)
                 log(f"  {shape} {label}: peak {(m.peak_vram or 0) / MIB:,.0f} MiB" if m.ok else f"  {shape} {label}: {m.error}")
-        build = engine.build_key()
-        gpus = tuple(g.name for g in self.hw.offload_gpus)
-        return {"rows": self.predict(rows), "allowance": overhead.allowance(build, gpus)[0], "default": overhead.DEFAULT}
+        build, gpu = engine.build_key(), self.hw.offload_gpus[0]
+        return {"rows": self.predict(rows), "default": overhead.DEFAULT,
+                "allowance": {k: overhead.allowance(build, gpu.name, gpu.driver, k)[0] for k in overhead.DEFAULT}}
 
     def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Each run's predicted GPU total: its predicted buffers, its priced pool (``overhead.pool``) and the fixed
@@ -158,7 +159,8 @@ class Check:
         ok = [r for r in rows if r["ok"] and r.get("peak")]
         for r in ok:
             facts = read_facts(self.model(r["shape"]))
-            r["pool"] = overhead.pool(facts, dict(placements(facts))[r["settings"]])
+            s = dict(placements(facts))[r["settings"]]
+            r["pool"] = overhead.pool(facts, s, *overhead.cells_of(s, PEAK_WORK.prompt_tokens, PEAK_WORK.depth))
             r["fixed"] = r["overhead"] - r["pool"]
         for r in ok:
             others = [o["fixed"] for o in ok if o is not r]

@@ -123,6 +123,7 @@ def test_repack_rules_follow_ggml_cpu(shapes):
 
 @pytest.mark.parametrize("extra_bufts", [True, False])
 @pytest.mark.parametrize("mmap", [True, False])
+@pytest.mark.engine
 def test_weights_and_extra_buffers_match_a_real_load(shapes, demo_model, extra_bufts, mmap):
     """On this machine's engine: CPU_REPACK on most x86 CPUs, the AMX buffer on Sapphire Rapids, nothing with
     extra buffers off (--no-repack)."""
@@ -237,6 +238,7 @@ def test_fake_gpu_unified_memory_counts_everything_against_ram(shapes):
 # --------------------------------------------------------------------------------------- honesty
 
 
+@pytest.mark.engine
 def test_a_file_the_engine_cannot_load_gets_the_engines_reason(shapes, smol):
     """No architecture is refused up front: the engine's dry run answers, and where the engine itself refuses
     the file (this synthetic starcoder2 lacks a key), that reason is the one line the user sees."""
@@ -249,6 +251,7 @@ def test_a_file_the_engine_cannot_load_gets_the_engines_reason(shapes, smol):
     assert memory.replay_gap(smol) is None
 
 
+@pytest.mark.engine
 def test_cli_memory_errors_are_one_line(shapes, demo_model, capsys):
     assert cli.main(["memory", str(shapes["starcoder2"])]) == 2
     err = capsys.readouterr().err
@@ -268,6 +271,7 @@ def test_cli_memory_warns_beyond_the_trained_context(demo_model, capsys):
     assert "trained for" not in capsys.readouterr().out
 
 
+@pytest.mark.engine
 def test_cli_memory_json_is_stable(demo_model, capsys):
     import json
 
@@ -298,6 +302,7 @@ def grid(ctxs: tuple[int, ...], swa: bool) -> list[Settings]:
 
 
 @pytest.mark.parametrize("model", ["demo", "8b", "70b", "gemma3-4b", "qwen3-8b", "qwen2-14b"])
+@pytest.mark.engine
 def test_accuracy_against_the_dry_run(model, shapes, demo_model):
     facts = read_facts(demo_model if model == "demo" else shapes[model])
     rows = memory.verify(facts, grid((512, 8192, 32768, 131072), facts.uses_swa), host())
@@ -307,6 +312,7 @@ def test_accuracy_against_the_dry_run(model, shapes, demo_model):
             assert abs(r["error_pct"][k]) <= bound, (k, r["settings"], r["predicted"], r["engine"])
 
 
+@pytest.mark.engine
 def test_verify_on_an_architecture_without_replay_predicts_the_weights(smol, demo_model):
     """A model the replay does not price (here: the demo model under another architecture's name) is
     estimated from the engine's dry run; verify still checks the weights placed from the tensor table."""
@@ -314,41 +320,3 @@ def test_verify_on_an_architecture_without_replay_predicts_the_weights(smol, dem
     (row,) = memory.verify(other, [S(n_ctx=512)], host())
     assert row["error"] is None and row["source"] == memory.DRY_RUN
     assert row["engine"]["kv"] > 0 and abs(row["error_pct"]["weights"]) < 0.01
-
-
-
-# ------------------------------------------------------------------------------------ a GPU's overhead
-
-
-def test_gpu_pool_is_priced_for_attention_without_flash_attention_and_for_experts(shapes, demo_model, tmp_path):
-    from autotune import overhead
-
-    dense = read_facts(shapes["8b"])
-    s = S(n_ctx=8192, n_ubatch=512, n_gpu_layers=33, flash_attn=True)
-    assert overhead.pool(dense, s) == 0
-    assert overhead.pool(dense, s.replace(flash_attn=False)) == 4 * 8192 * 512 * 32  # two f16 KQ products
-    assert overhead.pool(dense, s.replace(flash_attn=False, n_gpu_layers=0)) == 0  # attention on the host
-    moe = read_facts(synth.write_model(tmp_path / "moe.gguf", demo_model, synth.SHAPES["qwen3-30b-a3b"], "Q4_K",
-                                       header_only=True, vocab=2048))
-    assert overhead.pool(moe, s) == 3 * 512 * 8 * (2048 + 768) * 4  # each expert's tokens, in and out
-
-
-def test_gpu_overhead_is_learned_per_gpu_and_build_fake_gpu(shapes):
-    """A constructed GPU and observations written as runs on it would write them: the estimate adds the largest
-    fixed part measured there, plus the run's pool; another build or GPU keeps the default."""
-    from autotune import overhead
-
-    hw = fake_gpus(80)
-    facts = read_facts(shapes["8b"])
-    s = S(n_ctx=8192, n_gpu_layers=33, flash_attn=False)
-    before = memory.estimate(facts, s, hw).device("gpu0")
-    assert before.overhead == overhead.DEFAULT + overhead.pool(facts, s)
-    buffers = {"model": {"CUDA0": 4000 * MIB, "CPU_Mapped": 400 * MIB}, "kv": {"CUDA0": 1000 * MIB}, "compute": {}}
-    build = engine.build_key()
-    assert overhead.observe(build, ("fake0",), 5700 * MIB, buffers, 0) == 700 * MIB  # host buffers do not count
-    assert overhead.observe(build, ("fake0",), 6000 * MIB, buffers, 512 * MIB) == 488 * MIB  # its pool priced apart
-    assert overhead.observe(build, ("fake0",), 900 * MIB, {"model": {"CPU": 900 * MIB}}, 0) is None  # no GPU buffer
-    after = memory.estimate(facts, s, hw)
-    assert after.device("gpu0").overhead == 700 * MIB + overhead.pool(facts, s) and after.gpu_overhead_learned
-    assert overhead.allowance("another-build", ("fake0",)) == (overhead.DEFAULT, False)
-    assert not memory.estimate(facts, s, fake_gpus(80, 80)).gpu_overhead_learned  # two GPUs: not measured

@@ -2,7 +2,8 @@
 engine process is described, and the ``Engine`` protocol an engine implements.
 
 Nothing here imports an engine: the parent process (the tuner) reads this; the engine runs in child
-processes that talk JSON (``python -m autotune.engine``), so a native crash takes down only the child.
+processes that talk JSON (``process.CHILD``: the engine's library first, then ``__main__.main``), so a native crash
+takes down only the child.
 """
 
 from __future__ import annotations
@@ -62,6 +63,20 @@ class Workload:
 
 
 @dataclass
+class GpuPeak:
+    """One GPU's peak memory during a run (NVML), and what names that GPU's fixed overhead: the memory layer
+    learns from it (``overhead.learn``)."""
+
+    device: str  # the engine's name for it: CUDA0, CUDA1 ... in CUDA_VISIBLE_DEVICES order
+    name: str  # the GPU model, as NVML names it
+    driver: str  # the driver version
+    peak: int  # bytes
+    # "process": the engine child's own use (NVML's per-process accounting); "device": the device's use less what
+    # was in use before the child started (where NVML cannot see the child: containers, some drivers)
+    source: str
+
+
+@dataclass
 class Measurement:
     settings: Settings
     ok: bool
@@ -73,7 +88,8 @@ class Measurement:
     wall_s: float = 0.0
     peak_rss: int = 0  # bytes, the child's maximum resident set
     base_rss: int = 0  # bytes resident before the model loaded (Python + engine library): not the model's
-    peak_vram: int | None = None  # bytes over the baseline, where NVML sees a GPU
+    peak_vram: int | None = None  # bytes, all GPUs together (``gpu_peaks``), where NVML sees a GPU
+    gpu_peaks: list[GpuPeak] = field(default_factory=list)  # per visible GPU
     buffers: dict[str, Any] = field(default_factory=dict)  # the engine's logged buffer sizes
     output_tokens: list[int] = field(default_factory=list)  # greedy output of the last repetition
     depth_fill_s: float = 0.0  # seconds to put the workload's depth of history in the cache (not timed above)
@@ -95,6 +111,7 @@ class Measurement:
     def to_dict(self) -> dict[str, Any]:
         data = {k: v for k, v in self.__dict__.items() if k != "settings"}
         data["settings"] = self.settings.to_dict()
+        data["gpu_peaks"] = [dataclasses.asdict(g) for g in self.gpu_peaks]
         return data
 
     @classmethod
@@ -102,6 +119,7 @@ class Measurement:
         known = {f.name for f in dataclasses.fields(cls)}  # a study stored before a field was retired reads too
         data = {k: v for k, v in data.items() if k in known}
         data["settings"] = Settings.from_dict(data["settings"])
+        data["gpu_peaks"] = [GpuPeak(**g) for g in data.get("gpu_peaks") or []]
         return cls(**data)
 
 

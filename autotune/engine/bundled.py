@@ -15,9 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-from .. import overhead
 from ..errors import EngineDied, ModelError
-from ..gguf_model import read_facts
 from ..settings import Settings
 from . import history as history_cache
 from . import process
@@ -123,6 +121,15 @@ class _Kept:
     def __init__(self, every_load: bool) -> None:
         self.every_load = every_load
         self.worker = process.Worker()
+        self.load: tuple[Any, ...] | None = None  # the load settings of the model the child holds
+
+    def ask(self, request: dict[str, Any], settings: Settings, timeout: float, on_rep: OnRep | None) -> process.Spawned:
+        """A run with other load settings gets a fresh child: in this one the old model would still fill the GPU
+        when the run's peak starts to count (the child frees it only once the new request arrives)."""
+        if self.load is not None and self.load != settings.load_key():
+            self.worker.close()
+        self.load = settings.load_key()
+        return self.worker.ask(request, timeout, watch_vram=True, on_rep=on_rep)
 
     def serves(self, settings: Settings) -> bool:
         """Runs that load layers onto a GPU share the child (a load copies the weights there: seconds to
@@ -163,13 +170,13 @@ def measure(model_path: str, settings: Settings, workload: Workload = Workload()
     request = {"mode": "measure", "model": model_path, "settings": settings.to_dict(),
                "workload": workload.__dict__, "index": index, "history_dir": history}
     if _kept is not None and _kept.serves(settings):
-        done = _kept.worker.ask(request, timeout, watch_vram=True, on_rep=on_rep)
+        done = _kept.ask(request, settings, timeout, on_rep)
     else:
         done = process.spawn(request, timeout, watch_vram=True, on_rep=on_rep)
     if done.stopped:
         return Measurement(settings, True, prefill_tps=[r["prefill"] for r in done.reps],
                            decode_tps=[r["decode"] for r in done.reps], ttft_s=[r["ttft"] for r in done.reps],
-                           wall_s=done.wall_s, peak_vram=done.peak_vram, stopped=True)
+                           wall_s=done.wall_s, peak_vram=done.peak_vram, gpu_peaks=done.gpu_peaks, stopped=True)
     if done.timed_out:
         return Measurement(settings, False, f"timeout: no result after {timeout:.0f} s (killed)", wall_s=done.wall_s)
     if done.result is None:
@@ -178,9 +185,7 @@ def measure(model_path: str, settings: Settings, workload: Workload = Workload()
         return Measurement(settings, False, done.result.get("error") or "the engine failed", wall_s=done.wall_s)
     m = Measurement.from_dict({**done.result["measurement"], "settings": settings.to_dict()})
     m.wall_s = done.wall_s
-    m.peak_vram = done.peak_vram
-    if done.peak_vram:  # what the GPU held beyond the logged buffers: the memory model's allowance learns it
-        overhead.observe(build_key(), done.gpus, done.peak_vram, m.buffers, overhead.pool(read_facts(model_path), settings))
+    m.peak_vram, m.gpu_peaks = done.peak_vram, done.gpu_peaks  # the memory layer learns from them (overhead.learn)
     return m
 
 

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .base import REP_MARK, RESULT_MARK, child_failure
+from .base import REP_MARK, RESULT_MARK, GpuPeak, child_failure
 
 
 @dataclass
@@ -33,10 +33,14 @@ class Spawned:
     stderr: str
     wall_s: float
     timed_out: bool = False
-    peak_vram: int | None = None
-    gpus: tuple[str, ...] = ()  # the GPUs the peak was read on (NVML names)
+    gpu_peaks: list[GpuPeak] = field(default_factory=list)  # per visible GPU (NVML), none without one
     reps: list[dict[str, Any]] = field(default_factory=list)  # what the child reported per repetition
     stopped: bool = False  # the parent's ``on_rep`` stopped it after ``reps``
+
+    @property
+    def peak_vram(self) -> int | None:
+        """Bytes, all GPUs together; None without one."""
+        return sum(g.peak for g in self.gpu_peaks) if self.gpu_peaks else None
 
     def failure(self) -> str:
         """Why there is no result, in one line."""
@@ -64,10 +68,10 @@ class Worker:
         self._err: list[str] = []
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._readers: list[threading.Thread] = []
-        self._vram_base: int | None = None
+        self._vram_base: dict[str, int] | None = None
 
     def _start(self, watch_vram: bool) -> subprocess.Popen[str]:
-        self._vram_base = _VramWatch.used_now() if watch_vram else None  # before the child: not ours
+        self._vram_base = _VramWatch.device_use() if watch_vram else None  # before the child: not ours
         self._out, self._err, self._lines = [], [], queue.Queue()
         proc = subprocess.Popen(
             [sys.executable, "-c", self.prelude + CHILD],
@@ -95,7 +99,7 @@ class Worker:
         start = time.perf_counter()
         proc = self.proc or self._start(watch_vram)
         out_from, err_from = len(self._out), len(self._err)
-        vram = _VramWatch(self._vram_base) if watch_vram else None
+        vram = _VramWatch(proc.pid, self._vram_base) if watch_vram else None
         reps: list[dict[str, Any]] = []
         result: dict[str, Any] | None = None
         stopped = timed_out = ended = False
@@ -145,11 +149,10 @@ class Worker:
             self._reap()
             raise
         finally:
-            peak_vram = vram.stop() if vram else None
+            gpu_peaks = vram.stop() if vram else []
         stdout, stderr = "".join(self._out[out_from:]), "".join(self._err[err_from:])
         return Spawned(result if returncode == 0 else None, returncode, stdout, stderr, time.perf_counter() - start,
-                       timed_out=timed_out, peak_vram=peak_vram, gpus=vram.names if vram else (), reps=reps,
-                       stopped=stopped)
+                       timed_out=timed_out, gpu_peaks=gpu_peaks, reps=reps, stopped=stopped)
 
     def _kill(self) -> None:
         if self.proc is not None:
@@ -203,67 +206,140 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
 
 
 class _VramWatch:
-    """Peak GPU memory in use during a run, over ``base`` (what was in use before the child started; NVML,
-    none without GPUs)."""
+    """Peak GPU memory of one engine child while it serves a request, per visible GPU (NVML; none without GPUs).
 
-    def __init__(self, base: int | None, interval: float = 0.05) -> None:
-        self.peak: int | None = None
+    The child's own use where NVML accounts per process (the entries of its process group in the GPU's running
+    processes): another program allocating during the run does not count. Where NVML never shows the child (a
+    container's PID namespace, a driver without accounting), each GPU's use less ``base`` (what was in use before
+    the child started); every record says which it is."""
+
+    def __init__(self, pid: int, base: dict[str, int] | None, interval: float = 0.05) -> None:
         self._stop = threading.Event()
-        self._handles = _nvml_handles()
-        self.names: tuple[str, ...] = ()
-        if not self._handles:
+        self._gpus = _visible_gpus()
+        if not self._gpus:
             return
-        import pynvml
-
-        self.names = tuple(_text(pynvml.nvmlDeviceGetName(h)) for h in self._handles)
-        self._base = self._used() if base is None else base
-        self.peak = 0
+        self._pid = pid
+        try:
+            self._group = os.getpgid(pid)
+        except OSError:  # already gone: only its own entries can match
+            self._group = -1
+        self._base = base if base is not None else _use(self._gpus)
+        self._own = {g.device: 0 for g in self._gpus}
+        self._device = {g.device: 0 for g in self._gpus}
+        self._seen = False  # NVML listed the child with its memory on some GPU
         self._thread = threading.Thread(target=self._poll, args=(interval,), daemon=True)
         self._thread.start()
 
     @staticmethod
-    def used_now() -> int | None:
-        """GPU memory in use on every GPU now; None without NVML."""
-        handles = _nvml_handles()
-        if not handles:
+    def device_use() -> dict[str, int] | None:
+        """Memory in use on each visible GPU now; None without NVML."""
+        gpus = _visible_gpus()
+        if not gpus:
             return None
         try:
-            return _VramWatch._sum(handles)
+            return _use(gpus)
         finally:
             _nvml_shutdown()
 
-    @staticmethod
-    def _sum(handles: list[Any]) -> int:
-        import pynvml
-
-        return sum(int(pynvml.nvmlDeviceGetMemoryInfo(h).used) for h in handles)
-
-    def _used(self) -> int:
-        return self._sum(self._handles)
-
     def _poll(self, interval: float) -> None:
         while True:
-            self.peak = max(self.peak or 0, self._used() - self._base)
+            used = _use(self._gpus)
+            for g in self._gpus:
+                self._device[g.device] = max(self._device[g.device], used[g.device] - self._base.get(g.device, 0))
+                own = self._child_use(g.handle)
+                if own is not None:
+                    self._seen = True
+                    self._own[g.device] = max(self._own[g.device], own)
             if self._stop.wait(interval):
                 return
 
-    def stop(self) -> int | None:
+    def _child_use(self, handle: Any) -> int | None:
+        """Bytes the child's process group holds on one GPU; None where NVML lists none of it with its memory."""
+        import pynvml
+
+        found: dict[int, int] = {}
+        for query in (pynvml.nvmlDeviceGetComputeRunningProcesses, pynvml.nvmlDeviceGetGraphicsRunningProcesses):
+            try:
+                listed = query(handle)
+            except Exception:  # not supported here: the other list, or the device-wide reading
+                continue
+            for p in listed:
+                if p.usedGpuMemory is not None and self._ours(p.pid):
+                    found[p.pid] = max(found.get(p.pid, 0), int(p.usedGpuMemory))
+        return sum(found.values()) if found else None
+
+    def _ours(self, pid: int) -> bool:
+        if pid == self._pid:
+            return True
+        try:
+            return os.getpgid(pid) == self._group
+        except OSError:  # gone, or a PID of another namespace
+            return False
+
+    def stop(self) -> list[GpuPeak]:
+        """End the watch: each visible GPU's peak, the child's own where NVML showed it anywhere."""
         self._stop.set()
-        if self._handles:
-            self._thread.join()
-            _nvml_shutdown()
-        return self.peak
+        if not self._gpus:
+            return []
+        self._thread.join()
+        _nvml_shutdown()
+        peaks = self._own if self._seen else self._device
+        source = "process" if self._seen else "device"
+        return [GpuPeak(g.device, g.name, g.driver, peaks[g.device], source) for g in self._gpus]
 
 
-def _nvml_handles() -> list[Any]:
-    """Handles of every NVIDIA GPU (NVML initialised: shut it down after), or [] where there is none."""
+@dataclass(frozen=True)
+class _Gpu:
+    device: str  # CUDA0, CUDA1 ...: the engine's name for it
+    handle: Any
+    name: str
+    driver: str
+
+
+def _visible_gpus() -> list[_Gpu]:
+    """The NVIDIA GPUs the engine child sees, in its order (NVML initialised: shut it down after), or []."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
     except Exception:
         return []
+    try:
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        order = visible(os.environ.get("CUDA_VISIBLE_DEVICES"), [_text(pynvml.nvmlDeviceGetUUID(h)) for h in handles])
+        driver = _text(pynvml.nvmlSystemGetDriverVersion())
+        gpus = [_Gpu(f"CUDA{i}", handles[j], _text(pynvml.nvmlDeviceGetName(handles[j])), driver)
+                for i, j in enumerate(order)]
+    except Exception:
+        gpus = []
+    if not gpus:
+        _nvml_shutdown()
+    return gpus
+
+
+def visible(spec: str | None, uuids: list[str]) -> list[int]:
+    """NVML indices of the GPUs ``CUDA_VISIBLE_DEVICES`` (``spec``) leaves visible, in CUDA's order: indices or
+    GPU UUIDs (a unique prefix is enough), read as CUDA reads them, up to the first entry naming no GPU (MIG
+    instances name none here). Unset: every GPU. An index counts in NVML's (PCI bus) order, which is CUDA's with
+    ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` or identical GPUs."""
+    if spec is None:
+        return list(range(len(uuids)))
+    out: list[int] = []
+    for item in (x.strip() for x in spec.split(",")):
+        if item.lstrip("-").isdigit():
+            matches = [int(item)] if 0 <= int(item) < len(uuids) else []
+        else:
+            matches = [i for i, u in enumerate(uuids) if item and u.lower().startswith(item.lower())]
+        if len(matches) != 1 or matches[0] in out:
+            break
+        out.append(matches[0])
+    return out
+
+
+def _use(gpus: list[_Gpu]) -> dict[str, int]:
+    import pynvml
+
+    return {g.device: int(pynvml.nvmlDeviceGetMemoryInfo(g.handle).used) for g in gpus}
 
 
 def _text(value: Any) -> str:
