@@ -23,6 +23,7 @@ from .probe import Hardware
 from .settings import Settings
 from .study import (
     GUARD_TOLERANCE,
+    PLACEMENT_KNOBS,
     StudyRequest,
     baselines,
     completed,
@@ -115,6 +116,7 @@ class Recommendation:
     def baseline_report(self) -> dict[str, Any]:
         """Per baseline: whether it ran, and why not, and its medians."""
         return {b.label: {"ran": bool(b.runs), "failures": b.failures[:3], "settings": b.settings.to_dict(),
+                          "placement": {k: getattr(b.settings, k) for k in PLACEMENT_KNOBS},
                           **{m: b.spread(m, self.workload).median if b.runs else None for m in METRICS}}
                 for b in self.baselines}
 

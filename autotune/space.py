@@ -18,7 +18,7 @@ from .errors import EngineDied, EngineRefused, ModelError, SettingsError
 from .gguf_model import ModelFacts
 from .knobs import BY_NAME, KNOBS, IntRange, Where
 from .probe import Hardware
-from .settings import QUANTIZED_KV, Settings, coerce, ggml_type, row_bytes
+from .settings import QUANTIZED_KV, Settings, coerce, ggml_type, layer_list, row_bytes
 
 BATCH_FACTORS = (1, 2, 4)
 MAX_BATCH = 4096  # n_batch beyond this buys nothing a prompt of a few thousand tokens can show
@@ -69,8 +69,8 @@ class SearchSpace:
     base: Settings
     params: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # name -> choices (ints are ranges)
     int_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
-    # Where the memory model put the layers on this machine's GPUs (empty without GPUs): the placement the
-    # baselines run with (llama.cpp's --fit makes the same choice), and that choice in words.
+    # Where the memory model put the layers on this machine's GPUs at the space's leanest settings (empty without
+    # GPUs), and that choice in words; each baseline is placed at its own settings (``study.placed``).
     placement: dict[str, int] = field(default_factory=dict)
     where: str = ""
 
@@ -211,6 +211,13 @@ def build_space(
         lean = base.replace(n_ubatch=min(params.get("n_ubatch", (base.n_ubatch,))))
         lean = lean.replace(n_batch=lean.n_ubatch, **leanest_attention(attention_choices(kv_types)))
         placement, ranges, where = _gpu_placement(facts, hw, lean)
+        # Placement per candidate: llama.cpp's defaults (an f16 cache, micro-batch 512) may need more on the host
+        # than the leanest settings do, so the searched range reaches what they need too.
+        heavy = lean.replace(flash_attn=True, type_k="f16", type_v="f16", n_ubatch=512, n_batch=512)
+        ranges = _reaching(facts, hw, heavy, placement, ranges)
+        if "n_ubatch" in params and "n_ubatch" not in pins:
+            params["n_ubatch"] = _fitting_ubatches(facts, hw, lean.replace(**{**placement, **_most_on_host(ranges)}),
+                                                   params["n_ubatch"])
         base = base.replace(**placement)
         for name in ("n_gpu_layers", "n_cpu_moe"):
             ints.pop(name, None)
@@ -242,12 +249,142 @@ def build_space(
     return SearchSpace(base=base, params=params, int_ranges=ints, placement=placement, where=where)
 
 
+def _most_on_host(ranges: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """The searched placement that leaves the GPUs the most room: the most expert layers on the host, the fewest
+    layers on the GPU."""
+    out = {"n_cpu_moe": ranges["n_cpu_moe"][1]} if "n_cpu_moe" in ranges else {}
+    return {**out, "n_gpu_layers": ranges["n_gpu_layers"][0]} if "n_gpu_layers" in ranges else out
+
+
+def _fitting_ubatches(facts: ModelFacts, hw: Hardware, s: Settings, choices: tuple[int, ...]) -> tuple[int, ...]:
+    """The micro-batches (``n_batch`` the same) whose buffers fit at ``s``, the space's roomiest placement and
+    leanest cache: a larger one only adds compute buffer, so the others cannot fit in any trial and are pruned
+    before one runs. The smallest is always kept."""
+    def fits(u: int) -> bool:
+        try:
+            return memory.estimate(facts, s.replace(n_ubatch=u, n_batch=u), hw).fits
+        except (EngineRefused, EngineDied):
+            return False
+
+    return tuple(u for u in choices if u == min(choices) or fits(u))
+
+
 def leanest_attention(choices: tuple[str, ...]) -> dict[str, Any]:
     """The attention choice with the smallest cache (flash attention on among equals: its compute buffer is
     smaller too)."""
     label = min(choices, key=lambda c: (sum(row_bytes(t, 32) for t in parse_attention(c)[1:]), not parse_attention(c)[0]))
     fa, k, v = parse_attention(label)
     return {"flash_attn": fa, "type_k": k, "type_v": v}
+
+
+# llama.cpp's --fit keeps this much free on each GPU (common/fit.cpp; -fitt's default, in MiB there).
+FIT_MARGIN = 1024 * 2**20
+
+
+def experts_on_host(facts: ModelFacts, layers: list[int]) -> dict[str, Any]:
+    """Settings that keep the experts of ``layers`` in host memory, in the knob table's terms: the first N
+    (``n_cpu_moe``), the last N (``moe_host_from``) or a chosen set (``moe_host_layers``)."""
+    chosen = sorted(set(layers) & set(facts.moe_layers))
+    n, end = len(chosen), max(facts.moe_layers, default=-1) + 1
+    if chosen == list(range(n)):
+        return {**NO_OVERRIDES, "n_cpu_moe": n}
+    if chosen == list(range(end - n, end)):
+        return {**NO_OVERRIDES, "n_cpu_moe": n, "moe_host_from": "last"}
+    return {**NO_OVERRIDES, "moe_host_layers": layer_list(chosen)}
+
+
+# Every layer's weights where -ngl puts them: no expert or FFN overrides.
+NO_OVERRIDES: dict[str, Any] = {name: BY_NAME[name].default_value()
+                                for name in ("n_cpu_moe", "moe_host_from", "moe_host_layers", "n_cpu_ffn")}
+
+
+def llama_fit(facts: ModelFacts, hw: Hardware, s: Settings, margin: int = FIT_MARGIN) -> tuple[dict[str, Any], str]:
+    """Where llama.cpp's ``--fit`` puts the layers for settings ``s`` (common/fit.cpp, one GPU), each candidate
+    priced by the memory model: every layer on the GPU when that leaves ``margin`` free; else a dense model's
+    most layers that fit (the last ones: -ngl counts from the output layer); else, for a mixture of experts, the
+    most layers whose dense part fits with every expert in host memory, and where every dense part fits, the
+    experts brought back front to back, so the experts of the LAST layers stay on the host. The context is the
+    user's (--fit shrinks only a context left unset). llama.cpp splits one boundary layer (gate/up on the GPU);
+    here that layer's experts stay whole on the host. What --fit counts is the engine's buffers, against a GPU's
+    free memory (and the user's budget) less the GPU's fixed overhead, which llama-fit-params' own process holds
+    when it asks. Returns the placement and how it was made."""
+    top = facts.n_layer + 1
+    s = s.replace(**NO_OVERRIDES)
+    # a GPU's overhead with no layer on it: the fixed part alone (the pool comes with layers)
+    fixed = {d.device: d.overhead for d in memory.estimate(facts, s.replace(n_gpu_layers=0), hw).devices}
+
+    def fits(x: Settings) -> bool:
+        try:
+            est = memory.estimate(facts, x, hw)
+        except EngineRefused:
+            return False
+        return all(d.total - d.overhead <= min(d.budget, d.limit or d.budget) - fixed.get(d.device, 0) - margin
+                   for d in est.devices if d.device != memory.HOST)
+
+    how = f"--fit as common/fit.cpp does it, priced by autotune's memory model ({margin // 2**20} MiB margin)"
+    if fits(s.replace(n_gpu_layers=top)):
+        return {"n_gpu_layers": top, **NO_OVERRIDES}, how
+    if not facts.moe_layers:
+        most = fit.largest(lambda n: fits(s.replace(n_gpu_layers=n)), 0, top)
+        return {"n_gpu_layers": most or 0, **NO_OVERRIDES}, how
+    every = experts_on_host(facts, list(facts.moe_layers))
+    dense = fit.largest(lambda n: fits(s.replace(n_gpu_layers=n, **every)), 0, top) or 0
+    if dense < top:
+        return {"n_gpu_layers": dense, **every}, how
+    last = max(facts.moe_layers) + 1
+
+    def tail(k: int) -> dict[str, Any]:
+        return experts_on_host(facts, list(range(last - k, last)))
+
+    k = fit.fewest(lambda k: fits(s.replace(n_gpu_layers=top, **tail(k))), 0, last)
+    return {"n_gpu_layers": top, **tail(k if k is not None else last)}, how
+
+
+def max_layers(facts: ModelFacts, hw: Hardware, s: Settings) -> dict[str, Any]:
+    """The "max layers on the GPU" placement, what LM Studio and KoboldCpp users do by hand: the most layers that
+    fit (the memory model's own margin) with no expert or FFN overrides."""
+    s = s.replace(**NO_OVERRIDES)
+
+    def fits(n: int) -> bool:
+        try:
+            return memory.estimate(facts, s.replace(n_gpu_layers=n), hw).fits
+        except EngineRefused:
+            return False
+
+    return {"n_gpu_layers": fit.largest(fits, 0, facts.n_layer + 1) or 0, **NO_OVERRIDES}
+
+
+def _reaching(facts: ModelFacts, hw: Hardware, heavy: Settings, placement: dict[str, int],
+              ranges: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """``ranges`` widened so that a candidate at ``heavy`` settings has a placement in them that fits: more expert
+    layers on the host, or fewer layers on the GPU. A dry run that dies leaves them as they are."""
+    def fits(s: Settings) -> bool:
+        try:
+            return memory.estimate(facts, s, hw).fits
+        except EngineRefused:
+            return False
+
+    out = dict(ranges)
+    try:
+        if "n_cpu_moe" in ranges:
+            lo, hi = ranges["n_cpu_moe"]
+            last = max(facts.moe_layers) + 1
+            top = placement["n_gpu_layers"]
+            need = fit.fewest(lambda n: fits(heavy.replace(n_gpu_layers=top, n_cpu_moe=n)), lo, last)
+            out["n_cpu_moe"] = (lo, max(hi, need if need is not None else hi))
+        elif "n_gpu_layers" in ranges:
+            lo, hi = ranges["n_gpu_layers"]
+            most = fit.largest(lambda n: fits(heavy.replace(n_gpu_layers=n, n_cpu_moe=0)), 0, hi)
+            out["n_gpu_layers"] = (min(lo, most if most is not None else lo), hi)
+    except EngineDied:
+        return ranges
+    return out
+
+
+def gpu_placement(facts: ModelFacts, hw: Hardware,
+                  s: Settings) -> tuple[dict[str, int], dict[str, tuple[int, int]], str]:
+    """The space's placement rule (``_gpu_placement``) at the settings ``s`` of one candidate."""
+    return _gpu_placement(facts, hw, s)
 
 
 def _gpu_placement(facts: ModelFacts, hw: Hardware, lean: Settings) -> tuple[dict[str, int], dict[str, tuple[int, int]], str]:

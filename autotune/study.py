@@ -27,7 +27,7 @@ import sqlalchemy.exc
 from optuna.storages._rdb import models as optuna_models
 from optuna.trial import TrialState
 
-from . import engine, memory
+from . import engine, memory, overhead, space
 from .engine import Measurement, Workload
 from .errors import ConfigError, EngineDied, EngineRefused, StudyError
 from .gguf_model import ModelFacts, file_sha256
@@ -306,7 +306,11 @@ def _describe(study: optuna.Study, req: StudyRequest) -> None:
         params = req.space.params_of(s)
         if params not in enqueued:
             enqueued.append(params)
-            study.enqueue_trial(params, user_attrs={"role": role, "baseline": baseline})
+            same = all(getattr(req.space.settings_from(params), k) == getattr(s, k) for k in PLACEMENT_KNOBS)
+            # a baseline placed outside the space seeds the nearest trial, which is not that baseline (the
+            # side-by-side measures the baseline itself)
+            study.enqueue_trial(params, user_attrs={"role": role if same else f"{role}, placed as the space allows",
+                                                    "baseline": baseline and same})
 
 
 def recommendation(name: str, url: str) -> dict[str, Any]:
@@ -320,20 +324,45 @@ def recommendation(name: str, url: str) -> dict[str, Any]:
 def baselines(req: StudyRequest) -> list[tuple[str, Settings]]:
     """What a user would run without us, each with the user's pins: the command line they run today (when
     given), llama.cpp's own tools' defaults (the first trial, so a search never reports less), the engine's
-    defaults and the probe's sensible config. On GPUs each runs with the placement the memory model chose
-    (``SearchSpace.placement``): llama.cpp's --fit puts every layer there that fits, and llama-cpp-python's
-    documented GPU call is ``n_gpu_layers=-1``. One config under two names is measured once, under the first."""
-    on = {**req.space.placement, **req.pins}
-    mine, llama = engine.defaults(req.n_ctx).replace(**on), engine.llama_cpp_defaults(req.n_ctx).replace(**on)
+    defaults and the probe's sensible config. On GPUs each gets its own placement, decided by the memory model at
+    its own settings (``placed``): llama.cpp's defaults the one its --fit picks, and beside them "max layers on
+    the GPU", what LM Studio and KoboldCpp users do. One config under two names is measured once, under the
+    first."""
+    mine = engine.defaults(req.n_ctx).replace(**req.pins)
+    llama = engine.llama_cpp_defaults(req.n_ctx).replace(**req.pins)
     named = ([("your command line", req.start)] if req.start is not None else []) + (
-        [("llama.cpp defaults", llama)] if llama != mine else []) + [  # an external llama.cpp tool: one config
-        ("defaults", mine),
-        ("sensible", sensible(req.hw, req.facts, req.n_ctx).replace(**on))]
+        [("llama.cpp defaults", placed(req, llama, "fit"))] if llama != mine else []) + (  # an external llama.cpp tool
+        [("max layers on the GPU", placed(req, llama, "max"))] if req.hw.offload_gpus else []) + [
+        ("defaults", placed(req, mine, "fit" if llama == mine else "space")),  # llama.cpp's own: its --fit
+        ("sensible", placed(req, sensible(req.hw, req.facts, req.n_ctx).replace(**req.pins)))]
     out: list[tuple[str, Settings]] = []
     for role, s in named:
         if all(s != t for _, t in out):
             out.append((role, s))
     return out
+
+
+PLACEMENT_KNOBS = ("n_gpu_layers", "n_cpu_moe", "moe_host_from", "moe_host_layers", "n_cpu_ffn")
+
+
+def placed(req: StudyRequest, s: Settings, rule: str = "space") -> Settings:
+    """``s`` with its own placement on this machine's GPUs, from the memory model at ``s``'s own cache and
+    micro-batch (never another config's): ``fit``, llama.cpp's --fit (``space.llama_fit``); ``max``, the most
+    layers with no overrides (``space.max_layers``); ``space``, the rule the search space uses. Without GPUs, or
+    where the user pinned the placement, ``s`` as it is; where the memory model cannot tell (its dry run died),
+    the space's placement."""
+    if not req.hw.offload_gpus or set(PLACEMENT_KNOBS) & set(req.pins):
+        return s
+    try:
+        if rule == "fit":
+            where = space.llama_fit(req.facts, req.hw, s)[0]
+        elif rule == "max":
+            where = space.max_layers(req.facts, req.hw, s)
+        else:
+            where = space.gpu_placement(req.facts, req.hw, s)[0] or req.space.placement
+    except EngineDied:
+        where = req.space.placement
+    return s.replace(**where)
 
 
 def _check_same_kind(study: optuna.Study, hw: Hardware, build: str) -> None:
@@ -437,6 +466,7 @@ def leanest(req: StudyRequest) -> memory.MemoryEstimate:
     ubatch = min(req.space.params.get("n_ubatch", (s.n_ubatch,)))
     s = s.replace(n_ubatch=ubatch, n_batch=max(ubatch, s.n_batch if "n_batch" in req.pins else ubatch))
     layers = req.space.int_ranges.get("n_gpu_layers", (s.n_gpu_layers, s.n_gpu_layers))
+    s = s.replace(n_cpu_moe=req.space.int_ranges.get("n_cpu_moe", (s.n_cpu_moe, s.n_cpu_moe))[1])  # most on the host
     options = [memory.estimate(req.facts, s.replace(n_gpu_layers=n), req.hw) for n in sorted(set(layers))]
     return min(options, key=lambda e: e.shortfall)
 
@@ -572,6 +602,23 @@ def run(
     return progress
 
 
+def over_budget(m: Measurement, hw: Hardware) -> str:
+    """Why a run broke the user's GPU budget ("" where it kept to it, recorded no peak, or there is none): each GPU's
+    peak against its budget where the run reports one per budgeted GPU, else the peak of all GPUs together against
+    their budgets' sum."""
+    budgets = [g.budget for g in hw.offload_gpus]
+    if hw.gpu_budget is None:
+        return ""
+    if len(m.gpu_peaks) == len(budgets):  # in order; one value for every GPU makes the order moot
+        checks = [(f"{p.device} ", p.peak, b) for p, b in zip(m.gpu_peaks, budgets) if b is not None]
+    else:
+        checks = [("GPU ", m.peak_vram, hw.gpu_budget)] if m.peak_vram is not None else []
+    for device, peak, budget in checks:
+        if peak > budget:
+            return f"{device}peak {peak / 2**20:,.0f} MiB over the {budget / 2**20:,.0f} MiB budget"
+    return ""
+
+
 def _evaluate(trial: optuna.Trial, s: Settings, req: StudyRequest, trial_timeout: float) -> tuple[TrialState, list[float] | None]:
     trial.set_user_attr("settings", s.to_dict())
     problems = s.problems(req.hw.can_offload)
@@ -595,9 +642,14 @@ def _evaluate(trial: optuna.Trial, s: Settings, req: StudyRequest, trial_timeout
             return TrialState.PRUNED, None
     m = engine.measure(req.model_path, s, req.workload, timeout=trial_timeout, index=trial.number,
                        on_rep=None if req.pareto else _reporter(trial, req))
+    overhead.learn(engine.build_key(), req.facts, m, req.workload)  # the GPU's fixed overhead, from its peak
     trial.set_user_attr("measurement", m.to_dict())
     if not m.ok:
         trial.set_user_attr("reason", m.error)
+        return TrialState.FAIL, None
+    broke = over_budget(m, req.hw)
+    if broke:  # the run worked, but not within what the user lets us use: never a candidate
+        trial.set_user_attr("reason", broke)
         return TrialState.FAIL, None
     if m.stopped:
         first = objective_value(m, req.objective, req.workload)
