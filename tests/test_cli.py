@@ -72,6 +72,7 @@ def test_debug_shows_the_traceback(bad_files):
     assert done.returncode != 0 and "Traceback" in done.stderr
 
 
+@pytest.mark.engine
 def test_architecture_the_engine_cannot_load(tmp_path):
     w = GGUFWriter(tmp_path / "frob.gguf", "frobnicator")
     w.add_block_count(1)
@@ -116,11 +117,13 @@ def test_contradictory_search_flags(tiny_model, tmp_path, flags, fragment):
     assert_one_line_error(done, fragment)
 
 
+@pytest.mark.engine
 def test_unwritable_studies_directory(tiny_model, tmp_path):
     (tmp_path / "studies").write_text("a file where the directory should be")
     assert_one_line_error(cli("search", str(tiny_model), cwd=tmp_path), "cannot write study databases")
 
 
+@pytest.mark.engine
 def test_corrupt_and_foreign_study_databases(tiny_model, tmp_path):
     corrupt = tmp_path / "corrupt.db"
     corrupt.write_bytes(b"SQLite format 3\x00" + b"\x13" * 500)
@@ -143,6 +146,7 @@ def test_bad_exported_configs(tmp_path, text, fragment):
     assert_one_line_error(cli("export", str(p), "--format", "llama-server"), fragment)
 
 
+@pytest.mark.engine
 def test_search_recommends_and_exports_end_to_end(tiny_model, tmp_path):
     """The main command on a tiny model: trials, re-measurement, a tuned config, and every export format."""
     out = tmp_path / "tuned.json"
@@ -157,6 +161,8 @@ def test_search_recommends_and_exports_end_to_end(tiny_model, tmp_path):
     config = json.loads(out.read_text())
     assert config["schema"] == 1 and config["model"]["sha256"] and config["metrics"]["decode"]["n"] >= 4
     assert config["recommendation"]["verdict"]
+    # the bandwidth is measured only for what reads it: the recommendation's roofline
+    assert config["hardware"]["bandwidth_gbs"] > 0 and config["recommendation"]["roofline"]["limit_tps"] > 0
     assert [r["depth"] for r in config["depth_sweep"]] == [0, 64] and all(r["ok"] for r in config["depth_sweep"])
     assert config["study"]["name"].endswith("p32g8d64")  # a study per measured depth
     assert (tmp_path / "studies" / "autotune.db").exists()  # the default storage, relative to the cwd
@@ -182,6 +188,7 @@ def test_contradictory_memory_flags(tiny_model, flags, fragment):
 FAKE_AMX = {"AUTOTUNE_FAKE_AMX_CRASH": "1"}
 
 
+@pytest.mark.engine
 def test_search_with_fake_amx_crash_pins_the_switch_end_to_end(tiny_model, tmp_path):
     """The Xeon whose engine crashes on every multi-token batch with extra buffers on, injected: the search
     still completes, with the switch pinned, the crashing defaults reported, and --no-repack exported."""
@@ -205,6 +212,7 @@ def test_search_with_fake_amx_crash_pins_the_switch_end_to_end(tiny_model, tmp_p
     assert "--no-repack" in cli("export", str(out), "--format", "llama-server").stdout.split()
 
 
+@pytest.mark.engine
 def test_search_refuses_in_one_line_when_no_switch_helps_fake_amx_crash(tiny_model, tmp_path):
     done = cli("search", str(tiny_model), "--ctx", "256", "--prompt-tokens", "32", "--set", "use_extra_bufts=on",
                cwd=tmp_path, env=FAKE_AMX)
@@ -221,6 +229,7 @@ def test_default_depth_is_an_eighth_of_the_context_in_whole_blocks():
     assert depths_to_report(4096, 512, w) == [0, 512, 3584]
 
 
+@pytest.mark.engine
 def test_search_starts_from_the_users_command_line(tiny_model, tmp_path):
     """The model, the context and the settings come from the llama-server line; the line is measured as a
     baseline beside the engine defaults, and what autotune does not tune is reported, not refused."""

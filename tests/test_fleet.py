@@ -14,6 +14,8 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
+pytestmark = pytest.mark.engine
+
 FAST = ["--ctx", "256", "--prompt-tokens", "16", "--gen-tokens", "4", "--reps", "1", "--kv-quality", "off",
         "--no-recommend"]
 BEAT = {"AUTOTUNE_HEARTBEAT_S": "1", "AUTOTUNE_GRACE_S": "3"}

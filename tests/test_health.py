@@ -28,6 +28,7 @@ def hw():
     return probe(measure_bandwidth=False)
 
 
+@pytest.mark.engine
 def test_fake_amx_crash_kills_multi_token_batches_only_with_extra_buffers(tiny_model, fake_amx_crash):
     crashed = engine.measure(str(tiny_model), ONE, WORK)
     assert not crashed.ok
@@ -53,6 +54,7 @@ def test_crash_context_names_stage_phase_buffers_and_error():
         "exit code 3: llama_model_load: error loading model: bad"
 
 
+@pytest.mark.engine
 def test_self_check_with_fake_amx_crash_pins_extra_buffers_off_once(tiny_model, hw, fake_amx_crash):
     verdict = health.check(str(tiny_model), ONE, hw)
     assert not verdict.ok and verdict.pins == {"use_extra_bufts": False} and not verdict.cached
@@ -64,16 +66,19 @@ def test_self_check_with_fake_amx_crash_pins_extra_buffers_off_once(tiny_model, 
     assert any(json.loads(health.cache_path().read_text()).values())
 
 
+@pytest.mark.engine
 def test_self_check_without_fault_pins_nothing(tiny_model, hw):
     verdict = health.check(str(tiny_model), ONE, hw)
     assert verdict.ok and verdict.pins == {} and verdict.crash == ""
 
 
+@pytest.mark.engine
 def test_self_check_stops_in_one_line_when_no_switch_helps_fake_amx_crash(tiny_model, hw, fake_amx_crash):
     with pytest.raises(health.EngineCrash, match="no runtime switch avoids it"):
         health.check(str(tiny_model), ONE.replace(n_threads=2), hw, pinned=frozenset({"use_extra_bufts"}))
 
 
+@pytest.mark.engine
 def test_doctor_reports_the_verdict_fake_amx_crash(tiny_model, capsys, fake_amx_crash):
     from autotune import cli
 

@@ -1,5 +1,5 @@
 """The engine child loads the engine's library before any C++ runtime: on a build whose compiler's libstdc++ is
-not the system's, the other order crashes every model load (REFERENCE.md, the CUDA section). The order is read
+not the system's, the other order crashes every model load (README, Troubleshooting, the CUDA case). The order is read
 off the dynamic linker's list of loaded objects, so these tests mean the same on any machine; the crash itself
 is injected at one seam where this machine cannot produce it (``fake_toolchain_mismatch``)."""
 
@@ -17,6 +17,7 @@ from autotune.engine import Workload, diagnose, libs, process
 from autotune.settings import Settings
 
 
+@pytest.mark.engine
 def test_the_engine_child_loads_libllama_before_libstdcxx_and_numpy():
     done = process.spawn({"mode": "libraries"}, timeout=120)
     assert done.result is not None, done.failure()
@@ -28,6 +29,7 @@ def test_the_engine_child_loads_libllama_before_libstdcxx_and_numpy():
                if i is not None)
 
 
+@pytest.mark.engine
 def test_importing_autotune_engine_first_would_load_the_runtime_first():
     """What ``python -m autotune.engine`` did: the package's imports bring numpy (and its libstdc++) in before
     libllama. The assertion above can fail."""
@@ -41,6 +43,7 @@ def fake_toolchain_mismatch(monkeypatch):
     monkeypatch.setenv("AUTOTUNE_FAKE_TOOLCHAIN_MISMATCH", "1")
 
 
+@pytest.mark.engine
 def test_fake_toolchain_mismatch_crashes_only_a_load_after_libstdcxx(tiny_model, fake_toolchain_mismatch):
     ran = engine.measure(str(tiny_model), Settings(n_ctx=256, n_threads=1, n_threads_batch=1), Workload(16, 4, 1))
     assert ran.ok, ran.error
@@ -50,6 +53,7 @@ def test_fake_toolchain_mismatch_crashes_only_a_load_after_libstdcxx(tiny_model,
                                                                "loading the model")
 
 
+@pytest.mark.engine
 def test_doctor_names_the_toolchain_mismatch_fake_toolchain_mismatch(tiny_model, capsys, fake_toolchain_mismatch):
     assert cli.main(["doctor", str(tiny_model), "--recheck"]) == 0  # autotune itself runs: its children load first
     out = " ".join(capsys.readouterr().out.split())
@@ -57,6 +61,7 @@ def test_doctor_names_the_toolchain_mismatch_fake_toolchain_mismatch(tiny_model,
     assert "diagnosis: a toolchain mismatch" in out and "-DCMAKE_CXX_COMPILER=" in out
 
 
+@pytest.mark.engine
 def test_doctor_on_a_sound_build_finds_no_load_order_fault(tiny_model, capsys):
     assert cli.main(["doctor", str(tiny_model), "--json"]) == 0
     env = json.loads(capsys.readouterr().out)["environment"]

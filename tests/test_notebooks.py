@@ -10,7 +10,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from autotune import reference
+pytestmark = pytest.mark.notebooks
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 KERNEL = "autotune-tests"
@@ -47,13 +47,14 @@ def test_stored_without_outputs(path):
 
 
 @pytest.fixture(scope="module")
-def server() -> None:
+def server(reference_tool) -> None:
     """The reference llama-server the speculation notebook runs, built here (minutes, once) rather than inside a
     notebook cell's time limit."""
-    reference.tool("llama-server")
+    reference_tool("llama-server")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.engine
 def test_notebook_runs(path, kernel, demo_model, server, tmp_path):
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, kernel_name=kernel, timeout=600, resources={"metadata": {"path": str(tmp_path)}}).execute()

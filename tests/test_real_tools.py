@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import servers
 
 from autotune import export, flags, reference, synth
 from autotune.settings import Settings
@@ -26,8 +27,8 @@ PLAIN = Settings(n_ctx=1024, n_threads=1, n_threads_batch=2, use_extra_bufts=Fal
 
 
 @pytest.fixture(scope="module")
-def tools() -> dict[str, Path]:
-    return {name: reference.tool(name) for name in reference.TOOLS}
+def tools(reference_tool) -> dict[str, Path]:
+    return {name: reference_tool(name) for name in reference.TOOLS}
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +58,12 @@ def get(url: str, body: dict | None = None, timeout: float = 60) -> dict:
 
 
 def serve(binary: Path, argv: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    """Start the server on a free port, logging in detail (-lv 4); return it once /health answers."""
+    """Start the server on a free port, logging in detail (-lv 4), stopped with the run however it ends
+    (``servers.start``); return it once /health answers."""
     port = free_port()
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(binary), *argv[1:], "--host", "127.0.0.1", "--port", str(port), "-lv", "4"],
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = servers.start([str(binary), *argv[1:], "--host", "127.0.0.1", "--port", str(port), "-lv", "4"],
+                             stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -76,11 +78,12 @@ def serve(binary: Path, argv: list[str], log: Path) -> tuple[subprocess.Popen, s
             proc.wait(timeout=0.2)
         except subprocess.TimeoutExpired:
             pass
-    proc.kill()
+    servers.stop(proc)
     pytest.fail(f"llama-server did not come up in 120 s: {log.read_text()[-1500:]}")
 
 
 @pytest.mark.parametrize("name", ["tuned", "plain", "draft"])
+@pytest.mark.engine
 def test_exported_llama_server_line_runs_what_we_meant(tools, demo_model, draft, tmp_path, name):
     s = {"tuned": TUNED, "plain": PLAIN,
          "draft": PLAIN.replace(spec_type="draft-simple", draft_model=str(draft), draft_max=4)}[name]
@@ -91,8 +94,7 @@ def test_exported_llama_server_line_runs_what_we_meant(tools, demo_model, draft,
         done = get(url + "/completion", {"prompt": "def fibonacci(n):", "n_predict": 8, "temperature": 0})
         props = get(url + "/props")
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        servers.stop(proc, grace=30)
     text = log.read_text()
     assert done["tokens_predicted"] >= 1 and done["timings"]["predicted_per_second"] > 0
     assert props["default_generation_settings"]["n_ctx"] == s.n_ctx
@@ -108,6 +110,7 @@ def test_exported_llama_server_line_runs_what_we_meant(tools, demo_model, draft,
         assert "draft_n" not in done["timings"]
 
 
+@pytest.mark.engine
 def test_exported_llama_bench_line_measures_what_we_meant(tools, demo_model):
     argv = command(TUNED, demo_model, "llama-bench")
     argv[argv.index("-p") + 1], argv[argv.index("-n") + 1], argv[argv.index("-r") + 1] = "32", "8", "1"
@@ -121,6 +124,7 @@ def test_exported_llama_bench_line_measures_what_we_meant(tools, demo_model):
 
 
 @pytest.mark.parametrize("kind", reference.TOOLS)
+@pytest.mark.engine
 def test_search_through_the_users_own_binary(tools, demo_model, tmp_path, kind):
     """The study's trials, the self-check and the re-measurement run through llama-bench or llama-server
     itself, on the demo model; the memory gate and the exports stay the same (where the AMX kernel crashes,
@@ -149,6 +153,7 @@ def test_a_bad_engine_is_one_line(tiny_model, tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "not an executable file" in done.stderr
 
 
+@pytest.mark.engine
 def test_exports_name_the_version_of_the_tools_they_were_checked_against(tools):
     """The version the export spellings state is the one these binaries report, not a hope."""
     for path in tools.values():

@@ -11,12 +11,15 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from autotune import space, study
 from autotune.engine import Workload
 from autotune.gguf_model import read_facts
 from autotune.probe import probe
+
+pytestmark = pytest.mark.engine
 
 FAST = ["--ctx", "256", "--prompt-tokens", "16", "--gen-tokens", "4", "--reps", "1", "--kv-quality", "off"]
 
@@ -61,7 +64,7 @@ def test_fifty_trials_with_a_third_faulty_are_all_accounted_for(tiny_model, tmp_
     req = study.StudyRequest(model_path=str(tiny_model), facts=facts, hw=hw, space=sp,
                              workload=Workload(16, 4, 1), storage=f"sqlite:///{tmp_path / 's.db'}")
     st = study.open_study(req)
-    p = study.run_trials(st, req, 51, trial_timeout=15, patience=0)
+    p = study.run_trials(st, req, 51, trial_timeout=5, patience=0)  # a hang costs 5 s; a trial, 1-2 s
     trials = st.get_trials()
     assert len(trials) == 51 and p.done == 51
     assert p.complete + p.failed + p.pruned == 51

@@ -15,7 +15,7 @@ from typing import Iterator
 import optuna
 import pytest
 
-from autotune import cli, flags, loadgen, memory, plots, reference, serving, space
+from autotune import cli, flags, loadgen, memory, plots, serving, space
 from autotune.errors import SettingsError
 from autotune.gguf_model import read_facts
 from autotune.knobs import NGRAM_KINDS
@@ -228,9 +228,10 @@ def test_serve_tune_refuses_bad_numbers_in_one_line(argv, needle, capsys):
     assert len(err) == 1 and needle in err[0]
 
 
-def test_a_real_llama_server_under_a_real_load(tiny_model):
+@pytest.mark.engine
+def test_a_real_llama_server_under_a_real_load(tiny_model, reference_tool):
     """The reference llama-server (built once from the vendored source), the tiny model, 2 users."""
-    binary = reference.tool("llama-server")
+    binary = reference_tool("llama-server")
     s = Settings(n_ctx=1024, n_parallel=2, kv_unified=True, n_threads=2, n_threads_batch=2, use_extra_bufts=False)
     served = serving.measure(binary, str(tiny_model), flags.server_flags(s, str(tiny_model)), users=2, n_requests=4,
                              time_limit=120, label="tiny")
@@ -265,6 +266,7 @@ def test_the_serving_plot_draws_both_servers_against_users():
         plots.serving([])
 
 
+@pytest.mark.engine
 def test_serve_tune_runs_a_study_and_prints_a_llama_server_line(tiny_model, tmp_path):
     """The whole command on the tiny model: a real llama-server per trial and per side-by-side round."""
     out = tmp_path / "serve.json"

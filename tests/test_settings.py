@@ -58,6 +58,7 @@ def test_llama_kwargs_use_ggml_type_ids():
 
 
 
+@pytest.mark.engine
 def test_a_knob_is_its_table_entry_op_offload():
     """op_offload was added as one table entry: the engine's context parameter of that name, every export's
     spelling (or its note) and what it changes, all from the table (its search domain: test_space)."""

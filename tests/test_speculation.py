@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from autotune import export, printers, reference, speculation, synth
+from autotune import export, printers, speculation, synth
 from autotune.settings import Settings
 
 PLAN = speculation.Plan(rounds=4)
@@ -137,8 +137,8 @@ def test_the_printed_table_and_verdicts(capsys, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def server() -> Path:
-    return reference.tool("llama-server")
+def server(reference_tool) -> Path:
+    return reference_tool("llama-server")
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +169,7 @@ def stage(server, demo_model, twin_draft, tmp_path_factory) -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
+@pytest.mark.engine
 def test_stage_reports_every_applicable_kind_on_every_kind_of_work(stage):
     assert stage["kinds"] == ["none", "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache",
                               "draft-simple (twin-draft.gguf)"]
@@ -197,6 +198,7 @@ def test_stage_reports_every_applicable_kind_on_every_kind_of_work(stage):
     Settings(spec_type="ngram-map-k4v", ngram_n=2, ngram_m=8),
     Settings(spec_type="ngram-mod", ngram_mod_match=4, ngram_mod_min=1, ngram_mod_max=8),
     Settings(spec_type="draft-simple", draft_max=4)])
+@pytest.mark.engine
 def test_the_exported_server_line_speculates_exactly_when_the_config_does(server, demo_model, random_draft, spec):
     """The llama-server line ``export`` writes, run by the real binary on an edit: it drafts (``draft_n`` > 0 in
     its timings) with a kind, and not without one."""

@@ -41,6 +41,7 @@ def states(st: optuna.Study) -> list[TrialState]:
     return [t.state for t in st.get_trials(deepcopy=False)]
 
 
+@pytest.mark.engine
 def test_study_measures_baselines_first_and_resumes(tiny_model, hw, tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     req = make_request(tiny_model, hw, url)
@@ -73,6 +74,7 @@ def test_configs_that_cannot_fit_are_pruned_not_run(tiny_model, hw, tmp_path):
         assert "measurement" not in t.user_attrs
 
 
+@pytest.mark.engine
 def test_failures_are_recorded_with_reasons_never_as_zero(tiny_model, hw, tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOTUNE_FAULT", "exit,segfault")
     monkeypatch.setenv("AUTOTUNE_FAULT_EVERY", "2")
@@ -176,6 +178,7 @@ def test_unwritable_studies_directory(tmp_path, monkeypatch):
         study.storage_url(None)
 
 
+@pytest.mark.engine
 def test_recommendation_is_confirmed_and_honest(tiny_model, hw, tmp_path):
     req = make_request(tiny_model, hw, f"sqlite:///{tmp_path / 's.db'}", pins={"n_threads": 2, "n_threads_batch": 2})
     st = study.open_study(req)
@@ -192,6 +195,7 @@ def test_recommendation_is_confirmed_and_honest(tiny_model, hw, tmp_path):
     assert rec.metrics()["decode"]["n"] == len(rec.metrics()["decode"]["samples"]) >= 2
 
 
+@pytest.mark.engine
 def test_failed_confirmation_falls_back_to_the_next_confirmed_config(tiny_model, hw, tmp_path, monkeypatch):
     req = make_request(tiny_model, hw, f"sqlite:///{tmp_path / 's.db'}")
     st = study.open_study(req)
@@ -218,6 +222,7 @@ def test_no_win_is_claimed_from_too_few_samples():
     assert recommend._judge(fast, slow, "decode", WORK)[0]
 
 
+@pytest.mark.engine
 def test_crashing_defaults_are_a_result_and_the_best_working_baseline_is_the_bar_fake_amx_crash(
         tiny_model, hw, tmp_path, monkeypatch):
     """Extra buffers on crash (injected); the self-check pinned them off for the study. The engine defaults are

@@ -22,7 +22,7 @@ from .base import FAKE_AMX_CRASH
 from .libs import loaded_libraries, runtime_first
 
 # Test seam for a machine we may not have: a model load crashes when the system libstdc++ came into the process
-# before libllama, as on a CUDA build made by a GCC whose libstdc++ is not the system's (REFERENCE.md).
+# before libllama, as on a CUDA build made by a GCC whose libstdc++ is not the system's (README, Troubleshooting).
 FAKE_TOOLCHAIN_MISMATCH = "AUTOTUNE_FAKE_TOOLCHAIN_MISMATCH"
 
 FAULT_KINDS = ("abort", "segfault", "oom", "hang", "garbage", "exit")

@@ -48,7 +48,8 @@ def expert_routing(model_path: str, n_tokens: int = 512, prompt_kind: str = "pro
     """Decode ``n_tokens`` of the fixed ``prompt_kind`` text (repeated as needed) with the model on the CPU, in a
     child process, and count per MoE layer which experts the routers chose. ModelError when the engine refuses
     the model, EngineDied when the child dies or hangs."""
-    # extra buffer types off: they are irrelevant here and crash multi-token decodes on some CPUs (REFERENCE.md)
+    # extra buffer types off: they are irrelevant here and crash multi-token decodes on some CPUs (README,
+    # Troubleshooting)
     settings = Settings(n_ctx=n_tokens, n_batch=n_tokens, n_ubatch=min(n_tokens, 512), n_threads=n_threads,
                         n_threads_batch=n_threads, n_gpu_layers=0, use_extra_bufts=False)
     request = {"mode": "routing", "model": model_path, "settings": settings.to_dict(), "tokens": n_tokens,

@@ -51,10 +51,6 @@ class Cost:
     settings: int = 0
     seconds: float = 0.0
 
-    @property
-    def per_settings(self) -> float:
-        return self.seconds / self.settings if self.settings else 0.0
-
 
 COST = Cost()
 _memo: dict[Path, dict[str, Any]] = {}
