@@ -14,9 +14,10 @@ import sys
 import time
 from typing import Any
 
-from . import __version__, printers
-from .errors import AutotuneError
-from .printers import console, print_json
+from . import __version__
+from .output import printers
+from .output.printers import console, print_json
+from .vocabulary.errors import AutotuneError
 
 
 def _options(cls: Any, args: argparse.Namespace, **given: Any) -> Any:
@@ -25,26 +26,26 @@ def _options(cls: Any, args: argparse.Namespace, **given: Any) -> Any:
 
 
 def _pins(args: argparse.Namespace) -> dict[str, Any]:
-    from .space import parse_pins
+    from .search.space import parse_pins
 
     return parse_pins(args.set or [])
 
 
 def _hardware(bandwidth: bool = False) -> Any:
-    from .probe import probe
+    from .facts.probe import probe
 
     return probe(measure_bandwidth=bandwidth)
 
 
 def _budget(args: argparse.Namespace) -> tuple[int, ...] | None:
     """``--gpu-budget`` as MiB per GPU (SettingsError, one line, for a bad value)."""
-    from .probe import parse_gpu_budget
+    from .facts.probe import parse_gpu_budget
 
     return parse_gpu_budget(args.gpu_budget)
 
 
 def _model(args: argparse.Namespace) -> str:
-    from . import catalog
+    from .facts import catalog
 
     return args.model or str(catalog.fetch(quiet=False))
 
@@ -56,8 +57,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from . import engine, health
-    from .gguf_model import read_facts
+    from . import engine
+    from .facts.gguf_model import read_facts
+    from .search import health
 
     model, hw = _model(args), _hardware()
     start = engine.defaults(min(4096, read_facts(model).n_ctx_train or 4096))
@@ -77,7 +79,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .gguf_model import read_facts
+    from .facts.gguf_model import read_facts
 
     facts = read_facts(args.model)
     print_json(facts.summary()) if args.json else printers.inspect(facts)
@@ -87,14 +89,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _settings(args: argparse.Namespace, **more: Any) -> Any:
     """The settings ``memory`` and ``fit`` price, from their flags; contradictions (n_ubatch > n_batch included)
     are the user's to fix, not ours to clamp."""
-    from .settings import Settings
+    from .vocabulary.settings import Settings
 
     return Settings(n_batch=args.batch, n_ubatch=args.ubatch, use_extra_bufts=args.repack == "on", **more).check()
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
     from . import memory
-    from .gguf_model import read_facts
+    from .facts.gguf_model import read_facts
 
     budget = _budget(args)
     facts, hw = read_facts(args.model), _hardware().with_gpu_budget(budget)
@@ -106,8 +108,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .fit import fit
-    from .gguf_model import read_facts
+    from .facts.gguf_model import read_facts
+    from .memory.fit import fit
 
     budget = _budget(args)
     facts, hw = read_facts(args.model), _hardware().with_gpu_budget(budget)
@@ -122,8 +124,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from . import export, flags, pipeline, speculation
-    from .settings import Settings
+    from .output import export
+    from .search import pipeline
+    from .stages import speculation
+    from .vocabulary import flags
+    from .vocabulary.settings import Settings
 
     start, model, ctx, budget = None, args.model, args.ctx, _budget(args)
     if args.from_cmdline:
@@ -156,8 +161,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from . import export, study
-    from .errors import ConfigError
+    from .output import export
+    from .search import study
+    from .vocabulary.errors import ConfigError
 
     source = args.study or args.source
     if not source:
@@ -176,7 +182,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
-    from . import study
+    from .search import study
 
     rows = study.summaries(args.storage)
     print_json(rows) if args.json else printers.studies(rows, study.storage_url(args.storage))
@@ -185,7 +191,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 def _spec_arg(value: str) -> str:
     """``--spec``: checked while parsing, so a typo fails before the search, not after it."""
-    from .gguf_model import read_facts
+    from .facts.gguf_model import read_facts
 
     if value in ("auto", "ngram"):
         return value
@@ -197,8 +203,10 @@ def _spec_arg(value: str) -> str:
 
 
 def cmd_draft(args: argparse.Namespace) -> int:
-    from . import draft, export, study
-    from .gguf_model import read_facts
+    from .facts.gguf_model import read_facts
+    from .output import export
+    from .search import study
+    from .stages import draft
 
     facts, hw = read_facts(args.model), _hardware()
     settings = export.settings_of(export.load_config(args.config)) if args.config else \
@@ -210,8 +218,10 @@ def cmd_draft(args: argparse.Namespace) -> int:
 
 
 def cmd_spec(args: argparse.Namespace) -> int:
-    from . import export, health, speculation, study
-    from .gguf_model import read_facts
+    from .facts.gguf_model import read_facts
+    from .output import export
+    from .search import health, study
+    from .stages import speculation
 
     plan = _options(speculation.Plan, args, workloads=tuple(args.workloads), gpu_budget=_budget(args))
     facts, hw = read_facts(args.model), _hardware().with_gpu_budget(plan.gpu_budget)
@@ -235,9 +245,9 @@ def cmd_spec(args: argparse.Namespace) -> int:
 def cmd_serve_tune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import reference, serving
-    from .engine import external
-    from .gguf_model import read_facts
+    from .engine import external, reference
+    from .facts.gguf_model import read_facts
+    from .stages import serving
 
     opts = _options(serving.ServeOptions, args, gpu_budget=_budget(args))
     hw = _hardware().with_gpu_budget(opts.gpu_budget)
@@ -259,7 +269,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed, none opened
-    from . import report
+    from .output import report
 
     printers.report(report.build(args.source, args.out, storage=args.storage))
     return 0
@@ -292,10 +302,10 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .export import FORMATS
-    from .pipeline import GPU_WORKLOAD, HOST_WORKLOAD, TuneOptions
-    from .speculation import Plan
-    from .study import OBJECTIVES
+    from .output.export import FORMATS
+    from .search.pipeline import GPU_WORKLOAD, HOST_WORKLOAD, TuneOptions
+    from .search.study import OBJECTIVES
+    from .stages.speculation import Plan
 
     p = argparse.ArgumentParser(prog="autotune", description="Hardware-aware configuration autotuner for llama.cpp")
     p.add_argument("--version", action="version", version=f"autotune {__version__}")

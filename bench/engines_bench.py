@@ -1,5 +1,5 @@
 """Runner honesty: the same settings measured through the bundled engine (llama-cpp-python), llama-bench and
-llama-server (both built from the llama.cpp that llama-cpp-python vendors, ``autotune.reference``), in
+llama-server (both built from the llama.cpp that llama-cpp-python vendors, ``autotune.engine.reference``), in
 rotated rounds of fresh processes on the catalog models; and the search's recommendations
 (``bench/search_results.json``) against the defaults of each tool, measured where users deploy: llama-server.
 
@@ -15,11 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from autotune import catalog, engine, health, reference
-from autotune.engine import Workload
+from autotune import engine
+from autotune.engine import Workload, reference
 from autotune.engine.external import Tool
-from autotune.probe import probe
-from autotune.settings import Settings
+from autotune.facts import catalog
+from autotune.facts.probe import probe
+from autotune.search import health
+from autotune.vocabulary.settings import Settings
 
 WORK = Workload(prompt_tokens=256, gen_tokens=32, reps=3)
 N_CTX = 4096

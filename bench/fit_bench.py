@@ -12,7 +12,7 @@ get its budget as llama-fit-params takes it (total RAM, 1024 MiB kept free) and 
 (n_batch 2048, n_ubatch 512, flash attention on, f16 cache). Each answer is then priced the same way: the
 weights from the tensor table plus the engine's own KV, compute and output figures at that context (no
 mmap: on a CPU every weight is read for every token, so all of it must be resident). Models are the catalog
-files and header-only files of real shapes (``autotune.synth``).
+files and header-only files of real shapes (``autotune.facts.synth``).
 
     python bench/fit_bench.py --fit-params build/bin/llama-fit-params [--out bench/fit_results.md]
 """
@@ -30,11 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from autotune import catalog, memory, synth
-from autotune.fit import fit
-from autotune.gguf_model import read_facts
-from autotune.probe import probe
-from autotune.settings import Settings
+from autotune import memory
+from autotune.facts import catalog, synth
+from autotune.facts.gguf_model import read_facts
+from autotune.facts.probe import probe
+from autotune.memory.fit import fit
+from autotune.vocabulary.settings import Settings
 
 MIB = 2**20
 KEEP = 1024 * MIB  # llama-fit-params' default --fit-target

@@ -10,7 +10,7 @@ Phases, each saved as it ends (a run cut short keeps what it finished; run again
   fit      ``fit`` against ``llama-fit-params``, with all the GPU and with a margin that forces a partial offload
   cli      the commands a user runs: ``doctor``, ``memory --verify``, ``fit``
 
-Models are header-only synthetic Q4_K files (``autotune.synth``): their tensor data is a hole that reads as zeros,
+Models are header-only synthetic Q4_K files (``autotune.facts.synth``): their tensor data is a hole that reads as zeros,
 which changes neither memory nor speed. Writes DIR/gpu_check.json and DIR/gpu_check.md.
 
     python bench/gpu_check.py --out DIR [--work DIR] --donor TOKENIZER.gguf --llama-bin BUILD/bin [--until EPOCH]
@@ -31,11 +31,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from autotune import engine, fit, flags, memory, overhead, pipeline, synth
+from autotune import engine, memory
 from autotune.engine import Workload, diagnose
-from autotune.gguf_model import read_facts
-from autotune.probe import probe
-from autotune.settings import Settings
+from autotune.facts import synth
+from autotune.facts.gguf_model import read_facts
+from autotune.facts.probe import probe
+from autotune.memory import fit, overhead
+from autotune.search import pipeline
+from autotune.vocabulary import flags
+from autotune.vocabulary.settings import Settings
 
 MIB = 2**20
 SHAPES = ("1b", "8b", "70b", "qwen3-30b-a3b", "gpt-oss-20b", "gemma3-4b", "deepseek-v2-lite")

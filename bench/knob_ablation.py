@@ -18,11 +18,11 @@ from pathlib import Path
 
 from search_bench import WORK, fmt, measure
 
-from autotune import catalog
 from autotune.engine import defaults as engine_defaults
-from autotune.probe import probe
-from autotune.recommend import Spread
-from autotune.settings import Settings
+from autotune.facts import catalog
+from autotune.facts.probe import probe
+from autotune.search.recommend import Spread
+from autotune.vocabulary.settings import Settings
 
 
 def variants(rec: Settings) -> dict[str, Settings]:

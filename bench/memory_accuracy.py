@@ -20,10 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from autotune import catalog, engine, memory, synth
-from autotune.gguf_model import read_facts
-from autotune.probe import probe
-from autotune.settings import Settings
+from autotune import engine, memory
+from autotune.facts import catalog, synth
+from autotune.facts.gguf_model import read_facts
+from autotune.facts.probe import probe
+from autotune.vocabulary.settings import Settings
 
 CTXS = (512, 2048, 8192, 32768, 131072)
 KV_TYPES = ("f16", "q8_0", "q4_0")

@@ -9,7 +9,7 @@ It writes $OUT/offload_results.json and .md as it goes (a run cut short returns 
 the committed bench/offload_results.json; copy the two files from the reply's files_at into bench/ and commit them.
 
 Cases, in order: qwen3-30b-a3b (Q4_K) at a 12 GiB budget, the llama 8b shape at 4 GiB, gpt-oss-20b at 8 GiB, as
-header-only synthetic files (``autotune.synth``). A smaller card is emulated by a ballast process holding the rest
+header-only synthetic files (``autotune.facts.synth``). A smaller card is emulated by a ballast process holding the rest
 of the GPU's memory with plain ``cuMemAlloc`` for the whole case, so llama.cpp (``llama-fit-params``, llama-bench)
 and autotune all see only the budget (autotune is also told ``--gpu-budget`` where its CLI has it). Per case, side
 by side in llama-bench (pp2048 and tg128 at depth 4096, rotated rounds, medians and interquartile ranges, the peak
@@ -97,7 +97,7 @@ class FitAnswer:
     def placement(self, n_layer: int, moe_layers: tuple[int, ...]) -> dict[str, Any]:
         """The answer in the knob table's terms: the layers on the GPU, and the layers whose experts stay on the
         host, the split boundary layer among them (a little more on the host than --fit keeps there)."""
-        from autotune import space
+        from autotune.search import space
 
         ngl = n_layer + 1 if self.n_gpu_layers < 0 else self.n_gpu_layers
         b = self.boundary()
@@ -348,7 +348,7 @@ class Ballast:
 def bench_argv(tool: str, s: Any, model: str, moe_layers: tuple[int, ...], fa_auto: bool = False) -> list[str]:
     """llama-bench's line for settings ``s`` from the knob table (``flags.bench_flags``); ``fa_auto``: FA auto, as
     llama.cpp's defaults run it (on, on a GPU that has it)."""
-    from autotune import flags
+    from autotune.vocabulary import flags
 
     b = BENCH
     argv = [tool, *flags.bench_flags(s, model, b["prompt"], b["gen"], b["depth"], b["reps"], moe_layers=moe_layers)]
@@ -359,7 +359,7 @@ def bench_argv(tool: str, s: Any, model: str, moe_layers: tuple[int, ...], fa_au
 
 def fit_argv(tool: str, s: Any, model: str) -> list[str]:
     """llama-fit-params' line for llama.cpp's defaults ``s`` with its own margin, spelled from the knob table."""
-    from autotune.knobs import BY_NAME
+    from autotune.vocabulary.knobs import BY_NAME
 
     words = [w for k in ("n_ctx", "n_batch", "n_ubatch", "type_k", "type_v")
              for w in BY_NAME[k].server.render(getattr(s, k))]
@@ -394,7 +394,7 @@ class Bench:
         return self.until - time.time()
 
     def model(self, shape: str) -> str:
-        from autotune import synth
+        from autotune.facts import synth
 
         path = self.work / "models" / f"{shape}.gguf"
         if not path.exists():
@@ -432,7 +432,7 @@ class Bench:
     def case(self, case: dict[str, Any], model: str, budget: int) -> None:
         """The plan, the baselines' first round, the search, then every run left, in rotation order."""
         from autotune import engine
-        from autotune.gguf_model import read_facts
+        from autotune.facts.gguf_model import read_facts
 
         facts = read_facts(model)
         defaults = engine.llama_cpp_defaults(CTX)
@@ -449,7 +449,7 @@ class Bench:
             self.save()
         s = case["search"]
         if "settings" in s and "autotune" not in case["configs"]:
-            from autotune.settings import Settings
+            from autotune.vocabulary.settings import Settings
 
             rec = Settings.from_dict(s["settings"])
             case["configs"]["autotune"] = {"argv": bench_argv(str(self.bin / "llama-bench"), rec, model,
@@ -467,8 +467,9 @@ class Bench:
     def plan(self, case: dict[str, Any], facts: Any, model: str, defaults: Any, budget: int) -> dict[str, Any]:
         """--fit's answer from llama-fit-params and the max-layers placement (the memory model, as the search's
         baselines place it), with the GPU as the ballast leaves it."""
-        from autotune import memory, space
-        from autotune.probe import probe
+        from autotune import memory
+        from autotune.facts.probe import probe
+        from autotune.search import space
 
         hw = probe(measure_bandwidth=False)
         if self.gpu is not None:

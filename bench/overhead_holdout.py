@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from gpu_check import CTX, PEAK_WORK, placements  # the settings and workload the rows ran
 
-from autotune import catalog, overhead, synth
-from autotune.gguf_model import read_facts
+from autotune.facts import catalog, synth
+from autotune.facts.gguf_model import read_facts
+from autotune.memory import overhead
 
 MIB = 2**20
 ROUND = 16 * MIB

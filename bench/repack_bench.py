@@ -16,11 +16,13 @@ import json
 import sys
 from pathlib import Path
 
-from autotune import catalog, engine, health, recommend
+from autotune import engine
 from autotune.engine import Workload
-from autotune.probe import probe
-from autotune.recommend import Candidate, Spread
-from autotune.settings import Settings
+from autotune.facts import catalog
+from autotune.facts.probe import probe
+from autotune.search import health, recommend
+from autotune.search.recommend import Candidate, Spread
+from autotune.vocabulary.settings import Settings
 
 WORK = Workload(prompt_tokens=256, gen_tokens=32, reps=3)
 MIB = 2**20

@@ -40,13 +40,15 @@ from pathlib import Path
 
 import optuna
 
-from autotune import catalog, engine, pipeline, study
+from autotune import engine
 from autotune.engine import Measurement, Workload
-from autotune.gguf_model import ModelFacts, read_facts
-from autotune.probe import Hardware, probe
-from autotune.recommend import METRICS, Candidate, Spread, better, measure_rounds
-from autotune.settings import Settings
-from autotune.space import SearchSpace, attention_label
+from autotune.facts import catalog
+from autotune.facts.gguf_model import ModelFacts, read_facts
+from autotune.facts.probe import Hardware, probe
+from autotune.search import pipeline, study
+from autotune.search.recommend import METRICS, Candidate, Spread, better, measure_rounds
+from autotune.search.space import SearchSpace, attention_label
+from autotune.vocabulary.settings import Settings
 
 GRID = {
     "n_threads": (1, 2),

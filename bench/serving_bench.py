@@ -19,9 +19,12 @@ from pathlib import Path
 
 import optuna
 
-from autotune import catalog, plots, reference, serving
-from autotune.gguf_model import read_facts
-from autotune.probe import probe
+from autotune.engine import reference
+from autotune.facts import catalog
+from autotune.facts.gguf_model import read_facts
+from autotune.facts.probe import probe
+from autotune.output import plots
+from autotune.stages import serving
 
 
 def fmt(rows: list[dict], key: str, digits: int = 1) -> str:

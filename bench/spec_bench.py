@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from autotune import catalog
-from autotune.probe import probe
+from autotune.facts import catalog
+from autotune.facts.probe import probe
 
 MODELS = {"pair": ("qwen2.5-coder-1.5b", ("qwen2.5-coder-0.5b", "smollm2-135m")),
           "demo": (catalog.DEMO_MODEL, ())}

@@ -11,7 +11,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from autotune import catalog, reference, synth
+from autotune.engine import reference
+from autotune.facts import catalog, synth
 
 pytest_plugins = ["servers"]  # servers started here die with the run, however it ends
 

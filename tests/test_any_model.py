@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from autotune import cli, engine, memory, synth
-from autotune.errors import ModelError
-from autotune.gguf_model import read_facts
+from autotune import cli, engine, memory
+from autotune.facts import synth
+from autotune.facts.gguf_model import read_facts
+from autotune.facts.probe import GPU, Hardware, probe
 from autotune.memory.layout import MIB, placement, weight_buffers
-from autotune.probe import GPU, Hardware, probe
-from autotune.settings import Settings
+from autotune.vocabulary.errors import ModelError
+from autotune.vocabulary.settings import Settings
 
 pytestmark = pytest.mark.engine  # every test here asks the engine (dry runs, loads, searches)
 
@@ -174,7 +175,7 @@ def test_inspect_and_memory_accept_every_shape(isolated_cache, big, name, capsys
 
 
 def test_fake_gpu_space_searches_expert_placement_with_gpu_layers(isolated_cache, big, demo_model):
-    from autotune import space
+    from autotune.search import space
 
     moe = read_facts(big["qwen3-30b-a3b"])
     whole = space.build_space(fake_gpu(24), moe, 4096)  # the whole model fits: nothing of its placement is searched
@@ -219,7 +220,7 @@ def test_search_runs_every_architecture_end_to_end(isolated_cache, demo_model, t
 
 
 def test_fit_offers_placements_per_cache_type_within_the_trained_context(isolated_cache, big, demo_model, capsys):
-    from autotune.fit import fit
+    from autotune.memory.fit import fit
 
     rows = fit(read_facts(big["qwen3-30b-a3b"]), host(ram=20 * GIB), None, S())
     assert [r.settings.type_k for r in rows] == ["f16", "q8_0", "q4_0"]
@@ -233,7 +234,7 @@ def test_fit_offers_placements_per_cache_type_within_the_trained_context(isolate
 
 
 def test_fake_gpu_fit_keeps_experts_on_the_host_before_dropping_layers(isolated_cache, big):
-    from autotune.fit import fit
+    from autotune.memory.fit import fit
 
     facts = read_facts(big["qwen3-30b-a3b"])
     rows = fit(facts, fake_gpu(12), 8192, S(), ("f16",))

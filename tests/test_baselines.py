@@ -9,9 +9,11 @@ import dataclasses
 
 import pytest
 
-from autotune import engine, memory, space, study, synth
-from autotune.gguf_model import read_facts
-from autotune.probe import GPU, Hardware
+from autotune import engine, memory
+from autotune.facts import synth
+from autotune.facts.gguf_model import read_facts
+from autotune.facts.probe import GPU, Hardware
+from autotune.search import space, study
 
 GIB = 2**30
 

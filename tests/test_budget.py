@@ -14,13 +14,16 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autotune import cli, engine, fit, memory, space, study, synth
+from autotune import cli, engine, memory
 from autotune.engine import Measurement, Workload
 from autotune.engine.base import GpuPeak
-from autotune.errors import SettingsError
-from autotune.gguf_model import ModelFacts, read_facts
-from autotune.probe import GPU, Hardware, parse_gpu_budget
-from autotune.settings import Settings, layer_list
+from autotune.facts import synth
+from autotune.facts.gguf_model import ModelFacts, read_facts
+from autotune.facts.probe import GPU, Hardware, parse_gpu_budget
+from autotune.memory import fit
+from autotune.search import space, study
+from autotune.vocabulary.errors import SettingsError
+from autotune.vocabulary.settings import Settings, layer_list
 
 GIB = 2**30
 MIB = 2**20

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from gguf import GGUFWriter
 
-from autotune import synth
+from autotune.facts import synth
 
 
 def cli(*args: str, cwd: Path | None = None, timeout: float = 300,
@@ -222,7 +222,7 @@ def test_search_refuses_in_one_line_when_no_switch_helps_fake_amx_crash(tiny_mod
 
 def test_default_depth_is_an_eighth_of_the_context_in_whole_blocks():
     from autotune.engine import Workload
-    from autotune.pipeline import default_depth, depths_to_report
+    from autotune.search.pipeline import default_depth, depths_to_report
 
     w = Workload(prompt_tokens=256, gen_tokens=32)
     assert [default_depth(n, w) for n in (512, 1024, 2048, 4096, 32768)] == [0, 0, 256, 512, 4096]

@@ -11,10 +11,12 @@ from typing import Any, Callable
 import pytest
 from gguf import GGUFValueType, GGUFWriter
 
-from autotune import cli, draft, memory, speculation, synth
-from autotune.gguf_model import FastReader, ModelFacts, read_facts
-from autotune.probe import GPU, Hardware
-from autotune.settings import Settings
+from autotune import cli, memory
+from autotune.facts import synth
+from autotune.facts.gguf_model import FastReader, ModelFacts, read_facts
+from autotune.facts.probe import GPU, Hardware
+from autotune.stages import draft, speculation
+from autotune.vocabulary.settings import Settings
 
 GIB = 2**30
 ONE_THREAD = Settings(n_ctx=512, n_threads=1, n_threads_batch=1, n_batch=64, n_ubatch=64)

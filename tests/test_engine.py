@@ -7,7 +7,7 @@ import pytest
 
 from autotune import engine
 from autotune.engine import Workload
-from autotune.settings import Settings
+from autotune.vocabulary.settings import Settings
 
 pytestmark = pytest.mark.engine
 

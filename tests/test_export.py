@@ -6,10 +6,11 @@ import shlex
 import pytest
 from conftest import run_python
 
-from autotune import export, flags
-from autotune.errors import ConfigError
-from autotune.gguf_model import read_facts
-from autotune.settings import Settings
+from autotune.facts.gguf_model import read_facts
+from autotune.output import export
+from autotune.vocabulary import flags
+from autotune.vocabulary.errors import ConfigError
+from autotune.vocabulary.settings import Settings
 
 TUNED = Settings(n_ctx=8192, n_gpu_layers=0, n_threads=2, n_threads_batch=2, n_batch=1024, n_ubatch=256,
                  flash_attn=True, type_k="q8_0", type_v="q8_0", swa_full=False, use_mmap=False, use_mlock=True)
@@ -196,7 +197,7 @@ def test_exported_python_keeps_experts_in_host_memory(demo_model, tmp_path):
     weights, and extra buffers on). With --n-cpu-moe 1 the loader overrides the experts of layer 0, and as
     llama.cpp's own override does, sends them to the CPU's buffer types, the repack buffer first: on a CPU alone
     the buffers stay as they were (tests/test_placement.py checks the overridden tensors one by one)."""
-    from autotune import synth
+    from autotune.facts import synth
 
     shape = synth.Shape(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, head_dim=64, arch="qwen3moe",
                         n_expert=4, n_expert_used=2, n_ff_exp=256)

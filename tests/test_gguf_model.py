@@ -11,8 +11,8 @@ from gguf import GGUFWriter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from autotune.errors import ModelError
-from autotune.gguf_model import read_facts
+from autotune.facts.gguf_model import read_facts
+from autotune.vocabulary.errors import ModelError
 
 
 def write_mini(path: Path) -> Path:

@@ -9,10 +9,11 @@ import json
 
 import pytest
 
-from autotune import engine, health
+from autotune import engine
 from autotune.engine import Workload
-from autotune.probe import probe
-from autotune.settings import Settings
+from autotune.facts.probe import probe
+from autotune.search import health
+from autotune.vocabulary.settings import Settings
 
 ONE = Settings(n_ctx=256, n_threads=1, n_threads_batch=1)
 WORK = Workload(prompt_tokens=24, gen_tokens=4, reps=1)

@@ -14,7 +14,7 @@ import pytest
 
 from autotune import cli, engine
 from autotune.engine import Workload, diagnose, libs, process
-from autotune.settings import Settings
+from autotune.vocabulary.settings import Settings
 
 
 @pytest.mark.engine

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from autotune import fit, cli, engine, memory, synth
-from autotune.errors import ModelError, SettingsError
-from autotune.gguf_model import read_facts
-from autotune.probe import GPU, Hardware
-from autotune.settings import Settings, row_bytes
+from autotune.memory import fit
+from autotune import cli, engine, memory
+from autotune.facts import synth
+from autotune.vocabulary.errors import ModelError, SettingsError
+from autotune.facts.gguf_model import read_facts
+from autotune.facts.probe import GPU, Hardware
+from autotune.vocabulary.settings import Settings, row_bytes
 
 GIB = 2**30
 MIB = 2**20

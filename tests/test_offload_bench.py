@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from autotune.recommend import Spread
-from autotune.settings import Settings
+from autotune.search.recommend import Spread
+from autotune.vocabulary.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("offload_bench", ROOT / "bench" / "offload_bench.py")

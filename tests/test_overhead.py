@@ -15,13 +15,15 @@ from typing import Any
 
 import pytest
 
-from autotune import engine, memory, overhead, synth
+from autotune import engine, memory
 from autotune.engine import Measurement, Workload
 from autotune.engine.base import GpuPeak
 from autotune.engine.process import _VramWatch, visible
-from autotune.gguf_model import read_facts
-from autotune.probe import GPU, Hardware
-from autotune.settings import Settings
+from autotune.facts import synth
+from autotune.facts.gguf_model import read_facts
+from autotune.facts.probe import GPU, Hardware
+from autotune.memory import overhead
+from autotune.vocabulary.settings import Settings
 
 MIB = 2**20
 GIB = 2**30

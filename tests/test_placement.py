@@ -22,13 +22,18 @@ import pytest
 import servers
 from conftest import run_python
 
-from autotune import engine, export, flags, memory, reference, space, synth
-from autotune.errors import SettingsError
-from autotune.gguf_model import read_facts
-from autotune.knobs import BY_NAME, Where
+from autotune import engine, memory
+from autotune.engine import reference
+from autotune.facts import synth
+from autotune.facts.gguf_model import read_facts
+from autotune.facts.probe import GPU, Hardware, probe
 from autotune.memory.layout import HOST, MIB, pinned_to_host, placement, weight_buffers
-from autotune.probe import GPU, Hardware, probe
-from autotune.settings import Settings, layer_list, parse_layers
+from autotune.output import export
+from autotune.search import space
+from autotune.vocabulary import flags
+from autotune.vocabulary.errors import SettingsError
+from autotune.vocabulary.knobs import BY_NAME, Where
+from autotune.vocabulary.settings import Settings, layer_list, parse_layers
 
 GIB = 2**30
 MOE = synth.Shape(n_layer=4, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, head_dim=64, arch="qwen3moe", n_expert=4,

@@ -15,11 +15,13 @@ import pytest
 from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from autotune import export, memory, plots, report, speculation
+from autotune import memory
 from autotune.engine import Measurement
-from autotune.gguf_model import read_facts
-from autotune.probe import GPU, Hardware
-from autotune.settings import Settings
+from autotune.facts.gguf_model import read_facts
+from autotune.facts.probe import GPU, Hardware
+from autotune.output import export, plots, report
+from autotune.stages import speculation
+from autotune.vocabulary.settings import Settings
 
 GIB = 2**30
 MIB = 2**20

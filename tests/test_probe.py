@@ -9,7 +9,7 @@ import sys
 
 import psutil
 
-from autotune.probe import GPU, Hardware, probe
+from autotune.facts.probe import GPU, Hardware, probe
 
 
 def test_probe_this_machine():

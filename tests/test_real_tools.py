@@ -1,5 +1,5 @@
 """Exports proven by the real tools: llama.cpp's own llama-server and llama-bench, built from the source the
-installed llama-cpp-python vendors (``autotune.reference``; the first build takes minutes, then it is cached),
+installed llama-cpp-python vendors (``autotune.engine.reference``; the first build takes minutes, then it is cached),
 run with exactly the lines ``autotune export`` writes. Each server must come up, answer a completion, and
 show in its log and /props that it runs the settings we meant."""
 
@@ -17,8 +17,11 @@ from pathlib import Path
 import pytest
 import servers
 
-from autotune import export, flags, reference, synth
-from autotune.settings import Settings
+from autotune.engine import reference
+from autotune.facts import synth
+from autotune.output import export
+from autotune.vocabulary import flags
+from autotune.vocabulary.settings import Settings
 
 # Extra buffers off: the engine's AMX kernel crashes on some Xeons, and these must pass on every machine.
 TUNED = Settings(n_ctx=512, n_threads=2, n_threads_batch=2, n_batch=256, n_ubatch=128, flash_attn=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from autotune import reference
+from autotune.engine import reference
 
 
 def test_an_unreachable_package_index_is_one_clear_line(tmp_path, monkeypatch):

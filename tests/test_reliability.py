@@ -14,10 +14,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autotune import space, study
 from autotune.engine import Workload
-from autotune.gguf_model import read_facts
-from autotune.probe import probe
+from autotune.facts.gguf_model import read_facts
+from autotune.facts.probe import probe
+from autotune.search import space, study
 
 pytestmark = pytest.mark.engine
 

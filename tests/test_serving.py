@@ -15,12 +15,17 @@ from typing import Iterator
 import optuna
 import pytest
 
-from autotune import cli, flags, loadgen, memory, plots, serving, space
-from autotune.errors import SettingsError
-from autotune.gguf_model import read_facts
-from autotune.knobs import NGRAM_KINDS
-from autotune.probe import Hardware
-from autotune.settings import Settings
+from autotune import cli, memory
+from autotune.engine import loadgen
+from autotune.facts.gguf_model import read_facts
+from autotune.facts.probe import Hardware
+from autotune.output import plots
+from autotune.search import space
+from autotune.stages import serving
+from autotune.vocabulary import flags
+from autotune.vocabulary.errors import SettingsError
+from autotune.vocabulary.knobs import NGRAM_KINDS
+from autotune.vocabulary.settings import Settings
 
 GIB = 2**30
 

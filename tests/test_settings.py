@@ -2,8 +2,8 @@
 
 import pytest
 
-from autotune.errors import SettingsError
-from autotune.settings import Settings, coerce, row_bytes
+from autotune.vocabulary.errors import SettingsError
+from autotune.vocabulary.settings import Settings, coerce, row_bytes
 
 
 def test_defaults_have_no_problems():
@@ -62,7 +62,8 @@ def test_llama_kwargs_use_ggml_type_ids():
 def test_a_knob_is_its_table_entry_op_offload():
     """op_offload was added as one table entry: the engine's context parameter of that name, every export's
     spelling (or its note) and what it changes, all from the table (its search domain: test_space)."""
-    from autotune import export, flags, knobs
+    from autotune.output import export
+    from autotune.vocabulary import flags, knobs
     from conftest import run_python
 
     off = Settings(op_offload=False)
@@ -74,6 +75,6 @@ def test_a_knob_is_its_table_entry_op_offload():
     assert "--no-op-offload" in export.render(export.build_config(off, {"path": "m.gguf"}, {}), "ollama")
     k = knobs.BY_NAME["op_offload"]
     assert k.moves == ("prefill",) and not k.cache and k.host_only and k.memory
-    code = ("import json\nfrom autotune.engine.native import context_params\nfrom autotune.settings import Settings\n"
+    code = ("import json\nfrom autotune.engine.native import context_params\nfrom autotune.vocabulary.settings import Settings\n"
             "print(json.dumps([context_params(Settings(op_offload=v)).op_offload for v in (True, False)]))")
     assert run_python(code) == [True, False]

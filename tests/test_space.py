@@ -7,10 +7,10 @@ import dataclasses
 import optuna
 import pytest
 
-from autotune import space
-from autotune.errors import SettingsError
-from autotune.gguf_model import read_facts
-from autotune.probe import GPU, Hardware
+from autotune.facts.gguf_model import read_facts
+from autotune.facts.probe import GPU, Hardware
+from autotune.search import space
+from autotune.vocabulary.errors import SettingsError
 
 CPU_HW = Hardware(cpu_model="test cpu", physical_cores=4, logical_cores=8, ram_total=16 * 2**30,
                   ram_available=12 * 2**30)
@@ -51,7 +51,8 @@ def test_fake_gpu_space_keeps_every_layer_on_the_gpu_when_the_model_fits(demo_mo
 
 
 def test_fake_gpu_too_small_searches_the_most_layers_that_fit(demo_model, tmp_path):
-    from autotune import memory, synth
+    from autotune import memory
+    from autotune.facts import synth
 
     big = read_facts(synth.write_model(tmp_path / "8b.gguf", demo_model, synth.SHAPES["8b"], "Q4_K", header_only=True))
     hw = dataclasses.replace(fake_gpu_hw(), gpus=(GPU(0, "Fake 4G", "cuda", 4 * 2**30, 4 * 2**30),))
@@ -90,7 +91,7 @@ def test_params_of_inverts_settings_from(demo_model):
 
 
 def test_quantized_kv_needs_whole_blocks(tmp_path, demo_model):
-    from autotune import synth
+    from autotune.facts import synth
 
     odd = synth.write_model(tmp_path / "hd16.gguf", demo_model, synth.Shape(n_embd=64, n_head=4, n_head_kv=2),
                             header_only=True)
@@ -119,7 +120,7 @@ def test_extra_buffers_are_a_knob_only_where_weights_would_use_them(demo_model, 
 
 
 def test_op_offload_is_searched_only_while_layers_stay_on_the_host(demo_model, tmp_path):
-    from autotune import synth
+    from autotune.facts import synth
 
     small = read_facts(demo_model)
     assert "op_offload" not in space.build_space(CPU_HW, small, 4096).params  # no GPU to offload to

@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
-from autotune import export, printers, speculation, synth
-from autotune.settings import Settings
+from autotune.facts import synth
+from autotune.output import export, printers
+from autotune.stages import speculation
+from autotune.vocabulary.settings import Settings
 
 PLAN = speculation.Plan(rounds=4)
 

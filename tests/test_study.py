@@ -15,11 +15,12 @@ import sqlalchemy
 from optuna.storages._rdb import models as optuna_models
 from optuna.trial import TrialState
 
-from autotune import engine, recommend, space, study
+from autotune import engine
 from autotune.engine import Workload
-from autotune.errors import StudyError
-from autotune.gguf_model import read_facts
-from autotune.probe import probe
+from autotune.facts.gguf_model import read_facts
+from autotune.facts.probe import probe
+from autotune.search import recommend, space, study
+from autotune.vocabulary.errors import StudyError
 
 WORK = Workload(prompt_tokens=32, gen_tokens=8, reps=2)
 
@@ -211,7 +212,7 @@ def test_failed_confirmation_falls_back_to_the_next_confirmed_config(tiny_model,
 
 def test_no_win_is_claimed_from_too_few_samples():
     from autotune.engine import Measurement
-    from autotune.settings import Settings
+    from autotune.vocabulary.settings import Settings
 
     fast = recommend.Candidate("trial 7", Settings(n_threads=2), [Measurement(Settings(), True, decode_tps=[30.0, 31.0])])
     slow = recommend.Candidate("defaults", Settings(), [Measurement(Settings(), True, decode_tps=[10.0, 11.0])])

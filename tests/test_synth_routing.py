@@ -13,8 +13,8 @@ import pytest
 from gguf import GGUFReader, GGUFWriter
 from gguf.quants import dequantize
 
-from autotune import synth
 from autotune.engine.routing import expert_routing
+from autotune.facts import synth
 
 # qwen3moe-like at a toy width: 32 experts of which 4 run per token
 SHAPE = synth.Shape(n_layer=3, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, head_dim=64, arch="qwen3moe",

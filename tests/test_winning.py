@@ -10,11 +10,12 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution
 
-from autotune import engine, pipeline, recommend, space, study
+from autotune import engine
 from autotune.engine import Measurement, Workload, history
-from autotune.gguf_model import read_facts
-from autotune.probe import probe
-from autotune.settings import Settings
+from autotune.facts.gguf_model import read_facts
+from autotune.facts.probe import probe
+from autotune.search import pipeline, recommend, space, study
+from autotune.vocabulary.settings import Settings
 
 WORK = Workload(prompt_tokens=32, gen_tokens=8, reps=2)
 

@@ -4,12 +4,15 @@ user's own llama-bench or llama-server (``external``) the one ``measure`` and ``
 
 Everything that creates a model or a context runs in a child process (``process``: the engine's library loaded
 first) and answers in JSON, so a native crash ends one run, never the tuner.
+
+The package also owns the load generator for llama-server (``loadgen``) and llama.cpp's own tools built from the
+vendored source (``reference``). May import the vocabulary, the facts and the memory model.
 """
 
 import contextlib
 from typing import Iterator
 
-from ..settings import Settings
+from ..vocabulary.settings import Settings
 from . import bundled
 from .base import (
     FAKE_AMX_CRASH,

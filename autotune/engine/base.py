@@ -21,7 +21,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import psutil
 
-from ..settings import Settings
+from ..vocabulary.settings import Settings
 
 MIB = 2**20
 RESULT_MARK = "AUTOTUNE-RESULT "  # the child's one result line on stdout: this mark, then JSON

@@ -15,8 +15,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import EngineDied, ModelError
-from ..settings import Settings
+from ..vocabulary.errors import EngineDied, ModelError
+from ..vocabulary.settings import Settings
 from . import history as history_cache
 from . import process
 from .base import BufferReport, BuildInfo, Measurement, OnRep, Workload

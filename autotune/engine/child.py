@@ -17,7 +17,7 @@ from typing import Any
 
 import llama_cpp as L
 
-from ..settings import Settings
+from ..vocabulary.settings import Settings
 from . import history as history_cache
 from . import routing
 from .base import REP_MARK, Workload, mark, parse_buffers, prompt_text

@@ -25,8 +25,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from ..errors import SettingsError
-from ..settings import Settings
+from ..vocabulary.errors import SettingsError
+from ..vocabulary.settings import Settings
 from . import bundled
 from .base import (
     BuildInfo,
@@ -152,13 +152,13 @@ def moe_layers(model: str, s: Settings) -> tuple[int, ...] | None:
     name them layer by layer, ``flags.overrides``); None where the flags need no model facts."""
     if not s.experts_by_layer() or s.moe_host_layers:
         return None
-    from ..gguf_model import read_facts
+    from ..facts.gguf_model import read_facts
 
     return read_facts(model).moe_layers
 
 
 def _bench(binary: Path, model: str, s: Settings, w: Workload, timeout: float) -> Measurement:
-    from ..flags import bench_flags
+    from ..vocabulary.flags import bench_flags
 
     argv = [str(binary), *bench_flags(s, model, w.prompt_tokens, w.gen_tokens, w.depth, w.reps, moe_layers(model, s))]
     code, out, err, rss, wall = _run(argv, timeout)
@@ -238,7 +238,7 @@ def serve(binary: Path, flags: list[str], timeout: float,
 
 
 def _server(binary: Path, model: str, s: Settings, w: Workload, timeout: float) -> Measurement:
-    from ..flags import server_flags
+    from ..vocabulary.flags import server_flags
 
     srv, samples, error, load_s = serve(binary, server_flags(s, model, moe_layers(model, s)), timeout,
                                         lambda url: _completions(url, w))
@@ -340,7 +340,7 @@ def speculative_replies(binary: Path, model: str, s: Settings, messages: list[st
     """A fresh llama-server with ``s`` (its speculation flags included) answers each user message once, in order,
     greedily, through the model's chat template (``/apply-template``; the raw text where it has none): the
     replies, "" or why it failed, and the seconds the server took to come up."""
-    from ..flags import server_flags
+    from ..vocabulary.flags import server_flags
 
     srv, replies, error, load_s = serve(binary, server_flags(s, model, moe_layers(model, s)), timeout,
                                         lambda url: [_greedy(url, text, n_predict) for text in messages])

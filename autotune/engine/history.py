@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..knobs import BY_NAME
-from ..settings import Settings
+from ..vocabulary.knobs import BY_NAME
+from ..vocabulary.settings import Settings
 
 _dir: str | None = None
 

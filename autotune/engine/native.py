@@ -19,10 +19,10 @@ import llama_cpp as L
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import SettingsError
-from ..gguf_model import EXPERTS, read_facts
-from ..knobs import DENSE_FFN_REGEX
-from ..settings import Settings, parse_layers
+from ..facts.gguf_model import EXPERTS, read_facts
+from ..vocabulary.errors import SettingsError
+from ..vocabulary.knobs import DENSE_FFN_REGEX
+from ..vocabulary.settings import Settings, parse_layers
 from .base import last_error, mark
 
 

@@ -14,8 +14,8 @@ import ctypes
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import EngineDied, ModelError
-from ..settings import Settings
+from ..vocabulary.errors import EngineDied, ModelError
+from ..vocabulary.settings import Settings
 from . import process
 
 TOPK = "ffn_moe_topk-"  # llama-graph.cpp names each layer's selected experts so: cb(selected_experts, ...)

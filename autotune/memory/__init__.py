@@ -16,7 +16,11 @@ KV cache, compute and output buffers come from one of two sources, named in ever
 
 On an engine that offloads to GPUs, the compute and output buffers come from its dry run, per device (CUDA's
 graph splits and buffers are the engine's to say), and each GPU adds the overhead measured there
-(``autotune.overhead``: the CUDA context, cuBLAS, the memory pool's peak).
+(``autotune.memory.overhead``: the CUDA context, cuBLAS, the memory pool's peak).
+
+The package also owns ``fit`` (the placements that hold a context) and ``overhead`` (what a GPU holds beyond
+llama.cpp's buffers, learned from peaks the engine reports). May import the vocabulary and the facts; the engine's
+own figures come from the layers above.
 """
 
 from .describe import KV_TYPES, describe

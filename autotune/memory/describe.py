@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..gguf_model import ModelFacts
-from ..probe import Hardware
-from ..settings import Settings
+from ..facts.gguf_model import ModelFacts
+from ..facts.probe import Hardware
+from ..vocabulary.settings import Settings
 from . import dryrun
 from .estimate import beyond_trained, cache_pairs, ctx_sweep, estimate, gpu_engine, max_ctx, replay_gap
 from .oracle import peak, verify

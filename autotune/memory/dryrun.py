@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..catalog import cache_dir
-from ..errors import EngineDied
-from ..gguf_model import ModelFacts
-from ..knobs import KNOBS
-from ..settings import Settings
+from ..facts.catalog import cache_dir
+from ..facts.gguf_model import ModelFacts
+from ..vocabulary.errors import EngineDied
+from ..vocabulary.knobs import KNOBS
+from ..vocabulary.settings import Settings
 
 MEMORY_KNOBS = tuple(k.name for k in KNOBS if k.memory)
 

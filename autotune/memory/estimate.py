@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
-from ..errors import EngineDied, EngineRefused, SettingsError
-from ..gguf_model import ModelFacts
-from ..probe import Hardware
-from ..settings import QUANTIZED_KV, Settings
+from ..vocabulary.errors import EngineDied, EngineRefused, SettingsError
+from ..facts.gguf_model import ModelFacts
+from ..facts.probe import Hardware
+from ..vocabulary.settings import QUANTIZED_KV, Settings
 from . import dryrun
 from .graph import Attn, shape_of
 from .graphs import BUILDERS
-from .. import overhead
+from . import overhead
 from .layout import (
     HOST,
     MIB,

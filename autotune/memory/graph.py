@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ..gguf_model import ModelFacts
-from ..settings import QUANTIZED_KV, row_bytes
+from ..facts.gguf_model import ModelFacts
+from ..vocabulary.settings import QUANTIZED_KV, row_bytes
 from .layout import HOST, Placement
 
 # ---------------------------------------------------------------------------------- compute (graph)

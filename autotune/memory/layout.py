@@ -11,17 +11,17 @@ from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ..gguf_model import EXPERTS, ModelFacts
-from ..knobs import DENSE_FFN_REGEX
-from ..probe import Hardware
-from ..settings import Settings, row_bytes
+from ..facts.gguf_model import EXPERTS, ModelFacts
+from ..facts.probe import Hardware
+from ..vocabulary.knobs import DENSE_FFN_REGEX
+from ..vocabulary.settings import Settings, row_bytes
 
 MIB = 2**20
 GIB = 2**30
 HOST = "host"
 # Memory the process needs besides the engine's buffers: Python, the engine's libraries and the
 # vocabulary (70-100 MiB measured with the catalog models, rounded up), and CPU work buffers on the
-# host. A GPU's is measured (``autotune.overhead``).
+# host. A GPU's is measured (``autotune.memory.overhead``).
 HOST_OVERHEAD = 128 * MIB
 # A configuration "fits" a device when its total stays below the free memory minus this margin:
 # other processes allocate while we run, and the allocator fragments.

@@ -5,10 +5,10 @@ from __future__ import annotations
 import statistics
 from typing import Any, Iterable, Sequence
 
-from ..errors import ModelError
-from ..gguf_model import ModelFacts
-from ..probe import Hardware
-from ..settings import Settings
+from ..facts.gguf_model import ModelFacts
+from ..facts.probe import Hardware
+from ..vocabulary.errors import ModelError
+from ..vocabulary.settings import Settings
 from .estimate import _device_of, estimate, validate
 from .layout import HOST, MIB, TENSOR_ALIGNMENT, pad, placement, weight_buffers
 
@@ -43,7 +43,7 @@ def verify(facts: ModelFacts, settings_list: Sequence[Settings], hw: Hardware | 
     repacks what it repacks: keep it to what the machine holds) and each device's weight buffers, repack included,
     are compared at the row's own load mode. The fixed overhead is left out of both sides."""
     from .. import engine
-    from ..probe import probe
+    from ..facts.probe import probe
 
     hw = hw or probe(measure_bandwidth=False)
     rows: list[dict[str, Any]] = []
@@ -131,9 +131,10 @@ def per_device(e: Any, report: Any, buffers: dict[str, int] | None) -> dict[str,
 def peak(facts: ModelFacts, settings: Settings, hw: Hardware, timeout: float = 300.0) -> dict[str, Any]:
     """A short real run of ``settings`` (a 512-token prompt behind half the context of history, 8 tokens): its
     peak GPU memory (NVML) beside the predicted GPU total and the buffers the engine logged. The run teaches the
-    GPU's overhead allowance (``autotune.overhead``) as the search's runs do; the prediction is taken before it."""
-    from .. import engine, overhead
+    GPU's overhead allowance (``autotune.memory.overhead``) as the search's runs do; the prediction is taken before it."""
+    from .. import engine
     from ..engine import Workload
+    from . import overhead
 
     predicted = sum(d.total for d in estimate(facts, settings, hw).devices if d.device != HOST)
     prompt = min(512, settings.n_ctx // 4)

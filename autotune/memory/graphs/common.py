@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from ...settings import QUANTIZED_KV
+from ...vocabulary.settings import QUANTIZED_KV
 from ..graph import (
     OUTPUT,
     Attn,

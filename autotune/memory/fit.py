@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import memory
-from .errors import EngineRefused, FitError, SettingsError
-from .gguf_model import ModelFacts
-from .probe import Hardware
-from .settings import Settings
+from .. import memory
+from ..facts.gguf_model import ModelFacts
+from ..facts.probe import Hardware
+from ..vocabulary.errors import EngineRefused, FitError, SettingsError
+from ..vocabulary.settings import Settings
 
 KV_TYPES = ("f16", "q8_0", "q4_0")
 

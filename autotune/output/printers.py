@@ -12,9 +12,9 @@ from typing import Any, Callable, Iterator
 from rich.console import Console
 from rich.table import Table
 
-from . import memory
-from .errors import EngineDied, ModelError
-from .pipeline import Reporter
+from .. import memory
+from ..search.pipeline import Reporter
+from ..vocabulary.errors import EngineDied, ModelError
 
 console = Console()
 MIB = 2**20

@@ -17,8 +17,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-from .catalog import cache_dir
-from .errors import AutotuneError
+from ..facts.catalog import cache_dir
+from ..vocabulary.errors import AutotuneError
 
 TOOLS = ("llama-server", "llama-bench")
 FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",

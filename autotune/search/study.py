@@ -27,12 +27,14 @@ import sqlalchemy.exc
 from optuna.storages._rdb import models as optuna_models
 from optuna.trial import TrialState
 
-from . import engine, memory, overhead, space
-from .engine import Measurement, Workload
-from .errors import ConfigError, EngineDied, EngineRefused, StudyError
-from .gguf_model import ModelFacts, file_sha256
-from .probe import Hardware
-from .settings import Settings
+from .. import engine, memory
+from ..engine import Measurement, Workload
+from ..facts.gguf_model import ModelFacts, file_sha256
+from ..facts.probe import Hardware
+from ..memory import overhead
+from ..vocabulary.errors import ConfigError, EngineDied, EngineRefused, StudyError
+from ..vocabulary.settings import Settings
+from . import space
 from .space import SearchSpace, kv_pairs, leanest_attention
 
 OBJECTIVES = ("decode", "prefill", "ttft", "balanced")

@@ -16,13 +16,17 @@ from typing import Any, Callable, Iterator
 
 import optuna
 
-from . import catalog, engine, export, health, memory, overhead, recommend, space, study
-from .engine import Measurement, Workload
-from .errors import EngineDied, FitError, ModelError, SettingsError
-from .gguf_model import ModelFacts, file_sha256, read_facts
-from .knobs import KNOBS
-from .probe import Hardware, measure_bandwidth_gbs, probe
-from .settings import Settings
+from .. import engine, memory
+from ..engine import Measurement, Workload
+from ..facts import catalog
+from ..facts.gguf_model import ModelFacts, file_sha256, read_facts
+from ..facts.probe import Hardware, measure_bandwidth_gbs, probe
+from ..memory import overhead
+from ..output import export
+from ..vocabulary.errors import EngineDied, FitError, ModelError, SettingsError
+from ..vocabulary.knobs import KNOBS
+from ..vocabulary.settings import Settings
+from . import health, recommend, space, study
 
 MIB = 2**20
 
@@ -348,7 +352,7 @@ def _record(req: study.StudyRequest, st: optuna.Study, rec: recommend.Recommenda
 def _spec_stage(record: dict[str, Any], options: TuneOptions, hw: Hardware, reporter: Reporter) -> dict[str, Any]:
     """Speculation measured in llama-server with the tuned main settings (the user's llama-server where it is the
     engine, else the reference build); the record carries speculation only where it pays."""
-    from . import speculation
+    from ..stages import speculation
 
     server = options.engine.partition(":")[2] if (options.engine or "").startswith("llama-server:") else None
     with reporter.step("measuring speculative decoding in llama-server with the tuned settings ...") as status:

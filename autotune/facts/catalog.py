@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import FetchError
+from ..vocabulary.errors import FetchError
 
 
 @dataclass(frozen=True)

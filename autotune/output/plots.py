@@ -24,14 +24,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
-from . import knobs, memory
-from .engine import Measurement
-from .errors import AutotuneError
-from .gguf_model import ModelFacts
-from .probe import Hardware
-from .settings import KV_TYPES, Settings, ggml_type
-from .space import KV_CHOICES
-from .study import completed
+from .. import memory
+from ..engine import Measurement
+from ..facts.gguf_model import ModelFacts
+from ..facts.probe import Hardware
+from ..search.space import KV_CHOICES
+from ..search.study import completed
+from ..vocabulary import knobs
+from ..vocabulary.errors import AutotuneError
+from ..vocabulary.settings import KV_TYPES, Settings, ggml_type
 
 MIB = 2**20
 GIB = 2**30

@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from . import engine
-from .errors import SettingsError
+from ..vocabulary.errors import SettingsError
 
 SCHEMA = 1
 MIB = 2**20
@@ -133,6 +132,8 @@ def parse_gpu_budget(text: str | None) -> tuple[int, ...] | None:
 
 def probe(measure_bandwidth: bool = True) -> Hardware:
     """Probe this machine. Takes about a second, most of it the bandwidth measurement."""
+    from .. import engine
+
     notes: list[str] = []
     mem = psutil.virtual_memory()
     swap = psutil.swap_memory()

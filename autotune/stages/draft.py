@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import AutotuneError, ModelError
-from .gguf_model import ModelFacts, read_facts
-from .probe import Hardware
-from .settings import Settings
+from ..facts.gguf_model import ModelFacts, read_facts
+from ..facts.probe import Hardware
+from ..vocabulary.errors import AutotuneError, ModelError
+from ..vocabulary.settings import Settings
 
 VOCAB_MAX_DIFF = 128  # llama.cpp SPEC_VOCAB_MAX_SIZE_DIFFERENCE
 VOCAB_CHECK_START = 5  # llama.cpp SPEC_VOCAB_CHECK_START_TOKEN_ID: ids below are special tokens
@@ -141,7 +141,7 @@ def predict_memory(main: ModelFacts, draft: ModelFacts, settings: Settings, hw: 
     by default, or whole on one GPU (llama-server's --device-draft / --gpu-layers-draft). The draft gets the
     main's context (llama-server's draft context holds as many tokens as the main's) and f16 caches (its
     -ctkd/-ctvd default). ``default`` marks the placement that ``draft_gpu_layers`` > 0 gets."""
-    from . import memory
+    from .. import memory
 
     base = settings.unspeculated()
     main_est = memory.estimate(main, base, hw)
@@ -193,7 +193,7 @@ def predict_memory(main: ModelFacts, draft: ModelFacts, settings: Settings, hw: 
 
 def auto_candidates(main_path: str) -> list[str]:
     """Where ``--draft auto`` looks: the main model's directory and autotune's model cache."""
-    from .catalog import cache_dir
+    from ..facts.catalog import cache_dir
 
     places = [Path(main_path).parent, cache_dir() / "models"]
     return [str(p) for p in dict.fromkeys(places) if p.is_dir() and any(p.glob("*.gguf"))]

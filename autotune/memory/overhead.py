@@ -17,9 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from .catalog import cache_dir, read_json, write_json
-from .gguf_model import EXPERTS, ModelFacts
-from .settings import Settings
+from ..facts.catalog import cache_dir, read_json, write_json
+from ..facts.gguf_model import EXPERTS, ModelFacts
+from ..vocabulary.settings import Settings
 
 MIB = 2**20
 # Observations an allowance remembers: the largest of them is the allowance.

@@ -20,12 +20,14 @@ import optuna
 from matplotlib.figure import Figure
 from optuna.trial import TrialState
 
-from . import engine, export, plots, recommend, study
-from .engine import Workload
-from .errors import AutotuneError, ConfigError
-from .gguf_model import ModelFacts, read_facts
-from .probe import Hardware
-from .settings import Settings
+from .. import engine
+from ..engine import Workload
+from ..facts.gguf_model import ModelFacts, read_facts
+from ..facts.probe import Hardware
+from ..search import recommend, study
+from ..vocabulary.errors import AutotuneError, ConfigError
+from ..vocabulary.settings import Settings
+from . import export, plots
 
 
 @dataclass

@@ -15,12 +15,12 @@ from typing import Any, Callable
 import numpy as np
 import optuna
 
-from . import engine, memory
-from .engine import Measurement, Workload
-from .errors import AutotuneError, ModelError
-from .gguf_model import ModelFacts
-from .probe import Hardware
-from .settings import Settings
+from .. import engine, memory
+from ..engine import Measurement, Workload
+from ..facts.gguf_model import ModelFacts
+from ..facts.probe import Hardware
+from ..vocabulary.errors import AutotuneError, ModelError
+from ..vocabulary.settings import Settings
 from .study import (
     GUARD_TOLERANCE,
     PLACEMENT_KNOBS,

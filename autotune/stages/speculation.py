@@ -30,15 +30,16 @@ from typing import Any, Callable, Sequence
 import optuna
 from optuna.trial import TrialState
 
+from .. import memory
+from ..engine import external
+from ..facts.gguf_model import ModelFacts, file_sha256, read_facts
+from ..facts.probe import Hardware
+from ..search import study
+from ..search.recommend import Spread
+from ..vocabulary.errors import AutotuneError
+from ..vocabulary.knobs import BY_NAME, DRAFT_KINDS, NGRAM_KINDS, NGRAM_MAP_KINDS, Where
+from ..vocabulary.settings import Settings
 from . import draft as drafts
-from . import memory, study
-from .engine import external
-from .errors import AutotuneError
-from .gguf_model import ModelFacts, file_sha256, read_facts
-from .knobs import BY_NAME, DRAFT_KINDS, NGRAM_KINDS, NGRAM_MAP_KINDS, Where
-from .probe import Hardware
-from .recommend import Spread
-from .settings import Settings
 
 WORKLOADS = ("code", "prose", "edit")
 # The parameters each kind is searched over (their domains are the knob table's).
@@ -471,7 +472,7 @@ def server_binary(path: str | None) -> Path:
     if path:
         kind, p = external.parse(f"llama-server:{path}")
         return p
-    from . import reference
+    from ..engine import reference
 
     return reference.tool("llama-server")
 
@@ -490,7 +491,7 @@ def search_stage(config: dict[str, Any], choice: str, hw: Hardware, plan: Plan =
                  on_status: Callable[[str], None] | None = None) -> tuple[dict[str, Any], SpecReport | None]:
     """``search --spec``: after the main settings are tuned, the stage with exactly those settings; the config
     carries the chosen speculation (none where nothing pays) and the report under ``"speculation"``."""
-    from .export import settings_of
+    from ..output.export import settings_of
 
     model = config["model"]["path"]
     items, ngram = candidates_for(choice, model)

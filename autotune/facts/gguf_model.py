@@ -19,8 +19,8 @@ from typing import Any, Callable
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
 
+from ..vocabulary.errors import ModelError
 from .catalog import cache_dir, sha256_of
-from .errors import ModelError
 
 GGUF_MAGIC = b"GGUF"
 _BLOCK = re.compile(r"^blk\.(\d+)\.")

@@ -13,12 +13,13 @@ from typing import Any
 import optuna
 from gguf import GGML_QUANT_SIZES
 
-from . import fit, memory
-from .errors import EngineDied, EngineRefused, ModelError, SettingsError
-from .gguf_model import ModelFacts
-from .knobs import BY_NAME, KNOBS, IntRange, Where
-from .probe import Hardware
-from .settings import QUANTIZED_KV, Settings, coerce, ggml_type, layer_list, row_bytes
+from .. import memory
+from ..facts.gguf_model import ModelFacts
+from ..facts.probe import Hardware
+from ..memory import fit
+from ..vocabulary.errors import EngineDied, EngineRefused, ModelError, SettingsError
+from ..vocabulary.knobs import BY_NAME, KNOBS, IntRange, Where
+from ..vocabulary.settings import QUANTIZED_KV, Settings, coerce, ggml_type, layer_list, row_bytes
 
 BATCH_FACTORS = (1, 2, 4)
 MAX_BATCH = 4096  # n_batch beyond this buys nothing a prompt of a few thousand tokens can show

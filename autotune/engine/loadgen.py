@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import SettingsError
+from ..vocabulary.errors import SettingsError
 
 # The shipped request mix: (prompt tokens, reply tokens) of chat turns from short questions to pasted code,
 # cycled in this order. Prompt median 112 (32-256), reply median 32 (16-64): small enough that a trial on

@@ -12,11 +12,11 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import ConfigError, ModelError, SettingsError
-from .flags import LLAMA_CPP, bench_flags, server_flags, spelled
-from .knobs import BY_NAME, KNOBS
-from .settings import Settings, layer_list, parse_layers
+from .. import __version__
+from ..vocabulary.errors import ConfigError, ModelError, SettingsError
+from ..vocabulary.flags import LLAMA_CPP, bench_flags, server_flags, spelled
+from ..vocabulary.knobs import BY_NAME, KNOBS
+from ..vocabulary.settings import Settings, layer_list, parse_layers
 
 SCHEMA_VERSION = 1
 FORMATS = ("json", "llama-server", "llama-bench", "python", "lmstudio", "ollama", "koboldcpp")
@@ -83,7 +83,7 @@ def moe_layers(config: dict[str, Any]) -> tuple[int, ...] | None:
     model = config.get("model", {})
     if "moe_layers" in model:
         return tuple(model["moe_layers"])
-    from .gguf_model import read_facts
+    from ..facts.gguf_model import read_facts
 
     try:
         return read_facts(model.get("path", "model.gguf")).moe_layers
@@ -188,7 +188,7 @@ llama_cpp.llama_cpp.llama_model_default_params = _no_repack_params
 _MODEL_PARAMS = """import llama_cpp.llama_cpp
 
 from autotune.engine.native import model_params
-from autotune.settings import Settings
+from autotune.vocabulary.settings import Settings
 
 # llama.cpp's tensor overrides (--n-cpu-moe, -ot, --n-cpu-ffn){no_repack}: Llama() has no keyword for them, so set
 # them on the model parameters it starts from.

@@ -19,11 +19,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import catalog, engine
-from .engine import Workload
-from .errors import AutotuneError
-from .probe import Hardware
-from .settings import Settings
+from .. import engine
+from ..engine import Workload
+from ..facts import catalog
+from ..facts.probe import Hardware
+from ..vocabulary.errors import AutotuneError
+from ..vocabulary.settings import Settings
 
 # Runtime switches that avoid a native crash, in the order they are tried: (settings, what it is, what it costs).
 SWITCHES: tuple[tuple[dict[str, Any], str, str], ...] = (
@@ -159,7 +160,7 @@ class Doctor:
 def doctor(model_path: str, start: Settings, hw: Hardware, pins: dict[str, Any], recheck: bool = False) -> Doctor:
     """The environment (the vocabulary loaded with either C++ runtime first), then the self-check of ``start``
     with the user's ``pins`` (run again with ``recheck``, else remembered)."""
-    from .engine import diagnose
+    from ..engine import diagnose
 
     start = start.replace(**pins)
     if recheck:

@@ -22,16 +22,17 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import TrialState
 
-from . import engine, health, loadgen, memory, space, study
-from .engine import external
-from .engine.base import prompt_text
-from .errors import AutotuneError, ModelError, SettingsError
-from .flags import server_flags
-from .gguf_model import ModelFacts
-from .knobs import NGRAM_KINDS
-from .probe import Hardware
-from .recommend import Spread
-from .settings import Settings
+from .. import engine, memory
+from ..engine import external, loadgen
+from ..engine.base import prompt_text
+from ..facts.gguf_model import ModelFacts
+from ..facts.probe import Hardware
+from ..search import health, space, study
+from ..search.recommend import Spread
+from ..vocabulary.errors import AutotuneError, ModelError, SettingsError
+from ..vocabulary.flags import server_flags
+from ..vocabulary.knobs import NGRAM_KINDS
+from ..vocabulary.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ def feasible(t: optuna.trial.FrozenTrial) -> bool:
 
 
 def study_name(model: str, facts: ModelFacts, hw: Hardware, opts: ServeOptions, binary: Path) -> str:
-    from .gguf_model import file_sha256
+    from ..facts.gguf_model import file_sha256
 
     bounds = f"ttft{opts.max_ttft}-utps{opts.min_user_tps}"
     return "-".join([Path(model).stem, file_sha256(model)[:12], hw.fingerprint(), "serve", f"u{opts.users}",
