@@ -2,6 +2,7 @@
 
 import pytest
 
+from autotune.search.config import TunedRecord
 from autotune.vocabulary.errors import SettingsError
 from autotune.vocabulary.settings import Settings, coerce, row_bytes
 
@@ -72,9 +73,27 @@ def test_a_knob_is_its_table_entry_op_offload():
     bench = flags.bench_flags(off, "m.gguf")
     assert bench[bench.index("-nopo") + 1] == "1"
     assert flags.parse_server_flags(flags.server_flags(off, "m.gguf")).settings.op_offload is False
-    assert "--no-op-offload" in export.render(export.build_config(off, {"path": "m.gguf"}, {}), "ollama")
+    assert "--no-op-offload" in export.render(TunedRecord(off, {"path": "m.gguf"}, {}), "ollama")
     k = knobs.BY_NAME["op_offload"]
     assert k.moves == ("prefill",) and not k.cache and k.host_only and k.memory
     code = ("import json\nfrom autotune.engine.native import context_params\nfrom autotune.vocabulary.settings import Settings\n"
             "print(json.dumps([context_params(Settings(op_offload=v)).op_offload for v in (True, False)]))")
     assert run_python(code) == [True, False]
+
+
+def test_settings_fields_are_the_knob_table():
+    """Settings is written out for the type checker; the knob table stays the one truth: same names in the same
+    order, each field's type the knob's kind, each default the knob's."""
+    import dataclasses
+    import typing
+
+    from autotune.vocabulary import settings as settings_module
+    from autotune.vocabulary.knobs import KNOBS
+
+    kinds = {"int": int, "float": float, "bool": bool, "str": str, "path": typing.Optional[str]}
+    hints = typing.get_type_hints(Settings, vars(settings_module))
+    fields = dataclasses.fields(Settings)
+    assert [f.name for f in fields] == [k.name for k in KNOBS]
+    for f, k in zip(fields, KNOBS):
+        assert hints[f.name] == kinds[k.kind], f.name
+        assert getattr(Settings(), f.name) == k.default_value(), f.name

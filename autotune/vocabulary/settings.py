@@ -18,6 +18,9 @@ from .knobs import BY_NAME, DRAFT_KINDS, HOST_ORDERS, KNOBS, SPEC_TYPES
 # Cache types the engine accepts for K and V, in the order a search should try them (cheapest last).
 KV_TYPES: tuple[str, ...] = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl", "f32")
 QUANTIZED_KV = frozenset(t for t in KV_TYPES if t not in ("f16", "bf16", "f32"))
+# The cache types the search tries and ``fit``/``memory`` price unless told: f16 and two quantizations, 8-bit and
+# 4-bit; the rest of KV_TYPES is taken where a user names it (--set type_k=..., fit --kv).
+KV_SHORTLIST: tuple[str, ...] = ("f16", "q8_0", "q4_0")
 
 
 def ggml_type(name: str) -> GGMLQuantizationType:
@@ -55,14 +58,53 @@ def layer_list(layers: Iterable[int]) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "path": "str | None"}
+def _default(name: str) -> Any:
+    """The knob table's default for a field: a value, or a factory where the machine decides (threads)."""
+    default = BY_NAME[name].default
+    return dataclasses.field(default_factory=default) if callable(default) else dataclasses.field(default=default)
 
 
-class _Rules:
-    """The methods of Settings (its fields come from the knob table)."""
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """One engine configuration, a field per knob (``knobs.KNOBS``, in its order; a test keeps the two equal);
+    defaults are the table's: llama-cpp-python's own, except the context length. Written out so that a type
+    checker sees every field."""
+
+    n_ctx: int = _default("n_ctx")
+    n_gpu_layers: int = _default("n_gpu_layers")
+    n_threads: int = _default("n_threads")
+    n_threads_batch: int = _default("n_threads_batch")
+    n_batch: int = _default("n_batch")
+    n_ubatch: int = _default("n_ubatch")
+    flash_attn: bool = _default("flash_attn")
+    type_k: str = _default("type_k")
+    type_v: str = _default("type_v")
+    swa_full: bool = _default("swa_full")
+    offload_kqv: bool = _default("offload_kqv")
+    op_offload: bool = _default("op_offload")
+    n_parallel: int = _default("n_parallel")
+    kv_unified: bool = _default("kv_unified")
+    use_mmap: bool = _default("use_mmap")
+    use_mlock: bool = _default("use_mlock")
+    use_extra_bufts: bool = _default("use_extra_bufts")
+    n_cpu_moe: int = _default("n_cpu_moe")
+    moe_host_from: str = _default("moe_host_from")
+    moe_host_layers: str = _default("moe_host_layers")
+    n_cpu_ffn: int = _default("n_cpu_ffn")
+    spec_type: str = _default("spec_type")
+    draft_model: str | None = _default("draft_model")
+    draft_max: int = _default("draft_max")
+    draft_p_min: float = _default("draft_p_min")
+    draft_gpu_layers: int = _default("draft_gpu_layers")
+    ngram_n: int = _default("ngram_n")
+    ngram_m: int = _default("ngram_m")
+    ngram_min_hits: int = _default("ngram_min_hits")
+    ngram_mod_match: int = _default("ngram_mod_match")
+    ngram_mod_min: int = _default("ngram_mod_min")
+    ngram_mod_max: int = _default("ngram_mod_max")
 
     def replace(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+        return dataclasses.replace(self, **changes)
 
     def problems(self, can_offload: bool = True) -> list[str]:
         """Contradictions the engine would refuse or silently override, one sentence each."""
@@ -132,10 +174,10 @@ class _Rules:
         found = self.problems(can_offload)
         if found:
             raise SettingsError(found[0])
-        return self  # type: ignore[return-value]
+        return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        return dataclasses.asdict(self)
 
     def load_key(self) -> tuple[Any, ...]:
         """The values one model load fixes (the knob table's ``load`` knobs): runs that share them can share it."""
@@ -147,23 +189,12 @@ class _Rules:
         unknown = sorted(set(data) - set(BY_NAME))
         if unknown:
             raise SettingsError(f"unknown setting(s): {', '.join(unknown)}")
-        return cls(**{key: coerce(key, value) for key, value in data.items()})  # type: ignore[return-value]
+        return cls(**{key: coerce(key, value) for key, value in data.items()})
 
     def llama_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``llama_cpp.Llama`` (the draft model is wired by the engine; the model
         parameters Llama has no keyword for, ``use_extra_bufts`` and the host placement, by ``engine.native``)."""
         return {k.name: k.llama(getattr(self, k.name)) for k in KNOBS if k.llama is not None}
-
-
-Settings = dataclasses.make_dataclass(
-    "Settings",
-    [(k.name, _TYPES[k.kind], dataclasses.field(default_factory=k.default) if callable(k.default)
-      else dataclasses.field(default=k.default)) for k in KNOBS],
-    bases=(_Rules,),
-    frozen=True,
-    namespace={"__module__": __name__, "__doc__": "One engine configuration, a field per knob (``knobs.KNOBS``); "
-               "defaults are llama-cpp-python's own, except the context length."},
-)
 
 
 _BOOL_WORDS = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
