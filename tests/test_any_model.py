@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from autotune import cli, engine, memory
+from autotune.engine import bundled
 from autotune.facts import synth
 from autotune.facts.gguf_model import read_facts
 from autotune.facts.probe import GPU, Hardware, probe
 from autotune.memory.layout import MIB, placement, weight_buffers
+from autotune.search import oracle
 from autotune.vocabulary.errors import ModelError
 from autotune.vocabulary.settings import Settings
 
@@ -40,7 +42,7 @@ SMALL = {
 
 def host(ram: int = 64 * GIB) -> Hardware:
     return Hardware(cpu_model="test", physical_cores=2, logical_cores=2, ram_total=ram, ram_available=ram,
-                    cpu_features=engine.build_info().cpu_features)
+                    cpu_features=engine.build_info().cpu_features, build=engine.bundled)
 
 
 def S(**kw) -> Settings:
@@ -69,7 +71,7 @@ def test_every_estimate_equals_the_engines_dry_run(isolated_cache, big, name):
     if name != "deepseek-v2-lite":  # MLA refuses K and V of different types (see below)
         caches.append((False, "q8_0", "f16"))
     grid = [S(n_ctx=n, flash_attn=fa, type_k=k, type_v=v) for n in (512, 8192, 32768) for fa, k, v in caches]
-    rows = memory.verify(facts, grid, host())
+    rows = oracle.verify(facts, grid, host())
     assert all(r["error"] is None for r in rows), [r["error"] for r in rows if r["error"]]
     for r in rows:
         assert r["source"] == memory.DRY_RUN
@@ -84,7 +86,7 @@ def test_weights_placed_from_the_tensor_table_equal_a_real_load(isolated_cache, 
     """Per buffer, at the load log's 0.01 MiB: mapped or copied host weights, and the AMX / CPU_REPACK copies
     (3-D experts repack for MUL_MAT_ID, never AMX; DeepSeek's 3-D attn_k_b goes to AMX where it can)."""
     facts = read_facts(small[name])
-    hw = probe(measure_bandwidth=False)
+    hw = probe(bundled, measure_bandwidth=False)
     for extra in (True, False):
         for mmap in (True, False):
             s = Settings(use_extra_bufts=extra, use_mmap=mmap)
@@ -101,7 +103,7 @@ def test_experts_kept_in_host_memory_reach_the_engine(isolated_cache, small):
     the CPU's extra buffers, as llama.cpp's --n-cpu-moe does: a real load holds what the estimate says
     (tests/test_placement.py checks the overridden tensors one by one)."""
     facts = read_facts(small["qwen3moe"])
-    hw = probe(measure_bandwidth=False)
+    hw = probe(bundled, measure_bandwidth=False)
     moved = Settings(use_extra_bufts=True, use_mmap=False, n_cpu_moe=2)
     weights, repack = weight_buffers(facts, moved, hw, placement(facts, moved, hw))
     real = engine.loaded_buffers(str(small["qwen3moe"]), moved)

@@ -14,6 +14,7 @@ from autotune.facts import synth
 from autotune.vocabulary.errors import ModelError, SettingsError
 from autotune.facts.gguf_model import read_facts
 from autotune.facts.probe import GPU, Hardware
+from autotune.search import oracle
 from autotune.vocabulary.settings import Settings, row_bytes
 
 GIB = 2**30
@@ -25,7 +26,7 @@ def host(ram: int = 64 * GIB, features: tuple[str, ...] | None = None) -> Hardwa
     """This machine's engine (CPU features decide repacking) with a stated amount of free RAM."""
     feats = engine.build_info().cpu_features if features is None else features
     return Hardware(cpu_model="test", physical_cores=2, logical_cores=2, ram_total=ram, ram_available=ram,
-                    cpu_features=feats)
+                    cpu_features=feats, build=engine.bundled)
 
 
 def fake_gpus(*free_gib: float, ram: int = 64 * GIB, backend: str = "cuda") -> Hardware:
@@ -307,11 +308,21 @@ def grid(ctxs: tuple[int, ...], swa: bool) -> list[Settings]:
 @pytest.mark.engine
 def test_accuracy_against_the_dry_run(model, shapes, demo_model):
     facts = read_facts(demo_model if model == "demo" else shapes[model])
-    rows = memory.verify(facts, grid((512, 8192, 32768, 131072), facts.uses_swa), host())
+    rows = oracle.verify(facts, grid((512, 8192, 32768, 131072), facts.uses_swa), host())
     assert all(r["error"] is None for r in rows), [r["error"] for r in rows if r["error"]]
     for r in rows:
         for k, bound in BOUNDS.items():
             assert abs(r["error_pct"][k]) <= bound, (k, r["settings"], r["predicted"], r["engine"])
+
+
+def test_a_described_machine_without_an_engine_build_is_priced_by_the_replay_only(smol):
+    """A Hardware that names no engine build (``build=None``) is never priced by an engine it did not name: a model
+    the replay prices still is, one that needs the dry run is refused in one sentence."""
+    hw = dataclasses.replace(host(), build=None)
+    assert memory.estimate(smol, S(n_ctx=512), hw).source == memory.REPLAY
+    other = dataclasses.replace(smol, architecture="mamba")
+    with pytest.raises(ValueError, match="names no engine build"):
+        memory.estimate(other, S(n_ctx=512), hw)
 
 
 @pytest.mark.engine
@@ -319,6 +330,6 @@ def test_verify_on_an_architecture_without_replay_predicts_the_weights(smol, dem
     """A model the replay does not price (here: the demo model under another architecture's name) is
     estimated from the engine's dry run; verify still checks the weights placed from the tensor table."""
     other = dataclasses.replace(smol, architecture="mamba")
-    (row,) = memory.verify(other, [S(n_ctx=512)], host())
+    (row,) = oracle.verify(other, [S(n_ctx=512)], host())
     assert row["error"] is None and row["source"] == memory.DRY_RUN
     assert row["engine"]["kv"] > 0 and abs(row["error_pct"]["weights"]) < 0.01

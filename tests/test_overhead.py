@@ -208,7 +208,8 @@ def test_the_estimate_adds_each_gpus_own_allowance_fake_gpu(dense_8b):
     gpus = tuple(GPU(index=i, name=n, backend="cuda", vram_total=80 * GIB, vram_free=80 * GIB, driver="580.95.05")
                  for i, n in enumerate(("fake-h200", "fake-l4")))
     hw = Hardware(cpu_model="test", physical_cores=2, logical_cores=2, ram_total=64 * GIB, ram_available=64 * GIB,
-                  cpu_features=engine.build_info().cpu_features, gpus=gpus, backend="cuda", can_offload=True)
+                  cpu_features=engine.build_info().cpu_features, gpus=gpus, backend="cuda", can_offload=True,
+                  build=engine.bundled)
     s = S(n_ctx=8192, n_gpu_layers=33, flash_attn=True)
     before = memory.estimate(dense_8b, s, hw)
     assert not before.gpu_overhead_learned

@@ -23,13 +23,14 @@ import servers
 from conftest import run_python
 
 from autotune import engine, memory
-from autotune.engine import reference
+from autotune.engine import bundled, reference
 from autotune.facts import synth
 from autotune.facts.gguf_model import read_facts
 from autotune.facts.probe import GPU, Hardware, probe
 from autotune.memory.layout import HOST, MIB, pinned_to_host, placement, weight_buffers
 from autotune.output import export
-from autotune.search import space
+from autotune.search import oracle, space
+from autotune.search.config import TunedRecord
 from autotune.vocabulary import flags
 from autotune.vocabulary.errors import SettingsError
 from autotune.vocabulary.knobs import BY_NAME, Where
@@ -143,7 +144,7 @@ def test_llama_bench_and_koboldcpp_name_the_layers_in_one_override_flag():
 
 def test_every_format_says_or_spells_the_placement(tmp_path):
     s = Settings(n_cpu_moe=2, moe_host_from="last", n_cpu_ffn=1)
-    config = export.build_config(s, {"path": str(tmp_path / "m.gguf"), "moe_layers": [0, 1, 2, 3]}, {})
+    config = TunedRecord(s, {"path": str(tmp_path / "m.gguf"), "moe_layers": [0, 1, 2, 3]}, {})
     assert "-ot 'blk\\.(2|3)\\.ffn_" in export.render(config, "llama-server")
     assert "moe_host_layers='2-3', n_cpu_ffn=1, use_extra_bufts=True" in export.render(config, "python")
     for fmt in ("ollama", "lmstudio"):
@@ -151,7 +152,7 @@ def test_every_format_says_or_spells_the_placement(tmp_path):
         assert "counts them from the last layer" in text and "dense FFN weights of the first N layers" in text, fmt
     for fmt in ("llama-server", "llama-bench", "koboldcpp"):
         assert "has no setting" not in export.render(config, fmt), fmt
-    del config["model"]["moe_layers"]  # and no model file to read them from: one clear line
+    del config.model["moe_layers"]  # and no model file to read them from: one clear line
     with pytest.raises(Exception, match="written layer by layer, which needs the model's layers"):
         export.render(config, "llama-server")
 
@@ -162,7 +163,8 @@ def test_every_format_says_or_spells_the_placement(tmp_path):
 def fake_gpu(vram_gib: float) -> Hardware:
     gpu = GPU(index=0, name="fake", backend="cuda", vram_total=int(vram_gib * GIB), vram_free=int(vram_gib * GIB))
     return Hardware(cpu_model="test", physical_cores=2, logical_cores=2, ram_total=64 * GIB, ram_available=64 * GIB,
-                    cpu_features=engine.build_info().cpu_features, gpus=(gpu,), backend="cuda", can_offload=True)
+                    cpu_features=engine.build_info().cpu_features, gpus=(gpu,), backend="cuda", can_offload=True,
+                    build=engine.bundled)
 
 
 def test_fake_gpu_each_placement_moves_exactly_its_tensors_to_the_host(isolated_cache, models):
@@ -207,7 +209,7 @@ def test_a_real_load_holds_what_the_estimate_says_for_each_placement(isolated_ca
     """Per buffer at the load log's 0.01 MiB, with extra buffers on and both load modes: the host's plain weights
     (CPU or CPU_Mapped) and the extra buffers (AMX + CPU_REPACK), for every placement."""
     facts = read_facts(models[name])
-    hw = probe(measure_bandwidth=False)
+    hw = probe(bundled, measure_bandwidth=False)
     for case, placed in _cases(name).items():
         for mmap in (False, True):
             s = placed.replace(use_extra_bufts=True, use_mmap=mmap, n_threads=1, n_threads_batch=1)
@@ -250,7 +252,7 @@ def test_the_engine_overrides_exactly_the_tensors_the_estimate_pins(models, name
     for case, placed in _cases(name).items():
         s = placed.replace(n_ctx=512, use_mmap=False, use_mlock=False, use_extra_bufts=True, n_threads=1,
                            n_threads_batch=1)
-        code = export.render(export.build_config(s, {"path": str(models[name])}, {}), "python")
+        code = export.render(TunedRecord(s, {"path": str(models[name])}, {}), "python")
         log = run_python(_LOG.format(code=code))
         assert _overridden(log) == _pinned_names(facts, s), case
         assert case == "none" or _pinned_names(facts, s), case
@@ -261,10 +263,10 @@ def test_verify_compares_each_device_with_the_engine(isolated_cache, models):
     """The dry run beside the estimate per device (compute and output from the log), the weights of each device
     from real loads; on a CPU-only engine that device is the host alone."""
     facts = read_facts(models["moe"])
-    hw = probe(measure_bandwidth=False)
+    hw = probe(bundled, measure_bandwidth=False)
     grid = [s.replace(n_ctx=512, use_mmap=mmap, n_threads=1, n_threads_batch=1)
             for s in MOE_CASES.values() for mmap in (False, True)]
-    rows = memory.verify(facts, grid, hw, loads=True)
+    rows = oracle.verify(facts, grid, hw, loads=True)
     for r in rows:
         assert r["error"] is None and abs(r["error_pct"]["weights"]) < 0.01, r
         host = r["devices"][HOST]
@@ -326,13 +328,13 @@ def test_the_exported_llama_server_line_places_what_we_meant(reference_tool, mod
     and extra buffers equal the estimate for that build's CPU features (on a CPU alone the same for every
     placement: an override to the CPU still repacks, as a host layer does)."""
     facts = read_facts(models[name])
-    hw = probe(measure_bandwidth=False)
+    hw = probe(bundled, measure_bandwidth=False)
     binary = reference_tool("llama-server", reference.FLAGS + AVX2_BUILD) if X86 else reference_tool("llama-server")
     if X86:
         hw = dataclasses.replace(hw, cpu_features=AVX2_FEATURES)
     for case, placed in _cases(name).items():
         s = placed.replace(n_ctx=512, use_mmap=False, use_extra_bufts=True, n_threads=1, n_threads_batch=1)
-        config = export.build_config(s, {"path": str(models[name])}, {})
+        config = TunedRecord(s, {"path": str(models[name])}, {})
         argv = shlex.split(export.render(config, "llama-server").splitlines()[-1])
         assert ("-ot" in argv) is s.experts_by_layer() and ("-ncffn" in argv) is (s.n_cpu_ffn > 0)
         log = _serve_until_loaded(binary, argv, tmp_path / f"{case}.log")
@@ -349,7 +351,7 @@ def test_the_exported_llama_bench_line_runs_with_the_overrides(reference_tool, m
     and the dense FFN of the first together; extra buffers off, so no CPU's AMX kernel can crash the decode."""
     for name, s in (("moe", MOE_CASES["last"].replace(n_cpu_ffn=1)), ("dense", DENSE_CASES["ffn"])):
         s = s.replace(use_extra_bufts=False, use_mmap=False, n_threads=1, n_threads_batch=1)
-        config = export.build_config(s, {"path": str(models[name])}, {})
+        config = TunedRecord(s, {"path": str(models[name])}, {})
         argv = shlex.split(export.render(config, "llama-bench").splitlines()[-1])
         argv[argv.index("-p") + 1], argv[argv.index("-n") + 1], argv[argv.index("-r") + 1] = "16", "2", "1"
         done = subprocess.run([str(reference_tool("llama-bench")), *argv[1:]], capture_output=True, text=True,

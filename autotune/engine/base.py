@@ -21,20 +21,12 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import psutil
 
+from ..facts.probe import BuildInfo
 from ..vocabulary.settings import Settings
 
 MIB = 2**20
 RESULT_MARK = "AUTOTUNE-RESULT "  # the child's one result line on stdout: this mark, then JSON
 REP_MARK = "AUTOTUNE-REP "  # a measured run's line per repetition, as it finishes: this mark, then JSON
-
-
-@dataclass(frozen=True)
-class BuildInfo:
-    version: str
-    backend: str
-    can_offload: bool
-    cpu_features: tuple[str, ...]
-    system_info: str
 
 
 def llama_cpp_defaults(n_ctx: int) -> Settings:
@@ -262,7 +254,8 @@ class Engine(Protocol):
     """What autotune needs from an engine. ``autotune.engine.bundled`` (llama-cpp-python) is the first; every
     call that creates a model or a context runs in a child process."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def build_info(self) -> BuildInfo: ...
 

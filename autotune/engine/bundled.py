@@ -15,11 +15,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..facts.probe import BuildInfo
 from ..vocabulary.errors import EngineDied, ModelError
 from ..vocabulary.settings import Settings
 from . import history as history_cache
 from . import process
-from .base import BufferReport, BuildInfo, Measurement, OnRep, Workload
+from .base import BufferReport, Measurement, OnRep, Workload
 
 name = "llama-cpp-python"
 

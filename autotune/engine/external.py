@@ -25,11 +25,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from ..facts.probe import BuildInfo
 from ..vocabulary.errors import SettingsError
 from ..vocabulary.settings import Settings
 from . import bundled
 from .base import (
-    BuildInfo,
     Measurement,
     OnRep,
     Workload,

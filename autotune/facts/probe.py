@@ -2,7 +2,8 @@
 
 Every source is optional: where NVML, macOS or a Vulkan loader is absent the probe records why in
 ``notes`` and carries on. Other commands take a ``Hardware`` value, so tests can describe machines we
-do not have by constructing one.
+do not have by constructing one. The engine's build is handed in by the caller (``probe(build)``): this layer
+sits below the engine and only asks it through the small ``Build`` protocol.
 """
 
 from __future__ import annotations
@@ -16,15 +17,39 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import psutil
 
 from ..vocabulary.errors import SettingsError
+from ..vocabulary.settings import Settings
 
 SCHEMA = 1
 MIB = 2**20
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    """What an engine build was compiled for, as it says itself."""
+
+    version: str
+    backend: str
+    can_offload: bool
+    cpu_features: tuple[str, ...]
+    system_info: str
+
+
+class Build(Protocol):
+    """The engine build installed here, as the layers below the engine ask it (the engine package's ``bundled``
+    is one): its facts, its identity (dry-run answers and learned GPU overheads are kept per build) and its
+    no-allocation dry run, which prices what the memory model cannot replay."""
+
+    def build_info(self) -> BuildInfo: ...
+
+    def build_key(self) -> str: ...
+
+    def dry_run(self, model_path: str, settings: list[Settings], timeout: float = 300) -> list[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -56,6 +81,9 @@ class Hardware:
     bandwidth_gbs: float | None = None  # measured host memory copy bandwidth, GB/s
     os: str = field(default_factory=platform.system)
     notes: tuple[str, ...] = ()
+    # the engine build that prices memory here (dry runs, learned overheads); None for a described machine, which
+    # only the replay prices. Not a fact of the record: left out of the JSON and of equality.
+    build: Build | None = field(default=None, compare=False, repr=False)
 
     @property
     def offload_gpus(self) -> tuple[GPU, ...]:
@@ -103,7 +131,8 @@ class Hardware:
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        data = dataclasses.asdict(dataclasses.replace(self, build=None))
+        del data["build"]
         data["schema"] = SCHEMA
         data["fingerprint"] = self.fingerprint()
         return data
@@ -130,17 +159,16 @@ def parse_gpu_budget(text: str | None) -> tuple[int, ...] | None:
     return tuple(int(p) for p in parts)
 
 
-def probe(measure_bandwidth: bool = True) -> Hardware:
-    """Probe this machine. Takes about a second, most of it the bandwidth measurement."""
-    from .. import engine
-
+def probe(build: Build, measure_bandwidth: bool = True) -> Hardware:
+    """Probe this machine running ``build`` (the caller's engine build: its facts are recorded and it prices
+    memory later). Takes about a second, most of it the bandwidth measurement."""
     notes: list[str] = []
     mem = psutil.virtual_memory()
     swap = psutil.swap_memory()
     gpus = list(_nvidia_gpus(notes))
     gpus += _apple_gpu(mem.total, notes)
     gpus += _vulkan_gpus(notes, start=len(gpus))
-    build = engine.build_info()
+    info = build.build_info()
     return Hardware(
         cpu_model=_cpu_model(),
         physical_cores=psutil.cpu_count(logical=False) or psutil.cpu_count() or 1,
@@ -150,12 +178,13 @@ def probe(measure_bandwidth: bool = True) -> Hardware:
         swap_total=swap.total,
         swap_free=swap.free,
         gpus=tuple(gpus),
-        backend=build.backend,
-        can_offload=build.can_offload,
-        cpu_features=build.cpu_features,
-        engine_version=build.version,
+        backend=info.backend,
+        can_offload=info.can_offload,
+        cpu_features=info.cpu_features,
+        engine_version=info.version,
         bandwidth_gbs=measure_bandwidth_gbs() if measure_bandwidth else None,
         notes=tuple(notes),
+        build=build,
     )
 
 

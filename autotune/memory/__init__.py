@@ -20,10 +20,11 @@ graph splits and buffers are the engine's to say), and each GPU adds the overhea
 
 The package also owns ``fit`` (the placements that hold a context) and ``overhead`` (what a GPU holds beyond
 llama.cpp's buffers, learned from peaks the engine reports). May import the vocabulary and the facts; the engine's
-own figures come from the layers above.
+own figures come from the layers above: its dry run through the build a ``Hardware`` names (``Hardware.build``),
+the checks against it from ``search.oracle``.
 """
 
-from .describe import KV_TYPES, describe
+from .describe import describe
 from .estimate import (
            DRY_RUN,
            DRY_RUN_PROJECTED,
@@ -52,9 +53,9 @@ from .layout import (
            pad,
            placement,
 )
-from .oracle import COMPONENTS, as_logged, error_pct, peak, summarize, verify
+from .oracle import COMPONENTS, as_logged, error_pct, summarize
 
-__all__ = ["COMPONENTS", "KV_TYPES", "describe", "DRY_RUN", "DRY_RUN_PROJECTED", "GIB", "HOST", "HOST_OVERHEAD", "MARGIN_MIN",
+__all__ = ["COMPONENTS", "describe", "DRY_RUN", "DRY_RUN_PROJECTED", "GIB", "HOST", "HOST_OVERHEAD", "MARGIN_MIN",
            "MIB", "REPLAY", "REPLAY_ARCHS", "DeviceMemory", "KVCache", "MemoryEstimate", "as_logged", "beyond_trained", "cache_pairs",
-           "ctx_sweep", "error_pct", "estimate", "gpu_engine", "margin", "max_ctx", "pad", "peak", "placement", "prefetch", "replay_gap",
-           "summarize", "validate", "verify"]
+           "ctx_sweep", "error_pct", "estimate", "gpu_engine", "margin", "max_ctx", "pad", "placement", "prefetch", "replay_gap",
+           "summarize", "validate"]

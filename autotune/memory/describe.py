@@ -1,27 +1,28 @@
 """``autotune memory``'s answer in one record: the estimate, what it rests on, and on request the footprint
-against context, the largest context per cache type and offload, and the check against the engine."""
+against context, the largest context per cache type and offload, and the check against the engine (handed in by
+the caller: checking runs the engine, which sits above this layer)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..facts.gguf_model import ModelFacts
 from ..facts.probe import Hardware
-from ..vocabulary.settings import Settings
+from ..vocabulary.settings import KV_SHORTLIST, Settings
 from . import dryrun
 from .estimate import beyond_trained, cache_pairs, ctx_sweep, estimate, gpu_engine, max_ctx, replay_gap
-from .oracle import peak, verify
 
-KV_TYPES = ("f16", "q8_0", "q4_0")
+Check = Callable[[ModelFacts, Settings, Hardware], dict[str, Any]]  # the engine's figures, as keys of the record
 
 
 def describe(facts: ModelFacts, s: Settings, hw: Hardware, sweep: bool = False, largest: bool = False,
-             check: bool = False) -> dict[str, Any]:
+             check: Check | None = None) -> dict[str, Any]:
     """The record ``autotune memory --json`` prints (keys are only ever added): ``sweep`` adds the footprint at
     powers of two up to the trained context per K/V type, ``largest`` the largest context per K/V type and GPU
-    offload (none, as asked, all), ``check`` the engine's dry run beside the estimate and, on a GPU, a real
-    run's peak."""
+    offload (none, as asked, all), ``check`` what it returns (``search.oracle.check``: the engine's dry run
+    beside the estimate and, on a GPU, a real run's peak)."""
     notes = [n for n in (beyond_trained(facts, s.n_ctx),
                          replay_gap(facts) and f"priced by the engine's own dry run ({replay_gap(facts)})") if n]
     if s.n_gpu_layers and not hw.offload_gpus:
@@ -30,7 +31,7 @@ def describe(facts: ModelFacts, s: Settings, hw: Hardware, sweep: bool = False, 
         notes.append("the GPU split follows llama.cpp's placement rules, priced by a host-only engine (projected)")
     out: dict[str, Any] = {"model": facts.path, "architecture": facts.architecture, "notes": notes}
     top = max(facts.n_ctx_train or 131072, s.n_ctx)
-    pairs = cache_pairs(KV_TYPES, s.flash_attn)
+    pairs = cache_pairs(KV_SHORTLIST, s.flash_attn)
     started = time.perf_counter()
     out["estimate"] = estimate(facts, s, hw).to_dict()
     if sweep:
@@ -47,10 +48,7 @@ def describe(facts: ModelFacts, s: Settings, hw: Hardware, sweep: bool = False, 
                 rows.append({"type_k": tk, "type_v": tv, "n_gpu_layers": ngl, "max_ctx": best, "total": total})
         out["max_ctx"] = rows
     if check:
-        out["verify"] = [{"predicted": r["predicted"], "engine": r["engine"], "error_pct": r["error_pct"],
-                          "error": r["error"], "devices": r["devices"]} for r in verify(facts, [s], hw)]
-        if gpu_engine(hw):  # and the real peak beside it
-            out["peak"] = peak(facts, s, hw)
+        out.update(check(facts, s, hw))
     cost = dryrun.COST
     out["dry_runs"] = {"children": cost.runs, "settings": cost.settings, "seconds": round(cost.seconds, 3),
                        "wall_s": round(time.perf_counter() - started, 3)}

@@ -5,6 +5,9 @@ allocate for a context; weights are placed from the tensor table (``layout``), w
 architecture knowledge. Answers are cached on disk under the model's header digest, the engine build and
 the settings that shape them (``Knob.memory``), so a sweep or a study pays for each answer once. A batch of
 settings costs one child process; the child runs apart because on some CPUs the dry run itself aborts.
+
+The engine build that answers is handed in (``Hardware.build``, a ``probe.Build``): this layer sits below the
+engine and asks only the build it is given.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any, Sequence
 
 from ..facts.catalog import cache_dir
 from ..facts.gguf_model import ModelFacts
+from ..facts.probe import Build
 from ..vocabulary.errors import EngineDied
 from ..vocabulary.knobs import KNOBS
 from ..vocabulary.settings import Settings
@@ -60,32 +64,28 @@ def key(s: Settings) -> str:
     return json.dumps({k: getattr(s, k) for k in MEMORY_KNOBS}, sort_keys=True)
 
 
-def figures(facts: ModelFacts, settings: Sequence[Settings]) -> list[Figures | str | Died]:
-    """The engine's figures for each settings, the engine's reason where it refuses them, or ``Died`` where the
-    child died on them (ModelError when the engine cannot load the model at all)."""
-    from .. import engine
-
-    path = cache_dir() / "dry-run" / f"{facts.header_sha256[:24]}-{engine.build_key()}.json"
+def figures(facts: ModelFacts, settings: Sequence[Settings], build: Build) -> list[Figures | str | Died]:
+    """``build``'s figures for each settings, its reason where it refuses them, or ``Died`` where the child died
+    on them (ModelError when the engine cannot load the model at all)."""
+    path = cache_dir() / "dry-run" / f"{facts.header_sha256[:24]}-{build.build_key()}.json"
     store = _load(path)
     missing = list({key(s): s for s in settings if key(s) not in store}.values())
     died: dict[str, Died] = {}
     if missing:
-        answers = _run(facts.path, missing)
+        answers = _run(build, facts.path, missing)
         died = {k: v for k, v in answers.items() if isinstance(v, Died)}
         store.update({k: v for k, v in answers.items() if not isinstance(v, Died)})
         _save(path, store)
     return [died[key(s)] if key(s) in died else _figures(store[key(s)]) for s in settings]
 
 
-def _run(model: str, settings: list[Settings]) -> dict[str, Any]:
+def _run(build: Build, model: str, settings: list[Settings]) -> dict[str, Any]:
     """One child for the batch; where the child dies, each model load again on its own so one aborting
     load (e.g. extra buffers on some CPUs) does not take the others' answers with it."""
-    from .. import engine
-
     start = time.perf_counter()
     out: dict[str, Any] = {}
     try:
-        reports = engine.dry_run(model, settings)
+        reports = build.dry_run(model, settings)
         COST.runs += 1
     except EngineDied as e:
         groups: dict[Any, list[Settings]] = {}
@@ -93,7 +93,7 @@ def _run(model: str, settings: list[Settings]) -> dict[str, Any]:
             groups.setdefault(s.load_key(), []).append(s)
         if len(groups) > 1:
             for group in groups.values():
-                out.update(_run(model, group))
+                out.update(_run(build, model, group))
             return out
         COST.runs += 1
         return {key(s): Died(str(e).removeprefix(f"{model}: ")) for s in settings}

@@ -7,7 +7,7 @@ from typing import Any, Iterable, Sequence
 
 from ..vocabulary.errors import EngineDied, EngineRefused, SettingsError
 from ..facts.gguf_model import ModelFacts
-from ..facts.probe import Hardware
+from ..facts.probe import Build, Hardware
 from ..vocabulary.settings import QUANTIZED_KV, Settings
 from . import dryrun
 from .graph import Attn, shape_of
@@ -66,11 +66,18 @@ def validate(settings: Settings) -> Settings:
 
 
 def gpu_engine(hw: Hardware) -> bool:
-    """Whether the engine answering here offloads to this machine's GPUs (not a GPU described by a constructed
-    Hardware): then its dry run prices each device's compute and output, as CUDA's graph splits make them."""
-    from .. import engine
+    """Whether the engine build answering here (``hw.build``) offloads to this machine's GPUs (not a GPU described
+    by a constructed Hardware): then its dry run prices each device's compute and output, as CUDA's graph splits
+    make them."""
+    return bool(hw.offload_gpus) and hw.build is not None and hw.build.build_info().can_offload
 
-    return bool(hw.offload_gpus) and engine.build_info().can_offload
+
+def _build(facts: ModelFacts, hw: Hardware) -> Build:
+    """The engine build whose dry run prices ``facts`` on ``hw``; ValueError for a Hardware that names none."""
+    if hw.build is None:
+        raise ValueError(f"{facts.path}: the engine's dry run prices this model, and this Hardware names no engine "
+                         "build to ask (probe(build), or Hardware(build=...))")
+    return hw.build
 
 
 def replayed(facts: ModelFacts, hw: Hardware) -> bool:
@@ -85,7 +92,7 @@ def estimate(facts: ModelFacts, settings: Settings, hw: Hardware) -> MemoryEstim
     validate(settings)
     if replayed(facts, hw):
         return _replayed(facts, settings, hw)
-    found = dryrun.figures(facts, [settings])[0]
+    found = dryrun.figures(facts, [settings], _build(facts, hw))[0]
     if isinstance(found, dryrun.Died):
         hint = "; with extra buffer types off (--no-repack) it may not" if settings.use_extra_bufts else ""
         raise EngineDied(f"{facts.path}: {found.reason}{hint}")
@@ -97,7 +104,7 @@ def estimate(facts: ModelFacts, settings: Settings, hw: Hardware) -> MemoryEstim
 def prefetch(facts: ModelFacts, settings: Sequence[Settings], hw: Hardware) -> None:
     """Ask the engine about many settings in one child process (a no-op where the replay prices them)."""
     if not replayed(facts, hw):
-        dryrun.figures(facts, [validate(s) for s in settings])
+        dryrun.figures(facts, [validate(s) for s in settings], _build(facts, hw))
 
 
 def _budgets(hw: Hardware) -> dict[str, tuple[int, int | None]]:
@@ -174,10 +181,9 @@ def _assemble(facts: ModelFacts, settings: Settings, hw: Hardware, where: Placem
               repack: int,
               kv: dict[str, int], compute: dict[str, int], output: dict[str, int], caches: tuple[KVCache, ...],
               source: str) -> MemoryEstimate:
-    from .. import engine
-
     budgets = _budgets(hw)
-    fixed = {f"gpu{g.index}": overhead.allowance(engine.build_key(), g.name, g.driver, overhead.kind(facts))
+    build = hw.build.build_key() if hw.build else ""  # a described machine's GPUs: nothing learned for them
+    fixed = {f"gpu{g.index}": overhead.allowance(build, g.name, g.driver, overhead.kind(facts))
              for g in hw.offload_gpus}  # per GPU model, driver and build
     pool = overhead.pool(facts, settings)  # on each GPU holding layers (their attention and experts run there)
     held = set(where.layers) | {where.output}

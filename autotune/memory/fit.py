@@ -17,9 +17,7 @@ from .. import memory
 from ..facts.gguf_model import ModelFacts
 from ..facts.probe import Hardware
 from ..vocabulary.errors import EngineRefused, FitError, SettingsError
-from ..vocabulary.settings import Settings
-
-KV_TYPES = ("f16", "q8_0", "q4_0")
+from ..vocabulary.settings import KV_SHORTLIST, Settings
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,7 @@ class Placement:
 
 
 def fit(facts: ModelFacts, hw: Hardware, n_ctx: int | None = None, base: Settings = Settings(),
-        kv_types: tuple[str, ...] = KV_TYPES, keep: int | None = None, beyond_trained: bool = False) -> list[Placement]:
+        kv_types: tuple[str, ...] = KV_SHORTLIST, keep: int | None = None, beyond_trained: bool = False) -> list[Placement]:
     """Placements for ``n_ctx`` (default: the trained context) per K/V type, with flash attention on (a
     quantized V cache needs it). ``keep``: bytes left free per device (None: max(512 MiB, 5 %))."""
     trained = facts.n_ctx_train or 4096

@@ -36,10 +36,13 @@ ROW_PAD = 512
 
 
 class Workload(Protocol):
-    """The part of a run's workload (``engine.Workload``) that sets its pool."""
+    """The part of a run's workload (``engine.Workload``, frozen: read-only here) that sets its pool."""
 
-    prompt_tokens: int
-    depth: int
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    @property
+    def depth(self) -> int: ...
 
 
 class Run(Protocol):
