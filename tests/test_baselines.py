@@ -13,7 +13,8 @@ from autotune import engine, memory
 from autotune.facts import synth
 from autotune.facts.gguf_model import read_facts
 from autotune.facts.probe import GPU, Hardware
-from autotune.search import space, study
+from autotune.search import baselines, space, study
+from autotune.search.request import StudyRequest
 
 GIB = 2**30
 
@@ -21,12 +22,12 @@ GIB = 2**30
 def fake_gpu(vram_gib: int) -> Hardware:
     gpu = GPU(index=0, name=f"Fake {vram_gib}G", backend="cuda", vram_total=vram_gib * GIB, vram_free=vram_gib * GIB)
     return Hardware(cpu_model="test cpu", physical_cores=8, logical_cores=16, ram_total=96 * GIB,
-                    ram_available=90 * GIB, gpus=(gpu,), backend="cuda", can_offload=True)
+                    ram_available=90 * GIB, gpus=(gpu,), backend="cuda", can_offload=True, build=engine.bundled)
 
 
-def request(path, hw: Hardware, n_ctx: int = 6400) -> study.StudyRequest:
+def request(path, hw: Hardware, n_ctx: int = 6400) -> StudyRequest:
     facts = read_facts(path)
-    return study.StudyRequest(model_path=str(path), facts=facts, hw=hw, space=space.build_space(hw, facts, n_ctx))
+    return StudyRequest(model_path=str(path), facts=facts, hw=hw, space=space.build_space(hw, facts, n_ctx))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def dense(demo_model, tmp_path_factory):
 
 def test_fake_gpu_both_baselines_have_their_own_placement_and_fit(dense):
     req = request(dense, fake_gpu(4))
-    named = dict(study.baselines(req))
+    named = dict(baselines.baselines(req))
     llama, most = named["llama.cpp defaults"], named["max layers on the GPU"]
     top = req.facts.n_layer + 1
     # llama.cpp's own settings, not the space's leanest (q4_0 cache, micro-batch 256)
@@ -56,7 +57,7 @@ def test_fake_gpu_both_baselines_have_their_own_placement_and_fit(dense):
 
 def test_fake_gpu_holding_the_model_whole_keeps_one_baseline_for_both(dense):
     req = request(dense, fake_gpu(24))
-    named = study.baselines(req)
+    named = baselines.baselines(req)
     roles = [r for r, _ in named]
     assert "llama.cpp defaults" in roles and "max layers on the GPU" not in roles  # the same config: measured once
     assert dict(named)["llama.cpp defaults"].n_gpu_layers == req.facts.n_layer + 1
@@ -64,14 +65,14 @@ def test_fake_gpu_holding_the_model_whole_keeps_one_baseline_for_both(dense):
 
 def test_without_a_gpu_there_is_no_max_layers_baseline(dense):
     hw = dataclasses.replace(fake_gpu(4), gpus=(), backend="cpu", can_offload=False)
-    roles = [r for r, _ in study.baselines(request(dense, hw, 4096))]
+    roles = [r for r, _ in baselines.baselines(request(dense, hw, 4096))]
     assert "max layers on the GPU" not in roles and roles[0] == "llama.cpp defaults"
 
 
 def test_pinned_placement_is_kept_by_every_baseline(dense):
     req = request(dense, fake_gpu(4))
     req = dataclasses.replace(req, pins={"n_gpu_layers": 7})
-    assert {s.n_gpu_layers for _, s in study.baselines(req)} == {7}
+    assert {s.n_gpu_layers for _, s in baselines.baselines(req)} == {7}
 
 
 @pytest.mark.engine
@@ -81,7 +82,7 @@ def test_fake_gpu_moe_fit_keeps_the_last_layers_experts_on_the_host(demo_model, 
     fewer layers whole, with no overrides; both fit at llama.cpp's settings."""
     path = synth.write_model(tmp_path / "q.gguf", demo_model, synth.SHAPES["qwen3-30b-a3b"], "Q4_K", header_only=True)
     req = request(path, fake_gpu(12))
-    named = dict(study.baselines(req))
+    named = dict(baselines.baselines(req))
     llama, most = named["llama.cpp defaults"], named["max layers on the GPU"]
     top, layers = req.facts.n_layer + 1, req.facts.moe_layers
     assert llama.n_gpu_layers == top and llama.moe_host_from == "last" and 0 < llama.n_cpu_moe < len(layers)
@@ -98,7 +99,7 @@ def test_fake_gpu_a_baseline_placed_outside_the_space_seeds_a_trial_that_does_no
     lo, hi = req.space.int_ranges["n_gpu_layers"]
     st = study.open_study(req)
     seeded = {t.user_attrs["role"]: t for t in st.get_trials(deepcopy=False)}
-    for role, s in study.baselines(req):
+    for role, s in baselines.baselines(req):
         inside = lo <= s.n_gpu_layers <= hi
         t = seeded.get(role if inside else f"{role}, placed as the space allows")
         if t is None:  # its parameters were queued under an earlier name
@@ -111,8 +112,8 @@ def test_fake_gpu_a_baseline_placed_outside_the_space_seeds_a_trial_that_does_no
 def test_fake_gpu_an_external_llama_cpp_engines_defaults_are_placed_by_its_fit(dense, reference_tool):
     """Measuring with llama.cpp's own llama-bench, the engine's defaults are llama.cpp's: one baseline, placed by
     --fit."""
-    req = request(dense, fake_gpu(4))
-    with engine.using(f"llama-bench:{reference_tool('llama-bench')}"):
-        named = dict(study.baselines(req))
+    bench = engine.make(f"llama-bench:{reference_tool('llama-bench')}")
+    req = dataclasses.replace(request(dense, fake_gpu(4)), engine=bench)
+    named = dict(baselines.baselines(req))
     assert "llama.cpp defaults" not in named
     assert named["defaults"].n_gpu_layers == space.llama_fit(req.facts, req.hw, named["defaults"])[0]["n_gpu_layers"]

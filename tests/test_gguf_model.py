@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from autotune.facts.gguf_model import read_facts
 from autotune.vocabulary.errors import ModelError
+from autotune.vocabulary.settings import Settings
 
 
 def write_mini(path: Path) -> Path:
@@ -55,6 +57,15 @@ def test_mini_model_reads(tmp_path):
     f = read_facts(write_mini(tmp_path / "mini.gguf"))
     assert f.n_vocab == 10 and f.n_layer == 1 and f.n_head_kv == (1,)
     assert f.layer_bytes == (8 * 8 * 2,) and f.token_embd_bytes == 10 * 8 * 4
+
+
+def test_the_default_context_is_the_knob_tables_within_the_trained_one(tmp_path):
+    """One rule for every command that is not told a context: the n_ctx default, or less where the model was
+    trained for less (unknown: the default)."""
+    f = read_facts(write_mini(tmp_path / "mini.gguf"))
+    assert f.default_ctx == 256
+    assert dataclasses.replace(f, n_ctx_train=131072).default_ctx == Settings().n_ctx == 4096
+    assert dataclasses.replace(f, n_ctx_train=0).default_ctx == 4096
 
 
 @pytest.mark.parametrize(

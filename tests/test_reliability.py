@@ -14,10 +14,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autotune.engine import Workload
+from autotune.engine import Workload, bundled
 from autotune.facts.gguf_model import read_facts
 from autotune.facts.probe import probe
-from autotune.search import space, study
+from autotune.search import loop, request, space, study
 
 pytestmark = pytest.mark.engine
 
@@ -59,12 +59,12 @@ def test_fifty_trials_with_a_third_faulty_are_all_accounted_for(tiny_model, tmp_
     monkeypatch.setenv("AUTOTUNE_FAULT", "abort,segfault,oom,garbage,exit,hang")
     monkeypatch.setenv("AUTOTUNE_FAULT_EVERY", "3")
     facts = read_facts(tiny_model)
-    hw = probe(measure_bandwidth=False)
+    hw = probe(bundled, measure_bandwidth=False)
     sp = space.build_space(hw, facts, 256)
-    req = study.StudyRequest(model_path=str(tiny_model), facts=facts, hw=hw, space=sp,
+    req = request.StudyRequest(model_path=str(tiny_model), facts=facts, hw=hw, space=sp,
                              workload=Workload(16, 4, 1), storage=f"sqlite:///{tmp_path / 's.db'}")
     st = study.open_study(req)
-    p = study.run_trials(st, req, 51, trial_timeout=5, patience=0)  # a hang costs 5 s; a trial, 1-2 s
+    p = loop.run_trials(st, req, 51, trial_timeout=5, patience=0)  # a hang costs 5 s; a trial, 1-2 s
     trials = st.get_trials()
     assert len(trials) == 51 and p.done == 51
     assert p.complete + p.failed + p.pruned == 51

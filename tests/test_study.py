@@ -11,15 +11,13 @@ import warnings
 
 import optuna
 import pytest
-import sqlalchemy
-from optuna.storages._rdb import models as optuna_models
 from optuna.trial import TrialState
 
 from autotune import engine
-from autotune.engine import Workload
+from autotune.engine import Measurement, Workload, bundled
 from autotune.facts.gguf_model import read_facts
 from autotune.facts.probe import probe
-from autotune.search import recommend, space, study
+from autotune.search import loop, recommend, request, space, storage, study
 from autotune.vocabulary.errors import StudyError
 
 WORK = Workload(prompt_tokens=32, gen_tokens=8, reps=2)
@@ -27,14 +25,14 @@ WORK = Workload(prompt_tokens=32, gen_tokens=8, reps=2)
 
 @pytest.fixture(scope="module")
 def hw():
-    return probe(measure_bandwidth=False)
+    return probe(bundled, measure_bandwidth=False)
 
 
-def make_request(model, hw, storage, **kw) -> study.StudyRequest:
+def make_request(model, hw, storage, **kw) -> request.StudyRequest:
     facts = read_facts(model)
     pins = kw.pop("pins", {})
     sp = space.build_space(hw, facts, 256, pins)
-    return study.StudyRequest(model_path=str(model), facts=facts, hw=hw, space=sp, workload=WORK,
+    return request.StudyRequest(model_path=str(model), facts=facts, hw=hw, space=sp, workload=WORK,
                               storage=storage, pins=pins, **kw)
 
 
@@ -47,19 +45,19 @@ def test_study_measures_baselines_first_and_resumes(tiny_model, hw, tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     req = make_request(tiny_model, hw, url)
     st = study.open_study(req)
-    study.run_trials(st, req, 3, trial_timeout=120)
+    loop.run_trials(st, req, 3, trial_timeout=120)
     trials = st.get_trials()
     assert [t.user_attrs.get("role") for t in trials[:3]] == ["llama.cpp defaults", "defaults", "sensible"]
     llama = engine.llama_cpp_defaults(256)  # as the space spells it (n_batch within the context, no SWA cache here)
     assert trials[0].user_attrs["settings"] == req.space.settings_from(req.space.params_of(llama)).to_dict()
     assert trials[1].user_attrs["settings"] == engine.defaults(256).to_dict()
     assert all(t.state == TrialState.COMPLETE for t in trials)
-    assert all(t.value == pytest.approx(study.objective_value(
-        study.Measurement.from_dict(t.user_attrs["measurement"]), "decode", WORK)) for t in trials)
+    assert all(t.value == pytest.approx(request.objective_value(
+        Measurement.from_dict(t.user_attrs["measurement"]), "decode", WORK)) for t in trials)
 
     again = study.open_study(req)  # a second run of the same command resumes the same study
     assert again.study_name == st.study_name and len(again.trials) == 3
-    study.run_trials(again, req, 2, trial_timeout=120)
+    loop.run_trials(again, req, 2, trial_timeout=120)
     assert len(again.trials) == 5
     assert [t.user_attrs.get("role") for t in again.trials].count("defaults") == 1
 
@@ -68,7 +66,7 @@ def test_configs_that_cannot_fit_are_pruned_not_run(tiny_model, hw, tmp_path):
     tiny_ram = dataclasses.replace(hw, ram_available=64 * 2**20)
     req = make_request(tiny_model, tiny_ram, f"sqlite:///{tmp_path / 's.db'}")
     st = study.open_study(req)
-    study.run_trials(st, req, 3)
+    loop.run_trials(st, req, 3)
     for t in st.trials:
         assert t.state == TrialState.PRUNED
         assert t.user_attrs["reason"].startswith("does not fit")
@@ -81,7 +79,7 @@ def test_failures_are_recorded_with_reasons_never_as_zero(tiny_model, hw, tmp_pa
     monkeypatch.setenv("AUTOTUNE_FAULT_EVERY", "2")
     req = make_request(tiny_model, hw, f"sqlite:///{tmp_path / 's.db'}")
     st = study.open_study(req)
-    p = study.run_trials(st, req, 4, trial_timeout=120)
+    p = loop.run_trials(st, req, 4, trial_timeout=120)
     assert (p.complete, p.failed, p.pruned) == (2, 2, 0)
     failed = st.get_trials(states=(TrialState.FAIL,))
     assert [t.number for t in failed] == [1, 3]
@@ -99,7 +97,7 @@ def test_trial_left_running_by_a_dead_tuner_is_marked_failed(tiny_model, hw, tmp
     live = st.ask()
     live.set_user_attr("pid", __import__("os").getpid())
     live.set_user_attr("host", __import__("socket").gethostname())
-    assert study.fail_orphans(st, study.open_storage(req.storage)) == [t.number]
+    assert storage.fail_orphans(st, storage.open_storage(req.storage)) == [t.number]
     assert st.trials[t.number].state == TrialState.FAIL and "died" in st.trials[t.number].user_attrs["reason"]
     assert st.trials[live.number].state == TrialState.RUNNING
 
@@ -119,12 +117,33 @@ def test_foreign_and_corrupt_databases_are_refused(tiny_model, hw, tmp_path):
 def test_a_schema_another_tuner_is_creating_is_not_taken_for_a_foreign_database(tmp_path):
     """Optuna creates its tables one by one, so a second tuner can find only ``studies`` there; CI once refused
     that file as "a SQLite database of something else". It is opened, and the schema completed."""
+    whole = tmp_path / "whole.db"
+    optuna.storages.RDBStorage(f"sqlite:///{whole}").engine.dispose()
+    with sqlite3.connect(whole) as con:
+        (create,) = con.execute("select sql from sqlite_master where name='studies'").fetchone()
     path = tmp_path / "half.db"
-    optuna_models.BaseModel.metadata.tables["studies"].create(sqlalchemy.create_engine(f"sqlite:///{path}"))
-    study.open_storage(f"sqlite:///{path}")
     with sqlite3.connect(path) as con:
-        tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
-    assert {"studies", "trials", "version_info"} <= tables
+        con.execute(create)
+    storage.open_storage(f"sqlite:///{path}")
+    assert {"studies", "trials", "version_info"} <= tables_of(path)
+
+
+def tables_of(path) -> set[str]:
+    with sqlite3.connect(path) as con:
+        return {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
+
+
+def test_optunas_own_schema_is_known_and_one_table_more_is_not(tmp_path):
+    """The schema is read from Optuna itself (no private module): every table a real Optuna storage writes is
+    one it knows, so that file opens; the same file with one more table belongs to something else."""
+    path = tmp_path / "s.db"
+    optuna.storages.RDBStorage(f"sqlite:///{path}").engine.dispose()
+    assert tables_of(path) == storage.optuna_tables()
+    storage.open_storage(f"sqlite:///{path}")
+    with sqlite3.connect(path) as con:
+        con.execute("create table invoices (id integer)")
+    with pytest.raises(StudyError, match="a SQLite database of something else"):
+        storage.open_storage(f"sqlite:///{path}")
 
 
 def _call_after(barrier, fn, arg, results) -> None:
@@ -152,7 +171,7 @@ def test_tuners_started_together_on_a_fresh_storage_all_open_it(tmp_path):
     """Optuna creates the schema on first open; 4 openers released at once collide on it (about half of them
     failed before open_storage retried the collision). 5 fresh databases, 4 processes each, all must open."""
     for i in range(5):
-        assert released_together(study.open_storage, f"sqlite:///{tmp_path / f's{i}.db'}") == ["ok"] * 4
+        assert released_together(storage.open_storage, f"sqlite:///{tmp_path / f's{i}.db'}") == ["ok"] * 4
 
 
 def test_tuners_opening_one_new_study_together_seed_the_baselines_once(tiny_model, hw, tmp_path):
@@ -160,7 +179,7 @@ def test_tuners_opening_one_new_study_together_seed_the_baselines_once(tiny_mode
     enqueues the baselines; the others load it. 5 studies."""
     for i in range(5):
         url = f"sqlite:///{tmp_path / f's{i}.db'}"
-        study.open_storage(url)
+        storage.open_storage(url)
         req = make_request(tiny_model, hw, url)
         assert released_together(study.open_study, req) == ["ok"] * 4
         roles = [t.user_attrs.get("role") for t in study.open_study(req).trials]
@@ -171,19 +190,19 @@ def test_unwritable_studies_directory(tmp_path, monkeypatch):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
-    monkeypatch.setattr(study, "DEFAULT_STORAGE_DIR", ro / "studies")
+    monkeypatch.setattr(storage, "DEFAULT_STORAGE_DIR", ro / "studies")
     if __import__("os").geteuid() == 0:  # root writes anywhere: make the path a file instead
         ro.chmod(0o700)
         (ro / "studies").write_text("not a directory")
     with pytest.raises(StudyError, match="cannot write study databases"):
-        study.storage_url(None)
+        storage.storage_url(None)
 
 
 @pytest.mark.engine
 def test_recommendation_is_confirmed_and_honest(tiny_model, hw, tmp_path):
     req = make_request(tiny_model, hw, f"sqlite:///{tmp_path / 's.db'}", pins={"n_threads": 2, "n_threads_batch": 2})
     st = study.open_study(req)
-    study.run_trials(st, req, 3, trial_timeout=120)
+    loop.run_trials(st, req, 3, trial_timeout=120)
     rec = recommend.recommend(st, req, top_k=2, rounds=2, trial_timeout=120)
     assert rec.confirmation is not None and rec.confirmation.ok
     assert rec.baseline in rec.baselines and len(rec.baseline.runs) >= 2
@@ -200,7 +219,7 @@ def test_recommendation_is_confirmed_and_honest(tiny_model, hw, tmp_path):
 def test_failed_confirmation_falls_back_to_the_next_confirmed_config(tiny_model, hw, tmp_path, monkeypatch):
     req = make_request(tiny_model, hw, f"sqlite:///{tmp_path / 's.db'}")
     st = study.open_study(req)
-    study.run_trials(st, req, 3, trial_timeout=120)
+    loop.run_trials(st, req, 3, trial_timeout=120)
     monkeypatch.setenv("AUTOTUNE_FAULT", "exit")
     monkeypatch.setenv("AUTOTUNE_FAULT_EVERY", str(recommend.CONFIRM + 1))  # only the first confirmation fails
     rec = recommend.recommend(st, req, top_k=2, rounds=1, trial_timeout=120)
@@ -231,11 +250,11 @@ def test_crashing_defaults_are_a_result_and_the_best_working_baseline_is_the_bar
     monkeypatch.setenv("AUTOTUNE_FAKE_AMX_CRASH", "1")
     forced = {"use_extra_bufts": False}
     facts = read_facts(tiny_model)
-    req = study.StudyRequest(model_path=str(tiny_model), facts=facts, hw=hw, space=space.build_space(hw, facts, 256, forced),
+    req = request.StudyRequest(model_path=str(tiny_model), facts=facts, hw=hw, space=space.build_space(hw, facts, 256, forced),
                              workload=WORK, storage=f"sqlite:///{tmp_path / 's.db'}", forced=forced)
     assert req.name() != dataclasses.replace(req, forced={}).name()  # its own study
     st = study.open_study(req)
-    study.run_trials(st, req, 3, trial_timeout=120)
+    loop.run_trials(st, req, 3, trial_timeout=120)
     assert states(st) == [TrialState.COMPLETE] * 3  # every trial runs with the switch
     rec = recommend.recommend(st, req, top_k=1, rounds=2, trial_timeout=120)
     by = {b.label: b for b in rec.baselines}
@@ -247,7 +266,7 @@ def test_crashing_defaults_are_a_result_and_the_best_working_baseline_is_the_bar
 
 def _ask_after(barrier, url, results) -> None:
     warnings.simplefilter("ignore")  # Optuna: "heartbeat ... supposed to be used with Study.optimize"
-    st = optuna.load_study(study_name="queue", storage=study.open_storage(url))
+    st = optuna.load_study(study_name="queue", storage=storage.open_storage(url))
     barrier.wait()
     results.put(st.ask().number)
 
@@ -259,7 +278,7 @@ def test_tuners_asking_together_never_take_the_same_queued_trial(tmp_path):
     ctx = multiprocessing.get_context("fork")
     for i in range(10):
         url = f"sqlite:///{tmp_path / f'q{i}.db'}"
-        st = optuna.create_study(study_name="queue", storage=study.open_storage(url))
+        st = optuna.create_study(study_name="queue", storage=storage.open_storage(url))
         for k in range(4):
             st.enqueue_trial({"x": k})
         barrier, results = ctx.Barrier(4), ctx.Queue()

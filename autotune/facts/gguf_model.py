@@ -20,6 +20,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
 
 from ..vocabulary.errors import ModelError
+from ..vocabulary.knobs import BY_NAME
 from .catalog import cache_dir, sha256_of
 
 GGUF_MAGIC = b"GGUF"
@@ -108,6 +109,13 @@ class ModelFacts:
     @property
     def uses_swa(self) -> bool:
         return self.n_swa > 0 and any(self.swa_layers)
+
+    @property
+    def default_ctx(self) -> int:
+        """The context every command uses unless told (one rule, for the search, the stages and the CLI): the
+        knob table's n_ctx default, or less where the model was trained for less."""
+        ctx: int = BY_NAME["n_ctx"].default
+        return min(ctx, self.n_ctx_train or ctx)
 
     def summary(self) -> dict[str, Any]:
         """The JSON shape of ``autotune inspect --json`` (stable: keys are only ever added)."""

@@ -32,6 +32,13 @@ def spelled(s: Settings, tool: str, moe_layers: Iterable[int] | None = None) -> 
     return out + overrides(s, tool, moe_layers)
 
 
+def knob_flags(name: str, value: Any, tool: str) -> list[str]:
+    """One knob's spelling in ``tool`` at ``value``: nothing where the tool has no flag for it or the value is
+    the one its flag leaves unwritten."""
+    flag = getattr(BY_NAME[name], tool)
+    return flag.render(value) if flag is not None else []
+
+
 # -ot's pattern for the experts (or dense FFN weights) of a set of layers: one regex, layers as alternatives.
 _OT_TOOLS = {"server": ("-ot", ","), "bench": ("-ot", ";"), "kobold": ("--overridetensors", ",")}
 _OT_LAYERS = re.compile(r"blk\\\.(?:(\d+)|\(((?:\d+\|)*\d+)\))(.*)=CPU")
