@@ -8,6 +8,7 @@ from conftest import run_python
 
 from autotune.facts.gguf_model import read_facts
 from autotune.output import export
+from autotune.search.config import SCHEMA_VERSION, TunedRecord
 from autotune.vocabulary import flags
 from autotune.vocabulary.errors import ConfigError
 from autotune.vocabulary.settings import Settings
@@ -16,9 +17,9 @@ TUNED = Settings(n_ctx=8192, n_gpu_layers=0, n_threads=2, n_threads_batch=2, n_b
                  flash_attn=True, type_k="q8_0", type_v="q8_0", swa_full=False, use_mmap=False, use_mlock=True)
 
 
-def config(s: Settings = TUNED) -> dict:
-    return export.build_config(s, {"path": "/m/model.gguf", "sha256": "ab" * 32, "architecture": "llama"},
-                               {"engine_version": "0.3.36", "backend": "cpu", "fingerprint": "x"})
+def config(s: Settings = TUNED) -> TunedRecord:
+    return TunedRecord(s, {"path": "/m/model.gguf", "sha256": "ab" * 32, "architecture": "llama"},
+                       {"engine_version": "0.3.36", "backend": "cpu", "fingerprint": "x"})
 
 
 @pytest.mark.parametrize("s", [TUNED, Settings(), Settings(n_ctx=2048, swa_full=True, offload_kqv=False),
@@ -98,10 +99,49 @@ def test_ngram_speculation_is_llama_servers_and_a_note_elsewhere():
 
 
 def test_config_json_round_trip(tmp_path):
+    tuned = config()
+    tuned.evidence["recommendation"] = {"verdict": "trial 2 beats the engine defaults", "chosen": "trial 2"}
     p = tmp_path / "tuned.json"
-    p.write_text(export.render(config(), "json"))
-    loaded = export.load_config(p)
-    assert export.settings_of(loaded) == TUNED and loaded["schema"] == export.SCHEMA_VERSION
+    p.write_text(export.render(tuned, "json"))
+    loaded = TunedRecord.load(p)
+    assert loaded == tuned and loaded.settings == TUNED and loaded.schema == SCHEMA_VERSION == 1
+    assert export.render(loaded, "json") == p.read_text()  # saved, loaded and saved again: the same bytes
+    assert list(loaded.to_json()) == ["schema", "autotune_version", "created", "engine", "hardware", "model",
+                                      "settings", "metrics", "memory", "recommendation"]
+
+
+# A schema-1 record as autotune 0.x saved it, before the record was typed: its settings lack knobs added since
+# (they load at their defaults) and its evidence keys come back in the order they were written.
+VERSION_1 = {
+    "schema": 1, "autotune_version": "0.9.0", "created": "2026-11-02T10:00:00+00:00",
+    "engine": {"name": "llama-server", "version": "b7100", "backend": "cuda"},
+    "hardware": {"physical_cores": 8, "fingerprint": "f00"},
+    "model": {"path": "/m/model.gguf", "sha256": "ab" * 32, "architecture": "llama", "name": "tiny"},
+    "settings": {"n_ctx": 4096, "n_threads": 8, "n_batch": 1024, "flash_attn": True, "type_k": "q8_0",
+                 "type_v": "q8_0"},
+    "metrics": {"decode": {"median": 41.0, "n": 6}}, "memory": {"total": 2**30},
+    "study": {"name": "s1", "storage": "sqlite:///studies/autotune.db", "objective": "decode"},
+    "workload": {"prompt_tokens": 256, "gen_tokens": 32, "reps": 2},
+    "recommendation": {"supported": True, "verdict": "trial 4 beats the engine defaults", "chosen": "trial 4"},
+    "depth_sweep": [{"depth": 0, "ok": True}],
+}
+
+
+def test_a_version_1_record_still_loads(tmp_path):
+    p = tmp_path / "old.json"
+    p.write_text(json.dumps(VERSION_1))
+    old = TunedRecord.load(p)
+    assert old.settings == Settings(n_ctx=4096, n_threads=8, n_batch=1024, flash_attn=True, type_k="q8_0",
+                                    type_v="q8_0")
+    assert old.engine["name"] == "llama-server" and old.created == VERSION_1["created"]
+    assert list(old.evidence) == ["study", "workload", "recommendation", "depth_sweep"]
+    again = old.to_json()
+    assert {k: v for k, v in again.items() if k != "settings"} == {k: v for k, v in VERSION_1.items()
+                                                                    if k != "settings"}
+    assert list(again) == list(VERSION_1)  # the same keys in the same order; settings gain the newer knobs only
+    assert again["settings"].items() >= VERSION_1["settings"].items()
+    assert TunedRecord.from_json(again) == old
+    assert "-c 4096 -ngl 0 -t 8" in export.render(old, "llama-server")
 
 
 @pytest.mark.parametrize(
@@ -118,7 +158,7 @@ def test_bad_config_files(tmp_path, text, fragment):
     p = tmp_path / "c.json"
     p.write_text(text)
     with pytest.raises(ConfigError, match=fragment):
-        export.load_config(p)
+        TunedRecord.load(p)
 
 
 # What a user pastes must build a working Llama. It runs in a child process: a native crash (the AMX kernel on
@@ -147,7 +187,7 @@ def test_exported_python_loads_and_runs_in_a_real_llama(demo_model, tiny_model, 
     model = demo_model if not extra_bufts else tiny_model
     s = TUNED.replace(n_ctx=512, use_mlock=False, use_extra_bufts=extra_bufts)
     c = config(s)
-    c["model"]["path"] = str(model)
+    c.model["path"] = str(model)
     code = export.render(c, "python")
     assert ("use_extra_bufts = False" in code) is (not extra_bufts)
     result = run_python(_RUN_SNIPPET.format(code=code))
@@ -205,7 +245,7 @@ def test_exported_python_keeps_experts_in_host_memory(demo_model, tmp_path):
     runs = {}
     for n in (0, 1):
         c = config(TUNED.replace(n_ctx=512, use_mlock=False, use_mmap=False, use_extra_bufts=True, n_cpu_moe=n))
-        c["model"]["path"] = str(model)
+        c.model["path"] = str(model)
         runs[n] = run_python(_LOAD_SNIPPET.format(code=export.render(c, "python")))["buffers"]
     assert runs[1] == runs[0]
 

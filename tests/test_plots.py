@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from autotune import memory
 from autotune.engine import Measurement
 from autotune.facts.gguf_model import read_facts
 from autotune.facts.probe import GPU, Hardware
-from autotune.output import export, plots, report
+from autotune.output import plots, report
+from autotune.search.config import TunedRecord
 from autotune.stages import speculation
 from autotune.vocabulary.settings import Settings
 
@@ -158,7 +160,7 @@ def test_knobs_without_data():
         plots.knobs(MEASURED[:1] * 2)
 
 
-def tuned_config(model: str, settings: Settings, **extra: Any) -> dict[str, Any]:
+def tuned_config(model: str, settings: Settings, **extra: Any) -> TunedRecord:
     def spread(values: list[float]) -> dict[str, Any]:
         return {"median": sorted(values)[len(values) // 2], "q25": min(values), "q75": max(values), "low": min(values),
                 "high": max(values), "n": len(values), "samples": values}
@@ -167,10 +169,10 @@ def tuned_config(model: str, settings: Settings, **extra: Any) -> dict[str, Any]
                "balanced": spread([90.0, 91.0])}
     base = {"decode": spread([40.0, 41.0]), "prefill": spread([80.0, 81.0]), "ttft": spread([0.8, 0.9]),
             "balanced": spread([50.0, 51.0])}
-    return export.build_config(
+    return TunedRecord(
         settings, {"path": model, "sha256": "0" * 64, "architecture": "llama", "name": "tiny"}, machine().to_dict(),
         metrics=metrics,
-        extra={"recommendation": {"supported": True, "verdict": "trial 2 beats the engine defaults on decode.",
+        evidence={"recommendation": {"supported": True, "verdict": "trial 2 beats the engine defaults on decode.",
                                   "speedup": 1.5, "chosen": "trial 2", "baseline_metrics": base,
                                   "roofline": {"bandwidth_gbs": 20.0, "bytes_per_token": 2 * 10**8, "limit_tps": 100.0,
                                                "decode_tps": 60.0, "fraction": 0.6}},
@@ -184,18 +186,18 @@ def test_recommendation_against_defaults(tiny_model):
     assert all(len(ax.patches) == 2 for ax in fig.axes)  # a median bar per candidate
     assert "x1.50 (supported)" in fig.get_suptitle()
     defaults = tuned_config(str(tiny_model), MEASURED[0].settings)
-    defaults["recommendation"]["chosen"] = "defaults"
+    defaults.evidence["recommendation"]["chosen"] = "defaults"
     fig = plots.recommendation(defaults)  # the defaults won: they stand alone
     assert all(len(ax.patches) == 1 for ax in fig.axes)
     assert fig.get_suptitle().startswith("the engine defaults are the recommendation")
     with pytest.raises(plots.NoData):
-        plots.recommendation({"settings": {}})
+        plots.recommendation(TunedRecord(Settings(), {}))
 
 
 def test_recommendation_shows_every_baseline_that_ran(tiny_model):
     config = tuned_config(str(tiny_model), MEASURED[2].settings)
     spread = {"median": 300.0, "q25": 290.0, "q75": 310.0, "n": 6}
-    config["recommendation"]["side_by_side"] = [
+    config.evidence["recommendation"]["side_by_side"] = [
         {"label": "llama.cpp defaults", "baseline": True, "ran": True, "decode": spread, "prefill": spread,
          "ttft": {**spread, "median": 0.2, "q25": 0.19, "q75": 0.21}},
         {"label": "sensible", "baseline": True, "ran": False, "decode": None, "prefill": None, "ttft": None},
@@ -289,14 +291,14 @@ def test_timeline_and_no_leaks_into_pyplot_or_global_style():
 # --------------------------------------------------------------------------------------- speculation
 
 
-def spec_report() -> dict[str, Any]:
-    """A speculation report as ``SpecReport.to_dict()`` writes it, made from rounds whose speeds are given."""
+def spec_report() -> speculation.SpecReport:
+    """A speculation report made from rounds whose speeds are given."""
     from test_speculation import rows_for
 
     rows = rows_for(edit_gain=1.4, code_gain=0.9)
     plan = speculation.Plan(rounds=4)
     return speculation.SpecReport("m.gguf", Settings(), [speculation.NONE], [("draft-mtp", "no MTP layers")], plan, [],
-                                  rows, speculation.verdicts(rows, plan), None, 1.0).to_dict()
+                                  rows, speculation.verdicts(rows, plan), None, 1.0)
 
 
 def test_speculation_speedup_and_acceptance_per_kind_and_work():
@@ -311,7 +313,7 @@ def test_speculation_speedup_and_acceptance_per_kind_and_work():
     notes = note_ax.texts[0].get_text()
     assert "edit: speculate with ngram-map-k4v" in notes and "not measured: draft-mtp" in notes
     with pytest.raises(plots.NoData, match="no kind of speculation was measured"):
-        plots.speculation({**spec_report(), "results": spec_report()["results"][:1]})
+        plots.speculation(dataclasses.replace(spec_report(), rows=spec_report().rows[:1]))
 
 
 # -------------------------------------------------------------------------------------------- report
@@ -324,7 +326,7 @@ def stored(tmp_path, tiny_model) -> dict[str, Any]:
     config = tuned_config(str(tiny_model), Settings.from_dict(st.trials[3].user_attrs["settings"]),
                           study={"name": "toy-study", "storage": url, "objective": "decode"})
     path = tmp_path / "tuned.json"
-    path.write_text(json.dumps(config))
+    path.write_text(json.dumps(config.to_json()))
     return {"url": url, "config": path, "tmp": tmp_path}
 
 
@@ -348,7 +350,7 @@ def test_report_from_a_study_name_and_from_a_config_alone(stored, tmp_path):
     assert "no recommendation yet" in done.index.read_text()
     alone = json.loads(stored["config"].read_text())
     alone["study"]["storage"] = f"sqlite:///{tmp_path / 'moved.db'}"
-    alone["speculation"] = spec_report()  # what search --spec adds
+    alone["speculation"] = spec_report().to_json()  # what search --spec adds
     (tmp_path / "alone.json").write_text(json.dumps(alone))
     done = report.build(str(tmp_path / "alone.json"), tmp_path / "b")
     assert [p.name for p in done.images] == ["recommendation.png", "memory.png", "speculation.png"]

@@ -20,6 +20,7 @@ import servers
 from autotune.engine import reference
 from autotune.facts import synth
 from autotune.output import export
+from autotune.search.config import TunedRecord
 from autotune.vocabulary import flags
 from autotune.vocabulary.settings import Settings
 
@@ -41,7 +42,7 @@ def draft(demo_model, tmp_path_factory) -> Path:
 
 
 def command(settings: Settings, model: Path, fmt: str) -> list[str]:
-    config = export.build_config(settings, {"path": str(model)}, {})
+    config = TunedRecord(settings, {"path": str(model)}, {})
     text = export.render(config, fmt)
     assert text.startswith(f"# written for {fmt} of llama.cpp")
     return shlex.split(text.splitlines()[-1])

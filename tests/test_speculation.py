@@ -15,6 +15,7 @@ import pytest
 
 from autotune.facts import synth
 from autotune.output import export, printers
+from autotune.search.config import TunedRecord
 from autotune.stages import speculation
 from autotune.vocabulary.settings import Settings
 
@@ -123,12 +124,27 @@ def test_the_shipped_mix_has_two_messages_per_kind_and_edits_quote_their_text():
     assert all("\n\n" in m for m in texts["edit"])  # the text to rewrite is in the message
 
 
+def test_a_report_saved_as_json_reads_back_the_same():
+    rows = rows_for(edit_gain=1.4, code_gain=0.9)
+    arms = [speculation.NONE, speculation.Arm("ngram-map-k4v"), speculation.Arm("draft-simple", "/m/drafts/d.gguf", 3)]
+    plan = speculation.Plan(rounds=4, gpu_budget=(8192,))
+    for chosen in (None, rows[1]):
+        report = speculation.SpecReport("m.gguf", Settings(n_ctx=2048), arms, [("draft-mtp", "no MTP layers")], plan,
+                                        [{"number": 0, "arm": "none"}], rows, speculation.verdicts(rows, plan), chosen,
+                                        12.0)
+        saved = json.loads(json.dumps(report.to_json()))
+        assert speculation.SpecReport.from_json(saved) == report
+        assert saved["recommendation"]["speculate"] is (chosen is not None)
+    older = {k: v for k, v in saved.items() if k != "arms"}  # saved before the arms were written: kinds only
+    assert [a.label for a in speculation.SpecReport.from_json(older).arms] == saved["kinds"]
+
+
 def test_the_printed_table_and_verdicts(capsys, monkeypatch):
     rows = rows_for(edit_gain=1.4, code_gain=0.9)
     report = speculation.SpecReport("m.gguf", Settings(), [speculation.NONE], [("draft-mtp", "no MTP layers")], PLAN,
                                     [], rows, speculation.verdicts(rows, PLAN), None, 12.0)
     monkeypatch.setattr(printers.console, "width", 200)
-    printers.spec_report(report.to_dict())
+    printers.spec_report(report)
     out = capsys.readouterr().out
     assert "x1.40 (1.40-1.40) faster" in out and "75% accepted, 3.0/step" in out
     assert "not measured: draft-mtp: no MTP layers" in out and "No speculation (12 s)" in out
@@ -209,7 +225,7 @@ def test_the_exported_server_line_speculates_exactly_when_the_config_does(server
     s = Settings(n_ctx=1024, n_threads=2, n_threads_batch=2, use_extra_bufts=False).replace(
         **{k: v for k, v in spec.to_dict().items() if k.startswith(("spec_", "ngram", "draft_max"))},
         draft_model=str(random_draft) if spec.spec_type == "draft-simple" else None)
-    line = export.render(export.build_config(s, {"path": str(demo_model)}, {}), "llama-server").splitlines()[-1]
+    line = export.render(TunedRecord(s, {"path": str(demo_model)}, {}), "llama-server").splitlines()[-1]
     assert ("--spec-type" in line) is (s.spec_type != "none")
     replies, error, _ = external.speculative_replies(server, str(demo_model), s, speculation.messages()["edit"][:1],
                                                      32, 300)

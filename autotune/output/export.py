@@ -1,104 +1,33 @@
-"""The tuned config: a versioned JSON record, and the same settings as other tools want them.
+"""The tuned config as other tools want it: llama-server, llama-bench, Python, LM Studio, Ollama, KoboldCpp.
 
-Every format reads one ``Settings`` and spells it with the knob table (``knobs.KNOBS``); llama.cpp's own
-spelling (llama-server, llama-bench, a user's command line read back) is ``flags``.
+Every format reads one ``TunedRecord`` (``search.config``, whose ``to_json`` is the JSON format) and spells its
+``Settings`` with the knob table (``knobs.KNOBS``); llama.cpp's own spelling (llama-server, llama-bench, a user's
+command line read back) is ``flags``.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import shlex
-from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..vocabulary.errors import ConfigError, ModelError, SettingsError
+from ..search.config import TunedRecord
+from ..vocabulary.errors import ConfigError
 from ..vocabulary.flags import LLAMA_CPP, bench_flags, server_flags, spelled
 from ..vocabulary.knobs import BY_NAME, KNOBS
 from ..vocabulary.settings import Settings, layer_list, parse_layers
 
-SCHEMA_VERSION = 1
 FORMATS = ("json", "llama-server", "llama-bench", "python", "lmstudio", "ollama", "koboldcpp")
 _KOBOLD_QUANTKV = {"f16": 0, "q8_0": 1, "q4_0": 2}
 
 
-def build_config(
-    settings: Settings,
-    model: dict[str, Any],
-    hardware: dict[str, Any],
-    metrics: dict[str, Any] | None = None,
-    predicted: dict[str, Any] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The tuned-config record (schema 1). ``model`` holds path, sha256, architecture and name."""
-    return {
-        "schema": SCHEMA_VERSION,
-        "autotune_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "engine": {"name": "llama-cpp-python", "version": hardware.get("engine_version", ""),
-                   "backend": hardware.get("backend", "")},
-        "hardware": {**hardware, "fingerprint": hardware.get("fingerprint", "")},
-        "model": model,
-        "settings": settings.to_dict(),
-        "metrics": metrics or {},
-        "memory": predicted or {},
-        **(extra or {}),
-    }
-
-
-def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a tuned config back; ConfigError for anything invalid or newer than this autotune."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: cannot read ({e})") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(data, dict) or "schema" not in data or "settings" not in data:
-        raise ConfigError(f"{p}: not an autotune config (no schema/settings)")
-    if not isinstance(data["schema"], int) or data["schema"] > SCHEMA_VERSION:
-        raise ConfigError(f"{p}: config schema {data['schema']} is newer than this autotune understands "
-                          f"({SCHEMA_VERSION}); upgrade autotune")
-    try:
-        Settings.from_dict(data["settings"]).check()
-    except (SettingsError, TypeError, AttributeError) as e:
-        raise ConfigError(f"{p}: invalid settings: {e}") from None
-    return data
-
-
-def settings_of(config: dict[str, Any]) -> Settings:
-    return Settings.from_dict(config["settings"])
-
-
-def moe_layers(config: dict[str, Any]) -> tuple[int, ...] | None:
-    """The model's expert layers where the settings need them (the experts of the last N layers are written layer
-    by layer): from the config's model record, else read from its file; None where not needed."""
-    s = settings_of(config)
-    if not s.experts_by_layer() or s.moe_host_layers:
-        return None
-    model = config.get("model", {})
-    if "moe_layers" in model:
-        return tuple(model["moe_layers"])
-    from ..facts.gguf_model import read_facts
-
-    try:
-        return read_facts(model.get("path", "model.gguf")).moe_layers
-    except ModelError as e:
-        raise ConfigError(f"the experts of the {s.moe_host_from} {s.n_cpu_moe} layers are written layer by layer, "
-                          f"which needs the model's layers: {e}") from None
-
-
-def render(config: dict[str, Any], fmt: str) -> str:
+def render(config: TunedRecord, fmt: str) -> str:
     """The config in format ``fmt`` (one of FORMATS)."""
-    s = settings_of(config)
-    model = config.get("model", {}).get("path", "model.gguf")
-    layers = moe_layers(config) if fmt in ("llama-server", "llama-bench", "python", "koboldcpp") else None
+    s = config.settings
+    model = config.model.get("path", "model.gguf")
+    layers = config.moe_layers() if fmt in ("llama-server", "llama-bench", "python", "koboldcpp") else None
     if fmt == "json":
-        return json.dumps(config, indent=2)
+        return json.dumps(config.to_json(), indent=2)
     if fmt == "llama-server":
         notes = [f"written for llama-server of {LLAMA_CPP}", *_missing(s, "server", "llama-server")]
         return "\n".join([*(f"# {n}" for n in notes), shlex.join(["llama-server", *server_flags(s, model, layers)])])

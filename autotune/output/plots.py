@@ -14,7 +14,7 @@ import statistics
 import textwrap
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import matplotlib
 import numpy as np
@@ -28,11 +28,14 @@ from .. import memory
 from ..engine import Measurement
 from ..facts.gguf_model import ModelFacts
 from ..facts.probe import Hardware
-from ..search.space import KV_CHOICES
-from ..search.study import completed
+from ..search.config import TunedRecord
+from ..search.loop import completed
+from ..stages.serving import ServeResult
+from ..stages.speculation import SpecReport
 from ..vocabulary import knobs
 from ..vocabulary.errors import AutotuneError
-from ..vocabulary.settings import KV_TYPES, Settings, ggml_type
+from ..vocabulary.metrics import FELT, OBJECTIVES, metric
+from ..vocabulary.settings import KV_SHORTLIST, KV_TYPES, Settings, ggml_type
 
 MIB = 2**20
 GIB = 2**30
@@ -88,7 +91,7 @@ def memory_vs_context(
     facts: ModelFacts,
     settings: Settings,
     hw: Hardware,
-    kv_types: Sequence[str] = KV_CHOICES,
+    kv_types: Sequence[str] = KV_SHORTLIST,
     ctx_limit: int | None = None,
 ) -> Figure:
     """Predicted memory per device against context length: the components stacked for ``settings``' K/V
@@ -174,7 +177,7 @@ def memory_vs_context(
 
 
 def memory_vs_engine(rows: Sequence[dict[str, Any]]) -> Figure:
-    """Prediction against the engine's no-allocation dry run (``memory.verify`` rows) by context length:
+    """Prediction against the engine's no-allocation dry run (``search.oracle.verify`` rows) by context length:
     lines are predicted, hollow markers what the engine reported."""
     good = [r for r in rows if r.get("predicted") and r.get("engine")]
     if not good:
@@ -209,7 +212,7 @@ def memory_vs_engine(rows: Sequence[dict[str, Any]]) -> Figure:
 
 # (Settings field, axis label), from the knob table; "kv" is the K/V cache pair, one axis for two knobs.
 KNOBS = tuple((k.name, k.label) for k in knobs.KNOBS if k.plotted) + (("kv", "K/V cache type"),)
-METRICS = {"decode": ("decode (tok/s)", "decode_tps"), "prefill": ("prefill (tok/s)", "prefill_tps")}
+SAMPLES = {"decode": "decode_tps", "prefill": "prefill_tps"}  # a speed -> its Measurement samples
 HIGHLIGHT_COLORS = {"recommended": "#d62728", "engine defaults": "#1f77b4"}
 OTHER_COLORS = ("#2ca02c", "#9467bd", "#8c564b")
 
@@ -261,7 +264,7 @@ def knobs(
     top = max(v for m in ok for v in m.decode_tps)
     for row, (knob, label) in enumerate(varied):
         values = _order({knob_value(m.settings, knob) for m in ok})
-        for col, (metric, (ylabel, attr)) in enumerate(METRICS.items()):
+        for col, (speed, attr) in enumerate(SAMPLES.items()):
             ax = axes[row, col]
             seen: dict[Any, int] = {}
             group = {v: sum(knob_value(m.settings, knob) == v for m in ok) for v in values}
@@ -280,9 +283,9 @@ def knobs(
             ax.set_xticks(range(len(values)), [str(v) for v in values])
             ax.set_xlim(-0.6, len(values) - 0.4)
             ax.set_xlabel(label, fontsize=9)
-            ax.set_ylabel(ylabel, fontsize=9)
+            ax.set_ylabel(metric(speed).label, fontsize=9)
             ax.grid(alpha=0.3, axis="y")
-            if metric == "decode" and roofline_tps and roofline_tps <= 1.5 * top:
+            if speed == "decode" and roofline_tps and roofline_tps <= 1.5 * top:
                 ax.axhline(roofline_tps, color="#d62728", ls="--", lw=1.2,
                            label=f"roofline (memory-bandwidth limit of decode): {roofline_tps:,.0f} tok/s")
     handles, labels = [], []
@@ -304,13 +307,13 @@ def knobs(
     return fig
 
 
-def recommendation(config: dict[str, Any]) -> Figure:
+def recommendation(config: TunedRecord) -> Figure:
     """The tuned config against the best baseline on its objective, from the config's re-measured samples:
     median bars, interquartile ranges, every sample, and the decode roofline; every other baseline re-measured
     beside them as a median and interquartile range (each metric is judged against its own best). When a
     baseline is the recommendation, the baselines stand alone."""
-    rec = config.get("recommendation") or {}
-    chosen, base = config.get("metrics") or {}, rec.get("baseline_metrics") or {}
+    rec = config.evidence.get("recommendation") or {}
+    chosen, base = config.metrics, rec.get("baseline_metrics") or {}
     if not chosen.get("decode", {}).get("n"):
         raise NoData("the config holds no re-measured samples (no recommendation stage)")
     label = rec.get("chosen", "tuned")
@@ -322,17 +325,16 @@ def recommendation(config: dict[str, Any]) -> Figure:
     others = [r for r in rec.get("side_by_side") or [] if r["baseline"] and r["ran"] and r["label"] not in (baseline, label)]
     for i, r in enumerate(others):
         arms.append((r["label"], r["label"].replace(" with ", "\nwith "),
-                     {m: {**r[m], "samples": []} for m in ("decode", "prefill", "ttft") if r.get(m)},
+                     {m: {**r[m], "samples": []} for m in FELT if r.get(m)},
                      OTHER_COLORS[i % len(OTHER_COLORS)]))
     if label != baseline:
         arms.append((f"recommended ({label})", "recommended", chosen, HIGHLIGHT_COLORS["recommended"]))
     fig = _figure(11, 5)
     axes = fig.subplots(1, 3)
     roof = (rec.get("roofline") or {}).get("limit_tps")
-    panels = (("decode", "decode (tok/s)"), ("prefill", "prefill (tok/s)"), ("ttft", "time to first token (s)"))
-    for ax, (metric, ylabel) in zip(axes, panels, strict=True):
+    for ax, panel in zip(axes, map(metric, FELT), strict=True):
         for i, (name, _, metrics, color) in enumerate(arms):
-            m = metrics.get(metric) or {}
+            m = metrics.get(panel.name) or {}
             if not m.get("n"):
                 ax.text(i, 0, "failed", ha="center", va="bottom", color=color)
                 continue
@@ -341,17 +343,17 @@ def recommendation(config: dict[str, Any]) -> Figure:
                         capsize=8, lw=2.5, label=f"{name}: interquartile range")
             ax.plot(np.full(len(m["samples"]), i) + np.linspace(-0.12, 0.12, len(m["samples"])), m["samples"],
                     ls="none", marker="o", ms=4, color=color, label=f"{name}: samples")
-        if metric == "decode" and roof:
+        if panel.name == "decode" and roof:
             ax.axhline(roof, color="#d62728", ls="--", lw=1.2, label=f"roofline {roof:,.0f} tok/s")
         ax.set_xticks(range(len(arms)), [tick for _, tick, _, _ in arms], fontsize=8 if len(arms) < 4 else 6)
         ax.set_xlim(-0.6, len(arms) - 0.4)
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(panel.label)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3, axis="y")
-        ax.set_title(metric + (" (lower is better)" if metric == "ttft" else ""), fontsize=10)
+        ax.set_title(panel.name + ("" if panel.higher_is_better else " (lower is better)"), fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=4 if max(map(len, labels)) < 45 else 2, fontsize=8)
-    objective = (config.get("study") or {}).get("objective", "")
+    objective = (config.evidence.get("study") or {}).get("objective", "")
     if label == baseline:
         head = f"the engine {baseline} are the recommendation ({objective}), re-measured"
     else:
@@ -372,9 +374,8 @@ def objective_name(study: optuna.Study) -> tuple[Callable[[FrozenTrial], float] 
     objective = study.user_attrs.get("objective", "decode")
     if len(study.directions) > 1:
         return (lambda t: t.values[0]), "decode (tok/s, median of repetitions)"
-    if objective == "ttft":
-        return None, "time to first token (s, median of repetitions)"
-    return None, f"{objective if objective in ('prefill', 'balanced') else 'decode'} (tok/s, median of repetitions)"
+    shown = metric(objective if objective in OBJECTIVES else "decode")
+    return None, shown.label.replace(")", ", median of repetitions)")
 
 
 @contextmanager
@@ -479,12 +480,12 @@ def importances(study: optuna.Study) -> Figure:
     return _resized(ax, 8, 0.45 * len(varied) + 2.2)
 
 
-# name -> (axis label, direction, value of a measurement)
-PARETO_AXES: dict[str, tuple[str, Literal["maximize", "minimize"], Callable[[Measurement], float]]] = {
-    "decode": ("decode (tok/s)", "maximize", lambda m: m.decode),
-    "prefill": ("prefill (tok/s)", "maximize", lambda m: m.prefill),
-    "ttft": ("time to first token (s)", "minimize", lambda m: m.ttft),
-    "memory": ("peak memory (MiB, RSS + VRAM)", "minimize", lambda m: (m.peak_rss + (m.peak_vram or 0)) / MIB),
+# name -> value of a measurement (its label and direction: the metrics table)
+PARETO_AXES: dict[str, Callable[[Measurement], float]] = {
+    "decode": lambda m: m.decode,
+    "prefill": lambda m: m.prefill,
+    "ttft": lambda m: m.ttft,
+    "memory": lambda m: (m.peak_rss + (m.peak_vram or 0)) / MIB,
 }
 
 
@@ -495,34 +496,34 @@ def pareto(study: optuna.Study, x: str = "decode", y: str = "prefill") -> Figure
     runs = completed(study)
     if not runs:
         raise NoData(f"no completed trial in study {study.study_name}")
-    (xl, xd, xf), (yl, yd, yf) = PARETO_AXES[x], PARETO_AXES[y]
-    view = optuna.create_study(directions=[xd, yd])
+    (xm, xf), (ym, yf) = (metric(x), PARETO_AXES[x]), (metric(y), PARETO_AXES[y])
+    view = optuna.create_study(directions=[xm.direction, ym.direction])
     for t, m in runs:
         view.add_trial(optuna.trial.create_trial(values=[xf(m), yf(m)], params=t.params, distributions=t.distributions,
                                                  user_attrs={"number": t.number}))
     with _optuna_figure():
-        ax = optuna.visualization.matplotlib.plot_pareto_front(view, target_names=[xl, yl])
+        ax = optuna.visualization.matplotlib.plot_pareto_front(view, target_names=[xm.label, ym.label])
     front = view.best_trials
     for t in front:
         ax.annotate(f"#{t.user_attrs['number']}", (t.values[0], t.values[1]), textcoords="offset points",
                     xytext=(5, 5), fontsize=8)
-    better = {"maximize": "higher", "minimize": "lower"}
+    better = {True: "higher", False: "lower"}
     ax.set_title(f"Pareto front over {len(runs)} completed trials: {len(front)} not beaten on both "
-                 f"({better[xd]} {x}, {better[yd]} {y} is better)", fontsize=10)
+                 f"({better[xm.higher_is_better]} {x}, {better[ym.higher_is_better]} {y} is better)", fontsize=10)
     return _resized(ax, 8, 5.5)
 
 
 # ---------------------------------------------------------------------------------------- speculation
 
 
-def speculation(report: dict[str, Any]) -> Figure:
+def speculation(report: SpecReport) -> Figure:
     """Decode speed-up over no speculation (bars: interquartile range of the per-round ratios) and acceptance, per
-    finalist and kind of work, from a speculation report (``SpecReport.to_dict()``, or a tuned config's
+    finalist and kind of work, from a speculation report (``autotune spec``'s, or a tuned config's
     ``"speculation"``); what was not measured and the verdicts underneath."""
-    results = report.get("results") or []
+    results = report.rows
     if len(results) < 2:
         raise NoData("no kind of speculation was measured")
-    works = list(report["plan"]["workloads"])
+    works = list(report.plan.workloads)
     rows = results[1:]
     fig = _figure(12, 6)
     grid = fig.add_gridspec(2, 2, height_ratios=(6, 1.4), width_ratios=(3, 2))
@@ -557,51 +558,51 @@ def speculation(report: dict[str, Any]) -> Figure:
     base = results[0]["workloads"]
     fig.suptitle("speculative decoding in llama-server (no speculation: " + ", ".join(
         f"{w} {base[w]['decode']['median']:.1f} tok/s" for w in works if base[w]["decode"]["n"]) + ")", fontsize=11)
-    notes = [textwrap.shorten(v, 170) for v in report.get("verdicts", {}).values()]
-    notes += [textwrap.shorten(f"not measured: {s['kind']}: {s['why']}", 170) for s in report.get("skipped", [])][:4]
+    notes = [textwrap.shorten(v, 170) for v in report.verdicts.values()]
+    notes += [textwrap.shorten(f"not measured: {kind}: {why}", 170) for kind, why in report.skipped][:4]
     note_ax = fig.add_subplot(grid[1, :])
     note_ax.axis("off")
     note_ax.text(0, 1, "\n".join(notes), fontsize=8, va="top", transform=note_ax.transAxes)
     return fig
 
 
-def serving(rows: list[dict[str, Any]], title: str = "") -> Figure:
+def serving(results: dict[int, ServeResult], title: str = "") -> Figure:
     """Aggregate throughput and p95 time to first token against concurrent users, for the tuned server and
-    llama-server's defaults: medians of the side-by-side rounds, bars from q25 to q75. ``rows``: one
-    ``serving.ServeResult.to_dict()`` per user count, with its ``users``."""
-    rows = sorted(rows, key=lambda r: r["users"])
+    llama-server's defaults: medians of the side-by-side rounds, bars from q25 to q75. ``results``: the serving
+    study's result per user count."""
+    rows = sorted(results.items())
     if not rows:
         raise NoData("no serving results to plot")
     fig = _figure(9, 3.6)
     ax_tp, ax_lat = fig.subplots(1, 2)
 
-    def series(pick: Callable[[dict[str, Any]], str | None], key: str) -> tuple[list[int], list[float], list[list[float]]]:
+    def series(pick: Callable[[ServeResult], str | None], key: str) -> tuple[list[int], list[float], list[list[float]]]:
         xs, med, err = [], [], []
-        for r in rows:
+        for users, r in rows:
             label = pick(r)
-            vals = [x[key] for x in r["side_by_side"].get(label, []) if x.get("ok") and x.get(key) is not None]
+            vals = [x[key] for x in r.side_by_side.get(label or "", []) if x.get("ok") and x.get(key) is not None]
             if vals:
                 q25, q50, q75 = np.percentile(vals, [25, 50, 75])
-                xs.append(r["users"])
+                xs.append(users)
                 med.append(float(q50))
                 err.append([float(q50 - q25), float(q75 - q50)])
         return xs, med, err
 
-    def tuned(r: dict[str, Any]) -> str | None:  # the recommendation, or the best tuned trial where it was not one
-        trials = [label for label in r["side_by_side"] if label.startswith("trial")]
-        return r["chosen"] if r["chosen"] in trials else next(iter(trials), None)
+    def tuned(r: ServeResult) -> str | None:  # the recommendation, or the best tuned trial where it was not one
+        trials = [label for label in r.side_by_side if label.startswith("trial")]
+        return r.chosen if r.chosen in trials else next(iter(trials), None)
 
-    def defaults(r: dict[str, Any]) -> str | None:
-        return next((label for label in r["side_by_side"] if label.startswith("llama-server defaults")), None)
+    def defaults(r: ServeResult) -> str | None:
+        return next((label for label in r.side_by_side if label.startswith("llama-server defaults")), None)
 
-    for ax, key, ylabel in ((ax_tp, "throughput", "generated tok/s, all users"), (ax_lat, "ttft_p95", "p95 time to first token (s)")):
+    for ax, shown in ((ax_tp, metric("throughput")), (ax_lat, metric("ttft_p95"))):
         for pick, name, color in ((tuned, "tuned (best trial)", PAIR_COLORS[0]), (defaults, "llama-server defaults", PAIR_COLORS[1])):
-            xs, med, err = series(pick, key)
+            xs, med, err = series(pick, shown.name)
             if xs:
                 ax.errorbar(xs, med, yerr=np.array(err).T, marker="o", capsize=3, color=color, label=name)
         ax.set_xlabel("concurrent users")
-        ax.set_ylabel(ylabel)
-        ax.set_xticks([r["users"] for r in rows])
+        ax.set_ylabel(shown.label)
+        ax.set_xticks([users for users, _ in rows])
         ax.grid(alpha=0.3)
     ax_tp.legend(fontsize=8)
     if title:

@@ -7,14 +7,31 @@ import contextlib
 import json
 import os
 import shlex
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from rich.console import Console
 from rich.table import Table
 
 from .. import memory
-from ..search.pipeline import Reporter
+from ..search.pipeline import TuneReporter
 from ..vocabulary.errors import EngineDied, ModelError
+from ..vocabulary.metrics import FELT, metric
+from ..vocabulary.settings import KV_SHORTLIST
+
+if TYPE_CHECKING:  # types only: the report brings in matplotlib, which the other commands never load
+    import optuna
+
+    from ..facts.gguf_model import ModelFacts
+    from ..facts.probe import Hardware
+    from ..memory.fit import Placement
+    from ..search import loop
+    from ..search.config import TunedRecord
+    from ..search.health import Doctor, Verdict
+    from ..search.space import SearchSpace
+    from ..stages.serving import ServeOptions, ServeResult
+    from ..stages.speculation import SpecReport
+    from ..vocabulary.settings import Settings
+    from .report import Report
 
 console = Console()
 MIB = 2**20
@@ -33,7 +50,7 @@ def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
-def probe(hw: Any) -> None:
+def probe(hw: Hardware) -> None:
     t = Table(title="autotune probe", show_header=False)
     t.add_column("what", style="bold")
     t.add_column("value")
@@ -58,7 +75,7 @@ def probe(hw: Any) -> None:
     console.print(t)
 
 
-def doctor(hw: Any, found: Any) -> None:
+def doctor(hw: Hardware, found: Doctor) -> None:
     """The engine build, the environment's load-order check, and the self-check's verdict (``health.Doctor``)."""
     console.print(f"engine: llama-cpp-python {hw.engine_version}, backend {hw.backend}; CPU features: "
                   + " ".join(hw.cpu_features))
@@ -68,7 +85,7 @@ def doctor(hw: Any, found: Any) -> None:
         console.print(found.verdict.line())
 
 
-def inspect(facts: Any) -> None:
+def inspect(facts: ModelFacts) -> None:
     t = Table(title=f"autotune inspect: {facts.path}", show_header=False)
     t.add_column("what", style="bold")
     t.add_column("value")
@@ -104,10 +121,10 @@ def inspect(facts: Any) -> None:
     console.print(t)
 
 
-def memory_report(out: dict[str, Any], facts: Any, s: Any, hw: Any) -> None:
+def memory_report(out: dict[str, Any], facts: ModelFacts, s: Settings, hw: Hardware) -> None:
     """``memory.describe``'s record as tables; a refusal or a failed real run is the one-line error."""
     notes, cost, top = out["notes"], memory.dryrun.COST, max(facts.n_ctx_train or 131072, s.n_ctx)
-    pairs = memory.cache_pairs(memory.KV_TYPES, s.flash_attn)
+    pairs = memory.cache_pairs(KV_SHORTLIST, s.flash_attn)
     for note in notes:
         console.print(f"note: {note}")
     est = out["estimate"]
@@ -179,13 +196,13 @@ def memory_report(out: dict[str, Any], facts: Any, s: Any, hw: Any) -> None:
                       f"{mib(p['predicted_gpu'])} ({p['error_pct']:+.1f} %)")
 
 
-def _budgets(hw: Any) -> str:
+def _budgets(hw: Hardware) -> str:
     """The GPU budgets in words ("" where none is set), for the lines that say what memory is kept free."""
     found = [f"gpu{g.index} {mib(g.budget)}" for g in hw.offload_gpus if g.budget is not None]
     return f"; GPU budget {', '.join(found)}, fixed overhead included" if found else ""
 
 
-def fit_json(facts: Any, rows: list[Any], keep: int | None, seconds: float, hw: Any) -> dict[str, Any]:
+def fit_json(facts: ModelFacts, rows: list[Placement], keep: int | None, seconds: float, hw: Hardware) -> dict[str, Any]:
     cost = memory.dryrun.COST
     return {"model": facts.path, "n_ctx": rows[0].settings.n_ctx, "margin": "default" if keep is None else keep,
             "gpu_budget": {f"gpu{g.index}": g.budget for g in hw.offload_gpus if g.budget is not None} or None,
@@ -193,7 +210,7 @@ def fit_json(facts: Any, rows: list[Any], keep: int | None, seconds: float, hw: 
             "dry_runs": {"children": cost.runs, "settings": cost.settings, "seconds": round(cost.seconds, 3)}}
 
 
-def fit(facts: Any, rows: list[Any], keep: int | None, seconds: float, hw: Any) -> None:
+def fit(facts: ModelFacts, rows: list[Placement], keep: int | None, seconds: float, hw: Hardware) -> None:
     target, cost = rows[0].settings.n_ctx, memory.dryrun.COST
     warning = memory.beyond_trained(facts, target)
     if warning:
@@ -227,7 +244,7 @@ def fit(facts: Any, rows: list[Any], keep: int | None, seconds: float, hw: Any) 
                      if cost.runs else "") + f"; {seconds:.2f} s in all")
 
 
-class Terminal(Reporter):
+class Terminal(TuneReporter):
     """``tune``'s progress on the terminal: spinners, tables, a progress bar."""
 
     @contextlib.contextmanager
@@ -238,41 +255,38 @@ class Terminal(Reporter):
     def note(self, text: str) -> None:
         console.print(f"[yellow]{text}[/]")
 
-    def health(self, verdict: Any) -> None:
+    def health(self, verdict: Verdict) -> None:
         console.print(verdict.line())
 
-    def study(self, st: Any, storage_url: str) -> None:
+    def study(self, st: optuna.Study, storage_url: str) -> None:
         finished = [t for t in st.get_trials(deepcopy=False) if t.state.is_finished()]
         console.print(f"[bold]study[/] {st.study_name}  ({len(finished)} finished trials stored in {storage_url})")
 
     def kv_quality(self, quality: dict[str, Any], forced: dict[str, Any]) -> None:
         kv_quality(quality, forced)
 
-    def space(self, sp: Any, hw: Any, pins: dict[str, Any], forced: dict[str, Any]) -> None:
+    def space(self, sp: SearchSpace, hw: Hardware, pins: dict[str, Any], forced: dict[str, Any]) -> None:
         space(sp, hw, pins, forced)
 
     @contextlib.contextmanager
-    def trials(self, total: int, objective: str) -> Iterator[Callable[[Any], None]]:
+    def trials(self, total: int, objective: str) -> Iterator[Callable[[loop.Progress], None]]:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         bar = Progress(TextColumn("[bold]trial {task.completed}/{task.total}"), BarColumn(), TimeElapsedColumn(),
                        TextColumn("{task.description}"), console=console)
-        unit = "s" if objective == "ttft" else "tok/s"
+        unit = metric(objective).unit
         with bar:
             task = bar.add_task("starting", total=total)
 
-            def show(p: Any) -> None:
+            def show(p: loop.Progress) -> None:
                 best = f"best {p.best:.2f} {unit}" if p.best is not None else "best -"
                 bar.update(task, completed=p.done, description=f"{best} | {p.complete} ok, {p.pruned} pruned, "
                            f"{p.failed} failed | {p.last[:60]}")
 
             yield show
 
-    def trials_done(self, st: Any) -> None:
+    def trials_done(self, st: optuna.Study) -> None:
         trials_summary(st)
-
-    def speculation(self, config: dict[str, Any], report: Any) -> None:
-        spec_report(report.to_dict())
 
     def depth_sweep(self, rows: list[dict[str, Any]]) -> None:
         t = Table(title="the recommendation against context depth (tokens already in the cache)")
@@ -286,7 +300,7 @@ class Terminal(Reporter):
         console.print(t)
 
 
-def space(sp: Any, hw: Any, pins: dict[str, Any], forced: dict[str, Any]) -> None:
+def space(sp: SearchSpace, hw: Hardware, pins: dict[str, Any], forced: dict[str, Any]) -> None:
     """What the study will search, so a user sees before the first trial what is tuned and what is held."""
     t = Table(title="search space")
     t.add_column("knob")
@@ -329,7 +343,7 @@ def kv_quality(quality: dict[str, Any], forced: dict[str, Any]) -> None:
     console.print(t)
 
 
-def trials_summary(st: Any) -> None:
+def trials_summary(st: optuna.Study) -> None:
     from optuna.trial import TrialState
 
     counts = {s: len(st.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
@@ -340,9 +354,9 @@ def trials_summary(st: Any) -> None:
         console.print(f"best so far: trial {st.best_trial.number} = {st.best_value:.2f}")
 
 
-def recommendation(config: dict[str, Any]) -> None:
-    rec = config["recommendation"]
-    m = config["metrics"]
+def recommendation(config: TunedRecord) -> None:
+    rec = config.evidence["recommendation"]
+    m = config.metrics
     rows = rec.get("side_by_side") or []
     if rows:
         t = Table(title="re-measured side by side (medians)")
@@ -360,7 +374,7 @@ def recommendation(config: dict[str, Any]) -> None:
     t = Table(title=f"recommended: {rec['chosen']}, against the best baseline on each metric (re-measured side by side)")
     for col in ("metric", "recommended median", "spread (min-max)", "best baseline", "its median", "ratio", "spread says"):
         t.add_column(col)
-    for name, unit in (("decode", "tok/s"), ("prefill", "tok/s"), ("ttft", "s")):
+    for name, unit in ((f.name, f.unit) for f in map(metric, FELT)):
         a = m[name]
         v = versus.get(name)
         if v is None:  # no baseline ran
@@ -370,15 +384,14 @@ def recommendation(config: dict[str, Any]) -> None:
         t.add_row(name, f"{a['median']:.2f} {unit}", f"{a['low']:.2f}-{a['high']:.2f}", v["baseline"],
                   f"{v['baseline_median']:.2f} {unit}", f"x{v['ratio']:.2f}" if v["ratio"] else "-", said)
     console.print(t)
-    s = config["settings"]
-    console.print("settings: " + ", ".join(f"{k}={v}" for k, v in s.items() if v is not None))
+    console.print("settings: " + ", ".join(f"{k}={v}" for k, v in config.settings.to_dict().items() if v is not None))
     console.print(rec["verdict"])
     roof = rec["roofline"]
     if "fraction" in roof and roof["fraction"]:
         console.print(f"roofline: decode {roof['decode_tps']:.1f} tok/s is {roof['fraction']:.0%} of the "
                       f"{roof['limit_tps']:.1f} tok/s that {roof['bandwidth_gbs']:.1f} GB/s allows "
                       f"({roof['bytes_per_token'] / MIB:,.0f} MiB read per token)")
-    pred = config.get("memory", {})
+    pred = config.memory
     if "total" in pred and rec.get("peak_rss"):
         console.print(f"memory: predicted {mib(pred['total'])}; measured peak RSS {mib(rec['peak_rss'])}, of which "
                       f"{mib(rec['base_rss'])} was the Python process before the model loaded")
@@ -414,14 +427,14 @@ def draft_report(d: dict[str, Any]) -> None:
     console.print("whether a draft pays is measured in llama-server: autotune spec MODEL --draft DRAFT")
 
 
-def spec_report(d: dict[str, Any]) -> None:
+def spec_report(report: SpecReport) -> None:
     """``autotune spec``: each finalist per kind of work against no speculation, then the verdicts."""
-    works = d["plan"]["workloads"]
-    t = Table(title=f"speculation in llama-server, {d['plan']['rounds']} rotated rounds of fresh servers "
+    works = report.plan.workloads
+    t = Table(title=f"speculation in llama-server, {report.plan.rounds} rotated rounds of fresh servers "
                     "(decode tok/s median; speed-up over none per round; a win needs the interquartile ranges apart)")
     for col in ("speculation", *works):
         t.add_column(col)
-    for r in d["results"]:
+    for r in report.rows:
         cells = []
         for w in works:
             e = r["workloads"][w]
@@ -429,7 +442,7 @@ def spec_report(d: dict[str, Any]) -> None:
                 cells.append("[red]failed[/]")
                 continue
             cell = f"{e['decode']['median']:.1f}"
-            if e["speedup"] and r is not d["results"][0]:
+            if e["speedup"] and r is not report.rows[0]:
                 sp = e["speedup"]
                 mark = {"better": "[green]faster[/]", "worse": "[red]slower[/]"}.get(e["versus"], "same")
                 cell += f"  x{sp['median']:.2f} ({sp['q25']:.2f}-{sp['q75']:.2f}) {mark}"
@@ -442,14 +455,14 @@ def spec_report(d: dict[str, Any]) -> None:
             cells.append(cell)
         t.add_row(r["label"], *cells)
     console.print(t)
-    for r in d["results"]:
+    for r in report.rows:
         for f in r["failures"]:
             console.print(f"[yellow]{r['label']} failed[/]: {f}")
-    for s in d["skipped"]:
-        console.print(f"not measured: {s['kind']}: {s['why']}")
-    for line in d["verdicts"].values():
+    for kind, why in report.skipped:
+        console.print(f"not measured: {kind}: {why}")
+    for line in report.verdicts.values():
         console.print(line)
-    console.print(f"[bold]{d['recommendation']['verdict'].split(':')[0]}[/] ({d['wall_s']:.0f} s)")
+    console.print(f"[bold]{report.verdict.split(':')[0]}[/] ({report.wall_s:.0f} s)")
 
 
 def studies(rows: list[dict[str, Any]], url: str) -> None:
@@ -462,7 +475,7 @@ def studies(rows: list[dict[str, Any]], url: str) -> None:
     console.print(t)
 
 
-def serving(result: Any, opts: Any) -> None:
+def serving(result: ServeResult, opts: ServeOptions) -> None:
     table = Table(title=f"side by side, {opts.rounds} rotated rounds, {opts.users} users (medians, q25-q75)")
     for col in ("config", "aggregate tok/s", "user decode tok/s", "TTFT p50 s", "TTFT p95 s", "failed", "peak RSS"):
         table.add_column(col)
@@ -480,7 +493,7 @@ def serving(result: Any, opts: Any) -> None:
     console.print("llama-server " + shlex.join(result.command))
 
 
-def report(done: Any) -> None:
+def report(done: Report) -> None:
     names = ", ".join(p.name for p in done.images) or "none"
     console.print(f"wrote {done.index} and {len(done.images)} plots: {names}")
     for note in done.notes:

@@ -12,7 +12,7 @@ import base64
 import datetime as dt
 import html
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,8 +24,12 @@ from .. import engine
 from ..engine import Workload
 from ..facts.gguf_model import ModelFacts, read_facts
 from ..facts.probe import Hardware
-from ..search import recommend, study
+from ..search import loop, recommend
+from ..search.config import TunedRecord
+from ..search.storage import default_url, load_existing
+from ..stages.speculation import SpecReport
 from ..vocabulary.errors import AutotuneError, ConfigError
+from ..vocabulary.metrics import OBJECTIVES, metric
 from ..vocabulary.settings import Settings
 from . import export, plots
 
@@ -34,7 +38,7 @@ from . import export, plots
 class Source:
     """What a report is built from; any part may be missing (a config without its study, a moved model)."""
 
-    config: dict[str, Any] | None
+    config: TunedRecord | None
     study: optuna.Study | None
     notes: list[str] = field(default_factory=list)
 
@@ -44,31 +48,37 @@ class Source:
 
     @property
     def model(self) -> dict[str, Any]:
-        return (self.config or {}).get("model") or self.attrs.get("model") or {}
+        return (self.config.model if self.config else None) or self.attrs.get("model") or {}
 
     @property
     def hardware(self) -> Hardware | None:
-        data = (self.config or {}).get("hardware") or self.attrs.get("hardware")
-        return Hardware.from_dict(data) if data else None
+        """The machine the study ran on, as recorded; this machine's engine prices what the replay cannot."""
+        data = (self.config.hardware if self.config else None) or self.attrs.get("hardware")
+        return replace(Hardware.from_dict(data), build=engine.bundled) if data else None
+
+    @property
+    def evidence(self) -> dict[str, Any]:
+        """The tuned config's evidence (study, workload, recommendation, speculation), empty without one."""
+        return self.config.evidence if self.config else {}
 
 
 def load(source: str, storage: str | None = None) -> Source:
     """A tuned-config JSON path (its study is loaded too where reachable) or a study name in ``storage``."""
-    default = study.default_url()
+    default = default_url()
     if source.endswith(".json") or Path(source).is_file():
-        config = export.load_config(source)
-        ref = config.get("study") or {}
+        config = TunedRecord.load(source)
+        ref = config.evidence.get("study") or {}
         if not ref.get("name"):
             return Source(config, None, ["the config names no study: knob and study plots left out"])
         try:
-            return Source(config, study.load_existing(ref["name"], storage or ref.get("storage") or default))
+            return Source(config, load_existing(ref["name"], storage or ref.get("storage") or default))
         except AutotuneError as e:
             return Source(config, None, [f"study {ref['name']} not reachable ({e}): knob and study plots left out"])
-    st = study.load_existing(source, storage or default)
+    st = load_existing(source, storage or default)
     recommended = st.user_attrs.get("recommendation")
     notes = [] if recommended else ["the study has no recommendation yet (finish it with autotune search): "
                                     "the tuned config and the recommended-vs-defaults plot are left out"]
-    return Source(recommended, st, notes)
+    return Source(TunedRecord.from_json(recommended, f"study {source}") if recommended else None, st, notes)
 
 
 # ------------------------------------------------------------------------------------------ figures
@@ -97,8 +107,8 @@ def _facts(src: Source) -> ModelFacts | None:
 def _settings(src: Source) -> Settings:
     """The configuration to draw memory for: the tuned one, else the best trial's, else the study's context."""
     if src.config:
-        return export.settings_of(src.config)
-    runs = study.completed(src.study) if src.study else []
+        return src.config.settings
+    runs = loop.completed(src.study) if src.study else []
     if runs:
         return max(runs, key=lambda tm: tm[1].decode)[1].settings
     return Settings(n_ctx=int(src.attrs.get("n_ctx", 4096)))
@@ -106,10 +116,10 @@ def _settings(src: Source) -> Settings:
 
 def _roofline(src: Source, facts: ModelFacts | None, hw: Hardware | None, s: Settings) -> float | None:
     """Decode's memory-bandwidth limit: the recommendation's, else computed like the recommendation does."""
-    known = ((src.config or {}).get("recommendation") or {}).get("roofline", {}).get("limit_tps")
+    known = (src.evidence.get("recommendation") or {}).get("roofline", {}).get("limit_tps")
     if known or facts is None or hw is None:
         return known
-    work = (src.config or {}).get("workload") or src.attrs.get("workload") or {}
+    work = src.evidence.get("workload") or src.attrs.get("workload") or {}
     roof = recommend.roofline(facts, hw, recommend.Candidate("best", s), Workload(**work))
     return roof.get("limit_tps")
 
@@ -129,10 +139,11 @@ def figures(src: Source) -> list[Plot]:
             src.notes.append(f"{title} left out: {e}")
 
     if src.config:
+        tuned = src.config
         add("recommendation", "Recommended vs engine defaults",
             "Re-measured in interleaved rounds of fresh processes: bars are medians, error bars interquartile "
             "ranges, dots every sample; the dashed line is decode's memory-bandwidth roofline.",
-            lambda: plots.recommendation(src.config or {}))
+            lambda: plots.recommendation(tuned))
     if facts is not None and hw is not None:
         model_facts, machine = facts, hw
         add("memory", "Memory against context",
@@ -141,7 +152,7 @@ def figures(src: Source) -> list[Plot]:
             lambda: plots.memory_vs_context(model_facts, s, machine))
     st = src.study
     if st is not None:
-        runs = study.completed(st)
+        runs = loop.completed(st)
         highlight = {}
         if src.config:
             highlight["recommended"] = s
@@ -162,11 +173,12 @@ def figures(src: Source) -> list[Plot]:
         add("pareto_decode_memory", "Pareto front: decode vs memory", "Peak memory of each trial's process.",
             lambda: plots.pareto(st, "decode", "memory"))
         add("timeline", "Trial timeline", "Wall-clock span and final state of every trial.", lambda: plots.timeline(st))
-    spec = (src.config or {}).get("speculation") or {}
+    spec = src.evidence.get("speculation") or {}
     if len(spec.get("results") or []) > 1:
+        measured = SpecReport.from_json(spec)
         add("speculation", "Speculative decoding", "Measured in llama-server with the tuned settings, each kind "
             "against no speculation in rotated rounds of fresh servers; a speed-up counts only when the interquartile "
-            "ranges are apart.", lambda: plots.speculation(spec))
+            "ranges are apart.", lambda: plots.speculation(measured))
     elif spec:
         src.notes.append(f"speculation: {spec.get('recommendation', {}).get('verdict', 'nothing measured')}")
     return out
@@ -194,9 +206,9 @@ def _table(header: list[str], rows: list[list[Any]], changed: list[bool] | None 
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _config_html(config: dict[str, Any]) -> str:
-    rec = config.get("recommendation") or {}
-    s = export.settings_of(config)
+def _config_html(config: TunedRecord) -> str:
+    rec = config.evidence.get("recommendation") or {}
+    s = config.settings
     defaults = engine.defaults(s.n_ctx)
     parts = []
     if rec.get("verdict"):
@@ -205,9 +217,9 @@ def _config_html(config: dict[str, Any]) -> str:
     parts.append(_table(["setting", "tuned", "engine default"],
                         [[k, getattr(s, k), getattr(defaults, k)] for k in names],
                         [getattr(s, k) != getattr(defaults, k) for k in names]))
-    metrics, base = config.get("metrics") or {}, rec.get("baseline_metrics") or {}
+    metrics, base = config.metrics, rec.get("baseline_metrics") or {}
     rows = []
-    for key, unit in (("decode", "tok/s"), ("prefill", "tok/s"), ("ttft", "s"), ("balanced", "tok/s")):
+    for key, unit in ((o.name, o.unit) for o in map(metric, OBJECTIVES)):
         m, b = metrics.get(key) or {}, base.get(key) or {}
         if m.get("n"):
             rows.append([key, f"{m['median']:.2f} {unit}", f"{m['q25']:.2f}-{m['q75']:.2f}", m["n"],
@@ -231,7 +243,7 @@ def _config_html(config: dict[str, Any]) -> str:
                      f"({roof['bandwidth_gbs']:.1f} GB/s, {roof['bytes_per_token'] / 2**20:,.0f} MiB read "
                      "per token).</p>")
     parts.append("<p>As llama-server flags:</p><pre>" + html.escape(export.render(config, "llama-server")) + "</pre>")
-    quality = config.get("kv_quality") or {}
+    quality = config.evidence.get("kv_quality") or {}
     if quality:
         parts.append("<p>Quantized K/V caches against f16 on a fixed text (pairs beyond the threshold were not "
                      "searched):</p>")
@@ -265,7 +277,7 @@ def build(source: str, out_dir: str | Path, storage: str | None = None) -> Repor
     made = figures(src)
     hw = src.hardware
     model = src.model
-    work = (src.config or {}).get("workload") or src.attrs.get("workload") or {}
+    work = src.evidence.get("workload") or src.attrs.get("workload") or {}
     name = model.get("name") or Path(model.get("path", "model")).name
     meta = [f"model {model.get('path', '?')} ({model.get('architecture', '?')}, "
             f"sha256 {str(model.get('sha256', '?'))[:12]})"]

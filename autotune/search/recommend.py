@@ -15,21 +15,17 @@ from typing import Any, Callable
 import numpy as np
 import optuna
 
-from .. import engine, memory
-from ..engine import Measurement, Workload
+from .. import memory
+from ..engine import Engine, Measurement, Workload
 from ..facts.gguf_model import ModelFacts
 from ..facts.probe import Hardware
+from ..vocabulary import metrics
 from ..vocabulary.errors import AutotuneError, ModelError
 from ..vocabulary.settings import Settings
-from .study import (
-    GUARD_TOLERANCE,
-    PLACEMENT_KNOBS,
-    StudyRequest,
-    baselines,
-    completed,
-    guarded,
-    objective_samples,
-)
+from .baselines import PLACEMENT_KNOBS, baselines
+from .guard import GUARD_TOLERANCE, guarded
+from .loop import completed
+from .request import StudyRequest, objective_samples
 
 
 @dataclass
@@ -77,17 +73,16 @@ class Candidate:
         return Spread.of(self.samples(metric, workload))
 
 
-METRICS = ("decode", "prefill", "ttft")  # what a user feels; each is compared with its own best baseline
+METRICS = metrics.FELT  # what a user feels; each is compared with its own best baseline
 
 
-def better(metric: str) -> int:
-    """+1 where a larger value is better, -1 where smaller is (time to first token)."""
-    return -1 if metric == "ttft" else 1
+def _sign(metric: str) -> int:
+    return metrics.metric(metric).sign
 
 
 def compare(a: Candidate, b: Candidate, metric: str, workload: Workload) -> str:
     """"better", "worse" or "same" on ``metric`` (``Spread.versus``)."""
-    return a.spread(metric, workload).versus(b.spread(metric, workload), better(metric) > 0)
+    return a.spread(metric, workload).versus(b.spread(metric, workload), metrics.metric(metric).higher_is_better)
 
 
 def ratio(a: Candidate, b: Candidate, metric: str, workload: Workload) -> float | None:
@@ -95,7 +90,7 @@ def ratio(a: Candidate, b: Candidate, metric: str, workload: Workload) -> float 
     x, y = a.spread(metric, workload).median, b.spread(metric, workload).median
     if not x or not y:
         return None
-    return y / x if better(metric) < 0 else x / y
+    return x / y if metrics.metric(metric).higher_is_better else y / x
 
 
 @dataclass
@@ -112,6 +107,17 @@ class Recommendation:
     roofline: dict[str, Any]
     baselines: list[Candidate] = field(default_factory=list)  # every baseline measured, those that crashed too
     best_baselines: dict[str, Candidate] = field(default_factory=dict)  # per metric, the best baseline that ran
+
+    def to_json(self) -> dict[str, Any]:
+        """What the tuned-config record keeps of it (its ``recommendation``): the verdict, the chosen config and
+        baseline, every baseline's medians, each metric against its best baseline, the side-by-side spreads."""
+        return {"supported": self.supported, "verdict": self.verdict, "speedup": self.speedup,
+                "chosen": self.chosen.label, "baseline": self.baseline.label, "baselines": self.baseline_report(),
+                "versus": self.versus(), "side_by_side": self.side_by_side(),
+                "baseline_metrics": self.metrics(self.baseline),
+                "peak_rss": self.confirmation.peak_rss if self.confirmation else None,
+                "base_rss": self.confirmation.base_rss if self.confirmation else None,
+                "roofline": self.roofline}
 
     def baseline_report(self) -> dict[str, Any]:
         """Per baseline: whether it ran, and why not, and its medians."""
@@ -152,7 +158,7 @@ class Recommendation:
     def metrics(self, c: Candidate | None = None) -> dict[str, dict[str, Any]]:
         c = c or self.chosen
         out = {}
-        for metric in ("decode", "prefill", "ttft", "balanced"):
+        for metric in metrics.OBJECTIVES:
             s = c.spread(metric, self.workload)
             out[metric] = {**s.to_dict(), "samples": c.samples(metric, self.workload)}
         return out
@@ -166,6 +172,7 @@ CONFIRM = 20_000
 
 
 def measure_rounds(
+    engine: Engine,
     model_path: str,
     candidates: list[Candidate],
     workload: Workload,
@@ -174,7 +181,7 @@ def measure_rounds(
     on_run: Callable[[str, Measurement], None] | None = None,
     settled: Callable[[Candidate], bool] | None = None,
 ) -> None:
-    """Run every candidate once per round in a fresh process, adding to its runs or failures.
+    """Run every candidate once per round on ``engine`` in a fresh process, adding to its runs or failures.
 
     Each round starts one candidate later, so no config always runs first or right after the same other
     config: the machine drifts, and a side-by-side comparison must not hand that drift to one config. A
@@ -210,7 +217,7 @@ def out_of_running(c: Candidate, candidates: list[Candidate], baselines: list[Ca
         return any(o is not c and compare(o, c, objective, workload) == "better" for o in candidates if o.runs)
     if not ran_bases:
         return False
-    best_bases = {m: max(ran_bases, key=lambda b: better(m) * b.spread(m, workload).median) for m in METRICS}
+    best_bases = {m: max(ran_bases, key=lambda b: _sign(m) * b.spread(m, workload).median) for m in METRICS}
     return bool(losses(c, best_bases, workload))
 
 
@@ -236,7 +243,7 @@ def recommend(
     if not done:
         raise AutotuneError("no trial of this study completed: nothing to recommend (see the failed/pruned reasons)")
     key = (lambda tm: tm[0].values[0]) if not req.pareto else (lambda tm: tm[1].decode)
-    ranked = sorted(done, key=key, reverse=objective != "ttft" or req.pareto)
+    ranked = sorted(done, key=key, reverse=metrics.metric(objective).higher_is_better or req.pareto)
     if req.guard:  # the fastest (to show what a trade would give), then those that gave no other speed away
         ranked = ranked[:1] + sorted(ranked[1:], key=lambda tm: not guarded(tm[0]))
     baselines = baseline_candidates(req)
@@ -257,7 +264,7 @@ def recommend(
         candidates.append(Candidate(label, settings))
 
     trading = trade or req.pareto
-    measure_rounds(req.model_path, candidates, req.workload, rounds, trial_timeout, on_run,
+    measure_rounds(req.engine, req.model_path, candidates, req.workload, rounds, trial_timeout, on_run,
                    settled=lambda c: out_of_running(c, candidates, baselines, objective, req.workload, trading))
     d = decide(candidates, baselines, objective, req.workload, trading)
     order, verdict, best, baseline, best_bases = d.order, d.verdict, d.order[0], d.baseline, d.best_bases
@@ -266,7 +273,8 @@ def recommend(
     confirmation = None
     chosen = order[0]
     for attempt, c in enumerate(order):
-        m = engine.measure(req.model_path, c.settings, req.workload, timeout=trial_timeout, index=CONFIRM + attempt)
+        m = req.engine.measure(req.model_path, c.settings, req.workload, timeout=trial_timeout,
+                               index=CONFIRM + attempt)
         if on_run:
             on_run(f"confirm {c.label}", m)
         if m.ok:  # proof that it runs; kept apart so the verdict rests on the interleaved rounds only
@@ -295,11 +303,9 @@ def within_reach(baseline_values: list[float], objective: str) -> Callable[[floa
     worth re-measuring. None where no baseline trial completed."""
     if not baseline_values:
         return None
-    if objective == "ttft":
-        bar = min(baseline_values) * (1 + GUARD_TOLERANCE)
-        return lambda v: v <= bar
-    bar = max(baseline_values) * (1 - GUARD_TOLERANCE)
-    return lambda v: v >= bar
+    m = metrics.metric(objective)
+    best = m.best(baseline_values)
+    return lambda v: not best or m.shortfall(v, best) <= GUARD_TOLERANCE
 
 
 @dataclass
@@ -329,20 +335,20 @@ def decide(candidates: list[Candidate], baselines: list[Candidate], objective: s
     if not ran:
         raise AutotuneError("every re-measurement failed: " + "; ".join(f for c in candidates for f in c.failures[:1]))
     ran_bases = [c for c in ran if c in baselines]
-    best_bases = {m: max(ran_bases, key=lambda c: better(m) * c.spread(m, workload).median)
+    best_bases = {m: max(ran_bases, key=lambda c: _sign(m) * c.spread(m, workload).median)
                   for m in METRICS} if ran_bases else {}
 
     def by_objective(cs: list[Candidate]) -> list[Candidate]:
-        return sorted(cs, key=lambda c: better(objective) * c.spread(objective, workload).median, reverse=True)
+        return sorted(cs, key=lambda c: _sign(objective) * c.spread(objective, workload).median, reverse=True)
 
     fastest = by_objective(ran)[0]
     pool = ran if trade else [c for c in ran if not losses(c, best_bases, workload)] or ran
     ranked = by_objective(pool)
     # Among the configs the noise cannot tell from the fastest on the objective, the one that gives least away
     # and is fastest on the other speed: knobs that do not move the objective are chosen for the other.
-    other = "decode" if objective in ("prefill", "ttft") else "prefill"
+    other = "decode" if metrics.metric(objective).speed == "prefill" else "prefill"
     ties = [c for c in ranked if c is ranked[0] or compare(c, ranked[0], objective, workload) == "same"]
-    best = max(ties, key=lambda c: (-len(losses(c, best_bases, workload)), better(other) * c.spread(other, workload).median))
+    best = max(ties, key=lambda c: (-len(losses(c, best_bases, workload)), _sign(other) * c.spread(other, workload).median))
     tie_note = "" if best is ranked[0] else (
         f"{best.label} measures the same as {ranked[0].label} on {objective} within the noise and better on "
         f"{other} (x{ratio(best, ranked[0], other, workload):.2f}): preferred. ")
@@ -377,7 +383,7 @@ def _fits(req: StudyRequest, s: Settings) -> bool:
 
 
 def baseline_candidates(req: StudyRequest) -> list[Candidate]:
-    """What a user would run without us (``study.baselines``) and, where the engine self-check pinned a switch
+    """What a user would run without us (``baselines.baselines``) and, where the engine self-check pinned a switch
     to avoid a crash, each of those with that switch."""
     out = []
     for label, s in baselines(req):

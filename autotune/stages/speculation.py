@@ -9,7 +9,7 @@ model well (code more than prose). "No speculation" is a valid answer, and the u
 
 The stage: which kinds apply (n-gram kinds always; draft-simple with each compatible draft that fits in memory
 beside the main model; draft-mtp where the main GGUF carries multi-token-prediction layers; eagle3, dflash and
-dspark drafters where one is given), a study (``study.run``) over their parameters on fresh servers, each kind's
+dspark drafters where one is given), a study (``loop.run``) over their parameters on fresh servers, each kind's
 llama.cpp defaults first, then each kind's best per kind of work re-measured in rotated rounds of fresh
 servers with no speculation among them. A speed-up is claimed only when the interquartile ranges are apart
 (``Spread.versus``) and the tokens it accepted can explain it (on a noisy machine a kind that drafted nothing
@@ -18,7 +18,7 @@ can measure x1.15: that is the machine); whether the greedy reply is unchanged i
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import math
 import time
@@ -32,12 +32,16 @@ from optuna.trial import TrialState
 
 from .. import memory
 from ..engine import external
-from ..facts.gguf_model import ModelFacts, file_sha256, read_facts
+from ..facts.gguf_model import ModelFacts, read_facts
 from ..facts.probe import Hardware
-from ..search import study
+from ..search import loop, study
+from ..search.config import TunedRecord
+from ..search.progress import Reporter
 from ..search.recommend import Spread
+from ..search.storage import digest, study_name
 from ..vocabulary.errors import AutotuneError
 from ..vocabulary.knobs import BY_NAME, DRAFT_KINDS, NGRAM_KINDS, NGRAM_MAP_KINDS, Where
+from ..vocabulary.metrics import metric
 from ..vocabulary.settings import Settings
 from . import draft as drafts
 
@@ -76,6 +80,9 @@ class Plan:
     target: str = "all"  # which kind of work the tuned config speculates for ("all": none made slower)
     timeout: float = 300.0
     gpu_budget: tuple[int, ...] | None = None  # MiB each GPU may hold in all (one value: every GPU); None: what is free
+    drafts: tuple[str, ...] = ()  # draft GGUF files, or directories of them, to try beside the n-gram kinds
+    ngram: bool = True  # measure the n-gram kinds
+    storage: str | None = None  # the study's Optuna storage (None: ./studies)
 
     def __post_init__(self) -> None:
         unknown = [w for w in self.workloads if w not in WORKLOADS]
@@ -85,6 +92,11 @@ class Plan:
             raise SpecError(f"--spec-for {self.target}: choose all or one of {', '.join(self.workloads)}")
         if not 1 <= self.prompts <= 2 or self.gen_tokens < 1 or self.rounds < 1 or (self.trials or 1) < 1:
             raise SpecError("--prompts is 1 or 2; --gen-tokens, --rounds and --trials at least 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """What is measured, as a study and ``autotune spec --json`` record it (not where or what with)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("drafts", "ngram", "storage")} | {
+            "workloads": list(self.workloads)}
 
 
 @dataclass(frozen=True)
@@ -199,10 +211,10 @@ def _geomean(values: Sequence[float]) -> float:
 
 
 def _name(model: str, hw: Hardware, base: Settings, candidates: list[Arm], plan: Plan, build: str) -> str:
-    what = json.dumps([base.to_dict(), [a.label for a in candidates], plan.workloads, plan.prompts, plan.gen_tokens,
-                       build], sort_keys=True)
-    return "-".join([Path(model).stem, file_sha256(model)[:12], hw.fingerprint(), f"ctx{base.n_ctx}", "spec",
-                     hashlib.sha256(what.encode()).hexdigest()[:8]])
+    """The speculation study's name (``storage.study_name``): the main settings, the kinds, the plan and the server
+    build set it apart."""
+    what = [base.to_dict(), [a.label for a in candidates], plan.workloads, plan.prompts, plan.gen_tokens, build]
+    return study_name(model, hw, f"ctx{base.n_ctx}", "spec", digest(what))
 
 
 def search(binary: Path, model: str, facts: ModelFacts, hw: Hardware, base: Settings, candidates: list[Arm],
@@ -219,11 +231,12 @@ def search(binary: Path, model: str, facts: ModelFacts, hw: Hardware, base: Sett
 
     def describe(st: optuna.Study) -> None:
         st.set_user_attr("stage", "speculation")
-        st.set_user_attr("plan", plan.__dict__ | {"workloads": list(plan.workloads)})
+        st.set_user_attr("plan", plan.to_dict())
         for a in candidates:
             st.enqueue_trial({"arm": a.label}, user_attrs={"role": f"{a.label}, llama.cpp defaults"})
 
-    st = study.open_named(_name(model, hw, base, candidates, plan, build), storage, seed, ["maximize"], hw,
+    st = study.open_named(_name(model, hw, base, candidates, plan, build), storage, seed,
+                          [metric("decode").direction], hw,
                           {"name": f"llama-server ({binary})", "build": build}, describe)
 
     def step(trial: optuna.Trial) -> tuple[TrialState, list[float] | None]:
@@ -250,7 +263,7 @@ def search(binary: Path, model: str, facts: ModelFacts, hw: Hardware, base: Sett
     total = total if searchable else min(total, len(candidates))
     done = len([t for t in st.get_trials(deepcopy=False) if t.state.is_finished()])
     if total > done:
-        study.run(st, total - done, step, patience=0)
+        loop.run(st, total - done, step, patience=0)
     return st
 
 
@@ -430,30 +443,50 @@ class SpecReport:
             return "No speculation: " + "; ".join(self.verdicts.values())
         return f"Speculate with {self.chosen['label']} (for {self.plan.target} work): " + "; ".join(self.verdicts.values())
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         """The JSON shape of ``autotune spec --json`` and a tuned config's ``"speculation"`` (keys only added)."""
         return {"model": self.model, "settings": self.settings.to_dict(),
                 "kinds": [a.label for a in self.arms], "skipped": [{"kind": k, "why": w} for k, w in self.skipped],
-                "plan": self.plan.__dict__ | {"workloads": list(self.plan.workloads)}, "trials": self.trials,
+                "plan": self.plan.to_dict(), "trials": self.trials,
                 "results": self.rows, "verdicts": self.verdicts,
                 "recommendation": {"speculate": self.chosen is not None,
                                    "label": self.chosen["label"] if self.chosen else "none",
                                    "settings": self.recommended.to_dict(), "verdict": self.verdict},
-                "wall_s": self.wall_s}
+                "wall_s": self.wall_s, "arms": [dataclasses.asdict(a) for a in self.arms]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SpecReport:
+        """A saved report back (a tuned config's ``"speculation"``). Reports saved before ``arms`` was written
+        name their kinds only: each comes back as its kind with the draft file's name."""
+        arms = [Arm(**a) for a in data["arms"]] if "arms" in data else [_arm(label) for label in data["kinds"]]
+        plan = dict(data["plan"], workloads=tuple(data["plan"]["workloads"]))
+        if plan.get("gpu_budget") is not None:
+            plan["gpu_budget"] = tuple(plan["gpu_budget"])
+        picked = data["recommendation"]
+        chosen = next((r for r in data["results"] if r["label"] == picked["label"]), None) if picked["speculate"] \
+            else None
+        return cls(data["model"], Settings.from_dict(data["settings"]), arms,
+                   [(s["kind"], s["why"]) for s in data["skipped"]], Plan(**plan), data["trials"], data["results"],
+                   data["verdicts"], chosen, data["wall_s"])
 
 
-def evaluate(binary: Path, model: str, settings: Settings, hw: Hardware, candidates: Sequence[str] = (),
-             plan: Plan = Plan(), ngram: bool = True, storage: str | None = None,
-             on_status: Callable[[str], None] | None = None) -> SpecReport:
-    """The whole stage for ``model`` with the main ``settings``: which kinds apply, the study, the rounds, the
-    verdicts and the one speculation a config carries."""
+def _arm(label: str) -> Arm:
+    """An ``Arm`` from its label ("kind" or "kind (draft.gguf)")."""
+    kind, _, draft = label.partition(" (")
+    return Arm(kind, draft.rstrip(")") or None)
+
+
+def evaluate(model: str, settings: Settings, hw: Hardware, plan: Plan, reporter: Reporter,
+             server: external.Tool) -> SpecReport:
+    """The whole stage for ``model`` with the main ``settings``, in ``server`` (a llama-server): which kinds
+    apply, the study, the rounds, the verdicts and the one speculation a config carries."""
     start = time.perf_counter()
     facts = read_facts(model)
     base = settings.unspeculated()
-    candidates_arms, skipped = arms(facts, base, hw, drafts.candidate_paths(candidates, model) if candidates else [],
-                                    ngram)
-    say = on_status or (lambda line: None)
-    st = search(binary, model, facts, hw, base, candidates_arms, plan, storage,
+    binary, say = server.path, reporter.note
+    candidates_arms, skipped = arms(facts, base, hw, drafts.candidate_paths(list(plan.drafts), model)
+                                    if plan.drafts else [], plan.ngram)
+    st = search(binary, model, facts, hw, base, candidates_arms, plan, plan.storage,
                 on_trial=lambda line: say(f"speculation study, {line}"))
     trials = [{"number": t.number, "arm": t.user_attrs.get("arm"), "state": t.state.name,
                "settings": t.user_attrs.get("settings"), "value": t.value if t.state == TrialState.COMPLETE else None,
@@ -467,36 +500,24 @@ def evaluate(binary: Path, model: str, settings: Settings, hw: Hardware, candida
                       choose(rows, plan), time.perf_counter() - start)
 
 
-def server_binary(path: str | None) -> Path:
-    """The user's llama-server, or the reference build of the engine's own llama.cpp (built once, cached)."""
-    if path:
-        kind, p = external.parse(f"llama-server:{path}")
-        return p
-    from ..engine import reference
-
-    return reference.tool("llama-server")
-
-
-def candidates_for(choice: str, model: str) -> tuple[list[str], bool]:
-    """``--spec auto|ngram|PATH``: the draft files to try, and whether the n-gram kinds are measured too."""
+def candidates_for(choice: str, model: str) -> list[str]:
+    """``--spec auto|ngram|PATH``: the draft files to try beside the n-gram kinds."""
     if choice == "ngram":
-        return [], True
+        return []
     if choice == "auto":
-        return drafts.auto_candidates(model), True
-    return [choice], True
+        return drafts.auto_candidates(model)
+    return [choice]
 
 
-def search_stage(config: dict[str, Any], choice: str, hw: Hardware, plan: Plan = Plan(), server: str | None = None,
-                 storage: str | None = None,
-                 on_status: Callable[[str], None] | None = None) -> tuple[dict[str, Any], SpecReport | None]:
+def search_stage(config: TunedRecord, choice: str, hw: Hardware, plan: Plan, reporter: Reporter,
+                 server: external.Tool) -> tuple[TunedRecord, SpecReport]:
     """``search --spec``: after the main settings are tuned, the stage with exactly those settings; the config
     carries the chosen speculation (none where nothing pays) and the report under ``"speculation"``."""
-    from ..output.export import settings_of
-
-    model = config["model"]["path"]
-    items, ngram = candidates_for(choice, model)
+    model = config.model["path"]
+    plan = dataclasses.replace(plan, drafts=tuple(candidates_for(choice, model)), ngram=True)
     try:
-        report = evaluate(server_binary(server), model, settings_of(config), hw, items, plan, ngram, storage, on_status)
+        report = evaluate(model, config.settings, hw, plan, reporter, server)
     except drafts.DraftError as e:
         raise SpecError(str(e)) from None
-    return {**config, "settings": report.recommended.to_dict(), "speculation": report.to_dict()}, report
+    return dataclasses.replace(config, settings=report.recommended,
+                               evidence={**config.evidence, "speculation": report.to_json()}), report

@@ -9,6 +9,9 @@ printers read them instead of each deciding that "lower TTFT is better".
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+Direction = Literal["maximize", "minimize"]  # Optuna's words
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,7 @@ class Metric:
         return 1 if self.higher_is_better else -1
 
     @property
-    def direction(self) -> str:
+    def direction(self) -> Direction:
         """Optuna's word for it."""
         return "maximize" if self.higher_is_better else "minimize"
 
@@ -55,6 +58,8 @@ BY_NAME = {m.name: m for m in METRICS}
 FELT = ("decode", "prefill", "ttft")
 # The speeds a single-user search may optimize.
 OBJECTIVES = ("decode", "prefill", "ttft", "balanced")
+# The axes of a Pareto study, in the order of its values.
+PARETO = ("decode", "prefill", "memory")
 
 
 def metric(name: str) -> Metric:
