@@ -12,12 +12,18 @@ import os
 import shlex
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .output import printers
 from .output.printers import console, print_json
 from .vocabulary.errors import AutotuneError
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .facts.probe import Hardware
+    from .search.config import TunedRecord
+    from .search.pipeline import Stage, TuneReporter
 
 
 def _options(cls: Any, args: argparse.Namespace, **given: Any) -> Any:
@@ -32,9 +38,10 @@ def _pins(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _hardware(bandwidth: bool = False) -> Any:
+    from .engine import bundled
     from .facts.probe import probe
 
-    return probe(measure_bandwidth=bandwidth)
+    return probe(bundled, measure_bandwidth=bandwidth)
 
 
 def _budget(args: argparse.Namespace) -> tuple[int, ...] | None:
@@ -62,9 +69,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from .search import health
 
     model, hw = _model(args), _hardware()
-    start = engine.defaults(min(4096, read_facts(model).n_ctx_train or 4096))
+    start = engine.defaults(read_facts(model).default_ctx)
     with console.status("the environment, then the engine self-check: load, a batch, a few decode steps ..."):
-        found = health.doctor(model, start, hw, _pins(args), args.recheck)
+        found = health.doctor(model, start, hw, engine.bundled, _pins(args), args.recheck)
     if args.json:
         env = found.environment
         print_json({**(dataclasses.asdict(found.verdict) if found.verdict else {"ok": False, "crash": found.crash}),
@@ -96,13 +103,14 @@ def _settings(args: argparse.Namespace, **more: Any) -> Any:
 
 def cmd_memory(args: argparse.Namespace) -> int:
     from . import memory
+    from .search import oracle
     from .facts.gguf_model import read_facts
 
     budget = _budget(args)
     facts, hw = read_facts(args.model), _hardware().with_gpu_budget(budget)
     s = _settings(args, n_ctx=args.ctx, n_gpu_layers=args.ngl, flash_attn=args.fa == "on", type_k=args.type_k,
                   type_v=args.type_v, swa_full=args.swa_full == "on", n_cpu_moe=args.n_cpu_moe)
-    out = memory.describe(facts, s, hw, args.ctx_sweep, args.max_ctx, args.verify)
+    out = memory.describe(facts, s, hw, args.ctx_sweep, args.max_ctx, oracle.check if args.verify else None)
     print_json(out) if args.json else printers.memory_report(out, facts, s, hw)
     return 0
 
@@ -124,9 +132,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from . import engine
     from .output import export
     from .search import pipeline
-    from .stages import speculation
     from .vocabulary import flags
     from .vocabulary.settings import Settings
 
@@ -144,9 +152,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     options = _options(pipeline.TuneOptions, args, ctx=ctx, objective=args.objective or pipeline.TuneOptions.objective,
                        trade=args.objective is not None, pins=_pins(args), recommend=not args.no_recommend,
                        start=start, workload=dataclasses.replace(pipeline.HOST_WORKLOAD, **given) if given else None,
-                       spec_plan=speculation.Plan(target=args.spec_for), gpu_budget=budget)
+                       gpu_budget=budget)
+    measurer, reporter = engine.make(args.engine), printers.Terminal()
+    stage = _spec_stage(args, measurer, reporter) if args.spec else None
     try:
-        tuned = pipeline.tune(model, options, printers.Terminal())
+        tuned = pipeline.tune(model, options, reporter, measurer, stage)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: the study is saved; run the same command again to resume[/]")
         return 130
@@ -160,18 +170,41 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spec_stage(args: argparse.Namespace, measurer: Engine, reporter: TuneReporter) -> Stage:
+    """``search --spec``: the speculation stage on the tuned record, in the user's llama-server where it is the
+    engine, else the reference build."""
+    from . import engine
+    from .engine import external
+    from .search.progress import Lines
+    from .stages import speculation
+
+    plan = speculation.Plan(target=args.spec_for, storage=args.storage)
+
+    def stage(record: TunedRecord, hw: Hardware) -> TunedRecord:
+        with reporter.step("measuring speculative decoding in llama-server with the tuned settings ...") as status:
+            server = measurer if isinstance(measurer, external.Tool) and measurer.kind == "llama-server" else \
+                engine.llama_server()
+            record, report = speculation.search_stage(record, args.spec, hw, plan, Lines(status), server)
+        printers.spec_report(report)
+        return record
+
+    return stage
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .output import export
-    from .search import study
+    from .search import storage
+    from .search.config import TunedRecord
     from .vocabulary.errors import ConfigError
 
     source = args.study or args.source
     if not source:
         raise ConfigError("export what? give a tuned config JSON or a study name (--study NAME)")
     if not args.study and (source.endswith(".json") or os.path.isfile(source)):
-        config = export.load_config(source)
+        config = TunedRecord.load(source)
     else:
-        config = study.recommendation(source, args.storage or study.default_url())
+        config = TunedRecord.from_json(storage.recommendation(source, args.storage or storage.default_url()),
+                                       f"study {source}")
     text = export.render(config, args.format)
     if args.out:
         with open(args.out, "w") as f:
@@ -182,10 +215,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
-    from .search import study
+    from .search import storage
 
-    rows = study.summaries(args.storage)
-    print_json(rows) if args.json else printers.studies(rows, study.storage_url(args.storage))
+    rows = storage.summaries(args.storage)
+    print_json(rows) if args.json else printers.studies(rows, storage.storage_url(args.storage))
     return 0
 
 
@@ -204,13 +237,13 @@ def _spec_arg(value: str) -> str:
 
 def cmd_draft(args: argparse.Namespace) -> int:
     from .facts.gguf_model import read_facts
-    from .output import export
-    from .search import study
+    from .search import baselines
+    from .search.config import TunedRecord
     from .stages import draft
 
     facts, hw = read_facts(args.model), _hardware()
-    settings = export.settings_of(export.load_config(args.config)) if args.config else \
-        study.sensible(hw, facts, min(4096, facts.n_ctx_train or 4096))
+    settings = TunedRecord.load(args.config).settings if args.config else \
+        baselines.sensible(hw, facts, facts.default_ctx)
     settings = settings.replace(**({"n_ctx": args.ctx} if args.ctx else {}), **_pins(args))
     report = draft.check(args.model, args.candidates, settings, hw)
     print_json(report.to_dict()) if args.json else printers.draft_report(report.to_dict())
@@ -218,46 +251,46 @@ def cmd_draft(args: argparse.Namespace) -> int:
 
 
 def cmd_spec(args: argparse.Namespace) -> int:
+    from . import engine
     from .facts.gguf_model import read_facts
-    from .output import export
-    from .search import health, study
+    from .search import baselines, health
+    from .search.config import TunedRecord
+    from .search.progress import Lines
     from .stages import speculation
 
-    plan = _options(speculation.Plan, args, workloads=tuple(args.workloads), gpu_budget=_budget(args))
+    plan = _options(speculation.Plan, args, workloads=tuple(args.workloads), gpu_budget=_budget(args),
+                    drafts=tuple(args.draft or ()), ngram=not args.no_ngram)
     facts, hw = read_facts(args.model), _hardware().with_gpu_budget(plan.gpu_budget)
-    settings = export.settings_of(export.load_config(args.config)) if args.config else \
-        study.sensible(hw, facts, min(4096, facts.n_ctx_train or 4096))
+    settings = TunedRecord.load(args.config).settings if args.config else \
+        baselines.sensible(hw, facts, facts.default_ctx)
     pins = _pins(args)
     settings = settings.replace(**({"n_ctx": args.ctx} if args.ctx else {}), **pins)
-    binary = speculation.server_binary(args.server)
+    server = engine.llama_server(args.server)
     status_console = printers.Console(stderr=True)
     with status_console.status("engine self-check, then the study, then the rounds ...") as status:
         # the reference llama-server runs the same ggml: where a run crashes, the check's switch avoids it there too
-        verdict = health.check(args.model, settings, hw, pinned=frozenset(pins), timeout=plan.timeout)
+        verdict = health.check(args.model, settings, hw, engine.bundled, pinned=frozenset(pins), timeout=plan.timeout)
         status_console.print(verdict.line())
         settings = settings.replace(**verdict.pins)
-        report = speculation.evaluate(binary, args.model, settings, hw, args.draft or [], plan, not args.no_ngram,
-                                      args.storage, on_status=status.update)
-    print_json(report.to_dict()) if args.json else printers.spec_report(report.to_dict())
+        report = speculation.evaluate(args.model, settings, hw, plan, Lines(status.update), server)
+    print_json(report.to_json()) if args.json else printers.spec_report(report)
     return 0
 
 
 def cmd_serve_tune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .engine import external, reference
+    from . import engine
     from .facts.gguf_model import read_facts
+    from .search.progress import Lines
     from .stages import serving
 
     opts = _options(serving.ServeOptions, args, gpu_budget=_budget(args))
-    hw = _hardware().with_gpu_budget(opts.gpu_budget)
     model = _model(args)
-    facts = read_facts(model)
-    binary = external.parse(f"llama-server:{args.server}")[1] if args.server else reference.tool("llama-server",
-                                                                                                quiet=False)
-    console.print(f"serving study: {facts.name}, {opts.users} users x {opts.ctx_per_user:,} tokens, "
-                  f"{opts.requests} requests per load, llama-server {binary}")
-    result = serving.tune(model, facts, hw, binary, opts, say=lambda text: console.print(f"  {text}"))
+    server = engine.llama_server(args.server, quiet=False)
+    console.print(f"serving study: {read_facts(model).name}, {opts.users} users x {opts.ctx_per_user:,} tokens, "
+                  f"{opts.requests} requests per load, llama-server {server.path}")
+    result = serving.tune(model, opts, Lines(lambda text: console.print(f"  {text}")), server)
     printers.serving(result, opts)
     if args.out:
         serving.save(result, Path(args.out))
@@ -304,8 +337,10 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
 def build_parser() -> argparse.ArgumentParser:
     from .output.export import FORMATS
     from .search.pipeline import GPU_WORKLOAD, HOST_WORKLOAD, TuneOptions
-    from .search.study import OBJECTIVES
+    from .stages.serving import ServeOptions
     from .stages.speculation import Plan
+    from .vocabulary.metrics import OBJECTIVES
+    from .vocabulary.settings import KV_SHORTLIST
 
     p = argparse.ArgumentParser(prog="autotune", description="Hardware-aware configuration autotuner for llama.cpp")
     p.add_argument("--version", action="version", version=f"autotune {__version__}")
@@ -347,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="allow and offer contexts beyond the trained one (RoPE-scaled use)")
     sp.add_argument("--margin", type=float, metavar="MIB",
                     help="memory to keep free on each device (default: max(512 MiB, 5 %% of its free memory))")
-    sp.add_argument("--kv", default=",".join(("f16", "q8_0", "q4_0")), help="K/V cache types to consider")
+    sp.add_argument("--kv", default=",".join(KV_SHORTLIST), help="K/V cache types to consider")
 
     d = TuneOptions()
     sp = command("search", cmd_search, "tune the settings with real engine runs (default: the demo model)",
@@ -423,18 +458,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("serve-tune", cmd_serve_tune, "tune llama-server for N concurrent users under a real load "
                  "(default: the demo model)", "model?", "storage", "budget")
-    sp.add_argument("--users", type=int, default=4, help="concurrent users the server must serve")
-    sp.add_argument("--ctx-per-user", type=int, default=2048, metavar="C", help="context each user's conversation needs")
+    sp.add_argument("--users", type=int, default=ServeOptions.users, help="concurrent users the server must serve")
+    sp.add_argument("--ctx-per-user", type=int, default=ServeOptions.ctx_per_user, metavar="C",
+                    help="context each user's conversation needs")
     sp.add_argument("--max-ttft", type=float, metavar="S", help="bound: p95 time to first token, seconds")
     sp.add_argument("--min-user-tps", type=float, metavar="X", help="bound: the median user's decode tok/s")
-    sp.add_argument("--trials", type=int, default=12)
-    sp.add_argument("--rounds", type=int, default=4, help="side-by-side rounds against llama-server's defaults")
-    sp.add_argument("--requests-per-user", type=int, default=2, help="the load: users x this many requests")
-    sp.add_argument("--time-limit", type=float, default=180.0, help="seconds one load may take, whatever is in flight")
+    sp.add_argument("--trials", type=int, default=ServeOptions.trials)
+    sp.add_argument("--rounds", type=int, default=ServeOptions.rounds, help="side-by-side rounds against llama-server's defaults")
+    sp.add_argument("--requests-per-user", type=int, default=ServeOptions.requests_per_user,
+                    help="the load: users x this many requests")
+    sp.add_argument("--time-limit", type=float, default=ServeOptions.time_limit,
+                    help="seconds one load may take, whatever is in flight")
     sp.add_argument("--server", metavar="PATH", help="llama-server binary (default: the reference build)")
     sp.add_argument("--spec", action="store_true", help="also search llama-server's n-gram speculation per slot; "
                     "a speculating winner is measured beside itself without it")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=ServeOptions.seed)
     sp.add_argument("--out", help="write the result (JSON) here")
 
     sp = command("report", cmd_report, "plots and an HTML page for a study or a tuned config")

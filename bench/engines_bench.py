@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune import engine
-from autotune.engine import Workload, reference
+from autotune.engine import Workload, bundled, reference
 from autotune.engine.external import Tool
 from autotune.facts import catalog
 from autotune.facts.probe import probe
@@ -40,14 +40,14 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="bench/engines_results.md")
     args = ap.parse_args()
-    hw = probe(measure_bandwidth=False)
+    hw = probe(bundled, measure_bandwidth=False)
     engines = {"bundled": engine.bundled, **{k: Tool(k, reference.tool(k)) for k in reference.TOOLS}}
     recommended = {r["model"]: r["recommended_settings"] for r in json.loads(Path("bench/search_results.json").read_text())}
     rows: list[dict[str, Any]] = []
     for name in catalog.CATALOG:
         model = str(catalog.fetch(name))
         base = engine.bundled.defaults(N_CTX)
-        pins = health.check(model, base, hw).pins  # e.g. extra buffers off where the AMX kernel crashes
+        pins = health.check(model, base, hw, engine.bundled).pins  # e.g. extra buffers off where the AMX kernel crashes
         configs = {
             "llama-cpp-python defaults": base,
             "llama.cpp defaults": engines["llama-server"].defaults(N_CTX),

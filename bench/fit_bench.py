@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from autotune import memory
+from autotune.engine import bundled
 from autotune.facts import catalog, synth
 from autotune.facts.gguf_model import read_facts
 from autotune.facts.probe import probe
@@ -70,7 +71,7 @@ def main() -> int:
     ap.add_argument("--fit-params", required=True, help="path of the llama-fit-params binary")
     ap.add_argument("--out", default="bench/fit_results.md")
     args = ap.parse_args()
-    hw = probe(measure_bandwidth=False)
+    hw = probe(bundled, measure_bandwidth=False)
     hw = dataclasses.replace(hw, ram_available=hw.ram_total)  # llama-fit-params budgets total RAM on a CPU
     base = Settings(n_batch=2048, n_ubatch=512, flash_attn=True, use_mmap=False)
     donor = catalog.fetch("smollm2-135m")

@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from autotune import engine, memory
-from autotune.engine import Workload, diagnose
+from autotune.engine import Workload, bundled, diagnose
 from autotune.facts import synth
 from autotune.facts.gguf_model import read_facts
 from autotune.facts.probe import probe
 from autotune.memory import fit, overhead
-from autotune.search import pipeline
+from autotune.search import oracle, pipeline
 from autotune.vocabulary import flags
 from autotune.vocabulary.settings import Settings
 
@@ -65,7 +65,7 @@ class Check:
         self.results: dict[str, Any] = json.loads(found.read_text()) if found.exists() else {}
         self.models = work / "models"
         self.models.mkdir(parents=True, exist_ok=True)
-        self.hw = probe(measure_bandwidth=False)
+        self.hw = probe(bundled, measure_bandwidth=False)
 
     def model(self, shape: str) -> str:
         path = self.models / f"{shape}.gguf"
@@ -118,7 +118,7 @@ class Check:
         for shape in self.shapes:
             facts = read_facts(self.model(shape))
             grid = placements(facts)
-            for (label, s), r in zip(grid, memory.verify(facts, [s for _, s in grid], self.hw)):
+            for (label, s), r in zip(grid, oracle.verify(facts, [s for _, s in grid], self.hw)):
                 row = {"shape": shape, "settings": label, "error": r["error"], "error_pct": r["error_pct"],
                        "predicted": r["predicted"], "engine": r["engine"], "source": r["source"]}
                 if memory.replay_gap(facts) is None and r["engine"]:  # what the CPU replay would have said
@@ -176,9 +176,9 @@ class Check:
         path = self.model("8b")
         options = pipeline.TuneOptions(ctx=CTX, trials=SEARCH_TRIALS, storage=f"sqlite:///{self.work / 'search.db'}")
         start = time.time()
-        tuned = pipeline.tune(path, options, Printer())
+        tuned = pipeline.tune(path, options, Printer(), engine.bundled)
         assert tuned is not None
-        rec = tuned.record
+        rec = tuned.record.to_json()
         import optuna
 
         st = optuna.load_study(study_name=tuned.study_name, storage=options.storage)
@@ -279,7 +279,7 @@ def placements(facts: Any) -> list[tuple[str, Settings]]:
     return grid
 
 
-class Printer(pipeline.Reporter):
+class Printer(pipeline.TuneReporter):
     @contextlib.contextmanager
     def step(self, text: str) -> Iterator[Callable[[str], None]]:
         log(f"  {text}")

@@ -19,6 +19,7 @@ from pathlib import Path
 from search_bench import WORK, fmt, measure
 
 from autotune.engine import defaults as engine_defaults
+from autotune.engine import bundled
 from autotune.facts import catalog
 from autotune.facts.probe import probe
 from autotune.search.recommend import Spread
@@ -46,7 +47,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/knob_ablation.md")
     args = ap.parse_args()
     recommended = {r["model"]: r["recommended_settings"] for r in json.loads(Path(args.source).read_text())}
-    lines = [f"Decode tok/s on this machine ({probe(measure_bandwidth=False).cpu_model}), {args.rounds} rotated "
+    lines = [f"Decode tok/s on this machine ({probe(bundled, measure_bandwidth=False).cpu_model}), {args.rounds} rotated "
              f"rounds x {WORK.reps} repetitions; median (q25-q75) and ratio to the recommended config.", ""]
     for name in args.models.split(","):
         model = str(catalog.fetch(name, quiet=False))

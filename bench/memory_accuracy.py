@@ -21,13 +21,14 @@ import time
 from pathlib import Path
 
 from autotune import engine, memory
+from autotune.engine import bundled
 from autotune.facts import catalog, synth
 from autotune.facts.gguf_model import read_facts
 from autotune.facts.probe import probe
-from autotune.vocabulary.settings import Settings
+from autotune.search import oracle
+from autotune.vocabulary.settings import KV_SHORTLIST, Settings
 
 CTXS = (512, 2048, 8192, 32768, 131072)
-KV_TYPES = ("f16", "q8_0", "q4_0")
 SYNTH = ("135m", "1b", "8b", "14b", "70b", "gemma3-4b", "qwen3-8b")
 
 
@@ -35,7 +36,7 @@ def grid(ctxs: tuple[int, ...], swa: bool) -> list[Settings]:
     out = []
     for n in ctxs:
         for fa in (False, True):
-            for tk, tv in memory.cache_pairs(KV_TYPES, fa):
+            for tk, tv in memory.cache_pairs(KV_SHORTLIST, fa):
                 for batch, ubatch in ((512, 512), (2048, 256), (2048, 2048)):
                     for swa_full in ((True, False) if swa else (True,)):
                         out.append(Settings(n_ctx=n, n_batch=batch, n_ubatch=ubatch, flash_attn=fa, type_k=tk,
@@ -61,7 +62,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="demo model and a few synthetic shapes only")
     args = ap.parse_args(argv)
-    hw = probe(measure_bandwidth=False)
+    hw = probe(bundled, measure_bandwidth=False)
     errors: list[dict[str, float | None]] = []
     worst: dict[str, tuple[float, str]] = {}
     timings: list[float] = []
@@ -70,7 +71,7 @@ def main(argv: list[str]) -> int:
         for path in grid_models:
             facts = read_facts(path)
             settings = grid((512, 8192, 131072) if args.quick else CTXS, facts.uses_swa)
-            for row in memory.verify(facts, settings, hw):
+            for row in oracle.verify(facts, settings, hw):
                 if row["error_pct"] is None:
                     print(f"engine refused {Path(path).name} {row['settings']}: {row['error']}", file=sys.stderr)
                     continue

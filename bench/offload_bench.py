@@ -468,10 +468,11 @@ class Bench:
         """--fit's answer from llama-fit-params and the max-layers placement (the memory model, as the search's
         baselines place it), with the GPU as the ballast leaves it."""
         from autotune import memory
+        from autotune.engine import bundled
         from autotune.facts.probe import probe
         from autotune.search import space
 
-        hw = probe(measure_bandwidth=False)
+        hw = probe(bundled, measure_bandwidth=False)
         if self.gpu is not None:
             hw = hw.with_gpu_budget((budget,))
         argv = fit_argv(str(self.bin / "llama-fit-params"), defaults, model)

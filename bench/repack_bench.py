@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from autotune import engine
-from autotune.engine import Workload
+from autotune.engine import Workload, bundled
 from autotune.facts import catalog
 from autotune.facts.probe import probe
 from autotune.search import health, recommend
@@ -36,10 +36,10 @@ def measure(name: str, rounds: int, threads: int) -> dict:
     path = str(catalog.fetch(name))
     base = Settings(n_ctx=2048, n_threads=threads, n_threads_batch=threads)
     arms = [Candidate("on", base), Candidate("off", base.replace(use_extra_bufts=False))]
-    recommend.measure_rounds(path, arms, WORK, rounds)
-    hw = probe(measure_bandwidth=False)
-    health.forget(path, base, hw)  # a fresh verdict: the check's own cost
-    verdict = health.check(path, base, hw)
+    recommend.measure_rounds(engine.bundled, path, arms, WORK, rounds)
+    hw = probe(bundled, measure_bandwidth=False)
+    health.forget(path, base, hw, engine.bundled)  # a fresh verdict: the check's own cost
+    verdict = health.check(path, base, hw, engine.bundled)
     out = {"model": name, "self_check_s": verdict.seconds, "self_check_pins": verdict.pins}
     for arm in arms:
         out[arm.label] = {

@@ -41,13 +41,14 @@ from pathlib import Path
 import optuna
 
 from autotune import engine
-from autotune.engine import Measurement, Workload
+from autotune.engine import Measurement, Workload, bundled
 from autotune.facts import catalog
 from autotune.facts.gguf_model import ModelFacts, read_facts
 from autotune.facts.probe import Hardware, probe
-from autotune.search import pipeline, study
-from autotune.search.recommend import METRICS, Candidate, Spread, better, measure_rounds
+from autotune.search import loop, pipeline, request, study
+from autotune.search.recommend import METRICS, Candidate, Spread, measure_rounds
 from autotune.search.space import SearchSpace, attention_label
+from autotune.vocabulary.metrics import BY_NAME
 from autotune.vocabulary.settings import Settings
 
 GRID = {
@@ -79,7 +80,7 @@ def measure(model: str, configs: dict[str, Settings], rounds: int, what: str, wo
         result = f"{m.decode:.1f} tok/s decode, {m.prefill:.1f} prefill" if m.ok else m.error
         print(f"  {what} {next(done)}/{len(candidates) * rounds} {label}: {result}", flush=True)
 
-    measure_rounds(model, candidates, work, rounds, on_run=show)
+    measure_rounds(engine.bundled, model, candidates, work, rounds, on_run=show)
     return {c.label: {m: c.samples(m, work) for m in metrics} for c in candidates}
 
 
@@ -93,9 +94,9 @@ def timed_search(model: str, tree: str | None, tmp: str) -> tuple[float, dict]:
     storage = f"sqlite:///{tmp}/{'before' if tree else 'now'}.db"
     start = time.perf_counter()
     if tree is None:
-        tuned = pipeline.tune(model, pipeline.TuneOptions(storage=storage))
+        tuned = pipeline.tune(model, pipeline.TuneOptions(storage=storage), pipeline.TuneReporter(), engine.bundled)
         assert tuned is not None
-        return time.perf_counter() - start, tuned.record
+        return time.perf_counter() - start, tuned.record.to_json()
     out = Path(tmp) / "before.json"
     cli = "import sys; from autotune.cli import main; sys.argv[0] = 'autotune'; sys.exit(main())"
     subprocess.run([sys.executable, "-c", cli, "search", model, "--storage", storage, "--out", str(out)],
@@ -134,15 +135,15 @@ def bench_search(name: str, args: argparse.Namespace) -> dict:
 def best_baselines(row: dict) -> dict[str, str]:
     """Per metric, the baseline with the best median."""
     h = row["side_by_side"]
-    return {m: max(row["baselines"], key=lambda b: better(m) * statistics.median(h[b][m])) for m in METRICS}
+    return {m: max(row["baselines"], key=lambda b: BY_NAME[m].sign * statistics.median(h[b][m])) for m in METRICS}
 
 
 def versus(row: dict, label: str, metric: str) -> str:
     """``label`` against the best baseline on ``metric``: the ratio (>1 better) and what the spread says."""
     h, base = row["side_by_side"], best_baselines(row)[metric]
     a, b = Spread.of(h[label][metric]), Spread.of(h[base][metric])
-    r = b.median / a.median if metric == "ttft" else a.median / b.median
-    up = better(metric) * (a.median - b.median) > 0
+    r = a.median / b.median if BY_NAME[metric].higher_is_better else b.median / a.median
+    up = BY_NAME[metric].sign * (a.median - b.median) > 0
     apart = a.q25 > b.q75 or a.q75 < b.q25
     return f"x{r:.2f}" + (" (better)" if apart and up else " (worse)" if apart else " (within noise)")
 
@@ -210,7 +211,7 @@ def replay(model: str, facts: ModelFacts, hw: Hardware, sp: SearchSpace, samples
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(seeds):
-            req = study.StudyRequest(model_path=model, facts=facts, hw=hw, space=sp, seed=seed,
+            req = request.StudyRequest(model_path=model, facts=facts, hw=hw, space=sp, seed=seed,
                                      workload=WORK, storage=f"sqlite:///{tmp}/replay{seed}.db")
             st = study.open_study(req)
             draw = random.Random(seed)
@@ -228,7 +229,7 @@ def replay(model: str, facts: ModelFacts, hw: Hardware, sp: SearchSpace, samples
                     st.tell(trial, state=optuna.trial.TrialState.FAIL)
                 if visited is None and truth.get(key, 0.0) >= target:
                     visited = i
-                if best is None and study.best_value(st) is not None \
+                if best is None and loop.best_value(st) is not None \
                         and truth.get(tuple(st.best_trial.params[k] for k in GRID), 0.0) >= target:
                     best = i
             out.append((visited, best))
@@ -291,7 +292,7 @@ def grid_truth(row: dict) -> dict[tuple, float]:
 def analyse(row: dict, seeds: int) -> dict:
     """What the raw samples say: grid optimum, how many configs come within 97 %, replayed studies."""
     model = str(catalog.fetch(row["model"]))
-    facts, hw = read_facts(model), probe(measure_bandwidth=False)
+    facts, hw = read_facts(model), probe(bundled, measure_bandwidth=False)
     sp = grid_space()
     samples, truth = grid_samples(row), grid_truth(row)
     best_key = max(truth, key=truth.get)
@@ -374,7 +375,7 @@ def main() -> None:
     ap.add_argument("--from-json", metavar="FILE", help="measure nothing: analyse the raw samples a run saved")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    cpu = probe(measure_bandwidth=False).cpu_model
+    cpu = probe(bundled, measure_bandwidth=False).cpu_model
     out = Path(args.out)
     if args.from_json:
         rows = json.loads(Path(args.from_json).read_text())

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import optuna
 
-from autotune.engine import reference
+from autotune import engine
+from autotune.engine import bundled
 from autotune.facts import catalog
-from autotune.facts.gguf_model import read_facts
 from autotune.facts.probe import probe
 from autotune.output import plots
+from autotune.search.progress import Lines
 from autotune.stages import serving
 
 
@@ -67,24 +68,25 @@ def main() -> None:
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     out = Path(args.out)
-    binary = reference.tool("llama-server", quiet=False)
-    hw = probe(measure_bandwidth=False)
+    server = engine.llama_server(quiet=False)
+    hw = probe(bundled, measure_bandwidth=False)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             model = str(catalog.fetch(name, quiet=False))
-            facts = read_facts(model)
             for users in map(int, args.users.split(",")):
                 opts = serving.ServeOptions(users=users, ctx_per_user=args.ctx_per_user, trials=args.trials,
                                             rounds=args.rounds, storage=f"sqlite:///{tmp}/serve.db",
                                             spec=args.spec)
                 start = time.perf_counter()
-                res = serving.tune(model, facts, hw, binary, opts, say=lambda t, n=name, u=users: print(f"[{n} x{u}] {t}", flush=True))
-                results.append({"model": name, "users": users, "search_s": time.perf_counter() - start, **res.to_dict()})
+                say = Lines(lambda t, n=name, u=users: print(f"[{n} x{u}] {t}", flush=True))
+                res = serving.tune(model, opts, say, server)
+                results.append({"model": name, "users": users, "search_s": time.perf_counter() - start, **res.to_json()})
                 out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
     out.write_text(table(results, hw.cpu_model, args))
     for name in args.models.split(","):
-        fig = plots.serving([r for r in results if r["model"] == name], f"{name}: tuned llama-server vs its defaults")
+        fig = plots.serving({r["users"]: serving.ServeResult.from_json(r) for r in results if r["model"] == name},
+                            f"{name}: tuned llama-server vs its defaults")
         fig.savefig(out.with_name(f"{out.stem}_{name}.png"), dpi=110)
     print(out.read_text())
 

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from autotune.engine import bundled
 from autotune.facts import catalog
 from autotune.facts.probe import probe
 
@@ -87,7 +88,7 @@ def main(argv: list[str]) -> int:
     if unknown := [m for m in names if m not in MODELS]:
         ap.error(f"unknown models {unknown}; choose from {list(MODELS)}")
     results = [run(n, args) for n in names]
-    text = table(results, probe(measure_bandwidth=False).cpu_model, args)
+    text = table(results, probe(bundled, measure_bandwidth=False).cpu_model, args)
     print(text)
     out = Path(args.out)
     out.write_text(text + "\n")

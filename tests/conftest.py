@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from autotune.engine import reference
+from autotune.engine import bundled, reference
 from autotune.facts import catalog, synth
 
 pytest_plugins = ["servers"]  # servers started here die with the run, however it ends
@@ -67,6 +67,28 @@ def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 30
                           env={**os.environ, **(env or {})})
     assert done.returncode == 0, f"child exited {done.returncode}: {done.stderr[-2000:]}"
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class Scripted:
+    """An engine whose runs a test scripts (``measure``): the decision under test, not the engine. Everything
+    else is the bundled engine's; its own build key keeps its verdicts apart from real runs'."""
+
+    name = "scripted"
+
+    def __init__(self, measure: Callable[..., Any]) -> None:
+        self.measure = measure
+
+    def build_key(self) -> str:
+        return "scripted"
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(bundled, attr)
+
+
+@pytest.fixture(scope="session")
+def scripted_engine() -> type[Scripted]:
+    """``scripted_engine(measure)``: an engine to hand a driver or a study, its runs answered by ``measure``."""
+    return Scripted
 
 
 @pytest.fixture(scope="session")

@@ -14,14 +14,14 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autotune import cli, engine, memory
-from autotune.engine import Measurement, Workload
+from autotune import cli, memory
+from autotune.engine import Measurement, Workload, bundled
 from autotune.engine.base import GpuPeak
 from autotune.facts import synth
 from autotune.facts.gguf_model import ModelFacts, read_facts
 from autotune.facts.probe import GPU, Hardware, parse_gpu_budget
 from autotune.memory import fit
-from autotune.search import space, study
+from autotune.search import loop, request, space
 from autotune.vocabulary.errors import SettingsError
 from autotune.vocabulary.settings import Settings, layer_list
 
@@ -32,7 +32,8 @@ RESULTS = Path(__file__).resolve().parent.parent / "bench" / "gpu_results.json"
 
 def host(ram_gib: float = 64) -> Hardware:
     ram = int(ram_gib * GIB)
-    return Hardware(cpu_model="test", physical_cores=2, logical_cores=2, ram_total=ram, ram_available=ram)
+    return Hardware(cpu_model="test", physical_cores=2, logical_cores=2, ram_total=ram, ram_available=ram,
+                    build=bundled)
 
 
 def fake_gpus(*free_gib: float, ram_gib: float = 64) -> Hardware:
@@ -131,36 +132,36 @@ def test_weights_beyond_ram_and_gpu_room_say_so_with_the_sizes_fake_small_host(m
 # ---------------------------------------------------------------------------------------------- runs
 
 
-def test_a_trial_over_the_budget_fails_with_its_peak_fake_gpu(monkeypatch, demo_model: Path) -> None:
+def test_a_trial_over_the_budget_fails_with_its_peak_fake_gpu(scripted_engine, demo_model: Path) -> None:
     facts = read_facts(demo_model)
     hw = fake_gpus(80).with_gpu_budget((1024,))
     s = S(n_ctx=2048, n_gpu_layers=facts.n_layer + 1, flash_attn=True)
     assert memory.estimate(facts, s, hw).fits  # predicted within the budget: the run decides
-    req = study.StudyRequest(model_path=str(demo_model), facts=facts, hw=hw, space=space.SearchSpace(base=s),
-                             workload=Workload(prompt_tokens=32, gen_tokens=8, reps=1))
     peaks: list[int] = []
 
     def measure(model: str, settings: Settings, workload: Workload, **kw: Any) -> Measurement:
         return Measurement(settings, ok=True, decode_tps=[50.0], prefill_tps=[500.0], ttft_s=[0.1],
                            peak_vram=peaks.pop())
 
-    monkeypatch.setattr(engine, "measure", measure)
+    req = request.StudyRequest(model_path=str(demo_model), facts=facts, hw=hw, space=space.SearchSpace(base=s),
+                               workload=Workload(prompt_tokens=32, gen_tokens=8, reps=1),
+                               engine=scripted_engine(measure))
     st = optuna.create_study(direction="maximize")
     for peak, state, reason in ((1100 * MIB, TrialState.FAIL, "GPU peak 1,100 MiB over the 1,024 MiB budget"),
                                 (1000 * MIB, TrialState.COMPLETE, None)):
         peaks.append(peak)
         trial = st.ask()
-        got, values = study._evaluate(trial, s, req, trial_timeout=60)
+        got, values = loop._evaluate(trial, s, req, trial_timeout=60)
         assert got == state and (values is None) == (state == TrialState.FAIL)
         assert trial.user_attrs.get("reason") == reason
     # per GPU where the run reports each: the second GPU's own budget is what it broke
     two = fake_gpus(80, 80).with_gpu_budget((4096, 2048))
     m = Measurement(s, ok=True, peak_vram=5000 * MIB, gpu_peaks=[
         GpuPeak("CUDA0", "fake0", "", 3000 * MIB, "process"), GpuPeak("CUDA1", "fake1", "", 2000 * MIB, "process")])
-    assert study.over_budget(m, two) == ""
+    assert loop.over_budget(m, two) == ""
     m.gpu_peaks[1].peak = 2100 * MIB
-    assert study.over_budget(m, two) == "CUDA1 peak 2,100 MiB over the 2,048 MiB budget"
-    assert study.over_budget(m, fake_gpus(80, 80)) == ""  # no budget: nothing to break
+    assert loop.over_budget(m, two) == "CUDA1 peak 2,100 MiB over the 2,048 MiB budget"
+    assert loop.over_budget(m, fake_gpus(80, 80)) == ""  # no budget: nothing to break
 
 
 @pytest.mark.parametrize("command", ["memory MODEL", "fit MODEL", "search MODEL", "serve-tune MODEL",
@@ -206,7 +207,7 @@ def test_pressed_fit_against_llama_fit_params_fake_h200(tmp_path_factory, demo_m
     (it counts llama.cpp's buffers against the memory free after its own CUDA context). Ours is the most that fits.
     The shapes are header-only Q4_K files with the donor's whole vocabulary, as the GPU run wrote them."""
     recorded = json.loads(RESULTS.read_text())
-    h200 = Hardware.from_dict(recorded["probe"]["hardware"])
+    h200 = dataclasses.replace(Hardware.from_dict(recorded["probe"]["hardware"]), build=bundled)  # priced here
     base = Settings(n_ctx=8192, n_batch=2048, n_ubatch=512, flash_attn=True, swa_full=False, use_extra_bufts=False)
     d = tmp_path_factory.mktemp("pressed")
     compared = {}

@@ -105,7 +105,7 @@ def test_peak_rss_is_the_engine_process_own(tiny_model):
 def test_kept_loaded_runs_share_one_load_until_the_load_settings_change(tiny_model, monkeypatch):
     """On a GPU, runs that share the model's load settings share one load (every load here, on the CPU): the
     second run loads nothing, one with other load settings loads again, and a run that dies ends only itself."""
-    with engine.kept_loaded(every_load=True):
+    with engine.kept_loaded(engine.bundled, every_load=True):
         first = engine.measure(str(tiny_model), S, SMALL, timeout=120)
         second = engine.measure(str(tiny_model), S.replace(n_batch=64, n_ubatch=64), SMALL, timeout=120)
         other = engine.measure(str(tiny_model), S.replace(use_mmap=False), SMALL, timeout=120)

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from autotune import engine
-from autotune.engine import Workload
+from autotune.engine import Workload, bundled
 from autotune.facts.probe import probe
 from autotune.search import health
 from autotune.vocabulary.settings import Settings
@@ -26,7 +26,7 @@ def fake_amx_crash(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def hw():
-    return probe(measure_bandwidth=False)
+    return probe(bundled, measure_bandwidth=False)
 
 
 @pytest.mark.engine
@@ -57,26 +57,26 @@ def test_crash_context_names_stage_phase_buffers_and_error():
 
 @pytest.mark.engine
 def test_self_check_with_fake_amx_crash_pins_extra_buffers_off_once(tiny_model, hw, fake_amx_crash):
-    verdict = health.check(str(tiny_model), ONE, hw)
+    verdict = health.check(str(tiny_model), ONE, hw, bundled)
     assert not verdict.ok and verdict.pins == {"use_extra_bufts": False} and not verdict.cached
     assert "crashed with SIGSEGV" in verdict.crash and "during a batch of" in verdict.crash
     assert "--no-repack" in verdict.line() and "use_extra_bufts=False" in verdict.line()
     assert verdict.seconds > 0
-    again = health.check(str(tiny_model), ONE.replace(n_ctx=4096), hw)  # the context does not choose kernels
+    again = health.check(str(tiny_model), ONE.replace(n_ctx=4096), hw, bundled)  # the context does not choose kernels
     assert again.cached and again.pins == verdict.pins and "remembered" in again.line()
     assert any(json.loads(health.cache_path().read_text()).values())
 
 
 @pytest.mark.engine
 def test_self_check_without_fault_pins_nothing(tiny_model, hw):
-    verdict = health.check(str(tiny_model), ONE, hw)
+    verdict = health.check(str(tiny_model), ONE, hw, bundled)
     assert verdict.ok and verdict.pins == {} and verdict.crash == ""
 
 
 @pytest.mark.engine
 def test_self_check_stops_in_one_line_when_no_switch_helps_fake_amx_crash(tiny_model, hw, fake_amx_crash):
     with pytest.raises(health.EngineCrash, match="no runtime switch avoids it"):
-        health.check(str(tiny_model), ONE.replace(n_threads=2), hw, pinned=frozenset({"use_extra_bufts"}))
+        health.check(str(tiny_model), ONE.replace(n_threads=2), hw, bundled, pinned=frozenset({"use_extra_bufts"}))
 
 
 @pytest.mark.engine
@@ -88,7 +88,7 @@ def test_doctor_reports_the_verdict_fake_amx_crash(tiny_model, capsys, fake_amx_
     assert out["pins"] == {"use_extra_bufts": False} and not out["cached"]
 
 
-def test_a_pin_the_switch_agrees_with_does_not_rule_the_switch_out(tiny_model, hw, monkeypatch):
+def test_a_pin_the_switch_agrees_with_does_not_rule_the_switch_out(tiny_model, hw, scripted_engine):
     """Extra buffers pinned off by the user, and a crash only flash attention off avoids (a scripted engine:
     the decision, not the engine): the second switch keeps the pinned value, so it is tried and pinned."""
     from autotune.engine import Measurement
@@ -97,15 +97,14 @@ def test_a_pin_the_switch_agrees_with_does_not_rule_the_switch_out(tiny_model, h
         return Measurement(s, True, decode_tps=[1.0]) if not s.flash_attn else \
             Measurement(s, False, "crashed with SIGSEGV (segmentation fault) during a batch of 16 tokens")
 
-    monkeypatch.setattr(engine, "measure", scripted)
     start = ONE.replace(use_extra_bufts=False, flash_attn=True)
-    verdict = health.check(str(tiny_model), start, hw, pinned=frozenset({"use_extra_bufts"}))
+    verdict = health.check(str(tiny_model), start, hw, scripted_engine(scripted), pinned=frozenset({"use_extra_bufts"}))
     assert verdict.pins == {"use_extra_bufts": False, "flash_attn": False, "type_k": "f16", "type_v": "f16"}
     with pytest.raises(health.EngineCrash):  # a pin the switch would change still rules it out
-        health.check(str(tiny_model), start, hw, pinned=frozenset({"flash_attn"}))
+        health.check(str(tiny_model), start, hw, scripted_engine(scripted), pinned=frozenset({"flash_attn"}))
 
 
-def test_every_load_dying_whatever_the_switch_names_the_environment_not_a_switch(tiny_model, hw, monkeypatch):
+def test_every_load_dying_whatever_the_switch_names_the_environment_not_a_switch(tiny_model, hw, scripted_engine):
     """Every attempt dies while loading (a scripted engine, as the CUDA build with a foreign libstdc++ did): no
     switch can help, and the self-check says so and names doctor instead of listing switches."""
     from autotune.engine import Measurement
@@ -113,6 +112,6 @@ def test_every_load_dying_whatever_the_switch_names_the_environment_not_a_switch
     def scripted(model, s, work, timeout=0.0, index=0):
         return Measurement(s, False, "crashed with SIGSEGV (segmentation fault) during loading the model")
 
-    monkeypatch.setattr(engine, "measure", scripted)
     with pytest.raises(health.EngineCrash, match="every load of the model dies .* whatever the switch.*autotune doctor"):
-        health.check(str(tiny_model), ONE.replace(n_threads=3), hw)  # a start no earlier test's verdict is kept for
+        # a start no earlier test's verdict is kept for
+        health.check(str(tiny_model), ONE.replace(n_threads=3), hw, scripted_engine(scripted))

@@ -133,6 +133,15 @@ def result_with(rows: dict[str, list[dict]]) -> serving.ServeResult:
     return serving.ServeResult("s", "llama-server defaults", None, ["-m", "m.gguf"], rows, "", False, (1, 2, 4), {}, [])
 
 
+def test_a_saved_result_reads_back_the_same():
+    tuned = result_with({"trial 3": served_rows([60, 62]), "llama-server defaults": served_rows([40, 41])})
+    tuned.chosen, tuned.settings, tuned.command = "trial 3", Settings(n_parallel=4), ["-m", "m.gguf", "-np", "4"]
+    for result in (tuned, result_with({"llama-server defaults": served_rows([40])})):
+        saved = json.loads(json.dumps(result.to_json()))
+        assert serving.ServeResult.from_json(saved) == result
+        assert serving.ServeResult.from_json({"model": "m", "users": 4, **saved}) == result  # the bench's rows
+
+
 def test_a_tuned_server_is_chosen_only_when_its_throughput_beats_the_defaults_beyond_the_noise():
     tuned = Settings(n_parallel=4, kv_unified=True)
     flags = {"trial 3": ["-m", "m.gguf", "-np", "4", "--kv-unified"], "llama-server defaults": ["-m", "m.gguf"]}
@@ -154,6 +163,20 @@ def test_a_tuned_server_outside_the_users_bounds_is_not_chosen_however_fast():
                                     "llama-server defaults": served_rows([40, 41, 42, 40])})
     serving._decide(slow_first_token, flags, {"trial 1": Settings(n_parallel=8)}, serving.ServeOptions(max_ttft=2.0))
     assert slow_first_token.chosen == "llama-server defaults" and "within the bounds" in slow_first_token.verdict
+
+
+def test_llama_servers_defaults_carry_the_self_checks_switch_in_the_knob_tables_spelling():
+    """The side-by-side's reference is llama-server as a user starts it: the model alone, or, where the self-check
+    pinned extra buffers off, with that switch as the knob table spells it (read back as the same setting)."""
+    assert serving.defaults_flags("m.gguf", {}) == ("llama-server defaults", ["-m", "m.gguf"])
+    label, argv = serving.defaults_flags("m.gguf", {"use_extra_bufts": False, "flash_attn": False})
+    assert (label, argv) == ("llama-server defaults with --no-repack", ["-m", "m.gguf", "--no-repack"])
+    assert flags.parse_server_flags(argv).settings.use_extra_bufts is False
+
+
+def test_serve_tune_flags_default_to_the_options_defaults():
+    args = cli.build_parser().parse_args(["serve-tune"])
+    assert cli._options(serving.ServeOptions, args) == serving.ServeOptions()
 
 
 def test_constraints_count_failed_and_truncated_requests_and_the_bounds():
@@ -257,9 +280,10 @@ def test_the_serving_plot_draws_both_servers_against_users():
     def rows(label: str, k: float) -> list[dict]:
         return [{"ok": True, "throughput": k * (10 + i), "ttft_p95": 1 / k + i * 0.01} for i in range(4)]
 
-    results = [{"users": u, "chosen": "trial 2", "side_by_side": {"trial 2": rows("t", u * 1.2),
-                                                                   "llama-server defaults": rows("d", u)}}
-               for u in (8, 1, 4)]
+    results = {u: result_with({"trial 2": rows("t", u * 1.2), "llama-server defaults": rows("d", u)})
+               for u in (8, 1, 4)}
+    for r in results.values():
+        r.chosen = "trial 2"
     fig = plots.serving(results, "demo")
     throughput, latency = fig.axes
     assert throughput.get_legend_handles_labels()[1] == ["tuned (best trial)", "llama-server defaults"]
@@ -268,7 +292,7 @@ def test_the_serving_plot_draws_both_servers_against_users():
     assert list(tuned.get_ydata()) == [pytest.approx(1.2 * u * 11.5) for u in (1, 4, 8)]
     assert len(latency.containers) == 2
     with pytest.raises(plots.NoData):
-        plots.serving([])
+        plots.serving({})
 
 
 @pytest.mark.engine

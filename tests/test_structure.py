@@ -15,36 +15,7 @@ LAYERS = ("vocabulary", "facts", "memory", "engine", "search", "stages", "output
 
 # Imports that still run upward (importer, imported), each a decision still to make. The test fails on any upward
 # import not listed here, and on an entry here that no longer occurs (remove it once fixed).
-ALLOWED_UPWARD: set[tuple[str, str]] = {
-    # probe() calls engine.build_info() for backend, can_offload, cpu_features and version. Fix: probe takes the
-    # build facts from its caller (probe(build, measure_bandwidth=...)), BuildInfo moves down to facts/probe.py;
-    # cli, pipeline, memory.oracle's caller, tests and benches pass engine.build_info().
-    ("autotune.facts.probe", "autotune.engine"),
-    # dryrun.figures/_run start the engine's no-allocation dry run (engine.dry_run, engine.build_key) and cache its
-    # answers. Fix: the engine owns running the dry run (engine/dryrun.py: child, batching, the on-disk cache keyed
-    # by build_key); the memory layer takes the figures through a callable handed in (estimate(...,
-    # dry_run=engine.dry_run_figures)) or as data.
-    ("autotune.memory.dryrun", "autotune.engine"),
-    # gpu_engine() asks engine.build_info().can_offload and _assemble() asks engine.build_key() for the learned
-    # overhead. Fix: both are build facts the caller passes in (Hardware already carries can_offload and
-    # engine_version from the probe; add the build key there).
-    ("autotune.memory.estimate", "autotune.engine"),
-    # verify() and peak() run the engine (a dry run, a real measurement) to check the estimate. Fix: move oracle.py
-    # up to the engine layer (engine/oracle.py: it measures, then compares with memory.estimate) and
-    # describe(--verify) with it, or let the caller hand the engine's figures in.
-    ("autotune.memory.oracle", "autotune.engine"),
-    # tune() builds the tuned-config record with export.build_config and reads it back with export.settings_of. Fix:
-    # the record is the search's typed result (issue 33 item 2: a TunedConfig dataclass with to_json/from_json in
-    # search/); output/export only spells it for other tools.
-    ("autotune.search.pipeline", "autotune.output.export"),
-    # tune(--spec) runs speculation.search_stage inside a function. Fix: the cli runs the speculation stage after
-    # tune() returns (stages sit above search), or tune takes the stage as a callable.
-    ("autotune.search.pipeline", "autotune.stages.speculation"),
-    # the speculation stage reads a tuned-config record's Settings with export.settings_of (inside a function). Fix:
-    # reading the record belongs to the record's type (issue 33 item 2, in search/), or the cli hands the stage the
-    # Settings.
-    ("autotune.stages.speculation", "autotune.output.export"),
-}
+ALLOWED_UPWARD: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, ast.Module]:

@@ -11,10 +11,10 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 
 from autotune import engine
-from autotune.engine import Measurement, Workload, history
+from autotune.engine import Measurement, Workload, bundled, history
 from autotune.facts.gguf_model import read_facts
 from autotune.facts.probe import probe
-from autotune.search import pipeline, recommend, space, study
+from autotune.search import baselines, guard, loop, pipeline, recommend, request, space, study
 from autotune.vocabulary.settings import Settings
 
 WORK = Workload(prompt_tokens=32, gen_tokens=8, reps=2)
@@ -109,8 +109,8 @@ def test_only_trials_within_reach_of_the_best_baseline_trial_are_re_measured():
     assert recommend.within_reach([], "decode") is None  # no baseline trial completed: every trial may win
 
 
-def test_a_candidate_ruled_out_after_two_rounds_sits_out_the_third_scripted_engine(monkeypatch):
-    """The engine is scripted at ``engine.measure`` (the seam): this is about which runs happen."""
+def test_a_candidate_ruled_out_after_two_rounds_sits_out_the_third_scripted_engine(scripted_engine):
+    """The engine handed in is scripted: this is about which runs happen."""
     speeds = {1: (44.0, 290.0), 2: (47.0, 302.0)}  # n_threads -> (decode, prefill)
     ran: list[int] = []
 
@@ -121,19 +121,18 @@ def test_a_candidate_ruled_out_after_two_rounds_sits_out_the_third_scripted_engi
         return Measurement(s, True, decode_tps=[d + jitter, d - jitter], prefill_tps=[p + jitter, p - jitter],
                            ttft_s=[WORK.prompt_tokens / p] * 2)
 
-    monkeypatch.setattr(engine, "measure", scripted)
     slow, fast = recommend.Candidate("defaults", Settings(n_threads=1)), recommend.Candidate("sensible", Settings(n_threads=2))
-    recommend.measure_rounds("model.gguf", [slow, fast], WORK, rounds=4,
+    recommend.measure_rounds(scripted_engine(scripted), "model.gguf", [slow, fast], WORK, rounds=4,
                              settled=lambda c: recommend.out_of_running(c, [slow, fast], [slow, fast], "decode", WORK))
     assert (len(slow.runs), len(fast.runs)) == (2, 4)
 
 
 def test_every_study_has_llama_cpp_defaults_and_sensible_as_baselines(tiny_model, tmp_path):
-    hw = probe(measure_bandwidth=False)
+    hw = probe(bundled, measure_bandwidth=False)
     facts = read_facts(tiny_model)
-    req = study.StudyRequest(model_path=str(tiny_model), facts=facts, hw=hw, space=space.build_space(hw, facts, 1024),
+    req = request.StudyRequest(model_path=str(tiny_model), facts=facts, hw=hw, space=space.build_space(hw, facts, 1024),
                              workload=WORK, storage=f"sqlite:///{tmp_path / 's.db'}")
-    named = dict(study.baselines(req))
+    named = dict(baselines.baselines(req))
     llama = named["llama.cpp defaults"]
     assert (llama.n_batch, llama.n_ubatch, llama.flash_attn, llama.use_mmap) == (2048, 512, True, True)
     assert llama.n_threads == llama.n_threads_batch == hw.physical_cores
@@ -144,13 +143,13 @@ def test_every_study_has_llama_cpp_defaults_and_sensible_as_baselines(tiny_model
     tool = tmp_path / "llama-bench"  # never run: only its defaults are asked for
     tool.write_text("#!/bin/sh\n")
     tool.chmod(0o755)
-    with engine.using(f"llama-bench:{tool}"):  # its defaults are llama.cpp's: one baseline
-        labels = [label for label, _ in study.baselines(req)]
+    bench = dataclasses.replace(req, engine=engine.make(f"llama-bench:{tool}"))  # its defaults are llama.cpp's
+    labels = [label for label, _ in baselines.baselines(bench)]
     assert "llama.cpp defaults" not in labels and labels[0] == "defaults"
 
 
 def test_the_first_stage_holds_what_cannot_move_the_objective_and_the_second_tunes_it(tiny_model):
-    hw = probe(measure_bandwidth=False)
+    hw = probe(bundled, measure_bandwidth=False)
     sp = space.build_space(hw, read_facts(tiny_model), 1024)
     decode_knobs = set(sp.moving("decode").describe())
     assert {"n_ubatch", "batch_factor", "n_threads_batch"}.isdisjoint(decode_knobs)
@@ -172,10 +171,10 @@ def test_a_run_whose_first_repetition_is_below_the_median_is_stopped(tmp_path):
         t.report(v, 0)
         t.report(v, 1)
         st.tell(t, v)
-    req = study.StudyRequest(model_path="m.gguf", facts=None, hw=None, space=None, workload=WORK)  # type: ignore[arg-type]
+    req = request.StudyRequest(model_path="m.gguf", facts=None, hw=None, space=None, workload=WORK)  # type: ignore[arg-type]
     slow, fast = st.ask(dist), st.ask(dist)
-    assert study._reporter(slow, req)({"decode": 20.0, "prefill": 100.0, "ttft": 0.3}) is False
-    on_rep = study._reporter(fast, req)
+    assert loop._reporter(slow, req)({"decode": 20.0, "prefill": 100.0, "ttft": 0.3}) is False
+    on_rep = loop._reporter(fast, req)
     assert on_rep({"decode": 70.0, "prefill": 100.0, "ttft": 0.3}) is True
     assert on_rep({"decode": 10.0, "prefill": 100.0, "ttft": 0.3}) is True  # the last repetition always finishes
     assert fast.storage.get_trial(fast._trial_id).intermediate_values == {0: 70.0, 1: 10.0}
@@ -188,16 +187,16 @@ def test_a_study_stops_when_its_best_has_not_moved(tmp_path):
     for i, v in enumerate(values):
         st.add_trial(optuna.trial.create_trial(params={"x": 0}, distributions=dist, value=v))
         if i < len(values) - 1:
-            assert study.stalled(st, patience=8, min_trials=12) == ""
-    assert "the last 8 trials moved the best by 1.7 %" in study.stalled(st, patience=8, min_trials=12)
-    assert study.stalled(st, patience=0) == ""
+            assert loop.stalled(st, patience=8, min_trials=12) == ""
+    assert "the last 8 trials moved the best by 1.7 %" in loop.stalled(st, patience=8, min_trials=12)
+    assert loop.stalled(st, patience=0) == ""
     st.add_trial(optuna.trial.create_trial(params={"x": 0}, distributions=dist, value=40.0))
-    assert study.stalled(st, patience=8, min_trials=12) == ""  # a real gain: go on
+    assert loop.stalled(st, patience=8, min_trials=12) == ""  # a real gain: go on
 
     ttft = optuna.create_study(direction="minimize")  # smaller is better: the same rule, the other way
     for v in [1.0] * 10:
         ttft.add_trial(optuna.trial.create_trial(params={"x": 0}, distributions=dist, value=v))
-    assert study.stalled(ttft, patience=study.PATIENCE).startswith("stopped early")
+    assert loop.stalled(ttft, patience=loop.PATIENCE).startswith("stopped early")
 
 
 @pytest.mark.engine
@@ -249,15 +248,15 @@ def test_the_sampler_is_told_which_trials_gave_another_speed_away():
     for role, m in (("defaults", run(40, 250)), ("llama.cpp defaults", run(45, 300)), (None, run(90, 100))):
         attrs = {"measurement": m.to_dict(), **({"role": role, "baseline": True} if role else {})}
         st.add_trial(optuna.trial.create_trial(params={"x": 0}, distributions=dist, value=m.decode, user_attrs=attrs))
-    req = study.StudyRequest(model_path="m.gguf", facts=None, hw=None, space=None, workload=WORK)  # type: ignore[arg-type]
-    gave_away = study.guard_values(st, req, run(90, 200))
-    tol = study.GUARD_TOLERANCE
+    req = request.StudyRequest(model_path="m.gguf", facts=None, hw=None, space=None, workload=WORK)  # type: ignore[arg-type]
+    gave_away = guard.guard_values(st, req, run(90, 200))
+    tol = guard.GUARD_TOLERANCE
     assert gave_away == pytest.approx({"prefill": 100 / 300 - tol, "ttft": (0.16 - 32 / 300) / (32 / 300) - tol})
-    assert all(v <= 0 for v in study.guard_values(st, req, run(60, 290)).values())  # within the tolerance
-    assert study.guard_values(st, dataclasses.replace(req, objective="prefill"), run(40, 400)) == \
+    assert all(v <= 0 for v in guard.guard_values(st, req, run(60, 290)).values())  # within the tolerance
+    assert guard.guard_values(st, dataclasses.replace(req, objective="prefill"), run(40, 400)) == \
         pytest.approx({"decode": (45 - 40) / 45 - tol})  # a prefill study guards decode
     t = st.ask()
     for metric, value in gave_away.items():
         t.set_constraint(metric, value)
     st.tell(t, 90.0)
-    assert not study.guarded(st.trials[-1]) and study.guarded(st.trials[0])
+    assert not guard.guarded(st.trials[-1]) and guard.guarded(st.trials[0])

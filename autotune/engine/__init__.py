@@ -1,6 +1,8 @@
 """The engines autotune measures with, behind one protocol (``base.Engine``); the only package that imports
-``llama_cpp``. llama-cpp-python (``bundled``) is the default and always prices memory; ``use`` makes the
-user's own llama-bench or llama-server (``external``) the one ``measure`` and ``defaults`` run on.
+``llama_cpp``. llama-cpp-python (``bundled``) is the default and always prices memory; the package's own
+functions (``measure``, ``defaults``, ``dry_run``, ...) are its. ``make`` turns ``--engine`` into an engine
+object (the bundled one, or the user's own llama-bench or llama-server, ``external``) that the CLI hands to the
+drivers; nothing here remembers which one is in use.
 
 Everything that creates a model or a context runs in a child process (``process``: the engine's library loaded
 first) and answers in JSON, so a native crash ends one run, never the tuner.
@@ -10,14 +12,11 @@ vendored source (``reference``). May import the vocabulary, the facts and the me
 """
 
 import contextlib
-from typing import Iterator
 
-from ..vocabulary.settings import Settings
-from . import bundled
+from . import bundled, external
 from .base import (
     FAKE_AMX_CRASH,
     BufferReport,
-    BuildInfo,
     Engine,
     Measurement,
     OnRep,
@@ -30,67 +29,48 @@ from .base import (
 from .bundled import (
     build_info,
     build_key,
+    defaults,
     divergence,
     dry_run,
     loaded_buffers,
+    measure,
     name,
 )
 
-_current: Engine = bundled  # type: ignore[assignment]
 
-
-def use(spec: str | None) -> Engine:
-    """Measure with ``spec`` from now on: None or "bundled" (llama-cpp-python), "llama-bench:PATH" or
-    "llama-server:PATH". SettingsError for anything else."""
-    from . import external
-
-    global _current
+def make(spec: str | None) -> Engine:
+    """The engine ``--engine`` names: None or "bundled" (llama-cpp-python), "llama-bench:PATH" or
+    "llama-server:PATH". SettingsError for anything else. The CLI makes it once and hands it down."""
     if spec in (None, "bundled"):
-        _current = bundled  # type: ignore[assignment]
-    else:
-        _current = external.Tool(*external.parse(spec))
-    return _current
+        return bundled
+    return external.Tool(*external.parse(spec))
 
 
-def current() -> Engine:
-    return _current
+def llama_server(path: str | None = None, quiet: bool = True) -> external.Tool:
+    """The user's llama-server as an engine, or the reference build of the bundled engine's own llama.cpp
+    (built once, cached): what the serving study and the speculation stage run."""
+    if path:
+        return external.Tool(*external.parse(f"llama-server:{path}"))
+    from . import reference
+
+    return external.Tool("llama-server", reference.tool("llama-server", quiet=quiet))
 
 
-@contextlib.contextmanager
-def using(spec: str | None) -> Iterator[Engine]:
-    """``use(spec)`` for the duration of a block, then back to the engine before it."""
-    before = _current
-    try:
-        yield use(spec)
-    finally:
-        _restore(before)
+def study_key(engine: Engine) -> str:
+    """What a study's name carries for the engine measuring: nothing for the bundled one (the names studies had
+    before other engines existed), else its kind and build key."""
+    return f"{engine.kind}{engine.build_key()}" if isinstance(engine, external.Tool) else ""
 
 
-def _restore(engine: Engine) -> None:
-    global _current
-    _current = engine
-
-
-def measure(model_path: str, settings: Settings, workload: Workload = Workload(), timeout: float = 300.0,
-            index: int = 0, on_rep: OnRep | None = None) -> Measurement:
-    """A measured run on the current engine (a fresh process; never raises for engine faults); ``on_rep``
-    may stop it after a repetition (``base.OnRep``)."""
-    return _current.measure(model_path, settings, workload, timeout, index, on_rep)
-
-
-def kept_loaded(every_load: bool = False) -> contextlib.AbstractContextManager[None]:
+def kept_loaded(engine: Engine, every_load: bool = False) -> contextlib.AbstractContextManager[None]:
     """Within the block, runs that load layers onto a GPU share one model load per load settings
     (``bundled.kept_loaded``); an external engine starts its own binary per run anyway."""
-    if _current is bundled:
+    if engine is bundled:
         return bundled.kept_loaded(every_load)
     return contextlib.nullcontext()
 
 
-def defaults(n_ctx: int) -> Settings:
-    """What the current engine does when the user sets nothing but the context: the baseline to beat."""
-    return _current.defaults(n_ctx)
-
-__all__ = ["FAKE_AMX_CRASH", "BufferReport", "BuildInfo", "Engine", "Measurement", "OnRep", "Workload", "build_info",
-           "build_key", "bundled", "child_failure", "crash_context", "current", "defaults", "divergence", "dry_run",
-           "kept_loaded", "llama_cpp_defaults",
-           "loaded_buffers", "measure", "name", "prompt_text", "use", "using"]
+__all__ = ["FAKE_AMX_CRASH", "BufferReport", "Engine", "Measurement", "OnRep", "Workload", "build_info",
+           "build_key", "bundled", "child_failure", "crash_context", "defaults", "divergence", "dry_run", "external",
+           "kept_loaded", "llama_cpp_defaults", "llama_server", "loaded_buffers", "make", "measure", "name",
+           "prompt_text", "study_key"]

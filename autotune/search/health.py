@@ -19,8 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import engine
-from ..engine import Workload
+from ..engine import FAKE_AMX_CRASH, Engine, Workload
 from ..facts import catalog
 from ..facts.probe import Hardware
 from ..vocabulary.errors import AutotuneError
@@ -71,16 +70,16 @@ def cache_path() -> Path:
     return catalog.cache_dir() / "engine-health.json"
 
 
-def _key(model_path: str, start: Settings, hw: Hardware, pinned: frozenset[str]) -> str:
+def _key(model_path: str, start: Settings, hw: Hardware, pinned: frozenset[str], engine: Engine) -> str:
     """Engine build, machine, model file (path, size, time: hashing a 40 GB file would cost more than the
     check), starting settings, which of them the user pinned (a switch may not override those), and whether
     the AMX crash is injected."""
-    fake = "fake-amx-crash" if os.environ.get(engine.FAKE_AMX_CRASH) == "1" else ""
+    fake = "fake-amx-crash" if os.environ.get(FAKE_AMX_CRASH) == "1" else ""
     p = Path(model_path).resolve()
     st = p.stat()
     model = f"{p}|{st.st_size}|{st.st_mtime_ns}|{sorted(pinned)}"
     digest = hashlib.sha256(f"{model}|{json.dumps(start.to_dict(), sort_keys=True)}".encode()).hexdigest()[:16]
-    return "-".join(x for x in (engine.current().build_key(), hw.fingerprint(), digest, fake) if x)
+    return "-".join(x for x in (engine.build_key(), hw.fingerprint(), digest, fake) if x)
 
 
 def _read_cache() -> dict[str, Any]:
@@ -97,10 +96,11 @@ def _write_cache(data: dict[str, Any]) -> None:
     catalog.write_json(cache_path(), data)
 
 
-def forget(model_path: str, settings: Settings, hw: Hardware, pinned: frozenset[str] = frozenset()) -> None:
+def forget(model_path: str, settings: Settings, hw: Hardware, engine: Engine,
+           pinned: frozenset[str] = frozenset()) -> None:
     """Drop the remembered verdict for these settings (``doctor --recheck``)."""
     data = _read_cache()
-    if data.pop(_key(model_path, starting_settings(settings), hw, pinned), None) is not None:
+    if data.pop(_key(model_path, starting_settings(settings), hw, pinned, engine), None) is not None:
         _write_cache(data)
 
 
@@ -110,12 +110,12 @@ def starting_settings(settings: Settings) -> Settings:
                             n_ubatch=min(settings.n_ubatch, CHECK_CTX))
 
 
-def check(model_path: str, settings: Settings, hw: Hardware, pinned: frozenset[str] = frozenset(),
+def check(model_path: str, settings: Settings, hw: Hardware, engine: Engine, pinned: frozenset[str] = frozenset(),
           timeout: float = 300.0) -> Verdict:
-    """Run the self-check for ``settings`` (or read its verdict back). Switches that would override a setting
-    the user pinned (``pinned``) are not tried. EngineCrash when nothing runs."""
+    """Run the self-check for ``settings`` on ``engine`` (or read its verdict back). Switches that would override
+    a setting the user pinned (``pinned``) are not tried. EngineCrash when nothing runs."""
     start = starting_settings(settings)
-    key = _key(model_path, start, hw, pinned)
+    key = _key(model_path, start, hw, pinned, engine)
     known = _read_cache().get(key)
     if known is not None:
         return Verdict(**{**known, "cached": True})
@@ -157,16 +157,17 @@ class Doctor:
     crash: str = ""  # EngineCrash's line, when no switch helps
 
 
-def doctor(model_path: str, start: Settings, hw: Hardware, pins: dict[str, Any], recheck: bool = False) -> Doctor:
+def doctor(model_path: str, start: Settings, hw: Hardware, engine: Engine, pins: dict[str, Any],
+           recheck: bool = False) -> Doctor:
     """The environment (the vocabulary loaded with either C++ runtime first), then the self-check of ``start``
-    with the user's ``pins`` (run again with ``recheck``, else remembered)."""
+    on ``engine`` with the user's ``pins`` (run again with ``recheck``, else remembered)."""
     from ..engine import diagnose
 
     start = start.replace(**pins)
     if recheck:
-        forget(model_path, start, hw, frozenset(pins))
+        forget(model_path, start, hw, engine, frozenset(pins))
     env = diagnose.diagnose(model_path)
     try:
-        return Doctor(env, check(model_path, start, hw, pinned=frozenset(pins)))
+        return Doctor(env, check(model_path, start, hw, engine, pinned=frozenset(pins)))
     except EngineCrash as e:
         return Doctor(env, None, str(e))

@@ -1,8 +1,8 @@
 """``tune()``: the one path from a model file to a tuned config, for the CLI, the benches and the notebooks.
 
 probe -> facts -> search space -> fit check -> engine dry run -> engine self-check -> study -> K/V quality
-guard -> trials -> side-by-side re-measurement -> (speculation stage) -> the tuned-config record. What happens on
-the way is told to a ``Reporter``; the CLI's prints it, the default says nothing.
+guard -> trials -> side-by-side re-measurement -> (a stage the caller adds: the CLI's speculation) -> the tuned-config
+record. It measures with the engine it is handed; what happens on the way is told to a ``TuneReporter``.
 """
 
 from __future__ import annotations
@@ -16,17 +16,18 @@ from typing import Any, Callable, Iterator
 
 import optuna
 
-from .. import engine, memory
-from ..engine import Measurement, Workload
+from .. import memory
+from ..engine import Engine, Measurement, Workload, bundled, kept_loaded
 from ..facts import catalog
 from ..facts.gguf_model import ModelFacts, file_sha256, read_facts
 from ..facts.probe import Hardware, measure_bandwidth_gbs, probe
 from ..memory import overhead
-from ..output import export
+from ..vocabulary import metrics
 from ..vocabulary.errors import EngineDied, FitError, ModelError, SettingsError
 from ..vocabulary.knobs import KNOBS
 from ..vocabulary.settings import Settings
-from . import health, recommend, space, study
+from . import health, kvgate, loop, progress, recommend, request, space, storage, study
+from .config import TunedRecord
 
 MIB = 2**20
 
@@ -35,7 +36,7 @@ MIB = 2**20
 class TuneOptions:
     """Everything ``autotune search`` takes besides the model; the defaults are the CLI's."""
 
-    ctx: int | None = None  # default: min(4096, the trained context)
+    ctx: int | None = None  # default: the model's default context (ModelFacts.default_ctx)
     objective: str = "decode"
     pareto: bool = False
     trials: int = 30
@@ -49,13 +50,10 @@ class TuneOptions:
     rounds: int = 3
     kv_quality: str = "strict"
     recommend: bool = True  # False: only run trials
-    spec: str | None = None  # "auto", "ngram" or a draft GGUF: the speculation stage, in llama-server
-    spec_plan: Any = None  # its speculation.Plan (None: the stage's defaults)
     depth: int | None = None  # tokens in the cache before each measured prompt (None: default_depth)
     start: Settings | None = None  # what the user runs today (--from-cmdline): measured first, and a baseline
-    engine: str | None = None  # None: llama-cpp-python; "llama-bench:PATH" or "llama-server:PATH"
     trade: bool = False  # the user named the objective: the other metrics may be given up for it
-    patience: int = study.PATIENCE  # stop a stage once this many trials have not moved its best (0: never)
+    patience: int = loop.PATIENCE  # stop a stage once this many trials have not moved its best (0: never)
     gpu_budget: tuple[int, ...] | None = None  # MiB each GPU may hold in all (one value: every GPU); None: what is free
 
 
@@ -95,26 +93,24 @@ def depths_to_report(n_ctx: int, depth: int, work: Workload) -> list[int]:
 
 @dataclass
 class TunedConfig:
-    """A tuning run's answer: the recommended settings, the evidence, and the schema-1 record that
+    """A tuning run's answer: the recommended settings, the evidence, and the tuned-config record that
     ``export`` renders and ``report`` plots."""
 
     settings: Settings
     recommendation: recommend.Recommendation
     engine_health: health.Verdict
     study_name: str
-    record: dict[str, Any]
+    record: TunedRecord
 
 
-class Reporter:
-    """What ``tune`` tells as it goes. Every method does nothing here; the CLI overrides them to print."""
+# A stage run on the tuned-config record before it is stored (the CLI's speculation stage): the record and the
+# machine as the search saw it in, the record it carries out.
+Stage = Callable[[TunedRecord, Hardware], TunedRecord]
 
-    @contextlib.contextmanager
-    def step(self, text: str) -> Iterator[Callable[[str], None]]:
-        """A stage that takes a while; yields a function to update its one-line status."""
-        yield lambda _text: None
 
-    def note(self, text: str) -> None:
-        """Something the user should know that changes nothing (a missing memory model, say)."""
+class TuneReporter(progress.Quiet):
+    """What ``tune`` tells as it goes: the progress protocol's notes and steps, and the search's own results as
+    they come (tables on the CLI's terminal). Every method does nothing here."""
 
     def health(self, verdict: health.Verdict) -> None: ...
 
@@ -125,30 +121,30 @@ class Reporter:
     def space(self, sp: space.SearchSpace, hw: Hardware, pins: dict[str, Any], forced: dict[str, Any]) -> None: ...
 
     @contextlib.contextmanager
-    def trials(self, total: int, objective: str) -> Iterator[Callable[[study.Progress], None]]:
+    def trials(self, total: int, objective: str) -> Iterator[Callable[[loop.Progress], None]]:
         yield lambda _progress: None
 
     def trials_done(self, st: optuna.Study) -> None: ...
 
-    def speculation(self, config: dict[str, Any], report: Any) -> None: ...
-
     def depth_sweep(self, rows: list[dict[str, Any]]) -> None: ...
 
 
-def tune(model: str | None, options: TuneOptions = TuneOptions(), reporter: Reporter = Reporter()) -> TunedConfig | None:
-    """Tune ``model`` (None: the demo model) on ``options.engine``. Returns None when ``options.recommend`` is
-    off. A KeyboardInterrupt leaves the study consistent and propagates; AutotuneError for anything the user
-    can fix."""
-    with engine.using(options.engine), engine.kept_loaded():  # on a GPU, runs that share a load share one
-        return _tune(model, options, reporter)
+def tune(model: str | None, options: TuneOptions, reporter: TuneReporter, engine: Engine,
+         stage: Stage | None = None) -> TunedConfig | None:
+    """Tune ``model`` (None: the demo model), measuring with ``engine``; ``stage`` runs on the record before it
+    is stored. Returns None when ``options.recommend`` is off. A KeyboardInterrupt leaves the study consistent
+    and propagates; AutotuneError for anything the user can fix."""
+    with kept_loaded(engine):  # on a GPU, runs that share a load share one
+        return _tune(model, options, reporter, engine, stage)
 
 
-def _tune(model: str | None, options: TuneOptions, reporter: Reporter) -> TunedConfig | None:
+def _tune(model: str | None, options: TuneOptions, reporter: TuneReporter, engine: Engine,
+          stage: Stage | None) -> TunedConfig | None:
     model = model or str(catalog.fetch(quiet=False))
     facts = read_facts(model)
     # the space, the fit check and every trial keep to the budget; the bandwidth is measured for the roofline only
-    hw = probe(measure_bandwidth=False).with_gpu_budget(options.gpu_budget)
-    n_ctx = options.ctx or min(4096, facts.n_ctx_train or 4096)
+    hw = probe(bundled, measure_bandwidth=False).with_gpu_budget(options.gpu_budget)  # bundled prices memory
+    n_ctx = options.ctx or facts.default_ctx
     pins = options.pins
     first = space.build_space(hw, facts, n_ctx, pins)
     work = options.workload or default_workload(first, facts, hw)
@@ -162,12 +158,11 @@ def _tune(model: str | None, options: TuneOptions, reporter: Reporter) -> TunedC
     work = dataclasses.replace(work, depth=depth)
     if first.where:
         reporter.note(f"placement: {first.where}")
-    req = study.StudyRequest(model_path=model, facts=facts, hw=hw, space=first,
+    req = request.StudyRequest(model_path=model, facts=facts, hw=hw, space=first,
                              objective=options.objective, pareto=options.pareto, workload=work,
                              storage=options.storage, seed=options.seed, pins=pins,
                              start=None if options.start is None else _started(options.start, n_ctx, pins),
-                             engine="" if options.engine in (None, "bundled") else
-                             f"{options.engine.partition(':')[0]}{engine.current().build_key()}")
+                             engine=engine)
     warning = memory.beyond_trained(facts, n_ctx)
     if warning:
         reporter.note(warning)
@@ -179,7 +174,8 @@ def _tune(model: str | None, options: TuneOptions, reporter: Reporter) -> TunedC
     if isinstance(preflight, str):
         raise ModelError(f"{model}: the engine refuses the starting settings: {preflight}")
     with reporter.step("engine self-check: a short real run with the starting settings ..."):
-        verdict = health.check(model, req.space.base, hw, pinned=frozenset(pins), timeout=options.trial_timeout)
+        verdict = health.check(model, req.space.base, hw, engine, pinned=frozenset(pins),
+                               timeout=options.trial_timeout)
     reporter.health(verdict)
     if verdict.pins:  # the whole study runs with the switch that keeps the engine alive
         req = dataclasses.replace(req, space=space.build_space(hw, facts, n_ctx, {**pins, **verdict.pins}),
@@ -193,9 +189,9 @@ def _tune(model: str | None, options: TuneOptions, reporter: Reporter) -> TunedC
     if metric and n_second:  # the first stage searches only the knobs that can move the objective
         req = dataclasses.replace(req, space=full.moving(metric), guard=not options.trade)
     st = study.open_study(req)
-    reporter.study(st, study.storage_url(options.storage))
+    reporter.study(st, storage.storage_url(options.storage))
     with reporter.step("measuring how quantized K/V caches change the outputs (once per study) ..."):
-        sp, quality = study.kv_quality(st, req, options.kv_quality)
+        sp, quality = kvgate.kv_quality(st, req, options.kv_quality)
     req = dataclasses.replace(req, space=sp)
     if quality:
         reporter.kv_quality(quality, req.forced)
@@ -205,13 +201,13 @@ def _tune(model: str | None, options: TuneOptions, reporter: Reporter) -> TunedC
                       f"{SECOND[metric]}): {', '.join(full.neutral_to(metric).describe())}")
     try:
         with reporter.trials(options.trials - n_second, options.objective) as show:
-            study.run_trials(st, req, options.trials - n_second, timeout=options.timeout,
+            loop.run_trials(st, req, options.trials - n_second, timeout=options.timeout,
                              trial_timeout=options.trial_timeout, on_progress=show, patience=options.patience)
     finally:
         reporter.trials_done(st)
     polish: dict[str, Any] = {}
     st2 = None
-    if metric and n_second and study.completed(st):
+    if metric and n_second and loop.completed(st):
         polish, st2 = second_stage(st, req, full, metric, n_second, options, reporter)
     if not options.recommend:
         return None
@@ -225,13 +221,13 @@ def _tune(model: str | None, options: TuneOptions, reporter: Reporter) -> TunedC
                                   trade=options.trade)
     record = _record(req, st, rec, verdict, quality, options)
     if st2 is not None:
-        record["study"]["second_stage"] = {"name": st2.study_name, "objective": SECOND[metric], "chose": polish}
-    record["depth_sweep"] = depth_sweep(model, rec.chosen.settings, req.n_ctx, work, options.trial_timeout, reporter,
-                                        done=rec.confirmation)
-    if options.spec:
-        record = _spec_stage(record, options, hw, reporter)
-    st.set_user_attr("recommendation", record)
-    return TunedConfig(export.settings_of(record), rec, verdict, st.study_name, record)
+        record.evidence["study"]["second_stage"] = {"name": st2.study_name, "objective": SECOND[metric], "chose": polish}
+    record.evidence["depth_sweep"] = depth_sweep(model, rec.chosen.settings, req.n_ctx, work, options.trial_timeout,
+                                                 reporter, engine, done=rec.confirmation)
+    if stage is not None:
+        record = stage(record, hw)
+    st.set_user_attr("recommendation", record.to_json())
+    return TunedConfig(record.settings, rec, verdict, st.study_name, record)
 
 
 # The speed a stage-1 objective is made of, and what the second stage then tunes the other knobs for.
@@ -241,7 +237,7 @@ SECOND = {"decode": "prefill", "prefill": "decode"}
 def moved_by(objective: str, pareto: bool) -> str | None:
     """The speed an objective is made of ("decode" or "prefill"; TTFT is the prompt's time), or None where
     it is made of both (balanced, a Pareto front): then one stage searches every knob."""
-    return None if pareto else {"decode": "decode", "prefill": "prefill", "ttft": "prefill"}.get(objective)
+    return None if pareto else metrics.metric(objective).speed
 
 
 def second_trials(full: space.SearchSpace, metric: str | None, trials: int) -> int:
@@ -254,8 +250,8 @@ def second_trials(full: space.SearchSpace, metric: str | None, trials: int) -> i
     return n if n >= 4 and (neutral.params or neutral.int_ranges) else 0
 
 
-def second_stage(st: optuna.Study, req: study.StudyRequest, full: space.SearchSpace, metric: str, n_trials: int,
-                 options: TuneOptions, reporter: Reporter) -> tuple[dict[str, Any], optuna.Study]:
+def second_stage(st: optuna.Study, req: request.StudyRequest, full: space.SearchSpace, metric: str, n_trials: int,
+                 options: TuneOptions, reporter: TuneReporter) -> tuple[dict[str, Any], optuna.Study]:
     """Tune the knobs that cannot move the objective (for decode: prompt threads, n_batch, n_ubatch) for the
     other speed, over the first stage's best settings, in a study of its own; the baselines' values for those
     knobs are among its first trials. Returns the settings it chose for them, and the study."""
@@ -270,11 +266,11 @@ def second_stage(st: optuna.Study, req: study.StudyRequest, full: space.SearchSp
                   f"settings")
     try:
         with reporter.trials(n_trials, SECOND[metric]) as show:
-            study.run_trials(st2, req2, n_trials, timeout=options.timeout, trial_timeout=options.trial_timeout,
+            loop.run_trials(st2, req2, n_trials, timeout=options.timeout, trial_timeout=options.trial_timeout,
                              on_progress=show, patience=options.patience, min_trials=n_trials)
     finally:
         reporter.trials_done(st2)
-    if study.best_value(st2) is None:  # no trial of the second stage completed
+    if loop.best_value(st2) is None:  # no trial of the second stage completed
         return {}, st2
     chosen = Settings.from_dict(st2.best_trial.user_attrs["settings"])
     fields = [k.name for k in KNOBS if metric not in k.moves]
@@ -282,7 +278,7 @@ def second_stage(st: optuna.Study, req: study.StudyRequest, full: space.SearchSp
 
 
 def depth_sweep(model: str, settings: Settings, n_ctx: int, work: Workload, timeout: float,
-                reporter: Reporter, done: Measurement | None = None) -> list[dict[str, Any]]:
+                reporter: TuneReporter, engine: Engine, done: Measurement | None = None) -> list[dict[str, Any]]:
     """The recommendation measured with an empty cache, at the searched depth and nearly full: placement and
     attention choices that win empty can lose deep in a conversation. ``done``: a run of these settings at
     the searched depth already made (the confirmation run), used for that row."""
@@ -295,7 +291,7 @@ def depth_sweep(model: str, settings: Settings, n_ctx: int, work: Workload, time
             else:
                 deep = dataclasses.replace(work, depth=d)
                 m = engine.measure(model, settings, deep, timeout=timeout)
-                overhead.learn(engine.build_key(), read_facts(model), m, deep)  # nearly full: the pool at its peak
+                overhead.learn(bundled.build_key(), read_facts(model), m, deep)  # nearly full: the pool at its peak
             rows.append({"depth": d, "ok": m.ok, "error": m.error, "decode": m.decode if m.ok else None,
                          "prefill": m.prefill if m.ok else None, "ttft": m.ttft if m.ok else None,
                          "decode_tps": m.decode_tps, "prefill_tps": m.prefill_tps})
@@ -303,11 +299,11 @@ def depth_sweep(model: str, settings: Settings, n_ctx: int, work: Workload, time
     return rows
 
 
-def check_fits(req: study.StudyRequest) -> str | None:
+def check_fits(req: request.StudyRequest) -> str | None:
     """Refuse up front, with the size of the gap, a model that no setting in the space can fit. Returns why
     it could not tell (the engine's dry run died on the leanest settings), or None."""
     try:
-        lean = study.leanest(req)
+        lean = loop.leanest(req)
     except EngineDied as e:
         return str(e)
     if not lean.fits:
@@ -317,47 +313,24 @@ def check_fits(req: study.StudyRequest) -> str | None:
     return None
 
 
-def _record(req: study.StudyRequest, st: optuna.Study, rec: recommend.Recommendation, verdict: health.Verdict,
-            quality: dict[str, Any], options: TuneOptions) -> dict[str, Any]:
-    """The tuned-config record (schema 1): the settings and every piece of evidence behind them."""
+def _record(req: request.StudyRequest, st: optuna.Study, rec: recommend.Recommendation, verdict: health.Verdict,
+            quality: dict[str, Any], options: TuneOptions) -> TunedRecord:
+    """The tuned-config record: the settings and every piece of evidence behind them."""
     facts: ModelFacts = req.facts
-    return export.build_config(
+    return TunedRecord(
         rec.chosen.settings,
         model={"path": req.model_path, "sha256": file_sha256(req.model_path), "architecture": facts.architecture,
                "name": facts.name},
         hardware=req.hw.to_dict(),
         metrics=rec.metrics(),
-        predicted=rec.predicted,
-        extra={"study": {"name": st.study_name, "storage": study.storage_url(options.storage),
-                         "objective": "pareto" if options.pareto else options.objective},
-               "workload": dataclasses.asdict(req.workload),
-               "engine_health": dataclasses.asdict(verdict),
-               "recommendation": {"supported": rec.supported, "verdict": rec.verdict, "speedup": rec.speedup,
-                                  "chosen": rec.chosen.label,
-                                  "baseline": rec.baseline.label,
-                                  "baselines": rec.baseline_report(),
-                                  "versus": rec.versus(),
-                                  "side_by_side": rec.side_by_side(),
-                                  "baseline_metrics": rec.metrics(rec.baseline),
-                                  "peak_rss": rec.confirmation.peak_rss if rec.confirmation else None,
-                                  "base_rss": rec.confirmation.base_rss if rec.confirmation else None,
-                                  "roofline": rec.roofline},
-               "kv_quality": quality,
-               **({"engine": {"name": engine.current().name, "version": engine.current().build_info().version,
-                              "backend": engine.current().build_info().backend}}
-                  if options.engine not in (None, "bundled") else {})},
+        memory=rec.predicted,
+        engine={} if req.engine is bundled else {"name": req.engine.name, "version": req.engine.build_info().version,
+                                                  "backend": req.engine.build_info().backend},
+        evidence={"study": {"name": st.study_name, "storage": storage.storage_url(options.storage),
+                            "objective": "pareto" if options.pareto else options.objective},
+                  "workload": dataclasses.asdict(req.workload),
+                  "engine_health": dataclasses.asdict(verdict),
+                  "recommendation": rec.to_json(),
+                  "kv_quality": quality},
     )
 
-
-def _spec_stage(record: dict[str, Any], options: TuneOptions, hw: Hardware, reporter: Reporter) -> dict[str, Any]:
-    """Speculation measured in llama-server with the tuned main settings (the user's llama-server where it is the
-    engine, else the reference build); the record carries speculation only where it pays."""
-    from ..stages import speculation
-
-    server = options.engine.partition(":")[2] if (options.engine or "").startswith("llama-server:") else None
-    with reporter.step("measuring speculative decoding in llama-server with the tuned settings ...") as status:
-        record, report = speculation.search_stage(record, options.spec or "ngram", hw,
-                                                  options.spec_plan or speculation.Plan(), server, options.storage,
-                                                  on_status=status)
-    reporter.speculation(record, report)
-    return record

@@ -19,7 +19,7 @@ from ..facts.probe import Hardware
 from ..memory import fit
 from ..vocabulary.errors import EngineDied, EngineRefused, ModelError, SettingsError
 from ..vocabulary.knobs import BY_NAME, KNOBS, IntRange, Where
-from ..vocabulary.settings import QUANTIZED_KV, Settings, coerce, ggml_type, layer_list, row_bytes
+from ..vocabulary.settings import KV_SHORTLIST, QUANTIZED_KV, Settings, coerce, ggml_type, layer_list, row_bytes
 
 BATCH_FACTORS = (1, 2, 4)
 MAX_BATCH = 4096  # n_batch beyond this buys nothing a prompt of a few thousand tokens can show
@@ -28,7 +28,6 @@ MAX_BATCH = 4096  # n_batch beyond this buys nothing a prompt of a few thousand 
 SPAN = 4
 # Knobs that matter only while layers stay on the host: with every layer on a GPU they are left at the base.
 HOST_ONLY = tuple(k.name for k in KNOBS if k.host_only)
-KV_CHOICES = ("f16", "q8_0", "q4_0")
 # The speeds each search parameter can change: a knob's own (``Knob.moves``), and the joint ones'.
 MOVES = {**{k.name: k.moves for k in KNOBS}, "batch_factor": BY_NAME["n_batch"].moves,
          "attention": ("decode", "prefill")}
@@ -43,7 +42,7 @@ def parse_attention(label: str) -> tuple[bool, str, str]:
     return fa == "fa-on", k, v
 
 
-def attention_choices(kv_types: tuple[str, ...] = KV_CHOICES) -> tuple[str, ...]:
+def attention_choices(kv_types: tuple[str, ...] = KV_SHORTLIST) -> tuple[str, ...]:
     """Valid (flash attention, K type, V type) combinations: K and V of one type, or a quantized K over
     an f16 V (the only quantized cache without flash attention, which a quantized V needs)."""
     out = []
@@ -71,7 +70,7 @@ class SearchSpace:
     params: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # name -> choices (ints are ranges)
     int_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
     # Where the memory model put the layers on this machine's GPUs at the space's leanest settings (empty without
-    # GPUs), and that choice in words; each baseline is placed at its own settings (``study.placed``).
+    # GPUs), and that choice in words; each baseline is placed at its own settings (``baselines.placed``).
     placement: dict[str, int] = field(default_factory=dict)
     where: str = ""
 
@@ -177,7 +176,7 @@ def build_space(
     facts: ModelFacts,
     n_ctx: int,
     pins: dict[str, Any] | None = None,
-    kv_types: tuple[str, ...] = KV_CHOICES,
+    kv_types: tuple[str, ...] = KV_SHORTLIST,
 ) -> SearchSpace:
     """The knobs worth searching for this model on this machine, minus the ones the user pinned."""
     pins = dict(pins or {})

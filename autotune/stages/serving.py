@@ -22,16 +22,18 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import TrialState
 
-from .. import engine, memory
-from ..engine import external, loadgen
+from .. import memory
+from ..engine import bundled, external, loadgen
 from ..engine.base import prompt_text
-from ..facts.gguf_model import ModelFacts
-from ..facts.probe import Hardware
-from ..search import health, space, study
+from ..facts.gguf_model import ModelFacts, read_facts
+from ..facts.probe import Hardware, probe
+from ..search import health, kvgate, loop, request, space, storage, study
+from ..search.progress import Reporter
 from ..search.recommend import Spread
 from ..vocabulary.errors import AutotuneError, ModelError, SettingsError
-from ..vocabulary.flags import server_flags
+from ..vocabulary.flags import knob_flags, server_flags
 from ..vocabulary.knobs import NGRAM_KINDS
+from ..vocabulary.metrics import metric
 from ..vocabulary.settings import Settings
 
 
@@ -152,22 +154,16 @@ def feasible(t: optuna.trial.FrozenTrial) -> bool:
 
 
 def study_name(model: str, facts: ModelFacts, hw: Hardware, opts: ServeOptions, binary: Path) -> str:
-    from ..facts.gguf_model import file_sha256
-
+    """The serving study's name (``storage.study_name``): the load, the bounds and the server build set it apart."""
     bounds = f"ttft{opts.max_ttft}-utps{opts.min_user_tps}"
-    return "-".join([Path(model).stem, file_sha256(model)[:12], hw.fingerprint(), "serve", f"u{opts.users}",
-                     f"c{opts.ctx_per_user}", f"r{opts.requests}", bounds, *(["spec"] if opts.spec else []),
-                     external.Tool("llama-server", binary).build_key()])
+    return storage.study_name(model, hw, "serve", f"u{opts.users}", f"c{opts.ctx_per_user}", f"r{opts.requests}",
+                              bounds, *(["spec"] if opts.spec else []), external.Tool("llama-server", binary).build_key())
 
 
 def defaults_flags(model: str, forced: dict[str, Any]) -> tuple[str, list[str]]:
     """llama-server as a user starts it, with only the model (and the switch the self-check pinned)."""
-    flags = ["-m", model]
-    label = "llama-server defaults"
-    if forced.get("use_extra_bufts") is False:
-        flags.append("--no-repack")
-        label += " with --no-repack"
-    return label, flags
+    switch = knob_flags("use_extra_bufts", forced.get("use_extra_bufts", True), "server")
+    return "llama-server defaults" + (f" with {' '.join(switch)}" if switch else ""), ["-m", model, *switch]
 
 
 @dataclass
@@ -186,19 +182,27 @@ class ServeResult:
     def spread(self, label: str, key: str = "throughput") -> Spread:
         return Spread.of([r[key] for r in self.side_by_side[label] if r.get(key) is not None])
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
+        """What ``serve-tune --out`` saves and the serving bench keeps per model and user count."""
         return {"study": self.study_name, "chosen": self.chosen, "command": self.command, "verdict": self.verdict,
                 "supported": self.supported, "slots": list(self.slots), "forced": self.forced,
                 "settings": self.settings.to_dict() if self.settings else None, "side_by_side": self.side_by_side,
                 "trials": self.trials}
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ServeResult:
+        """A saved result back (other keys beside it, such as the bench's model and users, are left out)."""
+        settings = Settings.from_dict(data["settings"]) if data.get("settings") else None
+        return cls(data["study"], data["chosen"], settings, list(data["command"]), data["side_by_side"],
+                   data["verdict"], data["supported"], tuple(data["slots"]), data["forced"], data["trials"])
 
-def tune(model: str, facts: ModelFacts, hw: Hardware, binary: Path, opts: ServeOptions,
-         say: Callable[[str], None] = lambda _text: None) -> ServeResult:
-    """The serving study, then the side-by-side with llama-server's defaults."""
+
+def tune(model: str, opts: ServeOptions, reporter: Reporter, server: external.Tool) -> ServeResult:
+    """The serving study on ``server`` (a llama-server), then the side-by-side with llama-server's defaults."""
+    facts, binary, say = read_facts(model), server.path, reporter.note
+    hw = probe(bundled, measure_bandwidth=False).with_gpu_budget(opts.gpu_budget)
     base = space.build_space(hw, facts, opts.ctx_per_user)
-    with engine.using(f"llama-server:{binary}"):
-        verdict = health.check(model, base.base, hw, timeout=300)
+    verdict = health.check(model, base.base, hw, server, timeout=300)
     forced = dict(verdict.pins)
     if forced:
         say(verdict.line())
@@ -208,12 +212,13 @@ def tune(model: str, facts: ModelFacts, hw: Hardware, binary: Path, opts: ServeO
         raise AutotuneError(f"not one slot of {opts.ctx_per_user:,} tokens fits this machine (try a smaller "
                             f"--ctx-per-user)")
     say(f"slots that fit {opts.ctx_per_user:,} tokens each: {', '.join(map(str, slots))}")
-    quality_req = study.StudyRequest(model_path=model, facts=facts, hw=hw, space=sp)
-    server = {"name": f"llama-server ({binary})", "build": external.Tool("llama-server", binary).build_key()}
-    st = study.open_named(study_name(model, facts, hw, opts, binary), opts.storage, opts.seed, ["maximize"], hw,
-                          server, lambda new: new.set_user_attr("serving", {"users": opts.users,
-                                                                           "ctx_per_user": opts.ctx_per_user}))
-    sp, quality = study.kv_quality(st, quality_req, opts.kv_quality)
+    quality_req = request.StudyRequest(model_path=model, facts=facts, hw=hw, space=sp)
+    st = study.open_named(study_name(model, facts, hw, opts, binary), opts.storage, opts.seed,
+                          [metric("throughput").direction], hw,
+                          {"name": server.name, "build": server.build_key()},
+                          lambda new: new.set_user_attr("serving", {"users": opts.users,
+                                                                    "ctx_per_user": opts.ctx_per_user}))
+    sp, quality = kvgate.kv_quality(st, quality_req, opts.kv_quality)
     excluded = [pair for pair, r in quality.items() if r.get("excluded")]
     if excluded:
         say(f"K/V quality guard ({opts.kv_quality}): {', '.join(excluded)} change the outputs too much: not searched")
@@ -244,7 +249,7 @@ def tune(model: str, facts: ModelFacts, hw: Hardware, binary: Path, opts: ServeO
 
     remaining = opts.trials - len([t for t in st.trials if t.state.is_finished()])
     if remaining > 0:  # the search's loop: heartbeats, a tuner's orphans, the patience stop
-        study.run(st, remaining, step)
+        loop.run(st, remaining, step)
     return _side_by_side(st, model, binary, opts, forced, slots, say)
 
 
@@ -332,4 +337,4 @@ def _decide(result: ServeResult, configs: dict[str, list[str]], settings_of: dic
 
 
 def save(result: ServeResult, path: Path) -> None:
-    path.write_text(json.dumps(result.to_dict(), indent=1, default=str))
+    path.write_text(json.dumps(result.to_json(), indent=1, default=str))
