@@ -74,9 +74,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         found = health.doctor(model, start, hw, engine.bundled, _pins(args), args.recheck)
     if args.json:
         env = found.environment
-        print_json({**(dataclasses.asdict(found.verdict) if found.verdict else {"ok": False, "crash": found.crash}),
-                    "model": model, "cpu_features": list(hw.cpu_features),
-                    "environment": {**dataclasses.asdict(env), "order_fault": env.order_fault}})
+        print_json(
+            {
+                **(dataclasses.asdict(found.verdict) if found.verdict else {"ok": False, "crash": found.crash}),
+                "model": model,
+                "cpu_features": list(hw.cpu_features),
+                "environment": {**dataclasses.asdict(env), "order_fault": env.order_fault},
+            }
+        )
     else:
         printers.doctor(hw, found)
     if found.crash:
@@ -103,13 +108,21 @@ def _settings(args: argparse.Namespace, **more: Any) -> Any:
 
 def cmd_memory(args: argparse.Namespace) -> int:
     from . import memory
-    from .search import oracle
     from .facts.gguf_model import read_facts
+    from .search import oracle
 
     budget = _budget(args)
     facts, hw = read_facts(args.model), _hardware().with_gpu_budget(budget)
-    s = _settings(args, n_ctx=args.ctx, n_gpu_layers=args.ngl, flash_attn=args.fa == "on", type_k=args.type_k,
-                  type_v=args.type_v, swa_full=args.swa_full == "on", n_cpu_moe=args.n_cpu_moe)
+    s = _settings(
+        args,
+        n_ctx=args.ctx,
+        n_gpu_layers=args.ngl,
+        flash_attn=args.fa == "on",
+        type_k=args.type_k,
+        type_v=args.type_v,
+        swa_full=args.swa_full == "on",
+        n_cpu_moe=args.n_cpu_moe,
+    )
     out = memory.describe(facts, s, hw, args.ctx_sweep, args.max_ctx, oracle.check if args.verify else None)
     print_json(out) if args.json else printers.memory_report(out, facts, s, hw)
     return 0
@@ -123,11 +136,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
     facts, hw = read_facts(args.model), _hardware().with_gpu_budget(budget)
     keep = None if args.margin is None else int(args.margin * 2**20)
     started = time.perf_counter()
-    rows = fit(facts, hw, args.ctx, _settings(args), tuple(t.strip() for t in args.kv.split(",") if t.strip()), keep,
-               args.beyond_trained)
+    rows = fit(
+        facts,
+        hw,
+        args.ctx,
+        _settings(args),
+        tuple(t.strip() for t in args.kv.split(",") if t.strip()),
+        keep,
+        args.beyond_trained,
+    )
     seconds = time.perf_counter() - started
-    print_json(printers.fit_json(facts, rows, keep, seconds, hw)) if args.json else \
-        printers.fit(facts, rows, keep, seconds, hw)
+    print_json(printers.fit_json(facts, rows, keep, seconds, hw)) if args.json else printers.fit(
+        facts, rows, keep, seconds, hw
+    )
     return 0
 
 
@@ -146,13 +167,23 @@ def cmd_search(args: argparse.Namespace) -> int:
         if cmd.other:
             console.print(f"from your command line, kept as you had them (not tuned): {shlex.join(cmd.other)}")
         if start.spec_type != "none":
-            console.print(f"your speculation ({start.spec_type}) is left to the speculation stage (--spec); the study "
-                          "tunes the main model")
+            console.print(
+                f"your speculation ({start.spec_type}) is left to the speculation stage (--spec); the study "
+                "tunes the main model"
+            )
     given = {k: getattr(args, k) for k in ("prompt_tokens", "gen_tokens", "reps") if getattr(args, k) is not None}
-    options = _options(pipeline.TuneOptions, args, ctx=ctx, objective=args.objective or pipeline.TuneOptions.objective,
-                       trade=args.objective is not None, pins=_pins(args), recommend=not args.no_recommend,
-                       start=start, workload=dataclasses.replace(pipeline.HOST_WORKLOAD, **given) if given else None,
-                       gpu_budget=budget)
+    options = _options(
+        pipeline.TuneOptions,
+        args,
+        ctx=ctx,
+        objective=args.objective or pipeline.TuneOptions.objective,
+        trade=args.objective is not None,
+        pins=_pins(args),
+        recommend=not args.no_recommend,
+        start=start,
+        workload=dataclasses.replace(pipeline.HOST_WORKLOAD, **given) if given else None,
+        gpu_budget=budget,
+    )
     measurer, reporter = engine.make(args.engine), printers.Terminal()
     stage = _spec_stage(args, measurer, reporter) if args.spec else None
     try:
@@ -182,8 +213,11 @@ def _spec_stage(args: argparse.Namespace, measurer: Engine, reporter: TuneReport
 
     def stage(record: TunedRecord, hw: Hardware) -> TunedRecord:
         with reporter.step("measuring speculative decoding in llama-server with the tuned settings ...") as status:
-            server = measurer if isinstance(measurer, external.Tool) and measurer.kind == "llama-server" else \
-                engine.llama_server()
+            server = (
+                measurer
+                if isinstance(measurer, external.Tool) and measurer.kind == "llama-server"
+                else engine.llama_server()
+            )
             record, report = speculation.search_stage(record, args.spec, hw, plan, Lines(status), server)
         printers.spec_report(report)
         return record
@@ -203,8 +237,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.study and (source.endswith(".json") or os.path.isfile(source)):
         config = TunedRecord.load(source)
     else:
-        config = TunedRecord.from_json(storage.recommendation(source, args.storage or storage.default_url()),
-                                       f"study {source}")
+        config = TunedRecord.from_json(
+            storage.recommendation(source, args.storage or storage.default_url()), f"study {source}"
+        )
     text = export.render(config, args.format)
     if args.out:
         with open(args.out, "w") as f:
@@ -242,8 +277,9 @@ def cmd_draft(args: argparse.Namespace) -> int:
     from .stages import draft
 
     facts, hw = read_facts(args.model), _hardware()
-    settings = TunedRecord.load(args.config).settings if args.config else \
-        baselines.sensible(hw, facts, facts.default_ctx)
+    settings = (
+        TunedRecord.load(args.config).settings if args.config else baselines.sensible(hw, facts, facts.default_ctx)
+    )
     settings = settings.replace(**({"n_ctx": args.ctx} if args.ctx else {}), **_pins(args))
     report = draft.check(args.model, args.candidates, settings, hw)
     print_json(report.to_dict()) if args.json else printers.draft_report(report.to_dict())
@@ -258,11 +294,18 @@ def cmd_spec(args: argparse.Namespace) -> int:
     from .search.progress import Lines
     from .stages import speculation
 
-    plan = _options(speculation.Plan, args, workloads=tuple(args.workloads), gpu_budget=_budget(args),
-                    drafts=tuple(args.draft or ()), ngram=not args.no_ngram)
+    plan = _options(
+        speculation.Plan,
+        args,
+        workloads=tuple(args.workloads),
+        gpu_budget=_budget(args),
+        drafts=tuple(args.draft or ()),
+        ngram=not args.no_ngram,
+    )
     facts, hw = read_facts(args.model), _hardware().with_gpu_budget(plan.gpu_budget)
-    settings = TunedRecord.load(args.config).settings if args.config else \
-        baselines.sensible(hw, facts, facts.default_ctx)
+    settings = (
+        TunedRecord.load(args.config).settings if args.config else baselines.sensible(hw, facts, facts.default_ctx)
+    )
     pins = _pins(args)
     settings = settings.replace(**({"n_ctx": args.ctx} if args.ctx else {}), **pins)
     server = engine.llama_server(args.server)
@@ -288,8 +331,10 @@ def cmd_serve_tune(args: argparse.Namespace) -> int:
     opts = _options(serving.ServeOptions, args, gpu_budget=_budget(args))
     model = _model(args)
     server = engine.llama_server(args.server, quiet=False)
-    console.print(f"serving study: {read_facts(model).name}, {opts.users} users x {opts.ctx_per_user:,} tokens, "
-                  f"{opts.requests} requests per load, llama-server {server.path}")
+    console.print(
+        f"serving study: {read_facts(model).name}, {opts.users} users x {opts.ctx_per_user:,} tokens, "
+        f"{opts.requests} requests per load, llama-server {server.path}"
+    )
     result = serving.tune(model, opts, Lines(lambda text: console.print(f"  {text}")), server)
     printers.serving(result, opts)
     if args.out:
@@ -313,6 +358,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _parents() -> dict[str, argparse.ArgumentParser]:
     """Flags several commands share, written once."""
+
     def parser(*specs: tuple[tuple[str, ...], dict[str, Any]]) -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(add_help=False)
         for names, kw in specs:
@@ -322,15 +368,35 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     return {
         "json": parser((("--json",), {"action": "store_true"})),
         "storage": parser((("--storage",), {"help": "Optuna storage URL (default: sqlite in ./studies)"})),
-        "set": parser((("--set",), {"action": "append", "metavar": "NAME=VALUE", "help": "pin a setting, e.g. n_threads=2"})),
-        "model?": parser((("model",), {"nargs": "?", "help": "GGUF file (default: the SmolLM2-135M demo model, fetched once)"})),
+        "set": parser(
+            (("--set",), {"action": "append", "metavar": "NAME=VALUE", "help": "pin a setting, e.g. n_threads=2"})
+        ),
+        "model?": parser(
+            (("model",), {"nargs": "?", "help": "GGUF file (default: the SmolLM2-135M demo model, fetched once)"})
+        ),
         "model": parser((("model",), {})),
-        "budget": parser((("--gpu-budget",), {
-            "metavar": "MIB", "help": "use at most this much of each GPU, fixed overhead included (one value for "
-                                      "every GPU, or one per GPU: 12288,8192); room for a desktop or a second model"})),
-        "batches": parser((("-b", "--batch"), {"type": int, "default": 512}), (("-ub", "--ubatch"), {"type": int, "default": 512}),
-                          (("--repack",), {"choices": ("on", "off"), "default": "on",
-                                           "help": "extra weight buffer types (AMX, CPU_REPACK); off is llama.cpp's --no-repack"})),
+        "budget": parser(
+            (
+                ("--gpu-budget",),
+                {
+                    "metavar": "MIB",
+                    "help": "use at most this much of each GPU, fixed overhead included (one value for "
+                    "every GPU, or one per GPU: 12288,8192); room for a desktop or a second model",
+                },
+            )
+        ),
+        "batches": parser(
+            (("-b", "--batch"), {"type": int, "default": 512}),
+            (("-ub", "--ubatch"), {"type": int, "default": 512}),
+            (
+                ("--repack",),
+                {
+                    "choices": ("on", "off"),
+                    "default": "on",
+                    "help": "extra weight buffer types (AMX, CPU_REPACK); off is llama.cpp's --no-repack",
+                },
+            ),
+        ),
     }
 
 
@@ -355,74 +421,157 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("probe", cmd_probe, "what this machine is: cores, RAM, GPUs, engine build, bandwidth", "json")
     sp.add_argument("--no-bandwidth", action="store_true", help="skip the ~1 s bandwidth measurement")
-    sp = command("doctor", cmd_doctor, "engine self-check and environment: does a short real run survive here, and "
-                 "if not, why", "model?", "set", "json")
-    sp.add_argument("--recheck", action="store_true", help="run the check again instead of reading the remembered verdict")
+    sp = command(
+        "doctor",
+        cmd_doctor,
+        "engine self-check and environment: does a short real run survive here, and if not, why",
+        "model?",
+        "set",
+        "json",
+    )
+    sp.add_argument(
+        "--recheck", action="store_true", help="run the check again instead of reading the remembered verdict"
+    )
     command("inspect", cmd_inspect, "what a GGUF file says about its model", "model", "json")
 
-    sp = command("memory", cmd_memory, "predict the memory a configuration needs, per device", "model", "batches", "json",
-                 "budget")
-    sp.add_argument("--ctx", type=int, default=4096,
-                    help="context length; above the trained context it also raises the --ctx-sweep/--max-ctx limit")
+    sp = command(
+        "memory",
+        cmd_memory,
+        "predict the memory a configuration needs, per device",
+        "model",
+        "batches",
+        "json",
+        "budget",
+    )
+    sp.add_argument(
+        "--ctx",
+        type=int,
+        default=4096,
+        help="context length; above the trained context it also raises the --ctx-sweep/--max-ctx limit",
+    )
     sp.add_argument("--ngl", type=int, default=0, help="layers offloaded to the GPU")
-    sp.add_argument("--n-cpu-moe", type=int, default=0, metavar="N",
-                    help="keep the experts of the first N layers in host memory (mixture-of-experts models)")
+    sp.add_argument(
+        "--n-cpu-moe",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the experts of the first N layers in host memory (mixture-of-experts models)",
+    )
     sp.add_argument("--type-k", default="f16")
     sp.add_argument("--type-v", default="f16")
     sp.add_argument("--fa", choices=("on", "off"), default="off")
     sp.add_argument("--swa-full", choices=("on", "off"), default="on")
     sp.add_argument("--ctx-sweep", action="store_true", help="footprint against context length per K/V type")
     sp.add_argument("--max-ctx", action="store_true", help="largest context that fits, per K/V type and offload")
-    sp.add_argument("--verify", action="store_true", help="compare with the engine's own dry run (and a GPU's real peak)")
+    sp.add_argument(
+        "--verify", action="store_true", help="compare with the engine's own dry run (and a GPU's real peak)"
+    )
 
-    sp = command("fit", cmd_fit, "placements that hold a context on this machine, and the largest context each allows",
-                 "model", "batches", "json", "budget")
+    sp = command(
+        "fit",
+        cmd_fit,
+        "placements that hold a context on this machine, and the largest context each allows",
+        "model",
+        "batches",
+        "json",
+        "budget",
+    )
     sp.add_argument("--ctx", type=int, help="the context you need (default: the trained context)")
-    sp.add_argument("--beyond-trained", action="store_true",
-                    help="allow and offer contexts beyond the trained one (RoPE-scaled use)")
-    sp.add_argument("--margin", type=float, metavar="MIB",
-                    help="memory to keep free on each device (default: max(512 MiB, 5 %% of its free memory))")
+    sp.add_argument(
+        "--beyond-trained",
+        action="store_true",
+        help="allow and offer contexts beyond the trained one (RoPE-scaled use)",
+    )
+    sp.add_argument(
+        "--margin",
+        type=float,
+        metavar="MIB",
+        help="memory to keep free on each device (default: max(512 MiB, 5 %% of its free memory))",
+    )
     sp.add_argument("--kv", default=",".join(KV_SHORTLIST), help="K/V cache types to consider")
 
     d = TuneOptions()
-    sp = command("search", cmd_search, "tune the settings with real engine runs (default: the demo model)",
-                 "model?", "storage", "set", "budget")
+    sp = command(
+        "search",
+        cmd_search,
+        "tune the settings with real engine runs (default: the demo model)",
+        "model?",
+        "storage",
+        "set",
+        "budget",
+    )
     sp.add_argument("--ctx", type=int, help="context length you need (default: min(4096, trained context))")
-    sp.add_argument("--objective", choices=OBJECTIVES,
-                    help=f"the speed to maximize (default: {d.objective}, losing no other speed to the best "
-                         "baseline beyond noise; naming it lets the other speeds be traded for it)")
+    sp.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        help=f"the speed to maximize (default: {d.objective}, losing no other speed to the best "
+        "baseline beyond noise; naming it lets the other speeds be traded for it)",
+    )
     sp.add_argument("--pareto", action="store_true", help="multi-objective: decode vs prefill vs memory")
     sp.add_argument("--trials", type=int, default=d.trials, help="the most trials, both stages together")
-    sp.add_argument("--patience", type=int, default=d.patience, metavar="K",
-                    help="stop a stage once K trials in a row have not moved its best by 3 %% (0: run every trial)")
+    sp.add_argument(
+        "--patience",
+        type=int,
+        default=d.patience,
+        metavar="K",
+        help="stop a stage once K trials in a row have not moved its best by 3 %% (0: run every trial)",
+    )
     sp.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
-    sp.add_argument("--trial-timeout", type=float, default=d.trial_timeout, help="kill one engine run after this many seconds")
+    sp.add_argument(
+        "--trial-timeout", type=float, default=d.trial_timeout, help="kill one engine run after this many seconds"
+    )
     sp.add_argument("--seed", type=int, default=d.seed)
-    sp.add_argument("--engine", metavar="KIND:PATH",
-                    help="measure with your own llama.cpp: llama-bench:PATH or llama-server:PATH (default: the "
-                         "bundled llama-cpp-python; memory is always priced by the bundled engine)")
-    sp.add_argument("--from-cmdline", metavar="'llama-server ...'",
-                    help="start from the llama-server command line you run today: its settings are measured "
-                         "first and are a baseline; its model is used when MODEL is not given")
-    sp.add_argument("--depth", type=int, metavar="N", help="measure with N tokens of history already in the cache, "
-                    "like llama-bench -d (default: an eighth of --ctx in 256-token blocks)")
-    for flag, field, what in (("--prompt-tokens", "prompt_tokens", "tokens of the measured prompt"),
-                              ("--gen-tokens", "gen_tokens", "tokens generated per repetition"),
-                              ("--reps", "reps", "repetitions inside each trial's run")):
-        sp.add_argument(flag, type=int, help=f"{what} (default: {getattr(HOST_WORKLOAD, field)}, or "
-                        f"{getattr(GPU_WORKLOAD, field)} when every layer is on a GPU)")
+    sp.add_argument(
+        "--engine",
+        metavar="KIND:PATH",
+        help="measure with your own llama.cpp: llama-bench:PATH or llama-server:PATH (default: the "
+        "bundled llama-cpp-python; memory is always priced by the bundled engine)",
+    )
+    sp.add_argument(
+        "--from-cmdline",
+        metavar="'llama-server ...'",
+        help="start from the llama-server command line you run today: its settings are measured "
+        "first and are a baseline; its model is used when MODEL is not given",
+    )
+    sp.add_argument(
+        "--depth",
+        type=int,
+        metavar="N",
+        help="measure with N tokens of history already in the cache, "
+        "like llama-bench -d (default: an eighth of --ctx in 256-token blocks)",
+    )
+    for flag, field, what in (
+        ("--prompt-tokens", "prompt_tokens", "tokens of the measured prompt"),
+        ("--gen-tokens", "gen_tokens", "tokens generated per repetition"),
+        ("--reps", "reps", "repetitions inside each trial's run"),
+    ):
+        sp.add_argument(
+            flag,
+            type=int,
+            help=f"{what} (default: {getattr(HOST_WORKLOAD, field)}, or "
+            f"{getattr(GPU_WORKLOAD, field)} when every layer is on a GPU)",
+        )
     sp.add_argument("--top-k", type=int, default=d.top_k, help="candidates re-measured against the defaults")
     sp.add_argument("--rounds", type=int, default=d.rounds, help="interleaved re-measurement rounds")
     sp.add_argument("--kv-quality", choices=("strict", "relaxed", "off"), default=d.kv_quality)
     sp.add_argument("--no-recommend", action="store_true", help="only run trials")
     sp.add_argument("--out", help="write the tuned config here")
     sp.add_argument("--format", choices=FORMATS, default="json")
-    sp.add_argument("--spec", type=_spec_arg, metavar="auto|ngram|DRAFT",
-                    help="then measure speculative decoding in llama-server with the tuned settings: the n-gram kinds, "
-                         "plus a draft model (auto: compatible GGUFs next to the model or in the cache; or a GGUF); "
-                         "the config speculates only where it pays")
-    sp.add_argument("--spec-for", dest="spec_for", choices=("all", "code", "prose", "edit"), default="all",
-                    help="the kind of work the tuned config speculates for (all: none made slower)")
+    sp.add_argument(
+        "--spec",
+        type=_spec_arg,
+        metavar="auto|ngram|DRAFT",
+        help="then measure speculative decoding in llama-server with the tuned settings: the n-gram kinds, "
+        "plus a draft model (auto: compatible GGUFs next to the model or in the cache; or a GGUF); "
+        "the config speculates only where it pays",
+    )
+    sp.add_argument(
+        "--spec-for",
+        dest="spec_for",
+        choices=("all", "code", "prose", "edit"),
+        default="all",
+        help="the kind of work the tuned config speculates for (all: none made slower)",
+    )
 
     sp = command("export", cmd_export, "write a tuned config in another tool's format", "storage")
     sp.add_argument("source", nargs="?", help="a tuned config JSON, or a study name")
@@ -431,47 +580,110 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out")
     command("studies", cmd_studies, "every study in a storage: model, machine, engine, trials, best", "storage", "json")
 
-    sp = command("draft", cmd_draft, "which draft models llama.cpp accepts for a main model, and their memory",
-                 "model", "set", "json")
-    sp.add_argument("--candidates", nargs="+", required=True, metavar="DIR_OR_FILE",
-                    help="draft GGUF files, or directories whose *.gguf files are candidates")
+    sp = command(
+        "draft",
+        cmd_draft,
+        "which draft models llama.cpp accepts for a main model, and their memory",
+        "model",
+        "set",
+        "json",
+    )
+    sp.add_argument(
+        "--candidates",
+        nargs="+",
+        required=True,
+        metavar="DIR_OR_FILE",
+        help="draft GGUF files, or directories whose *.gguf files are candidates",
+    )
     sp.add_argument("--config", help="a tuned config JSON: price the drafts beside its settings")
     sp.add_argument("--ctx", type=int, help="context length (default: the config's, else min(4096, trained))")
 
-    sp = command("spec", cmd_spec, "speculative decoding in llama-server: every kind that applies, on code, prose and "
-                 "edits, against none", "model", "set", "json", "storage", "budget")
+    sp = command(
+        "spec",
+        cmd_spec,
+        "speculative decoding in llama-server: every kind that applies, on code, prose and edits, against none",
+        "model",
+        "set",
+        "json",
+        "storage",
+        "budget",
+    )
     sp.add_argument("--draft", nargs="+", metavar="DIR_OR_FILE", help="draft models to try (files or directories)")
     sp.add_argument("--no-ngram", action="store_true", help="leave the n-gram kinds out")
     sp.add_argument("--config", help="a tuned config JSON: the main settings (default: sensible settings)")
     sp.add_argument("--ctx", type=int, help="context length (default: the config's, else min(4096, trained))")
     sp.add_argument("--server", help="your llama-server binary (default: the engine's own llama.cpp, built once)")
-    sp.add_argument("--workloads", type=lambda v: [w.strip() for w in v.split(",") if w.strip()],
-                    default=list(Plan.workloads), metavar="KIND,...", help="kinds of work: code, prose, edit")
+    sp.add_argument(
+        "--workloads",
+        type=lambda v: [w.strip() for w in v.split(",") if w.strip()],
+        default=list(Plan.workloads),
+        metavar="KIND,...",
+        help="kinds of work: code, prose, edit",
+    )
     sp.add_argument("--prompts", type=int, default=Plan.prompts, help="messages per kind of work (at most 2)")
     sp.add_argument("--gen-tokens", type=int, default=Plan.gen_tokens, help="reply length in tokens")
-    sp.add_argument("--trials", type=int, help="study trials (default: each kind's defaults, then one more per kind with parameters)")
+    sp.add_argument(
+        "--trials",
+        type=int,
+        help="study trials (default: each kind's defaults, then one more per kind with parameters)",
+    )
     sp.add_argument("--rounds", type=int, default=Plan.rounds, help="rotated side-by-side rounds")
-    sp.add_argument("--spec-for", dest="target", choices=("all", "code", "prose", "edit"), default="all",
-                    help="the kind of work the recommendation speculates for")
-    sp.add_argument("--trial-timeout", dest="timeout", type=float, default=Plan.timeout,
-                    help="kill one server after this many seconds")
+    sp.add_argument(
+        "--spec-for",
+        dest="target",
+        choices=("all", "code", "prose", "edit"),
+        default="all",
+        help="the kind of work the recommendation speculates for",
+    )
+    sp.add_argument(
+        "--trial-timeout",
+        dest="timeout",
+        type=float,
+        default=Plan.timeout,
+        help="kill one server after this many seconds",
+    )
 
-    sp = command("serve-tune", cmd_serve_tune, "tune llama-server for N concurrent users under a real load "
-                 "(default: the demo model)", "model?", "storage", "budget")
+    sp = command(
+        "serve-tune",
+        cmd_serve_tune,
+        "tune llama-server for N concurrent users under a real load (default: the demo model)",
+        "model?",
+        "storage",
+        "budget",
+    )
     sp.add_argument("--users", type=int, default=ServeOptions.users, help="concurrent users the server must serve")
-    sp.add_argument("--ctx-per-user", type=int, default=ServeOptions.ctx_per_user, metavar="C",
-                    help="context each user's conversation needs")
+    sp.add_argument(
+        "--ctx-per-user",
+        type=int,
+        default=ServeOptions.ctx_per_user,
+        metavar="C",
+        help="context each user's conversation needs",
+    )
     sp.add_argument("--max-ttft", type=float, metavar="S", help="bound: p95 time to first token, seconds")
     sp.add_argument("--min-user-tps", type=float, metavar="X", help="bound: the median user's decode tok/s")
     sp.add_argument("--trials", type=int, default=ServeOptions.trials)
-    sp.add_argument("--rounds", type=int, default=ServeOptions.rounds, help="side-by-side rounds against llama-server's defaults")
-    sp.add_argument("--requests-per-user", type=int, default=ServeOptions.requests_per_user,
-                    help="the load: users x this many requests")
-    sp.add_argument("--time-limit", type=float, default=ServeOptions.time_limit,
-                    help="seconds one load may take, whatever is in flight")
+    sp.add_argument(
+        "--rounds", type=int, default=ServeOptions.rounds, help="side-by-side rounds against llama-server's defaults"
+    )
+    sp.add_argument(
+        "--requests-per-user",
+        type=int,
+        default=ServeOptions.requests_per_user,
+        help="the load: users x this many requests",
+    )
+    sp.add_argument(
+        "--time-limit",
+        type=float,
+        default=ServeOptions.time_limit,
+        help="seconds one load may take, whatever is in flight",
+    )
     sp.add_argument("--server", metavar="PATH", help="llama-server binary (default: the reference build)")
-    sp.add_argument("--spec", action="store_true", help="also search llama-server's n-gram speculation per slot; "
-                    "a speculating winner is measured beside itself without it")
+    sp.add_argument(
+        "--spec",
+        action="store_true",
+        help="also search llama-server's n-gram speculation per slot; "
+        "a speculating winner is measured beside itself without it",
+    )
     sp.add_argument("--seed", type=int, default=ServeOptions.seed)
     sp.add_argument("--out", help="write the result (JSON) here")
 

@@ -70,7 +70,29 @@ def kept_loaded(engine: Engine, every_load: bool = False) -> contextlib.Abstract
     return contextlib.nullcontext()
 
 
-__all__ = ["FAKE_AMX_CRASH", "BufferReport", "Engine", "Measurement", "OnRep", "Workload", "build_info",
-           "build_key", "bundled", "child_failure", "crash_context", "defaults", "divergence", "dry_run", "external",
-           "kept_loaded", "llama_cpp_defaults", "llama_server", "loaded_buffers", "make", "measure", "name",
-           "prompt_text", "study_key"]
+__all__ = [
+    "FAKE_AMX_CRASH",
+    "BufferReport",
+    "Engine",
+    "Measurement",
+    "OnRep",
+    "Workload",
+    "build_info",
+    "build_key",
+    "bundled",
+    "child_failure",
+    "crash_context",
+    "defaults",
+    "divergence",
+    "dry_run",
+    "external",
+    "kept_loaded",
+    "llama_cpp_defaults",
+    "llama_server",
+    "loaded_buffers",
+    "make",
+    "measure",
+    "name",
+    "prompt_text",
+    "study_key",
+]

@@ -9,15 +9,15 @@ takes down only the child.
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import re
 import signal
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import psutil
 
@@ -34,13 +34,20 @@ def llama_cpp_defaults(n_ctx: int) -> Settings:
     their math-thread count (the physical cores) for both thread pools, n_batch 2048, n_ubatch 512, flash
     attention on where the backend has it (auto), mmap, a sliding-window cache of the window's size."""
     threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    return Settings(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=2048, n_ubatch=512,
-                    flash_attn=True, swa_full=False)
+    return Settings(
+        n_ctx=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=2048,
+        n_ubatch=512,
+        flash_attn=True,
+        swa_full=False,
+    )
 
 
 def prompt_text(kind: str = "prose") -> str:
     """The fixed benchmark text shipped with the package (runs stay comparable across machines)."""
-    return resources.files("autotune").joinpath("prompts", f"{kind}.txt").read_text()
+    return (resources.files("autotune") / "prompts" / f"{kind}.txt").read_text()
 
 
 @dataclass(frozen=True)
@@ -140,7 +147,9 @@ class BufferReport:
 _MODEL_BUF = re.compile(r"load_tensors:\s+(\S+) model buffer size =\s+([\d.]+) MiB")
 _KV_BUF = re.compile(r"llama_kv_cache\w*:\s+(\S+) KV buffer size =\s+([\d.]+) MiB")
 # a KV cache ("K (f16): .. MiB, V (f16): .. MiB") or a recurrent state ("R (f32): .., S (f32): ..")
-_KV_SIZE = re.compile(r"size =\s+[\d.]+ MiB \(\s*(\d+) cells.*[KR] \(\w+\):\s+([\d.]+) MiB, [VS] \(\w+\):\s+([\d.]+) MiB")
+_KV_SIZE = re.compile(
+    r"size =\s+[\d.]+ MiB \(\s*(\d+) cells.*[KR] \(\w+\):\s+([\d.]+) MiB, [VS] \(\w+\):\s+([\d.]+) MiB"
+)
 _COMPUTE = re.compile(r"^\w+:\s+(\S+) compute buffer size =\s+([\d.]+) MiB")
 _OUTPUT = re.compile(r"llama_context:\s+(\S+)\s+output buffer size =\s+([\d.]+) MiB")
 
@@ -228,8 +237,8 @@ def crash_context(stderr: str) -> str:
     """Where a dead engine process was, for a person: the stage it last marked, the model buffers it had
     (the load log names an AMX or CPU_REPACK buffer) and the engine's last error line, if any."""
     lines = stderr.splitlines()
-    stages = [ln[len(STAGE_MARK):] for ln in lines if ln.startswith(STAGE_MARK)]
-    phases = [ln[len(PHASE_MARK):] for ln in lines if ln.startswith(PHASE_MARK)]
+    stages = [ln[len(STAGE_MARK) :] for ln in lines if ln.startswith(STAGE_MARK)]
+    phases = [ln[len(PHASE_MARK) :] for ln in lines if ln.startswith(PHASE_MARK)]
     engine_lines = [ln for ln in lines if not ln.startswith((STAGE_MARK, PHASE_MARK))]
     parts = [f"during {stages[-1]}" + (f" ({phases[-1]})" if phases else "")] if stages else []
     buffers = [f"{m.group(1)} {float(m.group(2)):,.1f} MiB" for ln in engine_lines if (m := _BUFFER_LINE.search(ln))]
@@ -267,8 +276,16 @@ class Engine(Protocol):
 
     def loaded_buffers(self, model_path: str, settings: Settings, timeout: float = 300) -> dict[str, int]: ...
 
-    def measure(self, model_path: str, settings: Settings, workload: Workload, timeout: float = 300.0,
-                index: int = 0, on_rep: OnRep | None = None) -> Measurement: ...
+    def measure(
+        self,
+        model_path: str,
+        settings: Settings,
+        workload: Workload,
+        timeout: float = 300.0,
+        index: int = 0,
+        on_rep: OnRep | None = None,
+    ) -> Measurement: ...
 
-    def divergence(self, model_path: str, pairs: list[tuple[str, str]], base: Settings, n_tokens: int = 256,
-                   timeout: float = 600.0) -> dict[str, dict[str, float]]: ...
+    def divergence(
+        self, model_path: str, pairs: list[tuple[str, str]], base: Settings, n_tokens: int = 256, timeout: float = 600.0
+    ) -> dict[str, dict[str, Any]]: ...

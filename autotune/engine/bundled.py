@@ -11,9 +11,10 @@ import contextlib
 import hashlib
 import os
 import re
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..facts.probe import BuildInfo
 from ..vocabulary.errors import EngineDied, ModelError
@@ -159,8 +160,14 @@ def kept_loaded(every_load: bool = False) -> Iterator[None]:
         _kept = before
 
 
-def measure(model_path: str, settings: Settings, workload: Workload = Workload(), timeout: float = 300.0,
-            index: int = 0, on_rep: OnRep | None = None) -> Measurement:
+def measure(
+    model_path: str,
+    settings: Settings,
+    workload: Workload = Workload(),
+    timeout: float = 300.0,
+    index: int = 0,
+    on_rep: OnRep | None = None,
+) -> Measurement:
     """Measure ``settings`` on ``model_path`` in a child process (a fresh one, or the one ``kept_loaded`` keeps).
     Never raises for engine faults: a crash, abort, out-of-memory kill or hang becomes a failed Measurement with
     a specific reason. ``on_rep`` may stop the run after any repetition: the Measurement then holds the
@@ -168,16 +175,30 @@ def measure(model_path: str, settings: Settings, workload: Workload = Workload()
     # A saved history is loaded faster than the host evaluates it, not than a GPU does (a GPU evaluates thousands
     # of tokens in a fraction of a second; the file of their cache takes longer to write and read).
     history = None if _on_gpu(settings) else history_cache.shared_dir()
-    request = {"mode": "measure", "model": model_path, "settings": settings.to_dict(),
-               "workload": workload.__dict__, "index": index, "history_dir": history}
+    request = {
+        "mode": "measure",
+        "model": model_path,
+        "settings": settings.to_dict(),
+        "workload": workload.__dict__,
+        "index": index,
+        "history_dir": history,
+    }
     if _kept is not None and _kept.serves(settings):
         done = _kept.ask(request, settings, timeout, on_rep)
     else:
         done = process.spawn(request, timeout, watch_vram=True, on_rep=on_rep)
     if done.stopped:
-        return Measurement(settings, True, prefill_tps=[r["prefill"] for r in done.reps],
-                           decode_tps=[r["decode"] for r in done.reps], ttft_s=[r["ttft"] for r in done.reps],
-                           wall_s=done.wall_s, peak_vram=done.peak_vram, gpu_peaks=done.gpu_peaks, stopped=True)
+        return Measurement(
+            settings,
+            True,
+            prefill_tps=[r["prefill"] for r in done.reps],
+            decode_tps=[r["decode"] for r in done.reps],
+            ttft_s=[r["ttft"] for r in done.reps],
+            wall_s=done.wall_s,
+            peak_vram=done.peak_vram,
+            gpu_peaks=done.gpu_peaks,
+            stopped=True,
+        )
     if done.timed_out:
         return Measurement(settings, False, f"timeout: no result after {timeout:.0f} s (killed)", wall_s=done.wall_s)
     if done.result is None:
@@ -190,16 +211,23 @@ def measure(model_path: str, settings: Settings, workload: Workload = Workload()
     return m
 
 
-def divergence(model_path: str, pairs: list[tuple[str, str]], base: Settings, n_tokens: int = 256,
-               timeout: float = 600.0) -> dict[str, dict[str, float]]:
+def divergence(
+    model_path: str, pairs: list[tuple[str, str]], base: Settings, n_tokens: int = 256, timeout: float = 600.0
+) -> dict[str, dict[str, Any]]:
     """How far each quantized (K, V) cache pair moves the model's next-token distributions from an f16
     cache on the fixed text: top-1 agreement and mean KL(f16 || quantized), keyed "k/v". A pair the engine
     refuses, or every pair when the child dies, is reported with an error."""
-    request = {"mode": "divergence", "model": model_path, "settings": base.to_dict(),
-               "pairs": [list(p) for p in pairs], "tokens": n_tokens}
+    request = {
+        "mode": "divergence",
+        "model": model_path,
+        "settings": base.to_dict(),
+        "pairs": [list(p) for p in pairs],
+        "tokens": n_tokens,
+    }
     done = process.spawn(request, timeout)
     if done.result is None or not done.result.get("ok"):
-        reason = (done.result or {}).get("error") or (f"timeout after {timeout:.0f} s" if done.timed_out
-                                                      else done.failure())
+        reason = (done.result or {}).get("error") or (
+            f"timeout after {timeout:.0f} s" if done.timed_out else done.failure()
+        )
         return {f"{k}/{v}": {"error": reason} for k, v in pairs}
     return done.result["divergence"]

@@ -181,8 +181,15 @@ def _measure(request: dict[str, Any], session: Session) -> dict[str, Any]:
         ctx.close()
 
 
-def _timed(request: dict[str, Any], settings: Settings, work: Workload, model: Model, ctx: Context,
-           load_s: float, base_rss: int) -> dict[str, Any]:
+def _timed(
+    request: dict[str, Any],
+    settings: Settings,
+    work: Workload,
+    model: Model,
+    ctx: Context,
+    load_s: float,
+    base_rss: int,
+) -> dict[str, Any]:
     buffers = parse_buffers(model.log + ctx.log).to_dict()
     text = prompt_text(work.prompt_kind)
     tokens = model.tokenize(text)
@@ -190,7 +197,7 @@ def _timed(request: dict[str, Any], settings: Settings, work: Workload, model: M
         return {"ok": False, "error": f"n_ctx {settings.n_ctx} is smaller than depth + prompt + generated tokens"}
     while len(tokens) < work.depth + work.prompt_tokens:
         tokens += model.tokenize(text, add_bos=False)
-    history, prompt = tokens[: work.depth], tokens[work.depth: work.depth + work.prompt_tokens]
+    history, prompt = tokens[: work.depth], tokens[work.depth : work.depth + work.prompt_tokens]
     fill_s, loaded = 0.0, False
     if history:  # the history every repetition starts from: evaluated once, kept in the cache
         start = time.perf_counter()
@@ -273,7 +280,7 @@ def _divergence(request: dict[str, Any], faults: Faults | None) -> dict[str, Any
     try:
         ref = log_probs("f16", "f16")
         p_ref, top_ref = np.exp(ref), ref.argmax(axis=1)
-        out: dict[str, dict[str, float]] = {}
+        out: dict[str, dict[str, Any]] = {}
         for k, v in request["pairs"]:
             try:
                 lp = log_probs(k, v)
@@ -286,7 +293,7 @@ def _divergence(request: dict[str, Any], faults: Faults | None) -> dict[str, Any
                 "top1_agreement": top1,
                 "mean_kl": float(kl.mean()),
                 "max_kl": float(kl.max()),
-                "tokens": int(len(kl)),
+                "tokens": len(kl),
             }
     finally:
         model.close()

@@ -30,13 +30,17 @@ class Diagnosis:
 
     def lines(self) -> list[str]:
         """What doctor prints about the environment."""
-        out = [f"vocabulary load with the engine's library loaded first (how autotune runs it): {self.engine_first}",
-               f"vocabulary load with the system libstdc++ loaded first (as after `import numpy`): {self.runtime_first}"]
+        out = [
+            f"vocabulary load with the engine's library loaded first (how autotune runs it): {self.engine_first}",
+            f"vocabulary load with the system libstdc++ loaded first (as after `import numpy`): {self.runtime_first}",
+        ]
         own = [c for c in self.carried if c.locale]
         if self.order_fault:
             for c in own:
-                out.append(f"{c.path} defines {c.std_symbols:,} std:: symbols of its own, libstdc++'s locale facet "
-                           f"ids among them" + (f" (built by {c.compiler})" if c.compiler else ""))
+                out.append(
+                    f"{c.path} defines {c.std_symbols:,} std:: symbols of its own, libstdc++'s locale facet "
+                    f"ids among them" + (f" (built by {c.compiler})" if c.compiler else "")
+                )
             compiler = next((c.compiler for c in own if c.compiler), "another compiler")
             system = self.system_libstdcxx or "the system's libstdc++"
             out.append(
@@ -44,10 +48,13 @@ class Diagnosis:
                 f"{system}; any process that loads the system libstdc++ before libllama (numpy, gguf, sentencepiece "
                 "imported first) crashes in the vocabulary load. autotune's engine children load the engine first, "
                 "so autotune runs; your own programs must import llama_cpp before anything else. The fix is a build "
-                f"with the system's compiler: {rebuild_hint()}")
+                f"with the system's compiler: {rebuild_hint()}"
+            )
         elif self.engine_first != "loads":
-            out.append("diagnosis: the engine dies loading this model even with its library loaded first: the build "
-                       "or the file is broken here (not a setting, not the load order)")
+            out.append(
+                "diagnosis: the engine dies loading this model even with its library loaded first: the build "
+                "or the file is broken here (not a setting, not the load order)"
+            )
         else:
             out.append("diagnosis: no load-order fault: the engine loads this model whichever C++ runtime came first")
         return out
@@ -56,9 +63,11 @@ class Diagnosis:
 def rebuild_hint() -> str:
     """The rebuild line that makes CMake use the system's compilers (the one on PATH) for C, C++ and CUDA host."""
     gcc, gxx = shutil.which("gcc") or "/usr/bin/gcc", shutil.which("g++") or "/usr/bin/g++"
-    return (f'CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_C_COMPILER={gcc} -DCMAKE_CXX_COMPILER={gxx} '
-            f'-DCMAKE_CUDA_HOST_COMPILER={gxx}" python -m pip install --no-cache-dir --force-reinstall --no-deps '
-            "llama-cpp-python")
+    return (
+        f'CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_C_COMPILER={gcc} -DCMAKE_CXX_COMPILER={gxx} '
+        f'-DCMAKE_CUDA_HOST_COMPILER={gxx}" python -m pip install --no-cache-dir --force-reinstall --no-deps '
+        "llama-cpp-python"
+    )
 
 
 def diagnose(model_path: str, timeout: float = 120.0) -> Diagnosis:

@@ -11,6 +11,7 @@ K/V divergence still come from the bundled engine, which vendors the same llama.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,10 +21,11 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from ..facts.probe import BuildInfo
 from ..vocabulary.errors import SettingsError
@@ -79,16 +81,28 @@ class Tool:
     def loaded_buffers(self, model_path: str, settings: Settings, timeout: float = 300) -> dict[str, int]:
         return bundled.loaded_buffers(model_path, settings, timeout)
 
-    def divergence(self, model_path: str, pairs: list[tuple[str, str]], base: Settings, n_tokens: int = 256,
-                   timeout: float = 600.0) -> dict[str, dict[str, float]]:
+    def divergence(
+        self, model_path: str, pairs: list[tuple[str, str]], base: Settings, n_tokens: int = 256, timeout: float = 600.0
+    ) -> dict[str, dict[str, Any]]:
         return bundled.divergence(model_path, pairs, base, n_tokens, timeout)
 
-    def measure(self, model_path: str, settings: Settings, workload: Workload = Workload(), timeout: float = 300.0,
-                index: int = 0, on_rep: OnRep | None = None) -> Measurement:
+    def measure(
+        self,
+        model_path: str,
+        settings: Settings,
+        workload: Workload = Workload(),
+        timeout: float = 300.0,
+        index: int = 0,
+        on_rep: OnRep | None = None,
+    ) -> Measurement:
         """One run of the tool; it reports every repetition at once, so ``on_rep`` is never called."""
         if settings.spec_type != "none":
-            return Measurement(settings, False, f"{self.kind} as an engine measures the main model alone "
-                                                "(speculation is measured by the speculation stage)")
+            return Measurement(
+                settings,
+                False,
+                f"{self.kind} as an engine measures the main model alone "
+                "(speculation is measured by the speculation stage)",
+            )
         if self.kind == "llama-bench":
             return _bench(self.path, model_path, settings, workload, timeout)
         return _server(self.path, model_path, settings, workload, timeout)
@@ -143,7 +157,13 @@ def _run(argv: list[str], timeout: float) -> tuple[int, str, str, int, float]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         out, err = proc.communicate()
-        return -9, out, err + f"\ntimeout: no result after {timeout:.0f} s (killed)", rss.stop(), time.perf_counter() - start
+        return (
+            -9,
+            out,
+            err + f"\ntimeout: no result after {timeout:.0f} s (killed)",
+            rss.stop(),
+            time.perf_counter() - start,
+        )
     return proc.returncode, out, err, rss.stop(), time.perf_counter() - start
 
 
@@ -172,8 +192,15 @@ def _bench(binary: Path, model: str, s: Settings, w: Workload, timeout: float) -
     except (ValueError, StopIteration, KeyError, TypeError):
         return Measurement(s, False, f"llama-bench printed no results ({out.strip()[:80]!r})", wall_s=wall)
     prefill = [float(x) for x in pp["samples_ts"]]
-    return Measurement(s, True, prefill_tps=prefill, decode_tps=[float(x) for x in tg["samples_ts"]],
-                       ttft_s=[w.prompt_tokens / x for x in prefill], wall_s=wall, peak_rss=rss)
+    return Measurement(
+        s,
+        True,
+        prefill_tps=prefill,
+        decode_tps=[float(x) for x in tg["samples_ts"]],
+        ttft_s=[w.prompt_tokens / x for x in prefill],
+        wall_s=wall,
+        peak_rss=rss,
+    )
 
 
 class Server:
@@ -186,9 +213,16 @@ class Server:
             port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         self.start = time.perf_counter()
-        self.log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads the log while it runs
-        self.proc = subprocess.Popen([str(binary), *flags, "--host", "127.0.0.1", "--port", str(port), "--no-webui"],
-                                     stdout=self.log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        # a file, not a pipe: nobody reads the log while it runs; it is read after the server stops (its failure,
+        # its acceptance lines), so it lives as long as this object
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [str(binary), *flags, "--host", "127.0.0.1", "--port", str(port), "--no-webui"],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.rss = PeakRss(self.proc.pid)
         self.died: int | None = None  # its exit status, where it ended before we stopped it
 
@@ -219,8 +253,9 @@ class Server:
 T = TypeVar("T")
 
 
-def serve(binary: Path, flags: list[str], timeout: float,
-          work: Callable[[str], T]) -> tuple[Server, T | None, str, float]:
+def serve(
+    binary: Path, flags: list[str], timeout: float, work: Callable[[str], T]
+) -> tuple[Server, T | None, str, float]:
     """A fresh llama-server with ``flags``, once healthy given to ``work`` (its URL); never raises for a server
     that does not come up or stops answering: the stopped server, what ``work`` returned, "" or why it failed
     (``Server.failure`` tells how it died), and the seconds it took to come up."""
@@ -240,13 +275,22 @@ def serve(binary: Path, flags: list[str], timeout: float,
 def _server(binary: Path, model: str, s: Settings, w: Workload, timeout: float) -> Measurement:
     from ..vocabulary.flags import server_flags
 
-    srv, samples, error, load_s = serve(binary, server_flags(s, model, moe_layers(model, s)), timeout,
-                                        lambda url: _completions(url, w))
+    srv, samples, error, load_s = serve(
+        binary, server_flags(s, model, moe_layers(model, s)), timeout, lambda url: _completions(url, w)
+    )
     wall = time.perf_counter() - srv.start
     if error or samples is None:
         return Measurement(s, False, srv.failure(error), wall_s=wall)
-    return Measurement(s, True, prefill_tps=[x[0] for x in samples], decode_tps=[x[1] for x in samples],
-                       ttft_s=[x[2] for x in samples], load_s=load_s, wall_s=wall, peak_rss=srv.rss.stop())
+    return Measurement(
+        s,
+        True,
+        prefill_tps=[x[0] for x in samples],
+        decode_tps=[x[1] for x in samples],
+        ttft_s=[x[2] for x in samples],
+        load_s=load_s,
+        wall_s=wall,
+        peak_rss=srv.rss.stop(),
+    )
 
 
 def _completions(url: str, w: Workload) -> list[tuple[float, float, float]]:
@@ -261,9 +305,12 @@ def _completions(url: str, w: Workload) -> list[tuple[float, float, float]]:
         post_json(url + "/completion", {**body, "prompt": history, "n_predict": 0})
     # Each round sends the history and a prompt it has not seen: the server reuses the cached history
     # (its prefix match) and evaluates the whole prompt, as for a new turn of a conversation.
-    return [_stream(url, {**body, "prompt": history + ids[w.depth + r * w.prompt_tokens:
-                                                         w.depth + (r + 1) * w.prompt_tokens]})
-            for r in range(rounds)][1:]
+    return [
+        _stream(
+            url, {**body, "prompt": history + ids[w.depth + r * w.prompt_tokens : w.depth + (r + 1) * w.prompt_tokens]}
+        )
+        for r in range(rounds)
+    ][1:]
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, deadline: float) -> bool:
@@ -275,10 +322,8 @@ def wait_healthy(proc: subprocess.Popen, url: str, deadline: float) -> bool:
                 return True
         except (OSError, ValueError):
             pass
-        try:  # wait on the process a moment: it may die, or the port may open
+        with contextlib.suppress(subprocess.TimeoutExpired):  # wait a moment: it may die, or the port may open
             proc.wait(timeout=0.1)
-        except subprocess.TimeoutExpired:
-            pass
     return False
 
 
@@ -295,8 +340,9 @@ def post_json(url: str, body: dict[str, Any]) -> dict[str, Any]:
 
 def _stream(url: str, body: dict[str, Any]) -> tuple[float, float, float]:
     """(prefill tok/s, decode tok/s, seconds to the first token) of one streamed completion."""
-    req = urllib.request.Request(url + "/completion", json.dumps({**body, "stream": True}).encode(),
-                                 {"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + "/completion", json.dumps({**body, "stream": True}).encode(), {"Content-Type": "application/json"}
+    )
     start = time.perf_counter()
     first, timings = 0.0, None
     with urllib.request.urlopen(req, timeout=600) as r:
@@ -335,15 +381,20 @@ class Reply:
 _ACCEPTANCE = re.compile(r"draft acceptance = [\d.]+ \(\s*(\d+) accepted /\s*(\d+) generated\), mean len =\s*([\d.]+)")
 
 
-def speculative_replies(binary: Path, model: str, s: Settings, messages: list[str], n_predict: int,
-                        timeout: float) -> tuple[list[Reply], str, float]:
+def speculative_replies(
+    binary: Path, model: str, s: Settings, messages: list[str], n_predict: int, timeout: float
+) -> tuple[list[Reply], str, float]:
     """A fresh llama-server with ``s`` (its speculation flags included) answers each user message once, in order,
     greedily, through the model's chat template (``/apply-template``; the raw text where it has none): the
     replies, "" or why it failed, and the seconds the server took to come up."""
     from ..vocabulary.flags import server_flags
 
-    srv, replies, error, load_s = serve(binary, server_flags(s, model, moe_layers(model, s)), timeout,
-                                        lambda url: [_greedy(url, text, n_predict) for text in messages])
+    srv, replies, error, load_s = serve(
+        binary,
+        server_flags(s, model, moe_layers(model, s)),
+        timeout,
+        lambda url: [_greedy(url, text, n_predict) for text in messages],
+    )
     if error or replies is None:
         return [], srv.failure(error), load_s
     srv.log.seek(0)
@@ -359,9 +410,22 @@ def _greedy(url: str, text: str, n_predict: int) -> Reply:
         prompt = post_json(url + "/apply-template", {"messages": [{"role": "user", "content": text}]})["prompt"]
     except (OSError, KeyError):  # no chat template: the message as it is
         prompt = text
-    body = {"prompt": prompt, "n_predict": n_predict, "temperature": 0, "top_k": 1, "seed": 0,
-            "cache_prompt": False, "return_tokens": True}
+    body = {
+        "prompt": prompt,
+        "n_predict": n_predict,
+        "temperature": 0,
+        "top_k": 1,
+        "seed": 0,
+        "cache_prompt": False,
+        "return_tokens": True,
+    }
     out = post_json(url + "/completion", body)
     t = out["timings"]
-    return Reply(float(t["predicted_per_second"]), int(t["predicted_n"]), float(t["predicted_ms"]),
-                 int(t.get("draft_n", 0)), int(t.get("draft_n_accepted", 0)), [int(x) for x in out.get("tokens", [])])
+    return Reply(
+        float(t["predicted_per_second"]),
+        int(t["predicted_n"]),
+        float(t["predicted_ms"]),
+        int(t.get("draft_n", 0)),
+        int(t.get("draft_n_accepted", 0)),
+        [int(x) for x in out.get("tokens", [])],
+    )

@@ -40,15 +40,19 @@ class Injected:
     def before_load(self) -> None:
         """The fake toolchain mismatch: a SIGSEGV in the load when libstdc++ was loaded before libllama."""
         if self.fake_toolchain and runtime_first(loaded_libraries()):
-            sys.stderr.write(f"autotune fault injection ({FAKE_TOOLCHAIN_MISMATCH}): std::regex in the vocabulary load, "
-                             "libstdc++ loaded before libllama\n")
+            sys.stderr.write(
+                f"autotune fault injection ({FAKE_TOOLCHAIN_MISMATCH}): std::regex in the vocabulary load, "
+                "libstdc++ loaded before libllama\n"
+            )
             sys.stderr.flush()
             ctypes.string_at(0)
 
     def before_batch(self, n_tokens: int, extra_bufts: bool) -> None:
         """The fake AMX crash: a SIGSEGV on a batch of two or more tokens, with extra buffer types on."""
         if self.fake_amx and n_tokens > 1 and extra_bufts:
-            sys.stderr.write(f"autotune fault injection ({FAKE_AMX_CRASH}): ggml_backend_amx_mul_mat, {n_tokens} tokens\n")
+            sys.stderr.write(
+                f"autotune fault injection ({FAKE_AMX_CRASH}): ggml_backend_amx_mul_mat, {n_tokens} tokens\n"
+            )
             sys.stderr.flush()
             ctypes.string_at(0)
 

@@ -39,8 +39,11 @@ def key(model_path: str, settings: Settings, tokens: list[int], engine_version: 
     """The file name for ``tokens`` of history under ``settings``: equal only where the cache would be."""
     st = os.stat(model_path)
     fields = {k: v for k, v in settings.to_dict().items() if BY_NAME[k].cache}  # what the cache holds depends on
-    blob = json.dumps([os.path.abspath(model_path), st.st_size, st.st_mtime_ns, fields, tokens, engine_version],
-                      sort_keys=True, default=str)
+    blob = json.dumps(
+        [os.path.abspath(model_path), st.st_size, st.st_mtime_ns, fields, tokens, engine_version],
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:32] + ".kv"
 
 

@@ -31,6 +31,7 @@ def lib_dir() -> Path:
 
 def loaded_libraries() -> list[str]:
     """The shared objects in this process, in the order they were loaded (the dynamic linker's list)."""
+
     class Info(ctypes.Structure):
         _fields_ = [("addr", ctypes.c_void_p), ("name", ctypes.c_char_p)]
 

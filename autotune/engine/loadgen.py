@@ -25,8 +25,7 @@ from ..vocabulary.errors import SettingsError
 # The shipped request mix: (prompt tokens, reply tokens) of chat turns from short questions to pasted code,
 # cycled in this order. Prompt median 112 (32-256), reply median 32 (16-64): small enough that a trial on
 # a 2-core CPU takes seconds per user, varied enough that slots finish at different times, as real ones do.
-MIX: tuple[tuple[int, int], ...] = ((64, 32), (192, 16), (32, 48), (256, 32), (96, 64), (128, 24), (48, 40),
-                                    (160, 32))
+MIX: tuple[tuple[int, int], ...] = ((64, 32), (192, 16), (32, 48), (256, 32), (96, 64), (128, 24), (48, 40), (160, 32))
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ class Done:
     @property
     def user_tps(self) -> float | None:
         """This reply's decode speed as its user felt it: tokens after the first over the time they took."""
-        if not self.ok or self.first is None or self.tokens < 2 or self.end <= self.first:
+        if not self.ok or self.first is None or self.end is None or self.tokens < 2 or self.end <= self.first:
             return None
         return (self.tokens - 1) / (self.end - self.first)
 
@@ -98,10 +97,18 @@ class LoadResult:
         return _quantile([d.user_tps for d in self.done if d.user_tps is not None], 0.5)
 
     def summary(self) -> dict[str, Any]:
-        return {"users": self.users, "requests": self.requests, "wall_s": self.wall_s,
-                "throughput": self.throughput, "user_tps": self.user_tps, "ttft_p50": self.ttft(0.5),
-                "ttft_p95": self.ttft(0.95), "failed": self.failed, "truncated": self.truncated,
-                "timed_out": self.timed_out}
+        return {
+            "users": self.users,
+            "requests": self.requests,
+            "wall_s": self.wall_s,
+            "throughput": self.throughput,
+            "user_tps": self.user_tps,
+            "ttft_p50": self.ttft(0.5),
+            "ttft_p95": self.ttft(0.95),
+            "failed": self.failed,
+            "truncated": self.truncated,
+            "timed_out": self.timed_out,
+        }
 
 
 def _quantile(values: list[float | None], q: float) -> float | None:
@@ -118,8 +125,9 @@ def check_loopback(url: str) -> str:
     except ValueError:
         loopback = False
     if not loopback:
-        raise SettingsError(f"the load generator only drives a server on this machine's loopback interface, "
-                            f"not {host or url!r}")
+        raise SettingsError(
+            f"the load generator only drives a server on this machine's loopback interface, not {host or url!r}"
+        )
     return url.rstrip("/")
 
 
@@ -133,7 +141,7 @@ def requests_for(tokens: list[int], count: int) -> list[Request]:
     out, at = [], 0
     for i in range(count):
         n_prompt, n_reply = MIX[i % len(MIX)]
-        out.append(Request(text[at:at + n_prompt], n_reply))
+        out.append(Request(text[at : at + n_prompt], n_reply))
         at += n_prompt
     return out
 
@@ -177,8 +185,14 @@ def run(url: str, requests: list[Request], users: int, time_limit: float) -> Loa
 
 def _send(base: str, req: Request, d: Done, start: float, deadline: float) -> None:
     """Stream one completion into ``d``; every read waits at most until the deadline."""
-    body = {"prompt": req.prompt, "n_predict": req.n_predict, "temperature": 0, "ignore_eos": True,
-            "cache_prompt": False, "stream": True}
+    body = {
+        "prompt": req.prompt,
+        "n_predict": req.n_predict,
+        "temperature": 0,
+        "ignore_eos": True,
+        "cache_prompt": False,
+        "stream": True,
+    }
     http = urllib.request.Request(base + "/completion", json.dumps(body).encode(), {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(http, timeout=max(0.01, deadline - time.perf_counter())) as r:
@@ -190,7 +204,9 @@ def _send(base: str, req: Request, d: Done, start: float, deadline: float) -> No
                     if d.first is None and chunk.get("content"):
                         d.first = now - start
                     if chunk.get("stop"):
-                        d.tokens = int((chunk.get("timings") or {}).get("predicted_n", chunk.get("tokens_predicted", 0)))
+                        d.tokens = int(
+                            (chunk.get("timings") or {}).get("predicted_n", chunk.get("tokens_predicted", 0))
+                        )
                         d.end = now - start
                         return
                 if now >= deadline:

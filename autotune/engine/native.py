@@ -11,9 +11,10 @@ import contextlib
 import ctypes
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Protocol
 
 import llama_cpp as L
 import numpy as np
@@ -99,8 +100,9 @@ def _as_written(settings: Settings) -> Iterable[int]:
     if settings.moe_host_layers:
         return parse_layers(settings.moe_host_layers)
     if settings.moe_host_from != "first" and settings.n_cpu_moe:
-        raise SettingsError(f"the experts of the {settings.moe_host_from} {settings.n_cpu_moe} layers need the "
-                            "model's expert layers")
+        raise SettingsError(
+            f"the experts of the {settings.moe_host_from} {settings.n_cpu_moe} layers need the model's expert layers"
+        )
     return range(settings.n_cpu_moe)
 
 
@@ -117,7 +119,7 @@ def _host_overrides(experts: frozenset[int], ffn: frozenset[int]) -> Any:
     patterns = [f"blk\\.{i}{EXPERTS.pattern}" for i in sorted(experts)]
     patterns += [f"blk\\.{i}{DENSE_FFN_REGEX}" for i in sorted(ffn)]
     array = (Override * (len(patterns) + 1))()
-    for entry, pattern in zip(array, patterns):
+    for entry, pattern in zip(array, patterns, strict=False):
         entry.pattern = pattern.encode()
         entry.buft = cpu
     return array
@@ -146,7 +148,9 @@ def context_params(settings: Settings) -> Any:
     for key, value in settings.llama_kwargs().items():
         if hasattr(params, key):
             setattr(params, key, value)
-    params.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    params.flash_attn_type = (
+        L.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
     return params
 
 
@@ -156,8 +160,15 @@ def context_params(settings: Settings) -> Any:
 class Model:
     """A loaded model. ``alloc=False`` is the engine's dry run: nothing allocated, buffer sizes logged."""
 
-    def __init__(self, path: str, settings: Settings, alloc: bool = True, echo: bool = False,
-                 vocab_only: bool = False, faults: Faults | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        settings: Settings,
+        alloc: bool = True,
+        echo: bool = False,
+        vocab_only: bool = False,
+        faults: Faults | None = None,
+    ) -> None:
         params = model_params(settings, moe_layers=read_facts(path).moe_layers if settings.experts_by_layer() else None)
         params.vocab_only = vocab_only
         if alloc:
@@ -243,7 +254,7 @@ class Context:
             self.n_tokens = 0
         rows = []
         for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start: start + self.n_batch]
+            chunk = tokens[start : start + self.n_batch]
             b = self.batch
             b.n_tokens = len(chunk)
             for i, tok in enumerate(chunk):
@@ -254,9 +265,10 @@ class Context:
                 b.logits[i] = all_logits or i == len(chunk) - 1
             self._decode(len(chunk))
             if all_logits:
-                rows.append(np.ctypeslib.as_array(L.llama_get_logits(self.ptr),
-                                                  shape=(len(chunk), self.model.n_vocab)).copy())
-            self.input_ids[self.n_tokens: self.n_tokens + len(chunk)] = chunk
+                rows.append(
+                    np.ctypeslib.as_array(L.llama_get_logits(self.ptr), shape=(len(chunk), self.model.n_vocab)).copy()
+                )
+            self.input_ids[self.n_tokens : self.n_tokens + len(chunk)] = chunk
             self.n_tokens += len(chunk)
             self._cached = self.n_tokens
         return np.concatenate(rows)[again:] if all_logits and rows else None

@@ -9,6 +9,7 @@ for several requests (a model load shared by runs); ``spawn`` uses a fresh child
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -17,8 +18,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .base import REP_MARK, RESULT_MARK, GpuPeak, child_failure
 
@@ -81,15 +83,23 @@ class Worker:
             text=True,
             start_new_session=True,  # so a timeout can kill the whole group, and Ctrl-C reaches only us
         )
-        self._readers = [threading.Thread(target=_read, args=(proc.stdout, self._out, self._lines), daemon=True),
-                         threading.Thread(target=_read, args=(proc.stderr, self._err, None), daemon=True)]
+        self._readers = [
+            threading.Thread(target=_read, args=(proc.stdout, self._out, self._lines), daemon=True),
+            threading.Thread(target=_read, args=(proc.stderr, self._err, None), daemon=True),
+        ]
         for t in self._readers:
             t.start()
         self.proc = proc
         return proc
 
-    def ask(self, request: dict[str, Any], timeout: float, watch_vram: bool = False,
-            on_rep: Callable[[dict[str, Any]], bool] | None = None, last: bool = False) -> Spawned:
+    def ask(
+        self,
+        request: dict[str, Any],
+        timeout: float,
+        watch_vram: bool = False,
+        on_rep: Callable[[dict[str, Any]], bool] | None = None,
+        last: bool = False,
+    ) -> Spawned:
         """Send ``request`` and wait for its answer; never raises for what the child does (a KeyboardInterrupt
         kills the child, then propagates). ``last``: the child exits after answering.
 
@@ -125,13 +135,13 @@ class Worker:
                     ended = True
                     break
                 if line.startswith(REP_MARK) and not stopped:
-                    reps.append(json.loads(line[len(REP_MARK):]))
+                    reps.append(json.loads(line[len(REP_MARK) :]))
                     if on_rep is not None and not on_rep(reps[-1]):
                         stopped = True
                         self._kill()
                 elif line.startswith(RESULT_MARK) and not (stopped or timed_out):
                     try:
-                        result = json.loads(line[len(RESULT_MARK):])
+                        result = json.loads(line[len(RESULT_MARK) :])
                     except json.JSONDecodeError:
                         result = None
                     if not last:
@@ -151,8 +161,17 @@ class Worker:
         finally:
             gpu_peaks = vram.stop() if vram else []
         stdout, stderr = "".join(self._out[out_from:]), "".join(self._err[err_from:])
-        return Spawned(result if returncode == 0 else None, returncode, stdout, stderr, time.perf_counter() - start,
-                       timed_out=timed_out, gpu_peaks=gpu_peaks, reps=reps, stopped=stopped)
+        return Spawned(
+            result if returncode == 0 else None,
+            returncode,
+            stdout,
+            stderr,
+            time.perf_counter() - start,
+            timed_out=timed_out,
+            gpu_peaks=gpu_peaks,
+            reps=reps,
+            stopped=stopped,
+        )
 
     def _kill(self) -> None:
         if self.proc is not None:
@@ -182,8 +201,12 @@ class Worker:
         self._reap()
 
 
-def spawn(request: dict[str, Any], timeout: float, watch_vram: bool = False,
-          on_rep: Callable[[dict[str, Any]], bool] | None = None) -> Spawned:
+def spawn(
+    request: dict[str, Any],
+    timeout: float,
+    watch_vram: bool = False,
+    on_rep: Callable[[dict[str, Any]], bool] | None = None,
+) -> Spawned:
     """Run one request in a fresh engine child (``Worker.ask`` with ``last``)."""
     return Worker().ask(request, timeout, watch_vram, on_rep, last=True)
 
@@ -199,10 +222,8 @@ def _read(stream: Any, into: list[str], lines: queue.Queue[str | None] | None) -
 
 
 def _kill_group(proc: subprocess.Popen[str]) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 class _VramWatch:
@@ -308,8 +329,10 @@ def _visible_gpus() -> list[_Gpu]:
         handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
         order = visible(os.environ.get("CUDA_VISIBLE_DEVICES"), [_text(pynvml.nvmlDeviceGetUUID(h)) for h in handles])
         driver = _text(pynvml.nvmlSystemGetDriverVersion())
-        gpus = [_Gpu(f"CUDA{i}", handles[j], _text(pynvml.nvmlDeviceGetName(handles[j])), driver)
-                for i, j in enumerate(order)]
+        gpus = [
+            _Gpu(f"CUDA{i}", handles[j], _text(pynvml.nvmlDeviceGetName(handles[j])), driver)
+            for i, j in enumerate(order)
+        ]
     except Exception:
         gpus = []
     if not gpus:

@@ -21,8 +21,14 @@ from ..facts.catalog import cache_dir
 from ..vocabulary.errors import AutotuneError
 
 TOOLS = ("llama-server", "llama-bench")
-FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF")
+FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+)
 
 
 class BuildError(AutotuneError):
@@ -62,8 +68,10 @@ def build(targets: tuple[str, ...] = TOOLS, flags: tuple[str, ...] = FLAGS, quie
     source = _source(work)
     build_dir = work / f"build-{out.name}"
     jobs = str(os.cpu_count() or 2)
-    run = [[cmake, "-S", str(source), "-B", str(build_dir), *flags],
-           [cmake, "--build", str(build_dir), "-j", jobs, "--target", *missing]]
+    run = [
+        [cmake, "-S", str(source), "-B", str(build_dir), *flags],
+        [cmake, "--build", str(build_dir), "-j", jobs, "--target", *missing],
+    ]
     for argv in run:
         done = subprocess.run(argv, capture_output=quiet, text=True)
         if done.returncode != 0:
@@ -77,8 +85,11 @@ def build(targets: tuple[str, ...] = TOOLS, flags: tuple[str, ...] = FLAGS, quie
 
 def _pip_reason(stderr: str) -> str:
     """Why pip failed, in a few words: the index unreachable, else pip's own last error line."""
-    if re.search(r"NewConnectionError|Connection refused|Failed to establish|Name or service not known|"
-                 r"Temporary failure in name resolution|Network is unreachable|timed out", stderr):
+    if re.search(
+        r"NewConnectionError|Connection refused|Failed to establish|Name or service not known|"
+        r"Temporary failure in name resolution|Network is unreachable|timed out",
+        stderr,
+    ):
         return "the package index could not be reached"
     errors = [ln.strip() for ln in stderr.splitlines() if ln.startswith("ERROR:")]
     lines = errors or [ln.strip() for ln in stderr.splitlines() if ln.strip()] or ["pip gave no reason"]
@@ -95,12 +106,28 @@ def _source(work: Path) -> Path:
     sdist = work / f"llama_cpp_python-{version}.tar.gz"
     # "--no-binary llama-cpp-python", never ":all:": that applies to the build tools pip installs to read the
     # sdist's metadata too, and pip then compiles CMake from source (half an hour on 2 cores).
-    argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
-            "--retries", "2", "--timeout", "30", f"llama-cpp-python=={version}", "-d", str(work)]
+    argv = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        "llama-cpp-python",
+        "--retries",
+        "2",
+        "--timeout",
+        "30",
+        f"llama-cpp-python=={version}",
+        "-d",
+        str(work),
+    ]
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0 or not sdist.exists():
-        raise BuildError(f"could not download the llama-cpp-python {version} source distribution from the package "
-                         f"index (pip download): {_pip_reason(done.stderr)}")
+        raise BuildError(
+            f"could not download the llama-cpp-python {version} source distribution from the package "
+            f"index (pip download): {_pip_reason(done.stderr)}"
+        )
     prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
     skip = tuple(prefix + d for d in ("models/", "docs/", "tests/", "media/"))
     tmp = work / "unpacking"

@@ -43,17 +43,30 @@ class Routing:
         return min(self.fraction().values(), default=0.0)
 
 
-def expert_routing(model_path: str, n_tokens: int = 512, prompt_kind: str = "prose", n_threads: int = 2,
-                   timeout: float = 600.0) -> Routing:
+def expert_routing(
+    model_path: str, n_tokens: int = 512, prompt_kind: str = "prose", n_threads: int = 2, timeout: float = 600.0
+) -> Routing:
     """Decode ``n_tokens`` of the fixed ``prompt_kind`` text (repeated as needed) with the model on the CPU, in a
     child process, and count per MoE layer which experts the routers chose. ModelError when the engine refuses
     the model, EngineDied when the child dies or hangs."""
     # extra buffer types off: they are irrelevant here and crash multi-token decodes on some CPUs (README,
     # Troubleshooting)
-    settings = Settings(n_ctx=n_tokens, n_batch=n_tokens, n_ubatch=min(n_tokens, 512), n_threads=n_threads,
-                        n_threads_batch=n_threads, n_gpu_layers=0, use_extra_bufts=False)
-    request = {"mode": "routing", "model": model_path, "settings": settings.to_dict(), "tokens": n_tokens,
-               "prompt_kind": prompt_kind}
+    settings = Settings(
+        n_ctx=n_tokens,
+        n_batch=n_tokens,
+        n_ubatch=min(n_tokens, 512),
+        n_threads=n_threads,
+        n_threads_batch=n_threads,
+        n_gpu_layers=0,
+        use_extra_bufts=False,
+    )
+    request = {
+        "mode": "routing",
+        "model": model_path,
+        "settings": settings.to_dict(),
+        "tokens": n_tokens,
+        "prompt_kind": prompt_kind,
+    }
     done = process.spawn(request, timeout)
     failed = f"{model_path}: counting the experts' routing failed"
     if done.timed_out:
@@ -63,8 +76,12 @@ def expert_routing(model_path: str, n_tokens: int = 512, prompt_kind: str = "pro
     if "error" in done.result:
         raise ModelError(f"{failed}: {done.result['error']}")
     r = done.result
-    return Routing(r["n_tokens"], r["n_expert"], r["n_expert_used"],
-                   {int(layer): tuple(c) for layer, c in sorted(r["counts"].items(), key=lambda kv: int(kv[0]))})
+    return Routing(
+        r["n_tokens"],
+        r["n_expert"],
+        r["n_expert_used"],
+        {int(layer): tuple(c) for layer, c in sorted(r["counts"].items(), key=lambda kv: int(kv[0]))},
+    )
 
 
 # ------------------------------------------------------------------------------------------- the child's side
@@ -121,8 +138,12 @@ def serve(request: dict[str, Any]) -> dict[str, Any]:
         if ctx:
             L.llama_free(ctx)
         model.close()
-    return {"n_tokens": len(tokens), "n_expert": counter.n_expert, "n_expert_used": counter.n_expert_used,
-            "counts": {str(layer): c for layer, c in counter.counts.items()}}
+    return {
+        "n_tokens": len(tokens),
+        "n_expert": counter.n_expert,
+        "n_expert_used": counter.n_expert_used,
+        "counts": {str(layer): c for layer, c in counter.counts.items()},
+    }
 
 
 def _decode_all(ctx: Any, tokens: list[int]) -> bool:
@@ -162,7 +183,7 @@ class _Counter:
         name = tensor.name.decode(errors="replace")
         if ask:
             return name.startswith(TOPK)
-        self._count(int(name[len(TOPK):]), t, tensor)
+        self._count(int(name[len(TOPK) :]), t, tensor)
         return True
 
     def _count(self, layer: int, t: int, tensor: _Tensor) -> None:
@@ -175,6 +196,5 @@ class _Counter:
         self.n_expert = _Tensor.from_address(tensor.view_src).ne[0] if tensor.view_src else self.n_expert
         self.n_expert_used = int(used)
         per_expert = self.counts.setdefault(layer, [0] * self.n_expert)
-        for expert, n in zip(*np.unique(ids, return_counts=True)):
+        for expert, n in zip(*np.unique(ids, return_counts=True), strict=False):
             per_expert[int(expert)] += int(n)
-

@@ -33,9 +33,7 @@ class CatalogModel:
 
 def _chunks(package: str, version: str, count: int) -> tuple[tuple[str, str], ...]:
     module = package.replace("-", "_")
-    return tuple(
-        (f"{package}{i}=={version}", f"{module}{i}/data/part{i:02d}.bin") for i in range(1, count + 1)
-    )
+    return tuple((f"{package}{i}=={version}", f"{module}{i}/data/part{i:02d}.bin") for i in range(1, count + 1))
 
 
 CATALOG: dict[str, CatalogModel] = {

@@ -11,10 +11,11 @@ import hashlib
 import os
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
@@ -136,9 +137,12 @@ class ModelFacts:
             "n_ctx_train": self.n_ctx_train,
             "n_swa": self.n_swa,
             "swa_layers": [i for i, s in enumerate(self.swa_layers) if s],
-            "experts": {"n_expert": self.n_expert, "n_expert_used": self.n_expert_used,
-                        "layers": list(self.moe_layers),
-                        "bytes": sum(t.n_bytes for t in self.tensors if t.layer is not None and EXPERTS.search(t.name))},
+            "experts": {
+                "n_expert": self.n_expert,
+                "n_expert_used": self.n_expert_used,
+                "layers": list(self.moe_layers),
+                "bytes": sum(t.n_bytes for t in self.tensors if t.layer is not None and EXPERTS.search(t.name)),
+            },
             "vocab": {
                 "type": self.vocab_type,
                 "size": self.n_vocab,
@@ -184,8 +188,10 @@ def read_facts(path: str | os.PathLike[str]) -> ModelFacts:
 
 
 # The facts' own shape is part of their cache key: a field added or changed makes older pickles misses.
-_FACTS_KIND = "facts:" + hashlib.sha256(
-    repr([(f.name, str(f.type)) for f in dataclasses.fields(ModelFacts)]).encode()).hexdigest()[:8]
+_FACTS_KIND = (
+    "facts:"
+    + hashlib.sha256(repr([(f.name, str(f.type)) for f in dataclasses.fields(ModelFacts)]).encode()).hexdigest()[:8]
+)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -293,7 +299,9 @@ def _facts(p: Path, size: int, reader: GGUFReader) -> ModelFacts:
     tokens = get("tokenizer.ggml.tokens") or []
     file_type = get("general.file_type")
     try:
-        file_type_name = LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_") if file_type is not None else "unknown"
+        file_type_name = (
+            LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_") if file_type is not None else "unknown"
+        )
     except ValueError:
         file_type_name = f"type {file_type}"
     return ModelFacts(

@@ -104,11 +104,15 @@ class Hardware:
             why = "no GPU found" if not self.gpus else f"the engine's {self.backend} build cannot offload to them"
             raise SettingsError(f"--gpu-budget: this machine has no GPU the engine can use ({why}); leave it out")
         if len(mib) not in (1, len(gpus)):
-            raise SettingsError(f"--gpu-budget gives {len(mib)} values for {len(gpus)} GPU(s): give one value for "
-                                "every GPU, or one per GPU")
-        per = dict(zip((g.index for g in gpus), mib * len(gpus) if len(mib) == 1 else mib))
-        return dataclasses.replace(self, gpus=tuple(
-            dataclasses.replace(g, budget=per[g.index] * MIB) if g.index in per else g for g in self.gpus))
+            raise SettingsError(
+                f"--gpu-budget gives {len(mib)} values for {len(gpus)} GPU(s): give one value for "
+                "every GPU, or one per GPU"
+            )
+        per = dict(zip((g.index for g in gpus), mib * len(gpus) if len(mib) == 1 else mib, strict=False))
+        return dataclasses.replace(
+            self,
+            gpus=tuple(dataclasses.replace(g, budget=per[g.index] * MIB) if g.index in per else g for g in self.gpus),
+        )
 
     @property
     def gpu_budget(self) -> int | None:
@@ -154,8 +158,10 @@ def parse_gpu_budget(text: str | None) -> tuple[int, ...] | None:
         return None
     parts = [p.strip() for p in text.split(",")]
     if not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise SettingsError(f"--gpu-budget {text!r}: give MiB as positive whole numbers, one for every GPU (12288) "
-                            "or one per GPU (12288,8192)")
+        raise SettingsError(
+            f"--gpu-budget {text!r}: give MiB as positive whole numbers, one for every GPU (12288) "
+            "or one per GPU (12288,8192)"
+        )
     return tuple(int(p) for p in parts)
 
 
@@ -266,7 +272,15 @@ def _apple_gpu(ram_total: int, notes: list[str]) -> list[GPU]:
     out = subprocess.run(["sysctl", "-n", "iogpu.wired_limit_mb"], capture_output=True, text=True)
     if out.returncode == 0 and out.stdout.strip().isdigit() and int(out.stdout) > 0:
         limit = int(out.stdout) * 2**20
-    return [GPU(index=0, name=f"Apple {platform.machine()} GPU", backend="metal", vram_total=int(limit), vram_free=int(limit))]
+    return [
+        GPU(
+            index=0,
+            name=f"Apple {platform.machine()} GPU",
+            backend="metal",
+            vram_total=int(limit),
+            vram_free=int(limit),
+        )
+    ]
 
 
 def _vulkan_gpus(notes: list[str], start: int) -> list[GPU]:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import functools
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
@@ -61,31 +62,86 @@ SHAPES = {
     "14b": Shape(n_layer=40, n_embd=5120, n_head=40, n_head_kv=8, n_ff=13824, n_ctx_train=131072),
     "70b": Shape(n_layer=80, n_embd=8192, n_head=64, n_head_kv=8, n_ff=28672, n_ctx_train=131072),
     "gemma3-4b": Shape(
-        n_layer=34, n_embd=2560, n_head=8, n_head_kv=4, n_ff=10240, n_ctx_train=131072,
-        head_dim=256, n_swa=1024, arch="gemma3",
+        n_layer=34,
+        n_embd=2560,
+        n_head=8,
+        n_head_kv=4,
+        n_ff=10240,
+        n_ctx_train=131072,
+        head_dim=256,
+        n_swa=1024,
+        arch="gemma3",
     ),
     "qwen3-8b": Shape(
-        n_layer=36, n_embd=4096, n_head=32, n_head_kv=8, n_ff=12288, n_ctx_train=40960, head_dim=128, arch="qwen3",
+        n_layer=36,
+        n_embd=4096,
+        n_head=32,
+        n_head_kv=8,
+        n_ff=12288,
+        n_ctx_train=40960,
+        head_dim=128,
+        arch="qwen3",
     ),
     "qwen3-30b-a3b": Shape(
-        n_layer=48, n_embd=2048, n_head=32, n_head_kv=4, n_ff=6144, n_ctx_train=40960, head_dim=128,
-        arch="qwen3moe", n_expert=128, n_expert_used=8, n_ff_exp=768,
+        n_layer=48,
+        n_embd=2048,
+        n_head=32,
+        n_head_kv=4,
+        n_ff=6144,
+        n_ctx_train=40960,
+        head_dim=128,
+        arch="qwen3moe",
+        n_expert=128,
+        n_expert_used=8,
+        n_ff_exp=768,
     ),
     "gpt-oss-20b": Shape(
-        n_layer=24, n_embd=2880, n_head=64, n_head_kv=8, n_ff=2880, n_ctx_train=131072, head_dim=64, n_swa=128,
-        arch="gpt-oss", n_expert=32, n_expert_used=4, n_ff_exp=2880, expert_type="MXFP4",
+        n_layer=24,
+        n_embd=2880,
+        n_head=64,
+        n_head_kv=8,
+        n_ff=2880,
+        n_ctx_train=131072,
+        head_dim=64,
+        n_swa=128,
+        arch="gpt-oss",
+        n_expert=32,
+        n_expert_used=4,
+        n_ff_exp=2880,
+        expert_type="MXFP4",
     ),
     "gemma2-2b": Shape(
-        n_layer=26, n_embd=2304, n_head=8, n_head_kv=4, n_ff=9216, n_ctx_train=8192, head_dim=256, n_swa=4096,
+        n_layer=26,
+        n_embd=2304,
+        n_head=8,
+        n_head_kv=4,
+        n_ff=9216,
+        n_ctx_train=8192,
+        head_dim=256,
+        n_swa=4096,
         arch="gemma2",
     ),
     "phi3-mini": Shape(n_layer=32, n_embd=3072, n_head=32, n_head_kv=32, n_ff=8192, n_ctx_train=4096, arch="phi3"),
-    "mamba-130m": Shape(n_layer=24, n_embd=768, n_head=0, n_head_kv=0, n_ff=0, n_ctx_train=1048576, arch="mamba",
-                        ssm_state=16),
+    "mamba-130m": Shape(
+        n_layer=24, n_embd=768, n_head=0, n_head_kv=0, n_ff=0, n_ctx_train=1048576, arch="mamba", ssm_state=16
+    ),
     "deepseek-v2-lite": Shape(
-        n_layer=27, n_embd=2048, n_head=16, n_head_kv=1, n_ff=10944, n_ctx_train=163840, head_dim=192,
-        arch="deepseek2", n_expert=64, n_expert_used=6, n_ff_exp=1408, n_expert_shared=2, n_dense_lead=1,
-        kv_lora_rank=512, rope_dim=64, head_dim_v=128,
+        n_layer=27,
+        n_embd=2048,
+        n_head=16,
+        n_head_kv=1,
+        n_ff=10944,
+        n_ctx_train=163840,
+        head_dim=192,
+        arch="deepseek2",
+        n_expert=64,
+        n_expert_used=6,
+        n_ff_exp=1408,
+        n_expert_shared=2,
+        n_dense_lead=1,
+        kv_lora_rank=512,
+        rope_dim=64,
+        head_dim_v=128,
     ),
 }
 
@@ -148,18 +204,22 @@ def write_model(
     np_dtype = np.float16 if dtype == GGMLQuantizationType.F16 else np.float32
     data_bytes = 0
     routed: list[Placed] = []
-    for name, dims, kind in _tensors(shape, n_vocab):
-        t = {"vec": GGMLQuantizationType.F32, "exp": GGMLQuantizationType[shape.expert_type or weight_type]}.get(kind, dtype)
+    for name, dims, role in _tensors(shape, n_vocab):
+        t = {"vec": GGMLQuantizationType.F32, "exp": GGMLQuantizationType[shape.expert_type or weight_type]}.get(
+            role, dtype
+        )
         if dims[-1] % GGML_QUANT_SIZES[t][0]:  # rows too short for the type's blocks: a quantizer falls back
             t = GGMLQuantizationType.Q8_0 if dims[-1] % 32 == 0 else GGMLQuantizationType.F16
         block, size = GGML_QUANT_SIZES[t]
         nbytes = int(np.prod(dims)) // block * size
         if header_only:
-            w.add_tensor_info(name, dims, np.dtype(np.float16 if t == GGMLQuantizationType.F16 else np.float32), nbytes, t)
+            w.add_tensor_info(
+                name, dims, np.dtype(np.float16 if t == GGMLQuantizationType.F16 else np.float32), nbytes, t
+            )
             if routing and shape.n_expert and _routes(name):
                 routed.append((name, dims, t, data_bytes))
             data_bytes += GGUFWriter.ggml_pad(nbytes, w.data_alignment)
-        elif kind == "vec":  # norms 1, biases 0
+        elif role == "vec":  # norms 1, biases 0
             w.add_tensor(name, np.full(dims, 0.0 if name.endswith(".bias") else 1.0, dtype=np.float32))
         else:
             w.add_tensor(name, (rng.standard_normal(dims) * 0.02).astype(np_dtype))
@@ -196,10 +256,18 @@ _D = 2.0**-8
 # (x = d*sc*q - dmin*m over uniform random sc, q, m), and each block's scales get a random sign (Q4_0's d*(q - 8)
 # leans negative), or every token's embedding would share one direction.
 _SCALES: dict[GGMLQuantizationType, tuple[tuple[int, float], ...]] = {
-    Q.Q4_0: ((0, _D),), Q.Q5_0: ((0, _D),), Q.Q8_0: ((0, _D),), Q.IQ4_NL: ((0, _D),), Q.IQ4_XS: ((0, _D),),
-    Q.Q4_1: ((0, _D), (2, -7.5 * _D)), Q.Q5_1: ((0, _D), (2, -15.5 * _D)),
-    Q.Q2_K: ((80, _D), (82, 1.5 * _D)), Q.Q3_K: ((108, _D),), Q.Q4_K: ((0, _D), (2, 7.5 * _D)),
-    Q.Q5_K: ((0, _D), (2, 15.5 * _D)), Q.Q6_K: ((208, _D),),
+    Q.Q4_0: ((0, _D),),
+    Q.Q5_0: ((0, _D),),
+    Q.Q8_0: ((0, _D),),
+    Q.IQ4_NL: ((0, _D),),
+    Q.IQ4_XS: ((0, _D),),
+    Q.Q4_1: ((0, _D), (2, -7.5 * _D)),
+    Q.Q5_1: ((0, _D), (2, -15.5 * _D)),
+    Q.Q2_K: ((80, _D), (82, 1.5 * _D)),
+    Q.Q3_K: ((108, _D),),
+    Q.Q4_K: ((0, _D), (2, 7.5 * _D)),
+    Q.Q5_K: ((0, _D), (2, 15.5 * _D)),
+    Q.Q6_K: ((208, _D),),
 }
 
 
@@ -207,7 +275,7 @@ def _routes(name: str) -> bool:
     """Whether the routers' choice depends on this tensor when the rest is zero: the token embedding, the norms
     on the way (all of them: they are small), the routers. Router biases (``ffn_gate_inp.bias``,
     ``exp_probs_b``) may stay zero."""
-    return name == "token_embd.weight" or name.endswith("norm.weight") or name.endswith("ffn_gate_inp.weight")
+    return name == "token_embd.weight" or name.endswith(("norm.weight", "ffn_gate_inp.weight"))
 
 
 def _write_routing(path: Path, data_start: int, placed: list[Placed], seed: int) -> None:
@@ -221,8 +289,9 @@ def _write_routing(path: Path, data_start: int, placed: list[Placed], seed: int)
                 f.write(chunk)
 
 
-def _routing_data(name: str, dims: tuple[int, ...], t: GGMLQuantizationType, rng: np.random.Generator
-                  ) -> Iterator[bytes]:
+def _routing_data(
+    name: str, dims: tuple[int, ...], t: GGMLQuantizationType, rng: np.random.Generator
+) -> Iterator[bytes]:
     """The bytes of one routed tensor, in chunks of about 16M values (a 150k-token embedding is not held whole):
     norms 1, a router of random rows with logits of about unit spread, an embedding of random rows."""
     rows, cols = int(np.prod(dims[:-1])), dims[-1]
@@ -259,7 +328,7 @@ def _random_rows(rng: np.random.Generator, t: GGMLQuantizationType, n_rows: int,
     blocks = np.frombuffer(bytearray(rng.bytes(n_rows * n_cols // block * size)), np.uint8).reshape(-1, size)
     sign = (rng.integers(0, 2, len(blocks), dtype=np.int8) * 2 - 1).astype(np.float16)
     for offset, value in fields:
-        blocks[:, offset: offset + 2] = (sign * np.float16(value)).view(np.uint8).reshape(-1, 2)
+        blocks[:, offset : offset + 2] = (sign * np.float16(value)).view(np.uint8).reshape(-1, 2)
     return blocks.tobytes()
 
 
@@ -314,10 +383,18 @@ def _tensors(s: Shape, n_vocab: int) -> list[Tensor]:
         elif s.arch == "phi3":
             out += [(b + "attn_qkv.weight", (q + 2 * kv, e), "mat"), (b + "attn_output.weight", (e, q), "mat")]
         else:
-            out += [(b + "attn_q.weight", (q, e), "mat"), (b + "attn_k.weight", (kv, e), "mat"),
-                    (b + "attn_v.weight", (kv, e), "mat"), (b + "attn_output.weight", (e, q), "mat")]
+            out += [
+                (b + "attn_q.weight", (q, e), "mat"),
+                (b + "attn_k.weight", (kv, e), "mat"),
+                (b + "attn_v.weight", (kv, e), "mat"),
+                (b + "attn_output.weight", (e, q), "mat"),
+            ]
         if s.arch in ("qwen2", "gpt-oss"):
-            out += [(b + "attn_q.bias", (q,), "vec"), (b + "attn_k.bias", (kv,), "vec"), (b + "attn_v.bias", (kv,), "vec")]
+            out += [
+                (b + "attn_q.bias", (q,), "vec"),
+                (b + "attn_k.bias", (kv,), "vec"),
+                (b + "attn_v.bias", (kv,), "vec"),
+            ]
         if s.arch in ("qwen3", "gemma3", "qwen3moe"):
             out += [(b + "attn_q_norm.weight", (hd,), "vec"), (b + "attn_k_norm.weight", (hd,), "vec")]
         if s.arch in ("gemma2", "gemma3", "gpt-oss"):
@@ -331,8 +408,11 @@ def _tensors(s: Shape, n_vocab: int) -> list[Tensor]:
         elif s.n_expert and i >= s.n_dense_lead:
             out += _experts(s, b)
         else:
-            out += [(b + "ffn_gate.weight", (ff, e), "mat"), (b + "ffn_up.weight", (ff, e), "mat"),
-                    (b + "ffn_down.weight", (e, ff), "mat")]
+            out += [
+                (b + "ffn_gate.weight", (ff, e), "mat"),
+                (b + "ffn_up.weight", (ff, e), "mat"),
+                (b + "ffn_down.weight", (e, ff), "mat"),
+            ]
         if s.arch in ("gemma2", "gemma3"):
             out.append((b + "post_ffw_norm.weight", (e,), "vec"))
     return out
@@ -378,12 +458,19 @@ def _experts(s: Shape, b: str) -> list[Tensor]:
         (b + "ffn_down_exps.weight", (x, e, f), "exp"),
     ]
     if s.arch == "gpt-oss":
-        out += [(b + "ffn_gate_inp.bias", (x,), "vec"), (b + "ffn_gate_exps.bias", (x, f), "vec"),
-                (b + "ffn_up_exps.bias", (x, f), "vec"), (b + "ffn_down_exps.bias", (x, e), "vec")]
+        out += [
+            (b + "ffn_gate_inp.bias", (x,), "vec"),
+            (b + "ffn_gate_exps.bias", (x, f), "vec"),
+            (b + "ffn_up_exps.bias", (x, f), "vec"),
+            (b + "ffn_down_exps.bias", (x, e), "vec"),
+        ]
     if s.n_expert_shared:
         sh = f * s.n_expert_shared
-        out += [(b + "ffn_gate_shexp.weight", (sh, e), "mat"), (b + "ffn_up_shexp.weight", (sh, e), "mat"),
-                (b + "ffn_down_shexp.weight", (e, sh), "mat")]
+        out += [
+            (b + "ffn_gate_shexp.weight", (sh, e), "mat"),
+            (b + "ffn_up_shexp.weight", (sh, e), "mat"),
+            (b + "ffn_down_shexp.weight", (e, sh), "mat"),
+        ]
     return out
 
 

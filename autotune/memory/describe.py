@@ -17,14 +17,21 @@ from .estimate import beyond_trained, cache_pairs, ctx_sweep, estimate, gpu_engi
 Check = Callable[[ModelFacts, Settings, Hardware], dict[str, Any]]  # the engine's figures, as keys of the record
 
 
-def describe(facts: ModelFacts, s: Settings, hw: Hardware, sweep: bool = False, largest: bool = False,
-             check: Check | None = None) -> dict[str, Any]:
+def describe(
+    facts: ModelFacts, s: Settings, hw: Hardware, sweep: bool = False, largest: bool = False, check: Check | None = None
+) -> dict[str, Any]:
     """The record ``autotune memory --json`` prints (keys are only ever added): ``sweep`` adds the footprint at
     powers of two up to the trained context per K/V type, ``largest`` the largest context per K/V type and GPU
     offload (none, as asked, all), ``check`` what it returns (``search.oracle.check``: the engine's dry run
     beside the estimate and, on a GPU, a real run's peak)."""
-    notes = [n for n in (beyond_trained(facts, s.n_ctx),
-                         replay_gap(facts) and f"priced by the engine's own dry run ({replay_gap(facts)})") if n]
+    notes = [
+        n
+        for n in (
+            beyond_trained(facts, s.n_ctx),
+            replay_gap(facts) and f"priced by the engine's own dry run ({replay_gap(facts)})",
+        )
+        if n
+    ]
     if s.n_gpu_layers and not hw.offload_gpus:
         notes.append("no GPU this engine build can offload to: --ngl is ignored, everything stays on the host")
     elif hw.offload_gpus and not gpu_engine(hw):
@@ -50,6 +57,10 @@ def describe(facts: ModelFacts, s: Settings, hw: Hardware, sweep: bool = False, 
     if check:
         out.update(check(facts, s, hw))
     cost = dryrun.COST
-    out["dry_runs"] = {"children": cost.runs, "settings": cost.settings, "seconds": round(cost.seconds, 3),
-                       "wall_s": round(time.perf_counter() - started, 3)}
+    out["dry_runs"] = {
+        "children": cost.runs,
+        "settings": cost.settings,
+        "seconds": round(cost.seconds, 3),
+        "wall_s": round(time.perf_counter() - started, 3),
+    }
     return out

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..facts.catalog import cache_dir
 from ..facts.gguf_model import ModelFacts
@@ -97,10 +98,18 @@ def _run(build: Build, model: str, settings: list[Settings]) -> dict[str, Any]:
             return out
         COST.runs += 1
         return {key(s): Died(str(e).removeprefix(f"{model}: ")) for s in settings}
-    for s, r in zip(settings, reports):
-        out[key(s)] = r if isinstance(r, str) else {
-            "kv_caches": r.kv_caches, "compute": r.compute, "output": r.output, "weights_total": r.weights_total,
-            "kv": r.kv}
+    for s, r in zip(settings, reports, strict=False):
+        out[key(s)] = (
+            r
+            if isinstance(r, str)
+            else {
+                "kv_caches": r.kv_caches,
+                "compute": r.compute,
+                "output": r.output,
+                "weights_total": r.weights_total,
+                "kv": r.kv,
+            }
+        )
     COST.settings += len(settings)
     COST.seconds += time.perf_counter() - start
     return out
@@ -109,8 +118,13 @@ def _run(build: Build, model: str, settings: list[Settings]) -> dict[str, Any]:
 def _figures(item: Any) -> Figures | str:
     if isinstance(item, str):
         return item
-    return Figures(tuple(tuple(c) for c in item["kv_caches"]), dict(item["compute"]), dict(item["output"]),
-                   int(item["weights_total"]), dict(item.get("kv", {})))
+    return Figures(
+        tuple(tuple(c) for c in item["kv_caches"]),
+        dict(item["compute"]),
+        dict(item["output"]),
+        int(item["weights_total"]),
+        dict(item.get("kv", {})),
+    )
 
 
 def _load(path: Path) -> dict[str, Any]:

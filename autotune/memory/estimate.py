@@ -3,20 +3,20 @@ and footprints across contexts and cache types."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-from ..vocabulary.errors import EngineDied, EngineRefused, SettingsError
 from ..facts.gguf_model import ModelFacts
 from ..facts.probe import Build, Hardware
+from ..vocabulary.errors import EngineDied, EngineRefused, SettingsError
 from ..vocabulary.settings import QUANTIZED_KV, Settings
-from . import dryrun
+from . import dryrun, overhead
 from .graph import Attn, shape_of
 from .graphs import BUILDERS
-from . import overhead
 from .layout import (
     HOST,
-    MIB,
     HOST_OVERHEAD,
+    MIB,
     Ctx,
     DeviceMemory,
     KVCache,
@@ -52,8 +52,10 @@ def replay_gap(facts: ModelFacts) -> str | None:
 def beyond_trained(facts: ModelFacts, n_ctx: int) -> str | None:
     """A warning when ``n_ctx`` exceeds the context the model was trained for; None otherwise."""
     if facts.n_ctx_train and n_ctx > facts.n_ctx_train:
-        return (f"n_ctx {n_ctx:,} is beyond the {facts.n_ctx_train:,} tokens this model was trained for: "
-                "it may lose track of text that far back unless it was made for RoPE scaling")
+        return (
+            f"n_ctx {n_ctx:,} is beyond the {facts.n_ctx_train:,} tokens this model was trained for: "
+            "it may lose track of text that far back unless it was made for RoPE scaling"
+        )
     return None
 
 
@@ -75,8 +77,10 @@ def gpu_engine(hw: Hardware) -> bool:
 def _build(facts: ModelFacts, hw: Hardware) -> Build:
     """The engine build whose dry run prices ``facts`` on ``hw``; ValueError for a Hardware that names none."""
     if hw.build is None:
-        raise ValueError(f"{facts.path}: the engine's dry run prices this model, and this Hardware names no engine "
-                         "build to ask (probe(build), or Hardware(build=...))")
+        raise ValueError(
+            f"{facts.path}: the engine's dry run prices this model, and this Hardware names no engine "
+            "build to ask (probe(build), or Hardware(build=...))"
+        )
     return hw.build
 
 
@@ -130,7 +134,7 @@ def _device_of(buffer: str) -> str:
     buffers; "gpuN" for a GPU backend's buffer numbered N (CUDA0, Vulkan1, MTL0)."""
     if buffer.startswith("CPU") or buffer.endswith("_Host") or buffer == "AMX":
         return HOST
-    digits = buffer[len(buffer.rstrip("0123456789")):]
+    digits = buffer[len(buffer.rstrip("0123456789")) :]
     return f"gpu{int(digits or 0)}"
 
 
@@ -177,14 +181,25 @@ def _from_engine(facts: ModelFacts, settings: Settings, hw: Hardware, found: dry
     return _assemble(facts, settings, hw, where, c, weights, repack, kv, compute, output, caches, source)
 
 
-def _assemble(facts: ModelFacts, settings: Settings, hw: Hardware, where: Placement, c: Ctx, weights: dict[str, int],
-              repack: int,
-              kv: dict[str, int], compute: dict[str, int], output: dict[str, int], caches: tuple[KVCache, ...],
-              source: str) -> MemoryEstimate:
+def _assemble(
+    facts: ModelFacts,
+    settings: Settings,
+    hw: Hardware,
+    where: Placement,
+    c: Ctx,
+    weights: dict[str, int],
+    repack: int,
+    kv: dict[str, int],
+    compute: dict[str, int],
+    output: dict[str, int],
+    caches: tuple[KVCache, ...],
+    source: str,
+) -> MemoryEstimate:
     budgets = _budgets(hw)
     build = hw.build.build_key() if hw.build else ""  # a described machine's GPUs: nothing learned for them
-    fixed = {f"gpu{g.index}": overhead.allowance(build, g.name, g.driver, overhead.kind(facts))
-             for g in hw.offload_gpus}  # per GPU model, driver and build
+    fixed = {
+        f"gpu{g.index}": overhead.allowance(build, g.name, g.driver, overhead.kind(facts)) for g in hw.offload_gpus
+    }  # per GPU model, driver and build
     pool = overhead.pool(facts, settings)  # on each GPU holding layers (their attention and experts run there)
     held = set(where.layers) | {where.output}
     devices = [
@@ -215,8 +230,9 @@ def _assemble(facts: ModelFacts, settings: Settings, hw: Hardware, where: Placem
     )
 
 
-def max_ctx(facts: ModelFacts, settings: Settings, hw: Hardware, limit: int | None = None,
-            keep: int | None = None) -> int:
+def max_ctx(
+    facts: ModelFacts, settings: Settings, hw: Hardware, limit: int | None = None, keep: int | None = None
+) -> int:
     """Largest context (a multiple of 256, at most ``limit`` or the trained context) that fits, keeping
     ``keep`` bytes free per device (None: the default margin); 0 if none. EngineDied (no answer) when the
     engine's dry run dies.
@@ -260,8 +276,9 @@ def cache_pairs(kv_types: Iterable[str], flash_attn: bool) -> list[tuple[str, st
     return out
 
 
-def ctx_sweep(facts: ModelFacts, settings: Settings, hw: Hardware, ctxs: Sequence[int],
-              kv_types: Sequence[str]) -> list[dict[str, Any]]:
+def ctx_sweep(
+    facts: ModelFacts, settings: Settings, hw: Hardware, ctxs: Sequence[int], kv_types: Sequence[str]
+) -> list[dict[str, Any]]:
     """Footprint against context length for each K/V type: one row per (type, context)."""
     rows = []
     pairs = cache_pairs(kv_types, settings.flash_attn)
@@ -269,14 +286,16 @@ def ctx_sweep(facts: ModelFacts, settings: Settings, hw: Hardware, ctxs: Sequenc
     for tk, tv in pairs:
         for n in ctxs:
             e = estimate(facts, settings.replace(n_ctx=n, type_k=tk, type_v=tv), hw)
-            rows.append({
-                "n_ctx": e.n_ctx,
-                "type_k": tk,
-                "type_v": tv,
-                "weights": sum(d.weights + d.repack for d in e.devices),
-                "kv": e.kv_k + e.kv_v,
-                "compute": sum(d.compute for d in e.devices),
-                "total": e.total,
-                "fits": e.fits,
-            })
+            rows.append(
+                {
+                    "n_ctx": e.n_ctx,
+                    "type_k": tk,
+                    "type_v": tv,
+                    "weights": sum(d.weights + d.repack for d in e.devices),
+                    "kv": e.kv_k + e.kv_v,
+                    "compute": sum(d.compute for d in e.devices),
+                    "total": e.total,
+                    "fits": e.fits,
+                }
+            )
     return rows

@@ -10,8 +10,9 @@ measure it (it holds the target). A GPU budget (``Hardware.with_gpu_budget``) bo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .. import memory
 from ..facts.gguf_model import ModelFacts
@@ -29,20 +30,33 @@ class Placement:
     holds_target: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {"settings": self.settings.to_dict(), "what": self.what, "max_ctx": self.max_ctx,
-                "holds_target": self.holds_target,
-                "estimate": self.estimate.to_dict() if self.estimate else None}
+        return {
+            "settings": self.settings.to_dict(),
+            "what": self.what,
+            "max_ctx": self.max_ctx,
+            "holds_target": self.holds_target,
+            "estimate": self.estimate.to_dict() if self.estimate else None,
+        }
 
 
-def fit(facts: ModelFacts, hw: Hardware, n_ctx: int | None = None, base: Settings = Settings(),
-        kv_types: tuple[str, ...] = KV_SHORTLIST, keep: int | None = None, beyond_trained: bool = False) -> list[Placement]:
+def fit(
+    facts: ModelFacts,
+    hw: Hardware,
+    n_ctx: int | None = None,
+    base: Settings = Settings(),
+    kv_types: tuple[str, ...] = KV_SHORTLIST,
+    keep: int | None = None,
+    beyond_trained: bool = False,
+) -> list[Placement]:
     """Placements for ``n_ctx`` (default: the trained context) per K/V type, with flash attention on (a
     quantized V cache needs it). ``keep``: bytes left free per device (None: max(512 MiB, 5 %))."""
     trained = facts.n_ctx_train or 4096
     target = n_ctx or trained
     if target > trained and not beyond_trained:
-        raise SettingsError(f"--ctx {target:,} is beyond the {trained:,} tokens {facts.name} was trained for; "
-                            "pass --beyond-trained to price it anyway")
+        raise SettingsError(
+            f"--ctx {target:,} is beyond the {trained:,} tokens {facts.name} was trained for; "
+            "pass --beyond-trained to price it anyway"
+        )
     limit = max(target, trained) if beyond_trained else trained
     check_weights(facts, hw, keep)
     rows = []
@@ -63,10 +77,14 @@ def check_weights(facts: ModelFacts, hw: Hardware, keep: int | None) -> None:
     if facts.weight_bytes <= host + gpu:
         return
     kind = "GPU budget" if any(g.budget is not None for g in hw.offload_gpus) else "GPU memory"
-    held = (f"{_gib(max(host, 0))} RAM + {_gib(gpu)} {kind}, after the safety margins" if hw.offload_gpus and not shared
-            else f"{_gib(max(host, 0))} RAM after its safety margin")
-    raise FitError(f"{facts.name}: the weights alone ({_gib(facts.weight_bytes)}) exceed what this machine can hold "
-                   f"({held})")
+    held = (
+        f"{_gib(max(host, 0))} RAM + {_gib(gpu)} {kind}, after the safety margins"
+        if hw.offload_gpus and not shared
+        else f"{_gib(max(host, 0))} RAM after its safety margin"
+    )
+    raise FitError(
+        f"{facts.name}: the weights alone ({_gib(facts.weight_bytes)}) exceed what this machine can hold ({held})"
+    )
 
 
 def _room(free: int, limit: int | None, keep: int | None) -> int:
@@ -108,8 +126,12 @@ def placements(facts: ModelFacts, hw: Hardware, s: Settings, keep: int | None = 
         everything = s.replace(n_gpu_layers=top, moe_host_from="last", moe_host_layers="")
         least = fewest(lambda n: _fits(facts, hw, everything.replace(n_cpu_moe=n), keep), 0, len(facts.moe_layers))
         if least is not None:
-            out.append((everything.replace(n_cpu_moe=least),
-                        f"all layers on the GPU, experts of the last {least} in host memory"))
+            out.append(
+                (
+                    everything.replace(n_cpu_moe=least),
+                    f"all layers on the GPU, experts of the last {least} in host memory",
+                )
+            )
     return out
 
 

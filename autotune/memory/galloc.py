@@ -85,8 +85,9 @@ class Alloc:
         b.insert(j, [addr, size])
 
 
-def allocate(leafs: list[Tensor], nodes: list[Tensor],
-              marks: dict[int, int] | None = None) -> tuple[dict[str, int], dict[int, Any]]:
+def allocate(
+    leafs: list[Tensor], nodes: list[Tensor], marks: dict[int, int] | None = None
+) -> tuple[dict[str, int], dict[int, Any]]:
     """ggml_gallocr_alloc_graph_impl, one allocator per device; returns each device's buffer size, and
     the allocator state right after each node of ``marks`` (id -> tag) was computed.
 

@@ -15,7 +15,8 @@ from .layout import HOST, Placement
 
 # (block size, bytes per block) of every type a graph tensor can have
 _TYPE_SIZE = {"f32": (1, 4), "f16": (1, 2), "i32": (1, 4), "i64": (1, 8)} | {
-    t: GGML_QUANT_SIZES[GGMLQuantizationType[t.upper()]] for t in QUANTIZED_KV | {"bf16"}}
+    t: GGML_QUANT_SIZES[GGMLQuantizationType[t.upper()]] for t in QUANTIZED_KV | {"bf16"}
+}
 # ggml_op_can_inplace, restricted to the ops these graphs use
 INPLACE = frozenset({"SCALE", "ADD", "MUL", "UNARY", "ROPE", "RMS_NORM", "SOFT_MAX"})
 INPUT, OUTPUT = 1, 2  # GGML_TENSOR_FLAG_INPUT / _OUTPUT
@@ -24,11 +25,35 @@ INPUT, OUTPUT = 1, 2  # GGML_TENSOR_FLAG_INPUT / _OUTPUT
 class Tensor:
     """A ggml tensor as far as the allocator cares: shape, strides, op, sources, where it lives."""
 
-    __slots__ = ("op", "type", "ne", "nb", "src", "view_src", "flags", "ext", "dev", "nbytes",
-                 "nchild", "nviews", "alloc", "addr")
+    __slots__ = (
+        "addr",
+        "alloc",
+        "dev",
+        "ext",
+        "flags",
+        "nb",
+        "nbytes",
+        "nchild",
+        "ne",
+        "nviews",
+        "op",
+        "src",
+        "type",
+        "view_src",
+    )
 
-    def __init__(self, op: str, type_: str, ne: tuple[int, ...], nb: tuple[int, ...] | None, src: tuple[Tensor, ...],
-                 dev: str, view_src: Tensor | None = None, flags: int = 0, ext: bool = False) -> None:
+    def __init__(
+        self,
+        op: str,
+        type_: str,
+        ne: tuple[int, ...],
+        nb: tuple[int, ...] | None,
+        src: tuple[Tensor, ...],
+        dev: str,
+        view_src: Tensor | None = None,
+        flags: int = 0,
+        ext: bool = False,
+    ) -> None:
         block, size = _TYPE_SIZE[type_]
         ne0, ne1, ne2, ne3 = ne
         if nb is None:
@@ -182,8 +207,9 @@ def set_rows(dst: Tensor, src: Tensor, idx: Tensor) -> Tensor:
     return Tensor("SET_ROWS", dst.type, dst.ne, dst.nb, (src, idx, dst), base.dev, view_src=base)
 
 
-def attention(g: Graph, q: Tensor, ck: Tensor, cv: Tensor, mask: Tensor, s: Attn, D: int, H: int, HKV: int, T: int,
-               cells: int) -> Tensor:
+def attention(
+    g: Graph, q: Tensor, ck: Tensor, cv: Tensor, mask: Tensor, s: Attn, D: int, H: int, HKV: int, T: int, cells: int
+) -> Tensor:
     """build_attn_mha over the cache views: flash attention, or KQ -> softmax -> KQV."""
     kb = row_bytes(s.type_k, D)
     kv_gqa = HKV * D

@@ -256,8 +256,16 @@ def repack_ok(type_name: str, shape: tuple[int, ...], features: frozenset[str], 
 
 # AMX (ggml-cpu/amx): the weight types it has kernels for, with the multiple of the row length each needs,
 # and the bytes per block its packed layout adds (a compensation term, or K-quant scales kept apart).
-_AMX_ROW_MULTIPLE = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "IQ4_XS": 256,
-                     "F16": 16}
+_AMX_ROW_MULTIPLE = {
+    "Q4_0": 32,
+    "Q4_1": 32,
+    "Q8_0": 32,
+    "Q4_K": 256,
+    "Q5_K": 256,
+    "Q6_K": 256,
+    "IQ4_XS": 256,
+    "F16": 16,
+}
 _AMX_BLOCK_EXTRA = {"Q8_0": 4, "Q4_K": 4, "Q5_K": 4, "IQ4_XS": 2}
 
 
@@ -277,8 +285,9 @@ def amx_bytes(type_name: str, shape: tuple[int, ...], n_bytes: int, features: fr
     return n * (k // block) * (size + _AMX_BLOCK_EXTRA.get(type_name, 0))
 
 
-def extra_bytes(type_name: str, shape: tuple[int, ...], n_bytes: int, features: frozenset[str],
-                indexed: bool = False) -> int:
+def extra_bytes(
+    type_name: str, shape: tuple[int, ...], n_bytes: int, features: frozenset[str], indexed: bool = False
+) -> int:
     """Bytes a matrix multiplied on the host takes in an extra buffer (AMX, else CPU_REPACK); 0 for none.
     ``indexed``: stacked experts (MUL_MAT_ID), which AMX has no kernel for."""
     amx = 0 if indexed else amx_bytes(type_name, shape, n_bytes, features)
@@ -352,8 +361,12 @@ def pinned_to_host(facts: ModelFacts, s: Settings) -> frozenset[int]:
     ``Settings.experts_on_host`` and the dense FFN weights of ``Settings.ffn_on_host`` (llama.cpp's --n-cpu-moe /
     -ot and --n-cpu-ffn patterns)."""
     experts, ffn = s.experts_on_host(facts.moe_layers), s.ffn_on_host()
-    return frozenset(i for i, t in enumerate(facts.tensors) if t.layer is not None and (
-        (t.layer in experts and EXPERTS.search(t.name)) or (t.layer in ffn and DENSE_FFN.search(t.name))))
+    return frozenset(
+        i
+        for i, t in enumerate(facts.tensors)
+        if t.layer is not None
+        and ((t.layer in experts and EXPERTS.search(t.name)) or (t.layer in ffn and DENSE_FFN.search(t.name)))
+    )
 
 
 # ----------------------------------------------------------------------------------------------- KV

@@ -4,7 +4,8 @@ real run's peak (``search.oracle`` runs the engine and reports with these)."""
 from __future__ import annotations
 
 import statistics
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from ..facts.gguf_model import ModelFacts
 from ..facts.probe import Hardware
@@ -58,8 +59,11 @@ def per_device(e: Any, report: Any, buffers: dict[str, int] | None) -> dict[str,
         every = {"kv": d.kv, "compute": d.compute, "output": d.output, "weights": d.weights + d.repack} if d else {}
         pred = {part: every.get(part, 0) for part in parts}
         real = {k: real.get(k, 0) for k in pred}
-        out[dev] = {"predicted": pred, "engine": real,
-                    "error_pct": {k: error_pct(as_logged(pred[k]), real[k]) for k in pred}}
+        out[dev] = {
+            "predicted": pred,
+            "engine": real,
+            "error_pct": {k: error_pct(as_logged(pred[k]), real[k]) for k in pred},
+        }
     return out
 
 

@@ -119,8 +119,9 @@ def on_gpus(buffers: dict[str, Any]) -> int:
     return sum(by_device(buffers).values())
 
 
-def observe(build_key: str, gpu: str, driver: str, model_kind: str, peak: int, held: int, priced: int,
-            source: str = "process") -> int | None:
+def observe(
+    build_key: str, gpu: str, driver: str, model_kind: str, peak: int, held: int, priced: int, source: str = "process"
+) -> int | None:
     """Record one GPU's fixed overhead in one run: its ``peak`` less the buffers it ``held`` and its ``priced``
     pool; returns it. None (nothing recorded) where that GPU held no logged buffer."""
     if held <= 0 or peak <= held:

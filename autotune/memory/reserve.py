@@ -4,8 +4,9 @@ runs of identical layers cut short where that provably leaves the allocator in t
 from __future__ import annotations
 
 import gc
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 from .galloc import allocate, order
 from .graph import Attn, Shape

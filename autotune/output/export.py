@@ -32,23 +32,31 @@ def render(config: TunedRecord, fmt: str) -> str:
         notes = [f"written for llama-server of {LLAMA_CPP}", *_missing(s, "server", "llama-server")]
         return "\n".join([*(f"# {n}" for n in notes), shlex.join(["llama-server", *server_flags(s, model, layers)])])
     if fmt == "llama-bench":
-        notes = [f"written for llama-bench of {LLAMA_CPP}",
-                 "llama-bench sizes the context to the test and runs one thread count (-t): "
-                 f"n_ctx={s.n_ctx} and n_threads_batch={s.n_threads_batch} are not written",
-                 *_missing(s, "bench", "llama-bench")]
-        return "\n".join([*(f"# {n}" for n in notes), shlex.join(["llama-bench", *bench_flags(s, model, moe_layers=layers)])])
+        notes = [
+            f"written for llama-bench of {LLAMA_CPP}",
+            "llama-bench sizes the context to the test and runs one thread count (-t): "
+            f"n_ctx={s.n_ctx} and n_threads_batch={s.n_threads_batch} are not written",
+            *_missing(s, "bench", "llama-bench"),
+        ]
+        return "\n".join(
+            [*(f"# {n}" for n in notes), shlex.join(["llama-bench", *bench_flags(s, model, moe_layers=layers)])]
+        )
     if fmt == "python":
         return f"# written for llama-cpp-python {_engine_version()}\n" + python_kwargs(s, model, layers)
     if fmt == "lmstudio":
-        return json.dumps({"written_for": UNCHECKED.format(tool="LM Studio's SDK load config (llm.load.* keys)"),
-                           **lmstudio(s)}, indent=2)
+        return json.dumps(
+            {"written_for": UNCHECKED.format(tool="LM Studio's SDK load config (llm.load.* keys)"), **lmstudio(s)},
+            indent=2,
+        )
     if fmt == "ollama":
         return f"# {UNCHECKED.format(tool='an Ollama Modelfile')}\n" + ollama_modelfile(s, model)
     if fmt == "koboldcpp":
         notes = [UNCHECKED.format(tool="KoboldCpp's command line"), *_missing(s, "kobold", "KoboldCpp")]
         if (s.type_k, s.type_v) != ("f16", "f16") and not (s.type_k == s.type_v and s.type_k in _KOBOLD_QUANTKV):
-            notes.append(f"KoboldCpp has one cache type for K and V (--quantkv): the tuned K={s.type_k}, "
-                         f"V={s.type_v} is not written")
+            notes.append(
+                f"KoboldCpp has one cache type for K and V (--quantkv): the tuned K={s.type_k}, "
+                f"V={s.type_v} is not written"
+            )
         return "\n".join([*(f"# {n}" for n in notes), shlex.join(["koboldcpp", *koboldcpp_flags(s, model, layers)])])
     raise ConfigError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
 
@@ -57,9 +65,12 @@ def render(config: TunedRecord, fmt: str) -> str:
 # Which layers' experts stay on the host, and (where the tool has no --n-cpu-ffn) the dense FFN layers, are tensor
 # overrides (``flags.overrides``).
 _PLACED = ("moe_host_from", "moe_host_layers")
-_JOINT = {"server": ("use_mmap", "use_mlock", *_PLACED),
-          "bench": ("use_mmap", "use_mlock", "n_ctx", "n_threads_batch", *_PLACED, "n_cpu_ffn"),
-          "kobold": ("type_k", "type_v", *_PLACED, "n_cpu_ffn"), "ollama": ("flash_attn", "type_k", "type_v")}
+_JOINT = {
+    "server": ("use_mmap", "use_mlock", *_PLACED),
+    "bench": ("use_mmap", "use_mlock", "n_ctx", "n_threads_batch", *_PLACED, "n_cpu_ffn"),
+    "kobold": ("type_k", "type_v", *_PLACED, "n_cpu_ffn"),
+    "ollama": ("flash_attn", "type_k", "type_v"),
+}
 
 
 def _missing(s: Settings, spelling: str, tool: str) -> list[str]:
@@ -74,8 +85,11 @@ def _missing(s: Settings, spelling: str, tool: str) -> list[str]:
             continue
         if k.name == "spec_type" and value == "draft-simple" and getattr(BY_NAME["draft_model"], spelling):
             continue  # the tool's own draft-model setting speculates this way
-        notes.append(k.missing.format(tool=tool, value=value) if k.missing
-                     else f"{tool} has no setting for {k.label}: the tuned value was {value}")
+        notes.append(
+            k.missing.format(tool=tool, value=value)
+            if k.missing
+            else f"{tool} has no setting for {k.label}: the tuned value was {value}"
+        )
     return notes
 
 
@@ -141,14 +155,22 @@ def python_kwargs(s: Settings, model: str, moe_layers: tuple[int, ...] | None = 
     if s.n_cpu_ffn:
         placement += f"n_cpu_ffn={s.n_cpu_ffn}, "
     if placement:
-        params = _MODEL_PARAMS.format(placement=placement, use_extra_bufts=s.use_extra_bufts,
-                                      no_repack="" if s.use_extra_bufts else " and --no-repack")
+        params = _MODEL_PARAMS.format(
+            placement=placement,
+            use_extra_bufts=s.use_extra_bufts,
+            no_repack="" if s.use_extra_bufts else " and --no-repack",
+        )
     else:
         params = "" if s.use_extra_bufts else _NO_REPACK
     head = "from llama_cpp import Llama\n" + params
-    note = "" if s.spec_type == "none" else (
-        f"# Speculative decoding ({s.spec_type}) was measured in llama-server, which speculates natively; Llama()\n"
-        "# has no native draft-model or n-gram speculation: export --format llama-server to get it.\n")
+    note = (
+        ""
+        if s.spec_type == "none"
+        else (
+            f"# Speculative decoding ({s.spec_type}) was measured in llama-server, which speculates natively; Llama()\n"
+            "# has no native draft-model or n-gram speculation: export --format llama-server to get it.\n"
+        )
+    )
     return f"{head}\n{note}llm = Llama(\n{body},\n)\n"
 
 

@@ -13,8 +13,9 @@ import math
 import statistics
 import textwrap
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -32,15 +33,19 @@ from ..search.config import TunedRecord
 from ..search.loop import completed
 from ..stages.serving import ServeResult
 from ..stages.speculation import SpecReport
-from ..vocabulary import knobs
+from ..vocabulary import knobs as knob_table
 from ..vocabulary.errors import AutotuneError
 from ..vocabulary.metrics import FELT, OBJECTIVES, metric
 from ..vocabulary.settings import KV_SHORTLIST, KV_TYPES, Settings, ggml_type
 
 MIB = 2**20
 GIB = 2**30
-STACK = (("weights", "weights (+ CPU repack)", "#4c72b0"), ("kv", "KV cache", "#dd8452"),
-         ("compute", "compute buffer", "#55a868"), ("other", "output + fixed overhead", "#8c8c8c"))
+STACK = (
+    ("weights", "weights (+ CPU repack)", "#4c72b0"),
+    ("kv", "KV cache", "#dd8452"),
+    ("compute", "compute buffer", "#55a868"),
+    ("other", "output + fixed overhead", "#8c8c8c"),
+)
 PAIR_COLORS = ("#1f3b73", "#c0392b", "#7b3fa0", "#16a085", "#b7950b")
 BROKEN_RATIO = 3.0  # a budget this many times above the largest footprint gets its own axis strip
 
@@ -105,7 +110,8 @@ def memory_vs_context(
     xs = sorted(set(contexts(limit)) | {n for n in best.values() if n} | {memory.pad(s.n_ctx, 256)})
     memory.prefetch(facts, [s.replace(n_ctx=n, type_k=p[0], type_v=p[1]) for p in pairs for n in xs], hw)  # one child
     series: dict[tuple[str, str], list[memory.MemoryEstimate]] = {
-        p: [memory.estimate(facts, s.replace(n_ctx=n, type_k=p[0], type_v=p[1]), hw) for n in xs] for p in pairs}
+        p: [memory.estimate(facts, s.replace(n_ctx=n, type_k=p[0], type_v=p[1]), hw) for n in xs] for p in pairs
+    }
     devices = [d.device for d in series[pairs[0]][0].devices]
     fig = _figure(max(11.0, 6.5 * len(devices)), 6.8)
     grid = fig.add_gridspec(2, len(devices), height_ratios=(1, 5))
@@ -117,26 +123,53 @@ def memory_vs_context(
         broken = budget >= BROKEN_RATIO * top
         ax = fig.add_subplot(grid[1, col] if broken else grid[:, col])
         own = rows[pairs[0]]
-        parts = {"weights": [d.weights + d.repack for d in own], "kv": [d.kv for d in own],
-                 "compute": [d.compute for d in own], "other": [d.output + d.overhead for d in own]}
-        ax.stackplot(xs, *(np.array(parts[key]) / scale for key, _, _ in STACK),
-                     labels=[label for _, label, _ in STACK],
-                     colors=[c for _, _, c in STACK], alpha=0.45)
+        parts = {
+            "weights": [d.weights + d.repack for d in own],
+            "kv": [d.kv for d in own],
+            "compute": [d.compute for d in own],
+            "other": [d.output + d.overhead for d in own],
+        }
+        ax.stackplot(
+            xs,
+            *(np.array(parts[key]) / scale for key, _, _ in STACK),
+            labels=[label for _, label, _ in STACK],
+            colors=[c for _, _, c in STACK],
+            alpha=0.45,
+        )
         for i, p in enumerate(pairs):
             color = PAIR_COLORS[i % len(PAIR_COLORS)]
-            ax.plot(xs, [d.total / scale for d in rows[p]], color=color, lw=2, ls="-" if i == 0 else "--",
-                    label=f"total, K {p[0]} / V {p[1]}")
+            ax.plot(
+                xs,
+                [d.total / scale for d in rows[p]],
+                color=color,
+                lw=2,
+                ls="-" if i == 0 else "--",
+                label=f"total, K {p[0]} / V {p[1]}",
+            )
             n = best[p]
             if n:
                 at = rows[p][xs.index(n)].total / scale
                 why = " = trained context" if n == facts.n_ctx_train else " = plot limit" if n == limit else ""
-                ax.plot([n], [at], marker="D", ms=9, color=color, mec="white", ls="none",
-                        label=f"max context {p[0]}/{p[1]}: {n:,}{why}")
+                ax.plot(
+                    [n],
+                    [at],
+                    marker="D",
+                    ms=9,
+                    color=color,
+                    mec="white",
+                    ls="none",
+                    label=f"max context {p[0]}/{p[1]}: {n:,}{why}",
+                )
                 ax.axvline(n, color=color, ls=":", lw=1.2)
             else:
                 ax.plot([], [], marker="D", color=color, ls="none", label=f"max context {p[0]}/{p[1]}: none fits")
-        ax.axvline(memory.pad(s.n_ctx, 256), color="#555555", ls="-.", lw=1.2,
-                   label=f"configured context: {memory.pad(s.n_ctx, 256):,}")
+        ax.axvline(
+            memory.pad(s.n_ctx, 256),
+            color="#555555",
+            ls="-.",
+            lw=1.2,
+            label=f"configured context: {memory.pad(s.n_ctx, 256):,}",
+        )
         budget_ax = ax
         if broken:  # the budget is far above the footprint: show it in a strip above a cut in the y axis
             budget_ax = fig.add_subplot(grid[0, col], sharex=ax)
@@ -145,22 +178,39 @@ def memory_vs_context(
             budget_ax.spines["bottom"].set_visible(False)
             ax.spines["top"].set_visible(False)
             for a, y in ((budget_ax, 0), (ax, 1)):
-                a.plot([0, 1], [y, y], transform=a.transAxes, marker=[(-1, -0.5), (1, 0.5)], ms=10, ls="none",
-                       color="k", mew=1, clip_on=False)
-            budget_ax.set_title(f"{dev}: memory against context (stacked: K {pairs[0][0]} / V {pairs[0][1]}; y axis "
-                                f"cut: the budget is {budget / top:,.0f}x the largest footprint)", fontsize=10)
+                a.plot(
+                    [0, 1],
+                    [y, y],
+                    transform=a.transAxes,
+                    marker=[(-1, -0.5), (1, 0.5)],
+                    ms=10,
+                    ls="none",
+                    color="k",
+                    mew=1,
+                    clip_on=False,
+                )
+            budget_ax.set_title(
+                f"{dev}: memory against context (stacked: K {pairs[0][0]} / V {pairs[0][1]}; y axis "
+                f"cut: the budget is {budget / top:,.0f}x the largest footprint)",
+                fontsize=10,
+            )
         else:
             ax.set_title(f"{dev}: memory against context (stacked: K {pairs[0][0]} / V {pairs[0][1]})", fontsize=10)
-        budget_ax.axhline(budget / scale, color="black", lw=1.8,
-                          label=f"{dev} budget (free memory): {budget / scale:,.1f} {unit}")
-        budget_ax.axhline((budget - keep) / scale, color="black", lw=1, ls="--",
-                          label=f"budget minus safety margin ({keep / scale:,.1f} {unit} kept free)")
+        budget_ax.axhline(
+            budget / scale, color="black", lw=1.8, label=f"{dev} budget (free memory): {budget / scale:,.1f} {unit}"
+        )
+        budget_ax.axhline(
+            (budget - keep) / scale,
+            color="black",
+            lw=1,
+            ls="--",
+            label=f"budget minus safety margin ({keep / scale:,.1f} {unit} kept free)",
+        )
         ax.set_ylim(0, (top * 1.12 if broken else max(top, budget) * 1.05) / scale)
         _log2_ticks(ax, xs[0], xs[-1])
         ax.set_xlim(xs[0] / 1.1, xs[-1] * 1.1)
         if facts.n_ctx_train and facts.n_ctx_train < xs[-1]:
-            ax.axvspan(facts.n_ctx_train, xs[-1] * 1.1, color="#e8e8e8", zorder=0,
-                       label="beyond the trained context")
+            ax.axvspan(facts.n_ctx_train, xs[-1] * 1.1, color="#e8e8e8", zorder=0, label="beyond the trained context")
         ax.set_xlabel("context length n_ctx (tokens, log scale)")
         ax.set_ylabel(f"predicted memory ({unit})")
         budget_ax.set_ylabel(unit if broken else f"predicted memory ({unit})")
@@ -171,8 +221,11 @@ def memory_vs_context(
                 more = ax.get_legend_handles_labels()
                 handles, labels = more[0] + handles, more[1] + labels
             fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
-    fig.suptitle(f"{facts.name}: predicted memory against context (FA {'on' if s.flash_attn else 'off'}, "
-                 f"n_ubatch {s.n_ubatch}, GPU layers {s.n_gpu_layers})", fontsize=11)
+    fig.suptitle(
+        f"{facts.name}: predicted memory against context (FA {'on' if s.flash_attn else 'off'}, "
+        f"n_ubatch {s.n_ubatch}, GPU layers {s.n_gpu_layers})",
+        fontsize=11,
+    )
     return fig
 
 
@@ -190,10 +243,23 @@ def memory_vs_engine(rows: Sequence[dict[str, Any]]) -> Figure:
     for i, key in enumerate(memory.COMPONENTS):
         color = PAIR_COLORS[i % len(PAIR_COLORS)]
         worst = max(abs(r["error_pct"][key]) for r in good)
-        ax.plot(xs, [r["predicted"][key] / scale for r in good], color=color, lw=2,
-                label=f"{key}: predicted (max error {worst:.2f} %)")
-        ax.plot(xs, [r["engine"][key] / scale for r in good], color=color, marker="o", mfc="none", ms=9, ls="none",
-                label=f"{key}: engine dry run")
+        ax.plot(
+            xs,
+            [r["predicted"][key] / scale for r in good],
+            color=color,
+            lw=2,
+            label=f"{key}: predicted (max error {worst:.2f} %)",
+        )
+        ax.plot(
+            xs,
+            [r["engine"][key] / scale for r in good],
+            color=color,
+            marker="o",
+            mfc="none",
+            ms=9,
+            ls="none",
+            label=f"{key}: engine dry run",
+        )
     if len(set(xs)) > 1:
         _log2_ticks(ax, min(xs), max(xs))
     ax.set_xlabel("context length n_ctx (tokens, log scale)")
@@ -201,17 +267,19 @@ def memory_vs_engine(rows: Sequence[dict[str, Any]]) -> Figure:
     ax.grid(alpha=0.3)
     fig.legend(loc="outside right upper", fontsize=8)
     s = good[0]["settings"]
-    ax.set_title(f"predicted memory vs the engine's dry run (K {s.type_k} / V {s.type_v}, "
-                 f"FA {'on' if s.flash_attn else 'off'}, n_ubatch {s.n_ubatch})\n"
-                 "the CPU repack buffer and the fixed overhead are left out on both sides",
-                 fontsize=10)
+    ax.set_title(
+        f"predicted memory vs the engine's dry run (K {s.type_k} / V {s.type_v}, "
+        f"FA {'on' if s.flash_attn else 'off'}, n_ubatch {s.n_ubatch})\n"
+        "the CPU repack buffer and the fixed overhead are left out on both sides",
+        fontsize=10,
+    )
     return fig
 
 
 # ------------------------------------------------------------------------------------ speed per knob
 
 # (Settings field, axis label), from the knob table; "kv" is the K/V cache pair, one axis for two knobs.
-KNOBS = tuple((k.name, k.label) for k in knobs.KNOBS if k.plotted) + (("kv", "K/V cache type"),)
+KNOBS = (*tuple((k.name, k.label) for k in knob_table.KNOBS if k.plotted), ("kv", "K/V cache type"))
 SAMPLES = {"decode": "decode_tps", "prefill": "prefill_tps"}  # a speed -> its Measurement samples
 HIGHLIGHT_COLORS = {"recommended": "#d62728", "engine defaults": "#1f77b4"}
 OTHER_COLORS = ("#2ca02c", "#9467bd", "#8c564b")
@@ -278,16 +346,28 @@ def knobs(
                 color = _highlight_color(name, list(highlight)) if name else "#555555"
                 ax.plot([x, x], [min(samples), max(samples)], color=color, lw=1.2, alpha=0.8)
                 ax.plot([x] * len(samples), samples, ls="none", marker=".", ms=4, color=color, alpha=0.6)
-                ax.plot([x], [statistics.median(samples)], ls="none", marker="*" if name else "o",
-                        ms=11 if name else 5, color=color, label=name or "a trial (median, min-max, repetitions)")
+                ax.plot(
+                    [x],
+                    [statistics.median(samples)],
+                    ls="none",
+                    marker="*" if name else "o",
+                    ms=11 if name else 5,
+                    color=color,
+                    label=name or "a trial (median, min-max, repetitions)",
+                )
             ax.set_xticks(range(len(values)), [str(v) for v in values])
             ax.set_xlim(-0.6, len(values) - 0.4)
             ax.set_xlabel(label, fontsize=9)
             ax.set_ylabel(metric(speed).label, fontsize=9)
             ax.grid(alpha=0.3, axis="y")
             if speed == "decode" and roofline_tps and roofline_tps <= 1.5 * top:
-                ax.axhline(roofline_tps, color="#d62728", ls="--", lw=1.2,
-                           label=f"roofline (memory-bandwidth limit of decode): {roofline_tps:,.0f} tok/s")
+                ax.axhline(
+                    roofline_tps,
+                    color="#d62728",
+                    ls="--",
+                    lw=1.2,
+                    label=f"roofline (memory-bandwidth limit of decode): {roofline_tps:,.0f} tok/s",
+                )
     handles, labels = [], []
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -296,13 +376,16 @@ def knobs(
                 labels.append(lab)
     fig.legend(handles, labels, loc="outside lower center", ncols=min(3, len(labels)), fontsize=8)
     lines = [title] if title else []
-    lines.append(f"measured speed against each knob ({len(ok)} runs; other knobs vary too: "
-                 "each panel is a marginal view)")
+    lines.append(
+        f"measured speed against each knob ({len(ok)} runs; other knobs vary too: each panel is a marginal view)"
+    )
     if fixed:
         lines.append(f"constant: {', '.join(fixed)}")
     if roofline_tps and roofline_tps > 1.5 * top:
-        lines.append(f"decode roofline (memory-bandwidth limit) {roofline_tps:,.0f} tok/s is off this scale: "
-                     f"the best decode run reaches {top / roofline_tps:.0%} of it")
+        lines.append(
+            f"decode roofline (memory-bandwidth limit) {roofline_tps:,.0f} tok/s is off this scale: "
+            f"the best decode run reaches {top / roofline_tps:.0%} of it"
+        )
     fig.suptitle("\n".join(lines), fontsize=10)
     return fig
 
@@ -319,14 +402,27 @@ def recommendation(config: TunedRecord) -> Figure:
     label = rec.get("chosen", "tuned")
     baseline = rec.get("baseline", "defaults")  # the best baseline that ran (the defaults with a switch, where
     # the defaults themselves crash on this machine)
-    arms = [(f"engine {baseline}", "engine\n" + baseline.replace(" with ", "\nwith "), base,
-             HIGHLIGHT_COLORS["engine defaults"])]
+    arms = [
+        (
+            f"engine {baseline}",
+            "engine\n" + baseline.replace(" with ", "\nwith "),
+            base,
+            HIGHLIGHT_COLORS["engine defaults"],
+        )
+    ]
     # the other baselines re-measured beside it (medians and interquartile ranges; each metric has its own best)
-    others = [r for r in rec.get("side_by_side") or [] if r["baseline"] and r["ran"] and r["label"] not in (baseline, label)]
+    others = [
+        r for r in rec.get("side_by_side") or [] if r["baseline"] and r["ran"] and r["label"] not in (baseline, label)
+    ]
     for i, r in enumerate(others):
-        arms.append((r["label"], r["label"].replace(" with ", "\nwith "),
-                     {m: {**r[m], "samples": []} for m in FELT if r.get(m)},
-                     OTHER_COLORS[i % len(OTHER_COLORS)]))
+        arms.append(
+            (
+                r["label"],
+                r["label"].replace(" with ", "\nwith "),
+                {m: {**r[m], "samples": []} for m in FELT if r.get(m)},
+                OTHER_COLORS[i % len(OTHER_COLORS)],
+            )
+        )
     if label != baseline:
         arms.append((f"recommended ({label})", "recommended", chosen, HIGHLIGHT_COLORS["recommended"]))
     fig = _figure(11, 5)
@@ -339,10 +435,24 @@ def recommendation(config: TunedRecord) -> Figure:
                 ax.text(i, 0, "failed", ha="center", va="bottom", color=color)
                 continue
             ax.bar(i, m["median"], width=0.55, color=color, alpha=0.35, label=f"{name}: median")
-            ax.errorbar(i, m["median"], yerr=[[m["median"] - m["q25"]], [m["q75"] - m["median"]]], color=color,
-                        capsize=8, lw=2.5, label=f"{name}: interquartile range")
-            ax.plot(np.full(len(m["samples"]), i) + np.linspace(-0.12, 0.12, len(m["samples"])), m["samples"],
-                    ls="none", marker="o", ms=4, color=color, label=f"{name}: samples")
+            ax.errorbar(
+                i,
+                m["median"],
+                yerr=[[m["median"] - m["q25"]], [m["q75"] - m["median"]]],
+                color=color,
+                capsize=8,
+                lw=2.5,
+                label=f"{name}: interquartile range",
+            )
+            ax.plot(
+                np.full(len(m["samples"]), i) + np.linspace(-0.12, 0.12, len(m["samples"])),
+                m["samples"],
+                ls="none",
+                marker="o",
+                ms=4,
+                color=color,
+                label=f"{name}: samples",
+            )
         if panel.name == "decode" and roof:
             ax.axhline(roof, color="#d62728", ls="--", lw=1.2, label=f"roofline {roof:,.0f} tok/s")
         ax.set_xticks(range(len(arms)), [tick for _, tick, _, _ in arms], fontsize=8 if len(arms) < 4 else 6)
@@ -401,8 +511,10 @@ def _resized(ax: Axes, width: float, height: float) -> Figure:
 
 
 def _states(study: optuna.Study) -> dict[TrialState, list[FrozenTrial]]:
-    return {s: study.get_trials(deepcopy=False, states=(s,))
-            for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    return {
+        s: study.get_trials(deepcopy=False, states=(s,))
+        for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    }
 
 
 def history(study: optuna.Study) -> Figure:
@@ -411,27 +523,42 @@ def history(study: optuna.Study) -> Figure:
     target, name = objective_name(study)
     by = _states(study)
     if not by[TrialState.COMPLETE]:
-        raise NoData(f"no completed trial in study {study.study_name} "
-                     f"({len(by[TrialState.PRUNED])} pruned, {len(by[TrialState.FAIL])} failed)")
+        raise NoData(
+            f"no completed trial in study {study.study_name} "
+            f"({len(by[TrialState.PRUNED])} pruned, {len(by[TrialState.FAIL])} failed)"
+        )
     with _optuna_figure():
         ax = optuna.visualization.matplotlib.plot_optimization_history(study, target=target, target_name=name)
     fig = _resized(ax, 9, 5.2)
     bottom, top = ax.get_ylim()
-    for state, word, marker, color in ((TrialState.PRUNED, "pruned", "v", "#7f7f7f"),
-                                       (TrialState.FAIL, "failed", "X", "#d62728")):
+    for state, word, marker, color in (
+        (TrialState.PRUNED, "pruned", "v", "#7f7f7f"),
+        (TrialState.FAIL, "failed", "X", "#d62728"),
+    ):
         trials = by[state]
         if trials:
-            ax.plot([t.number for t in trials], [bottom + 0.03 * (top - bottom)] * len(trials), ls="none",
-                    marker=marker, ms=10, color=color, label=f"{word} ({len(trials)} trials, no value)")
+            ax.plot(
+                [t.number for t in trials],
+                [bottom + 0.03 * (top - bottom)] * len(trials),
+                ls="none",
+                marker=marker,
+                ms=10,
+                color=color,
+                label=f"{word} ({len(trials)} trials, no value)",
+            )
     ax.set_ylim(bottom, top)
     ax.set_xlabel("trial number")
     ax.set_ylabel(name)
     ax.legend(fontsize=8, loc="best")
-    ax.set_title(f"optimization history: {len(by[TrialState.COMPLETE])} complete, {len(by[TrialState.PRUNED])} pruned, "
-                 f"{len(by[TrialState.FAIL])} failed", fontsize=10)
-    reasons = [f"#{t.number} {'pruned' if t.state == TrialState.PRUNED else 'failed'}: "
-               f"{t.user_attrs.get('reason', '?')}"
-               for t in sorted(by[TrialState.PRUNED] + by[TrialState.FAIL], key=lambda t: t.number)]
+    ax.set_title(
+        f"optimization history: {len(by[TrialState.COMPLETE])} complete, {len(by[TrialState.PRUNED])} pruned, "
+        f"{len(by[TrialState.FAIL])} failed",
+        fontsize=10,
+    )
+    reasons = [
+        f"#{t.number} {'pruned' if t.state == TrialState.PRUNED else 'failed'}: {t.user_attrs.get('reason', '?')}"
+        for t in sorted(by[TrialState.PRUNED] + by[TrialState.FAIL], key=lambda t: t.number)
+    ]
     if reasons:
         shown = [textwrap.shorten(r, 120) for r in reasons[:4]]
         if len(reasons) > 4:
@@ -464,13 +591,16 @@ def importances(study: optuna.Study) -> Figure:
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     varied = {p for p in {k for t in done for k in t.params} if len({repr(t.params.get(p)) for t in done}) > 1}
     if len(done) < 2 or not varied:
-        raise NoData(f"parameter importances need at least 2 completed trials whose parameters differ "
-                     f"(study {study.study_name} has {len(done)} completed)")
+        raise NoData(
+            f"parameter importances need at least 2 completed trials whose parameters differ "
+            f"(study {study.study_name} has {len(done)} completed)"
+        )
     try:
         with _optuna_figure(), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "importances of low target values": negated below
             ax = optuna.visualization.matplotlib.plot_param_importances(
-                study, target=None if target is None else _negated_decode, target_name=name)
+                study, target=None if target is None else _negated_decode, target_name=name
+            )
     except (ValueError, RuntimeError, ZeroDivisionError) as e:
         raise NoData(f"parameter importances could not be computed: {e}") from None
     ax.set_xlabel("relative importance (PED-ANOVA; sums to 1)")
@@ -499,17 +629,28 @@ def pareto(study: optuna.Study, x: str = "decode", y: str = "prefill") -> Figure
     (xm, xf), (ym, yf) = (metric(x), PARETO_AXES[x]), (metric(y), PARETO_AXES[y])
     view = optuna.create_study(directions=[xm.direction, ym.direction])
     for t, m in runs:
-        view.add_trial(optuna.trial.create_trial(values=[xf(m), yf(m)], params=t.params, distributions=t.distributions,
-                                                 user_attrs={"number": t.number}))
+        view.add_trial(
+            optuna.trial.create_trial(
+                values=[xf(m), yf(m)], params=t.params, distributions=t.distributions, user_attrs={"number": t.number}
+            )
+        )
     with _optuna_figure():
         ax = optuna.visualization.matplotlib.plot_pareto_front(view, target_names=[xm.label, ym.label])
     front = view.best_trials
     for t in front:
-        ax.annotate(f"#{t.user_attrs['number']}", (t.values[0], t.values[1]), textcoords="offset points",
-                    xytext=(5, 5), fontsize=8)
+        ax.annotate(
+            f"#{t.user_attrs['number']}",
+            (t.values[0], t.values[1]),
+            textcoords="offset points",
+            xytext=(5, 5),
+            fontsize=8,
+        )
     better = {True: "higher", False: "lower"}
-    ax.set_title(f"Pareto front over {len(runs)} completed trials: {len(front)} not beaten on both "
-                 f"({better[xm.higher_is_better]} {x}, {better[ym.higher_is_better]} {y} is better)", fontsize=10)
+    ax.set_title(
+        f"Pareto front over {len(runs)} completed trials: {len(front)} not beaten on both "
+        f"({better[xm.higher_is_better]} {x}, {better[ym.higher_is_better]} {y} is better)",
+        fontsize=10,
+    )
     return _resized(ax, 8, 5.5)
 
 
@@ -532,17 +673,26 @@ def speculation(report: SpecReport) -> Figure:
     ys = np.arange(len(rows))
     for j, w in enumerate(works):
         color = PAIR_COLORS[j % len(PAIR_COLORS)]
-        med = np.array([r["workloads"][w]["speedup"]["median"] if r["workloads"][w]["speedup"] else np.nan
-                        for r in rows])
+        med = np.array(
+            [r["workloads"][w]["speedup"]["median"] if r["workloads"][w]["speedup"] else np.nan for r in rows]
+        )
         lo = np.array([r["workloads"][w]["speedup"]["q25"] if r["workloads"][w]["speedup"] else np.nan for r in rows])
         hi = np.array([r["workloads"][w]["speedup"]["q75"] if r["workloads"][w]["speedup"] else np.nan for r in rows])
         at = ys + (j - (len(works) - 1) / 2) * width
-        speed_ax.barh(at, np.nan_to_num(med), height=width, color=color, label=w,
-                      xerr=[np.nan_to_num(med - lo), np.nan_to_num(hi - med)], capsize=3)
-        for y, r in zip(at, rows):
+        speed_ax.barh(
+            at,
+            np.nan_to_num(med),
+            height=width,
+            color=color,
+            label=w,
+            xerr=[np.nan_to_num(med - lo), np.nan_to_num(hi - med)],
+            capsize=3,
+        )
+        for y, r in zip(at, rows, strict=False):
             if r["workloads"][w]["versus"] == "better":
-                speed_ax.annotate("faster", (hi[list(at).index(y)], y), xytext=(4, -3), textcoords="offset points",
-                                  fontsize=7)
+                speed_ax.annotate(
+                    "faster", (hi[list(at).index(y)], y), xytext=(4, -3), textcoords="offset points", fontsize=7
+                )
         acc = [r["workloads"][w]["acceptance"] for r in rows]
         acc_ax.barh(at, [0 if a is None else 100 * a for a in acc], height=width, color=color, label=w)
     speed_ax.axvline(1.0, color="black", lw=1.2, label="no speculation (x1)")
@@ -556,8 +706,12 @@ def speculation(report: SpecReport) -> Figure:
     acc_ax.set_xlim(0, 100)
     speed_ax.legend(fontsize=8, loc="lower right")
     base = results[0]["workloads"]
-    fig.suptitle("speculative decoding in llama-server (no speculation: " + ", ".join(
-        f"{w} {base[w]['decode']['median']:.1f} tok/s" for w in works if base[w]["decode"]["n"]) + ")", fontsize=11)
+    fig.suptitle(
+        "speculative decoding in llama-server (no speculation: "
+        + ", ".join(f"{w} {base[w]['decode']['median']:.1f} tok/s" for w in works if base[w]["decode"]["n"])
+        + ")",
+        fontsize=11,
+    )
     notes = [textwrap.shorten(v, 170) for v in report.verdicts.values()]
     notes += [textwrap.shorten(f"not measured: {kind}: {why}", 170) for kind, why in report.skipped][:4]
     note_ax = fig.add_subplot(grid[1, :])
@@ -596,7 +750,10 @@ def serving(results: dict[int, ServeResult], title: str = "") -> Figure:
         return next((label for label in r.side_by_side if label.startswith("llama-server defaults")), None)
 
     for ax, shown in ((ax_tp, metric("throughput")), (ax_lat, metric("ttft_p95"))):
-        for pick, name, color in ((tuned, "tuned (best trial)", PAIR_COLORS[0]), (defaults, "llama-server defaults", PAIR_COLORS[1])):
+        for pick, name, color in (
+            (tuned, "tuned (best trial)", PAIR_COLORS[0]),
+            (defaults, "llama-server defaults", PAIR_COLORS[1]),
+        ):
             xs, med, err = series(pick, shown.name)
             if xs:
                 ax.errorbar(xs, med, yerr=np.array(err).T, marker="o", capsize=3, color=color, label=name)

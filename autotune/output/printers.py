@@ -7,7 +7,8 @@ import contextlib
 import json
 import os
 import shlex
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -61,14 +62,23 @@ def probe(hw: Hardware) -> None:
     t.add_row("swap", f"{gib(hw.swap_total)} total, {gib(hw.swap_free)} free")
     bw = f"{hw.bandwidth_gbs:.1f} GB/s (measured copy)" if hw.bandwidth_gbs else "not measured"
     t.add_row("memory bandwidth", bw)
-    t.add_row("engine", f"llama-cpp-python {hw.engine_version}, backend {hw.backend}, "
-              f"{'can' if hw.can_offload else 'cannot'} offload to GPU")
+    t.add_row(
+        "engine",
+        f"llama-cpp-python {hw.engine_version}, backend {hw.backend}, "
+        f"{'can' if hw.can_offload else 'cannot'} offload to GPU",
+    )
     if not hw.gpus:
         t.add_row("GPUs", "none found")
     for g in hw.gpus:
-        extra = ", ".join(x for x in (g.driver and f"driver {g.driver}", g.compute_capability and f"cc {g.compute_capability}") if x)
-        t.add_row(f"gpu{g.index} ({g.backend})", f"{g.name}: {gib(g.vram_free)} free of {gib(g.vram_total)}"
-                  + (f", budget {mib(g.budget)}" if g.budget is not None else "") + (f" ({extra})" if extra else ""))
+        extra = ", ".join(
+            x for x in (g.driver and f"driver {g.driver}", g.compute_capability and f"cc {g.compute_capability}") if x
+        )
+        t.add_row(
+            f"gpu{g.index} ({g.backend})",
+            f"{g.name}: {gib(g.vram_free)} free of {gib(g.vram_total)}"
+            + (f", budget {mib(g.budget)}" if g.budget is not None else "")
+            + (f" ({extra})" if extra else ""),
+        )
     for note in hw.notes:
         t.add_row("note", note)
     t.add_row("fingerprint", hw.fingerprint())
@@ -77,8 +87,10 @@ def probe(hw: Hardware) -> None:
 
 def doctor(hw: Hardware, found: Doctor) -> None:
     """The engine build, the environment's load-order check, and the self-check's verdict (``health.Doctor``)."""
-    console.print(f"engine: llama-cpp-python {hw.engine_version}, backend {hw.backend}; CPU features: "
-                  + " ".join(hw.cpu_features))
+    console.print(
+        f"engine: llama-cpp-python {hw.engine_version}, backend {hw.backend}; CPU features: "
+        + " ".join(hw.cpu_features)
+    )
     for line in found.environment.lines():
         console.print(line, markup=False)
     if found.verdict is not None:
@@ -97,16 +109,31 @@ def inspect(facts: ModelFacts) -> None:
         ("parameters", f"{facts.n_params / 1e9:.3f} B"),
         ("layers", str(facts.n_layer)),
         ("embedding / FFN", f"{facts.n_embd} / {facts.n_ff}"),
-        ("heads / KV heads", f"{facts.n_head} / {kv[0] if len(set(kv)) == 1 else list(kv)}"
-         + (f"  (GQA x{facts.n_head // max(kv)})" if 0 < max(kv) < facts.n_head else "")),
+        (
+            "heads / KV heads",
+            f"{facts.n_head} / {kv[0] if len(set(kv)) == 1 else list(kv)}"
+            + (f"  (GQA x{facts.n_head // max(kv)})" if 0 < max(kv) < facts.n_head else ""),
+        ),
         ("K / V head dim", f"{facts.head_dim_k} / {facts.head_dim_v}"),
-        ("experts", f"{facts.n_expert} per layer, {facts.n_expert_used} used per token, on "
-                    f"{len(facts.moe_layers)} of {facts.n_layer} layers" if facts.n_expert else "none (dense)"),
+        (
+            "experts",
+            f"{facts.n_expert} per layer, {facts.n_expert_used} used per token, on "
+            f"{len(facts.moe_layers)} of {facts.n_layer} layers"
+            if facts.n_expert
+            else "none (dense)",
+        ),
         ("trained context", f"{facts.n_ctx_train:,}"),
-        ("sliding window", f"{facts.n_swa} tokens on layers {[i for i, s in enumerate(facts.swa_layers) if s]}"
-         if facts.uses_swa else "none"),
-        ("vocab", f"{facts.vocab_type}, {facts.n_vocab:,} tokens, BOS {facts.bos_id} (add {facts.add_bos}), "
-         f"EOS {facts.eos_id} (add {facts.add_eos})"),
+        (
+            "sliding window",
+            f"{facts.n_swa} tokens on layers {[i for i, s in enumerate(facts.swa_layers) if s]}"
+            if facts.uses_swa
+            else "none",
+        ),
+        (
+            "vocab",
+            f"{facts.vocab_type}, {facts.n_vocab:,} tokens, BOS {facts.bos_id} (add {facts.add_bos}), "
+            f"EOS {facts.eos_id} (add {facts.add_eos})",
+        ),
         ("weights", f"{mib(facts.weight_bytes)} total"),
         ("token embedding", mib(facts.token_embd_bytes)),
         ("output layer", mib(facts.output_bytes) + (" (tied to token embedding)" if facts.tied_embeddings else "")),
@@ -114,8 +141,14 @@ def inspect(facts: ModelFacts) -> None:
     sizes = facts.layer_bytes
     if sizes:
         same = len(set(sizes)) == 1
-        rows.append(("per layer", f"{mib(sizes[0])} x {len(sizes)}" if same else
-                     f"{mib(min(sizes))} .. {mib(max(sizes))} (sum {mib(sum(sizes))})"))
+        rows.append(
+            (
+                "per layer",
+                f"{mib(sizes[0])} x {len(sizes)}"
+                if same
+                else f"{mib(min(sizes))} .. {mib(max(sizes))} (sum {mib(sum(sizes))})",
+            )
+        )
     for r in rows:
         t.add_row(*r)
     console.print(t)
@@ -128,15 +161,25 @@ def memory_report(out: dict[str, Any], facts: ModelFacts, s: Settings, hw: Hardw
     for note in notes:
         console.print(f"note: {note}")
     est = out["estimate"]
-    t = Table(title=f"memory: {facts.name}, n_ctx {est['n_ctx']:,}, K {s.type_k} / V {s.type_v}, "
-                    f"FA {'on' if s.flash_attn else 'off'}, ub {est['n_ubatch']}, GPU layers {est['gpu_layers']}"
-                    + (" + output" if est["output_on_gpu"] else ""))
+    t = Table(
+        title=f"memory: {facts.name}, n_ctx {est['n_ctx']:,}, K {s.type_k} / V {s.type_v}, "
+        f"FA {'on' if s.flash_attn else 'off'}, ub {est['n_ubatch']}, GPU layers {est['gpu_layers']}"
+        + (" + output" if est["output_on_gpu"] else "")
+    )
     t.add_column("")
     for d in est["devices"]:
         t.add_column(d["device"], justify="right")
-    for key, label in (("weights", "weights"), ("repack", "AMX / CPU repack"), ("kv", "KV cache"), ("compute", "compute"),
-                       ("output", "output"), ("overhead", "fixed overhead"), ("total", "[bold]total[/bold]"),
-                       ("budget", "free memory"), ("margin", "margin kept free")):
+    for key, label in (
+        ("weights", "weights"),
+        ("repack", "AMX / CPU repack"),
+        ("kv", "KV cache"),
+        ("compute", "compute"),
+        ("output", "output"),
+        ("overhead", "fixed overhead"),
+        ("total", "[bold]total[/bold]"),
+        ("budget", "free memory"),
+        ("margin", "margin kept free"),
+    ):
         t.add_row(label, *(mib(d[key]) for d in est["devices"]))
     if any(d.get("gpu_budget") is not None for d in est["devices"]):
         t.add_row("GPU budget (--gpu-budget)", *(mib(d["gpu_budget"]) for d in est["devices"]))
@@ -145,15 +188,24 @@ def memory_report(out: dict[str, Any], facts: ModelFacts, s: Settings, hw: Hardw
     caches = ", ".join(f"{c['cells']:,} cells (K {mib(c['k'])}, V {mib(c['v'])})" for c in est["kv_caches"])
     verdict = "fits" if est["fits"] else f"does NOT fit: {mib(est['shortfall'])} over"
     fixed = "learned from runs on this GPU" if est["gpu_overhead_learned"] else "default, not yet measured here"
-    console.print(f"KV caches: {caches}\ntotal {mib(est['total'])}: {verdict} "
-                  "(keeping max(512 MiB, 5 %) of each device free; overhead is a fixed allowance"
-                  + (f", on GPUs {fixed})" if len(est["devices"]) > 1 else ")"))
-    paid = (f": {cost.settings} settings in {cost.runs} child process(es), {cost.seconds:.2f} s"
-            if cost.runs else ", answered from the cache" if est["source"] != memory.REPLAY else "")
+    console.print(
+        f"KV caches: {caches}\ntotal {mib(est['total'])}: {verdict} "
+        "(keeping max(512 MiB, 5 %) of each device free; overhead is a fixed allowance"
+        + (f", on GPUs {fixed})" if len(est["devices"]) > 1 else ")")
+    )
+    paid = (
+        f": {cost.settings} settings in {cost.runs} child process(es), {cost.seconds:.2f} s"
+        if cost.runs
+        else ", answered from the cache"
+        if est["source"] != memory.REPLAY
+        else ""
+    )
     console.print(f"source: {est['source']}{paid}")
     if "ctx_sweep" in out:
-        t = Table(title=f"footprint against context (FA {'on' if s.flash_attn else 'off'}, ub {s.n_ubatch}, "
-                        f"{'GPU layers ' + str(s.n_gpu_layers) if hw.offload_gpus else 'CPU'})")
+        t = Table(
+            title=f"footprint against context (FA {'on' if s.flash_attn else 'off'}, ub {s.n_ubatch}, "
+            f"{'GPU layers ' + str(s.n_gpu_layers) if hw.offload_gpus else 'CPU'})"
+        )
         t.add_column("n_ctx", justify="right")
         for tk, tv in pairs:
             t.add_column(f"K {tk} / V {tv}\nKV / total", justify="right")
@@ -161,9 +213,13 @@ def memory_report(out: dict[str, Any], facts: ModelFacts, s: Settings, hw: Hardw
         for r in out["ctx_sweep"]:
             by_ctx.setdefault(r["n_ctx"], {})[(r["type_k"], r["type_v"])] = r
         for n, cells in by_ctx.items():
-            t.add_row(f"{n:,}", *(
-                f"{mib(c['kv'])} / " + (f"{mib(c['total'])}" if c["fits"] else f"[red]{mib(c['total'])}[/red]")
-                for c in (cells[p] for p in pairs)))
+            t.add_row(
+                f"{n:,}",
+                *(
+                    f"{mib(c['kv'])} / " + (f"{mib(c['total'])}" if c["fits"] else f"[red]{mib(c['total'])}[/red]")
+                    for c in (cells[p] for p in pairs)
+                ),
+            )
         console.print(t)
         console.print("[red]red[/red]: does not fit this machine's free memory with the safety margin")
     if "max_ctx" in out:
@@ -171,8 +227,12 @@ def memory_report(out: dict[str, Any], facts: ModelFacts, s: Settings, hw: Hardw
         for col in ("K / V", "GPU layers", "max n_ctx", "total at max"):
             t.add_column(col, justify="right" if col != "K / V" else "left")
         for r in out["max_ctx"]:
-            t.add_row(f"{r['type_k']} / {r['type_v']}", str(r["n_gpu_layers"]),
-                      f"{r['max_ctx']:,}" if r["max_ctx"] else "[red]none[/red]", mib(r["total"]))
+            t.add_row(
+                f"{r['type_k']} / {r['type_v']}",
+                str(r["n_gpu_layers"]),
+                f"{r['max_ctx']:,}" if r["max_ctx"] else "[red]none[/red]",
+                mib(r["total"]),
+            )
         console.print(t)
     for r in out.get("verify", []):
         if r["engine"] is None:
@@ -182,18 +242,26 @@ def memory_report(out: dict[str, Any], facts: ModelFacts, s: Settings, hw: Hardw
             t.add_column(col, justify="left" if col == "component" else "right")
         for k in memory.COMPONENTS:
             err = r["error_pct"][k] if r["error_pct"] else None
-            t.add_row(k, mib(r["predicted"][k]) if r["predicted"] else "unsupported", mib(r["engine"][k]),
-                      "-" if err is None else f"{err:+.2f} %")
+            t.add_row(
+                k,
+                mib(r["predicted"][k]) if r["predicted"] else "unsupported",
+                mib(r["engine"][k]),
+                "-" if err is None else f"{err:+.2f} %",
+            )
         console.print(t)
-        console.print("The dry run cannot see the AMX / CPU_REPACK buffers or the fixed overhead: both are left out here. "
-                      "Errors are taken at the log's 0.01 MiB resolution.")
+        console.print(
+            "The dry run cannot see the AMX / CPU_REPACK buffers or the fixed overhead: both are left out here. "
+            "Errors are taken at the log's 0.01 MiB resolution."
+        )
     if "peak" in out:
         p = out["peak"]
         if not p["ok"]:
             raise EngineDied(f"{facts.path}: the real run for the peak failed: {p['error']}")
-        console.print(f"real run ({p['prompt']}-token prompt after {p['depth']:,} tokens of history): GPU peak "
-                      f"{mib(p['peak_vram'])} (NVML), the engine's GPU buffers {mib(p['gpu_buffers'])}; predicted "
-                      f"{mib(p['predicted_gpu'])} ({p['error_pct']:+.1f} %)")
+        console.print(
+            f"real run ({p['prompt']}-token prompt after {p['depth']:,} tokens of history): GPU peak "
+            f"{mib(p['peak_vram'])} (NVML), the engine's GPU buffers {mib(p['gpu_buffers'])}; predicted "
+            f"{mib(p['predicted_gpu'])} ({p['error_pct']:+.1f} %)"
+        )
 
 
 def _budgets(hw: Hardware) -> str:
@@ -202,12 +270,19 @@ def _budgets(hw: Hardware) -> str:
     return f"; GPU budget {', '.join(found)}, fixed overhead included" if found else ""
 
 
-def fit_json(facts: ModelFacts, rows: list[Placement], keep: int | None, seconds: float, hw: Hardware) -> dict[str, Any]:
+def fit_json(
+    facts: ModelFacts, rows: list[Placement], keep: int | None, seconds: float, hw: Hardware
+) -> dict[str, Any]:
     cost = memory.dryrun.COST
-    return {"model": facts.path, "n_ctx": rows[0].settings.n_ctx, "margin": "default" if keep is None else keep,
-            "gpu_budget": {f"gpu{g.index}": g.budget for g in hw.offload_gpus if g.budget is not None} or None,
-            "placements": [r.to_dict() for r in rows], "wall_s": round(seconds, 3),
-            "dry_runs": {"children": cost.runs, "settings": cost.settings, "seconds": round(cost.seconds, 3)}}
+    return {
+        "model": facts.path,
+        "n_ctx": rows[0].settings.n_ctx,
+        "margin": "default" if keep is None else keep,
+        "gpu_budget": {f"gpu{g.index}": g.budget for g in hw.offload_gpus if g.budget is not None} or None,
+        "placements": [r.to_dict() for r in rows],
+        "wall_s": round(seconds, 3),
+        "dry_runs": {"children": cost.runs, "settings": cost.settings, "seconds": round(cost.seconds, 3)},
+    }
 
 
 def fit(facts: ModelFacts, rows: list[Placement], keep: int | None, seconds: float, hw: Hardware) -> None:
@@ -217,31 +292,49 @@ def fit(facts: ModelFacts, rows: list[Placement], keep: int | None, seconds: flo
         console.print(f"note: {warning}")
     first = next((r.estimate for r in rows if r.estimate), None)
     devices = [d.device for d in first.devices] if first else ["host"]
-    t = Table(title=f"fit: {facts.name} at n_ctx {target:,} (flash attention on; keeping "
-                    f"{'max(512 MiB, 5 %)' if keep is None else mib(keep)} free per device{_budgets(hw)})")
+    t = Table(
+        title=f"fit: {facts.name} at n_ctx {target:,} (flash attention on; keeping "
+        f"{'max(512 MiB, 5 %)' if keep is None else mib(keep)} free per device{_budgets(hw)})"
+    )
     for col in ("K / V", "placement", *(f"{d} at {target:,}" for d in devices), "holds it", "largest n_ctx"):
         t.add_column(col, justify="left" if col in ("K / V", "placement") else "right")
     for r in rows:
         use = [mib(r.estimate.device(d).total) if r.estimate else "refused" for d in devices]
-        t.add_row(f"{r.settings.type_k} / {r.settings.type_v}", r.what, *use,
-                  "[green]yes[/green]" if r.holds_target else "[red]no[/red]",
-                  f"{r.max_ctx:,}" if r.max_ctx else "[red]none[/red]")
+        t.add_row(
+            f"{r.settings.type_k} / {r.settings.type_v}",
+            r.what,
+            *use,
+            "[green]yes[/green]" if r.holds_target else "[red]no[/red]",
+            f"{r.max_ctx:,}" if r.max_ctx else "[red]none[/red]",
+        )
     console.print(t)
     holding = [r for r in rows if r.holds_target]
     if holding:
         one = holding[0].settings
-        pin = " ".join(f"--set {k}={getattr(one, k)}" for k in ("type_k", "type_v", "n_gpu_layers", "n_cpu_moe",
-                                                                "moe_host_from")
-                       if k.startswith("type") or getattr(one, k) not in (0, "first"))
-        console.print(f"{len(holding)} placement(s) hold {target:,} tokens: the search should measure them "
-                      f"(autotune search {facts.path} --ctx {target}; to try one alone: {pin})")
+        pin = " ".join(
+            f"--set {k}={getattr(one, k)}"
+            for k in ("type_k", "type_v", "n_gpu_layers", "n_cpu_moe", "moe_host_from")
+            if k.startswith("type") or getattr(one, k) not in (0, "first")
+        )
+        console.print(
+            f"{len(holding)} placement(s) hold {target:,} tokens: the search should measure them "
+            f"(autotune search {facts.path} --ctx {target}; to try one alone: {pin})"
+        )
     else:
         best = max(rows, key=lambda r: r.max_ctx)
-        console.print(f"[red]no placement holds {target:,} tokens[/red]; the most is {best.max_ctx:,} "
-                      f"({best.settings.type_k} / {best.settings.type_v}, {best.what})")
-    console.print(f"priced by {rows[0].estimate.source if rows[0].estimate else 'the engine'}"
-                  + (f": {cost.settings} settings in {cost.runs} dry-run child process(es), {cost.seconds:.2f} s"
-                     if cost.runs else "") + f"; {seconds:.2f} s in all")
+        console.print(
+            f"[red]no placement holds {target:,} tokens[/red]; the most is {best.max_ctx:,} "
+            f"({best.settings.type_k} / {best.settings.type_v}, {best.what})"
+        )
+    console.print(
+        f"priced by {rows[0].estimate.source if rows[0].estimate else 'the engine'}"
+        + (
+            f": {cost.settings} settings in {cost.runs} dry-run child process(es), {cost.seconds:.2f} s"
+            if cost.runs
+            else ""
+        )
+        + f"; {seconds:.2f} s in all"
+    )
 
 
 class Terminal(TuneReporter):
@@ -272,16 +365,24 @@ class Terminal(TuneReporter):
     def trials(self, total: int, objective: str) -> Iterator[Callable[[loop.Progress], None]]:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        bar = Progress(TextColumn("[bold]trial {task.completed}/{task.total}"), BarColumn(), TimeElapsedColumn(),
-                       TextColumn("{task.description}"), console=console)
+        bar = Progress(
+            TextColumn("[bold]trial {task.completed}/{task.total}"),
+            BarColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            console=console,
+        )
         unit = metric(objective).unit
         with bar:
             task = bar.add_task("starting", total=total)
 
             def show(p: loop.Progress) -> None:
                 best = f"best {p.best:.2f} {unit}" if p.best is not None else "best -"
-                bar.update(task, completed=p.done, description=f"{best} | {p.complete} ok, {p.pruned} pruned, "
-                           f"{p.failed} failed | {p.last[:60]}")
+                bar.update(
+                    task,
+                    completed=p.done,
+                    description=f"{best} | {p.complete} ok, {p.pruned} pruned, {p.failed} failed | {p.last[:60]}",
+                )
 
             yield show
 
@@ -317,29 +418,40 @@ def space(sp: SearchSpace, hw: Hardware, pins: dict[str, Any], forced: dict[str,
         t.add_row(name, f"{value}  [dim](pinned by the engine self-check)[/]")
     for g in hw.offload_gpus:
         if g.budget is not None:
-            t.add_row(f"gpu{g.index} budget", f"{mib(g.budget)} of {gib(g.vram_free)} free  [dim](--gpu-budget: the "
-                      "placement fits it, a trial whose peak passes it fails)[/]")
+            t.add_row(
+                f"gpu{g.index} budget",
+                f"{mib(g.budget)} of {gib(g.vram_free)} free  [dim](--gpu-budget: the "
+                "placement fits it, a trial whose peak passes it fails)[/]",
+            )
     console.print(t)
 
 
 def kv_quality(quality: dict[str, Any], forced: dict[str, Any]) -> None:
     errors = {r.get("error") for r in quality.values()}
     if len(errors) == 1 and None not in errors and "f16 reference" in str(next(iter(errors))):
-        console.print(f"KV cache quality: no reference runs (the f16 cache {next(iter(errors))}): every quantized "
-                      "K/V cache is excluded, since its effect on the outputs cannot be measured")
+        console.print(
+            f"KV cache quality: no reference runs (the f16 cache {next(iter(errors))}): every quantized "
+            "K/V cache is excluded, since its effect on the outputs cannot be measured"
+        )
         return
     switch = ", ".join(f"{k}={v}" for k, v in forced.items())
-    t = Table(title="KV cache quantization vs f16 (fixed text)",
-              caption="reference: an f16 K/V cache with the study's starting settings"
-                      + (f" and {switch} (pinned by the engine self-check)" if switch else ""))
+    t = Table(
+        title="KV cache quantization vs f16 (fixed text)",
+        caption="reference: an f16 K/V cache with the study's starting settings"
+        + (f" and {switch} (pinned by the engine self-check)" if switch else ""),
+    )
     for col in ("K/V", "top-1 agreement", "mean KL", "verdict"):
         t.add_column(col)
     for pair, r in sorted(quality.items()):
         if "error" in r:
             t.add_row(pair, "-", "-", f"excluded: {r['error'][:50]}")
         else:
-            t.add_row(pair, f"{r['top1_agreement']:.3f}", f"{r['mean_kl']:.4f}",
-                      "[red]excluded[/]" if r["excluded"] else "[green]kept[/]")
+            t.add_row(
+                pair,
+                f"{r['top1_agreement']:.3f}",
+                f"{r['mean_kl']:.4f}",
+                "[red]excluded[/]" if r["excluded"] else "[green]kept[/]",
+            )
     console.print(t)
 
 
@@ -347,8 +459,10 @@ def trials_summary(st: optuna.Study) -> None:
     from optuna.trial import TrialState
 
     counts = {s: len(st.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
-    console.print(f"trials: {counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
-                  f"{counts[TrialState.FAIL]} failed, {counts[TrialState.RUNNING]} running")
+    console.print(
+        f"trials: {counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
+        f"{counts[TrialState.FAIL]} failed, {counts[TrialState.RUNNING]} running"
+    )
     best = [t for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     if best and len(st.directions) == 1:
         console.print(f"best so far: trial {st.best_trial.number} = {st.best_value:.2f}")
@@ -367,12 +481,26 @@ def recommendation(config: TunedRecord) -> None:
                 t.add_row(r["label"], f"[red]{(r['failures'] or ['failed'])[0][:50]}[/]", "", "", "")
                 continue
             name = f"[bold]{r['label']}[/] (chosen)" if r["chosen"] else r["label"]
-            t.add_row(name, *(f"{r[m]['median']:.1f}" if r[m] else "-" for m in ("decode", "prefill")),
-                      f"{r['ttft']['median'] * 1000:.0f} ms" if r["ttft"] else "-", ", ".join(r["loses"]) or "-")
+            t.add_row(
+                name,
+                *(f"{r[m]['median']:.1f}" if r[m] else "-" for m in ("decode", "prefill")),
+                f"{r['ttft']['median'] * 1000:.0f} ms" if r["ttft"] else "-",
+                ", ".join(r["loses"]) or "-",
+            )
         console.print(t)
     versus = rec.get("versus") or {}
-    t = Table(title=f"recommended: {rec['chosen']}, against the best baseline on each metric (re-measured side by side)")
-    for col in ("metric", "recommended median", "spread (min-max)", "best baseline", "its median", "ratio", "spread says"):
+    t = Table(
+        title=f"recommended: {rec['chosen']}, against the best baseline on each metric (re-measured side by side)"
+    )
+    for col in (
+        "metric",
+        "recommended median",
+        "spread (min-max)",
+        "best baseline",
+        "its median",
+        "ratio",
+        "spread says",
+    ):
         t.add_column(col)
     for name, unit in ((f.name, f.unit) for f in map(metric, FELT)):
         a = m[name]
@@ -381,20 +509,31 @@ def recommendation(config: TunedRecord) -> None:
             t.add_row(name, f"{a['median']:.2f} {unit}", f"{a['low']:.2f}-{a['high']:.2f}", "none ran", "-", "-", "-")
             continue
         said = {"better": "[green]better[/]", "worse": "[red]worse[/]", "same": "within noise"}[v["verdict"]]
-        t.add_row(name, f"{a['median']:.2f} {unit}", f"{a['low']:.2f}-{a['high']:.2f}", v["baseline"],
-                  f"{v['baseline_median']:.2f} {unit}", f"x{v['ratio']:.2f}" if v["ratio"] else "-", said)
+        t.add_row(
+            name,
+            f"{a['median']:.2f} {unit}",
+            f"{a['low']:.2f}-{a['high']:.2f}",
+            v["baseline"],
+            f"{v['baseline_median']:.2f} {unit}",
+            f"x{v['ratio']:.2f}" if v["ratio"] else "-",
+            said,
+        )
     console.print(t)
     console.print("settings: " + ", ".join(f"{k}={v}" for k, v in config.settings.to_dict().items() if v is not None))
     console.print(rec["verdict"])
     roof = rec["roofline"]
-    if "fraction" in roof and roof["fraction"]:
-        console.print(f"roofline: decode {roof['decode_tps']:.1f} tok/s is {roof['fraction']:.0%} of the "
-                      f"{roof['limit_tps']:.1f} tok/s that {roof['bandwidth_gbs']:.1f} GB/s allows "
-                      f"({roof['bytes_per_token'] / MIB:,.0f} MiB read per token)")
+    if roof.get("fraction"):
+        console.print(
+            f"roofline: decode {roof['decode_tps']:.1f} tok/s is {roof['fraction']:.0%} of the "
+            f"{roof['limit_tps']:.1f} tok/s that {roof['bandwidth_gbs']:.1f} GB/s allows "
+            f"({roof['bytes_per_token'] / MIB:,.0f} MiB read per token)"
+        )
     pred = config.memory
     if "total" in pred and rec.get("peak_rss"):
-        console.print(f"memory: predicted {mib(pred['total'])}; measured peak RSS {mib(rec['peak_rss'])}, of which "
-                      f"{mib(rec['base_rss'])} was the Python process before the model loaded")
+        console.print(
+            f"memory: predicted {mib(pred['total'])}; measured peak RSS {mib(rec['peak_rss'])}, of which "
+            f"{mib(rec['base_rss'])} was the Python process before the model loaded"
+        )
 
 
 def draft_report(d: dict[str, Any]) -> None:
@@ -412,17 +551,26 @@ def draft_report(d: dict[str, Any]) -> None:
             console.print(f"memory of {os.path.basename(c['path'])}: {mem['error']}")
         if not mem.get("placements"):
             continue
-        t = Table(title=f"memory in MiB: main + {os.path.basename(c['path'])} in llama-server "
-                        f"(draft context {mem['placements'][0]['draft_n_ctx']:,})")
+        t = Table(
+            title=f"memory in MiB: main + {os.path.basename(c['path'])} in llama-server "
+            f"(draft context {mem['placements'][0]['draft_n_ctx']:,})"
+        )
         for col in ("draft on", "ngld", "draft KV", "device", "main", "draft", "total", "free", "fits"):
             t.add_column(col)
         for r in mem["placements"]:
             for i, x in enumerate(x for x in r["devices"] if x["total"]):
-                fits = ("[green]yes[/]" if x["fits"] else "[red]no[/]") if i or r["fits"] else \
-                    f"[red]no[/] ({r['shortfall'] / MIB:,.0f} short)"
+                fits = (
+                    ("[green]yes[/]" if x["fits"] else "[red]no[/]")
+                    if i or r["fits"]
+                    else f"[red]no[/] ({r['shortfall'] / MIB:,.0f} short)"
+                )
                 head = [f"{r['placement']} ({r['kind']})", str(r["draft_gpu_layers"]), f"{r['draft_kv'] / MIB:,.0f}"]
-                t.add_row(*(head if not i else ["", "", ""]), x["device"],
-                          *(f"{x[k] / MIB:,.0f}" for k in ("main", "draft", "total", "budget")), fits)
+                t.add_row(
+                    *(head if not i else ["", "", ""]),
+                    x["device"],
+                    *(f"{x[k] / MIB:,.0f}" for k in ("main", "draft", "total", "budget")),
+                    fits,
+                )
         console.print(t)
     console.print("whether a draft pays is measured in llama-server: autotune spec MODEL --draft DRAFT")
 
@@ -430,8 +578,10 @@ def draft_report(d: dict[str, Any]) -> None:
 def spec_report(report: SpecReport) -> None:
     """``autotune spec``: each finalist per kind of work against no speculation, then the verdicts."""
     works = report.plan.workloads
-    t = Table(title=f"speculation in llama-server, {report.plan.rounds} rotated rounds of fresh servers "
-                    "(decode tok/s median; speed-up over none per round; a win needs the interquartile ranges apart)")
+    t = Table(
+        title=f"speculation in llama-server, {report.plan.rounds} rotated rounds of fresh servers "
+        "(decode tok/s median; speed-up over none per round; a win needs the interquartile ranges apart)"
+    )
     for col in ("speculation", *works):
         t.add_column(col)
     for r in report.rows:
@@ -470,8 +620,15 @@ def studies(rows: list[dict[str, Any]], url: str) -> None:
     for col in ("study", "model", "machine", "engine", "trials", "best", "tuned config"):
         t.add_column(col, justify="right" if col in ("trials", "best") else "left")
     for r in rows:
-        t.add_row(r["name"], str(r["model"]), str(r["fingerprint"]), r["engine"], str(r["trials"]),
-                  "-" if r["best"] is None else f"{r['best']:.2f}", "yes" if r["recommendation"] else "no")
+        t.add_row(
+            r["name"],
+            str(r["model"]),
+            str(r["fingerprint"]),
+            r["engine"],
+            str(r["trials"]),
+            "-" if r["best"] is None else f"{r['best']:.2f}",
+            "yes" if r["recommendation"] else "no",
+        )
     console.print(t)
 
 
@@ -483,11 +640,13 @@ def serving(result: ServeResult, opts: ServeOptions) -> None:
         ok = [r for r in rows if r.get("ok")]
         t = result.spread(label)
         med = [result.spread(label, k) for k in ("user_tps", "ttft_p50", "ttft_p95")]
-        table.add_row(label + (" (chosen)" if label == result.chosen else ""),
-                      f"{t.median:.1f} ({t.q25:.1f}-{t.q75:.1f})" if t.n else "-",
-                      *(f"{m.median:.2f}" if m.n else "-" for m in med),
-                      str(sum(r["failed"] for r in rows)),
-                      mib(max((r.get("peak_rss") or 0 for r in ok), default=None)))
+        table.add_row(
+            label + (" (chosen)" if label == result.chosen else ""),
+            f"{t.median:.1f} ({t.q25:.1f}-{t.q75:.1f})" if t.n else "-",
+            *(f"{m.median:.2f}" if m.n else "-" for m in med),
+            str(sum(r["failed"] for r in rows)),
+            mib(max((r.get("peak_rss") or 0 for r in ok), default=None)),
+        )
     console.print(table)
     console.print(result.verdict)
     console.print("llama-server " + shlex.join(result.command))

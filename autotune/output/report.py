@@ -12,9 +12,10 @@ import base64
 import datetime as dt
 import html
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 from matplotlib.figure import Figure
@@ -76,8 +77,14 @@ def load(source: str, storage: str | None = None) -> Source:
             return Source(config, None, [f"study {ref['name']} not reachable ({e}): knob and study plots left out"])
     st = load_existing(source, storage or default)
     recommended = st.user_attrs.get("recommendation")
-    notes = [] if recommended else ["the study has no recommendation yet (finish it with autotune search): "
-                                    "the tuned config and the recommended-vs-defaults plot are left out"]
+    notes = (
+        []
+        if recommended
+        else [
+            "the study has no recommendation yet (finish it with autotune search): "
+            "the tuned config and the recommended-vs-defaults plot are left out"
+        ]
+    )
     return Source(TunedRecord.from_json(recommended, f"study {source}") if recommended else None, st, notes)
 
 
@@ -140,45 +147,77 @@ def figures(src: Source) -> list[Plot]:
 
     if src.config:
         tuned = src.config
-        add("recommendation", "Recommended vs engine defaults",
+        add(
+            "recommendation",
+            "Recommended vs engine defaults",
             "Re-measured in interleaved rounds of fresh processes: bars are medians, error bars interquartile "
             "ranges, dots every sample; the dashed line is decode's memory-bandwidth roofline.",
-            lambda: plots.recommendation(tuned))
+            lambda: plots.recommendation(tuned),
+        )
     if facts is not None and hw is not None:
         model_facts, machine = facts, hw
-        add("memory", "Memory against context",
+        add(
+            "memory",
+            "Memory against context",
             f"Predicted per device for the tuned settings (n_ctx {s.n_ctx:,} tuned); the budget is the free memory "
             "recorded when the study ran. Diamonds mark the largest context that fits, per K/V cache type.",
-            lambda: plots.memory_vs_context(model_facts, s, machine))
+            lambda: plots.memory_vs_context(model_facts, s, machine),
+        )
     st = src.study
     if st is not None:
         runs = loop.completed(st)
         highlight = {}
         if src.config:
             highlight["recommended"] = s
-        defaults = next((t for t in st.trials if t.user_attrs.get("role") == "defaults"
-                         and "settings" in t.user_attrs), None)
+        defaults = next(
+            (t for t in st.trials if t.user_attrs.get("role") == "defaults" and "settings" in t.user_attrs), None
+        )
         if defaults is not None:
             highlight["engine defaults"] = Settings.from_dict(defaults.user_attrs["settings"])
-        add("knobs", "Speed against each knob",
+        add(
+            "knobs",
+            "Speed against each knob",
             "Every completed trial at its value of each knob that varied: dots are its repetitions, the bar their "
             "range, the marker their median.",
-            lambda: plots.knobs([m for _, m in runs], _roofline(src, facts, hw, s), highlight, name))
-        add("history", "Optimization history", "Optuna's history of the objective; pruned and failed trials "
-            "are marked along the bottom with their reasons.", lambda: plots.history(st))
-        add("importances", "Parameter importances", "Which search parameters moved the objective (Optuna, "
-            "PED-ANOVA).", lambda: plots.importances(st))
-        add("pareto_decode_prefill", "Pareto front: decode vs prefill", "Measured on every completed trial.",
-            lambda: plots.pareto(st, "decode", "prefill"))
-        add("pareto_decode_memory", "Pareto front: decode vs memory", "Peak memory of each trial's process.",
-            lambda: plots.pareto(st, "decode", "memory"))
+            lambda: plots.knobs([m for _, m in runs], _roofline(src, facts, hw, s), highlight, name),
+        )
+        add(
+            "history",
+            "Optimization history",
+            "Optuna's history of the objective; pruned and failed trials "
+            "are marked along the bottom with their reasons.",
+            lambda: plots.history(st),
+        )
+        add(
+            "importances",
+            "Parameter importances",
+            "Which search parameters moved the objective (Optuna, PED-ANOVA).",
+            lambda: plots.importances(st),
+        )
+        add(
+            "pareto_decode_prefill",
+            "Pareto front: decode vs prefill",
+            "Measured on every completed trial.",
+            lambda: plots.pareto(st, "decode", "prefill"),
+        )
+        add(
+            "pareto_decode_memory",
+            "Pareto front: decode vs memory",
+            "Peak memory of each trial's process.",
+            lambda: plots.pareto(st, "decode", "memory"),
+        )
         add("timeline", "Trial timeline", "Wall-clock span and final state of every trial.", lambda: plots.timeline(st))
     spec = src.evidence.get("speculation") or {}
     if len(spec.get("results") or []) > 1:
         measured = SpecReport.from_json(spec)
-        add("speculation", "Speculative decoding", "Measured in llama-server with the tuned settings, each kind "
+        add(
+            "speculation",
+            "Speculative decoding",
+            "Measured in llama-server with the tuned settings, each kind "
             "against no speculation in rotated rounds of fresh servers; a speed-up counts only when the interquartile "
-            "ranges are apart.", lambda: plots.speculation(measured))
+            "ranges are apart.",
+            lambda: plots.speculation(measured),
+        )
     elif spec:
         src.notes.append(f"speculation: {spec.get('recommendation', {}).get('verdict', 'nothing measured')}")
     return out
@@ -214,41 +253,80 @@ def _config_html(config: TunedRecord) -> str:
     if rec.get("verdict"):
         parts.append(f"<p class='verdict'>{html.escape(rec['verdict'])}</p>")
     names = [k for k, v in s.to_dict().items() if v is not None or getattr(defaults, k) is not None]
-    parts.append(_table(["setting", "tuned", "engine default"],
-                        [[k, getattr(s, k), getattr(defaults, k)] for k in names],
-                        [getattr(s, k) != getattr(defaults, k) for k in names]))
+    parts.append(
+        _table(
+            ["setting", "tuned", "engine default"],
+            [[k, getattr(s, k), getattr(defaults, k)] for k in names],
+            [getattr(s, k) != getattr(defaults, k) for k in names],
+        )
+    )
     metrics, base = config.metrics, rec.get("baseline_metrics") or {}
     rows = []
     for key, unit in ((o.name, o.unit) for o in map(metric, OBJECTIVES)):
         m, b = metrics.get(key) or {}, base.get(key) or {}
         if m.get("n"):
-            rows.append([key, f"{m['median']:.2f} {unit}", f"{m['q25']:.2f}-{m['q75']:.2f}", m["n"],
-                         f"{b['median']:.2f} {unit}" if b.get("n") else "-"])
+            rows.append(
+                [
+                    key,
+                    f"{m['median']:.2f} {unit}",
+                    f"{m['q25']:.2f}-{m['q75']:.2f}",
+                    m["n"],
+                    f"{b['median']:.2f} {unit}" if b.get("n") else "-",
+                ]
+            )
     if rows:
-        header = ["metric", "tuned median", "interquartile range", "samples",
-                  f"engine {rec.get('baseline', 'defaults')} median"]
+        header = [
+            "metric",
+            "tuned median",
+            "interquartile range",
+            "samples",
+            f"engine {rec.get('baseline', 'defaults')} median",
+        ]
         parts.append(_table(header, rows))
     side = [r for r in rec.get("side_by_side") or [] if r["ran"]]
     if side:
-        parts.append("<p>Every config re-measured side by side (medians); each metric is judged against its own "
-                     "best baseline:</p>")
-        parts.append(_table(["config", "decode tok/s", "prefill tok/s", "time to first token", "loses on"],
-                            [[r["label"] + (" (baseline)" if r["baseline"] else ""), f"{r['decode']['median']:.1f}",
-                              f"{r['prefill']['median']:.1f}", f"{r['ttft']['median'] * 1000:.0f} ms",
-                              ", ".join(r["loses"]) or "-"] for r in side],
-                            [r["chosen"] for r in side]))
+        parts.append(
+            "<p>Every config re-measured side by side (medians); each metric is judged against its own "
+            "best baseline:</p>"
+        )
+        parts.append(
+            _table(
+                ["config", "decode tok/s", "prefill tok/s", "time to first token", "loses on"],
+                [
+                    [
+                        r["label"] + (" (baseline)" if r["baseline"] else ""),
+                        f"{r['decode']['median']:.1f}",
+                        f"{r['prefill']['median']:.1f}",
+                        f"{r['ttft']['median'] * 1000:.0f} ms",
+                        ", ".join(r["loses"]) or "-",
+                    ]
+                    for r in side
+                ],
+                [r["chosen"] for r in side],
+            )
+        )
     roof = rec.get("roofline") or {}
     if roof.get("fraction"):
-        parts.append(f"<p>Decode runs at {roof['fraction']:.0%} of the {roof['limit_tps']:,.0f} tok/s roofline "
-                     f"({roof['bandwidth_gbs']:.1f} GB/s, {roof['bytes_per_token'] / 2**20:,.0f} MiB read "
-                     "per token).</p>")
+        parts.append(
+            f"<p>Decode runs at {roof['fraction']:.0%} of the {roof['limit_tps']:,.0f} tok/s roofline "
+            f"({roof['bandwidth_gbs']:.1f} GB/s, {roof['bytes_per_token'] / 2**20:,.0f} MiB read "
+            "per token).</p>"
+        )
     parts.append("<p>As llama-server flags:</p><pre>" + html.escape(export.render(config, "llama-server")) + "</pre>")
     quality = config.evidence.get("kv_quality") or {}
     if quality:
-        parts.append("<p>Quantized K/V caches against f16 on a fixed text (pairs beyond the threshold were not "
-                     "searched):</p>")
-        rows = [[k, f"{q.get('top1_agreement', float('nan')):.3f}", f"{q.get('mean_kl', float('nan')):.4f}",
-                 "no" if q.get("excluded") or "error" in q else "yes"] for k, q in sorted(quality.items())]
+        parts.append(
+            "<p>Quantized K/V caches against f16 on a fixed text (pairs beyond the threshold were not searched):</p>"
+        )
+        rows = [
+            [
+                k,
+                f"{q.get('top1_agreement', float('nan')):.3f}",
+                f"{q.get('mean_kl', float('nan')):.4f}",
+                "no" if q.get("excluded") or "error" in q else "yes",
+            ]
+            for k, q in sorted(quality.items())
+        ]
         parts.append(_table(["K/V", "top-1 agreement", "mean KL", "searched"], rows))
     return "\n".join(parts)
 
@@ -279,24 +357,40 @@ def build(source: str, out_dir: str | Path, storage: str | None = None) -> Repor
     model = src.model
     work = src.evidence.get("workload") or src.attrs.get("workload") or {}
     name = model.get("name") or Path(model.get("path", "model")).name
-    meta = [f"model {model.get('path', '?')} ({model.get('architecture', '?')}, "
-            f"sha256 {str(model.get('sha256', '?'))[:12]})"]
+    meta = [
+        f"model {model.get('path', '?')} ({model.get('architecture', '?')}, "
+        f"sha256 {str(model.get('sha256', '?'))[:12]})"
+    ]
     if hw:
-        meta.append(f"machine: {hw.cpu_model}, {hw.physical_cores} physical / {hw.logical_cores} logical cores, "
-                    f"{hw.ram_total / 2**30:.1f} GiB RAM, backend {hw.backend}"
-                    + (f", {hw.bandwidth_gbs:.1f} GB/s measured bandwidth" if hw.bandwidth_gbs else "")
-                    + "".join(f", {g.name} ({g.vram_total / 2**30:.1f} GiB)" for g in hw.gpus))
+        meta.append(
+            f"machine: {hw.cpu_model}, {hw.physical_cores} physical / {hw.logical_cores} logical cores, "
+            f"{hw.ram_total / 2**30:.1f} GiB RAM, backend {hw.backend}"
+            + (f", {hw.bandwidth_gbs:.1f} GB/s measured bandwidth" if hw.bandwidth_gbs else "")
+            + "".join(f", {g.name} ({g.vram_total / 2**30:.1f} GiB)" for g in hw.gpus)
+        )
     if src.study is not None:
         states = [t.state for t in src.study.trials]
-        meta.append(f"study {src.study.study_name}: objective {src.attrs.get('objective', '?')}, "
-                    + ", ".join(f"{states.count(state)} {word}" for state, word in (
-                        (TrialState.COMPLETE, "complete"), (TrialState.PRUNED, "pruned"), (TrialState.FAIL, "failed"))))
+        meta.append(
+            f"study {src.study.study_name}: objective {src.attrs.get('objective', '?')}, "
+            + ", ".join(
+                f"{states.count(state)} {word}"
+                for state, word in (
+                    (TrialState.COMPLETE, "complete"),
+                    (TrialState.PRUNED, "pruned"),
+                    (TrialState.FAIL, "failed"),
+                )
+            )
+        )
     if work:
-        meta.append(f"workload: {work.get('prompt_tokens')} prompt + {work.get('gen_tokens')} generated tokens, "
-                    f"{work.get('reps')} repetitions per run")
+        meta.append(
+            f"workload: {work.get('prompt_tokens')} prompt + {work.get('gen_tokens')} generated tokens, "
+            f"{work.get('reps')} repetitions per run"
+        )
     meta.append("generated " + dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-    body = [f"<h1>autotune report: {html.escape(name)}</h1>",
-            "<p class='meta'>" + "<br>".join(html.escape(m) for m in meta) + "</p>"]
+    body = [
+        f"<h1>autotune report: {html.escape(name)}</h1>",
+        "<p class='meta'>" + "<br>".join(html.escape(m) for m in meta) + "</p>",
+    ]
     if src.config:
         body += ["<h2>Tuned configuration</h2>", _config_html(src.config)]
     images = []
@@ -306,15 +400,19 @@ def build(source: str, out_dir: str | Path, storage: str | None = None) -> Repor
         path.write_bytes(data)
         images.append(path)
         embedded = base64.b64encode(data).decode()
-        body += [f"<h2 id='{p.name}'>{html.escape(p.title)}</h2>",
-                 f"<figure><img alt='{html.escape(p.title)}' src='data:image/png;base64,{embedded}'>"
-                 f"<figcaption>{html.escape(p.caption)} (<a href='{p.name}.png'>{p.name}.png</a>)"
-                 "</figcaption></figure>"]
+        body += [
+            f"<h2 id='{p.name}'>{html.escape(p.title)}</h2>",
+            f"<figure><img alt='{html.escape(p.title)}' src='data:image/png;base64,{embedded}'>"
+            f"<figcaption>{html.escape(p.caption)} (<a href='{p.name}.png'>{p.name}.png</a>)"
+            "</figcaption></figure>",
+        ]
     if src.notes:
         items = "".join(f"<li>{html.escape(n)}</li>" for n in src.notes)
         body += ["<h2>Notes</h2>", f"<ul class='notes'>{items}</ul>"]
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>autotune report: {html.escape(name)}</title>"
-            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>autotune report: {html.escape(name)}</title>"
+        f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n"
+    )
     index = out / "index.html"
     index.write_text(page)
     return Report(index, images, list(src.notes))

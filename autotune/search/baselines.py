@@ -34,11 +34,17 @@ def baselines(req: StudyRequest) -> list[tuple[str, Settings]]:
     first."""
     mine = req.engine.defaults(req.n_ctx).replace(**req.pins)
     llama = engine.llama_cpp_defaults(req.n_ctx).replace(**req.pins)
-    named = ([("your command line", req.start)] if req.start is not None else []) + (
-        [("llama.cpp defaults", placed(req, llama, "fit"))] if llama != mine else []) + (  # an external llama.cpp tool
-        [("max layers on the GPU", placed(req, llama, "max"))] if req.hw.offload_gpus else []) + [
-        ("defaults", placed(req, mine, "fit" if llama == mine else "space")),  # llama.cpp's own: its --fit
-        ("sensible", placed(req, sensible(req.hw, req.facts, req.n_ctx).replace(**req.pins)))]
+    named = (
+        ([("your command line", req.start)] if req.start is not None else [])
+        + ([("llama.cpp defaults", placed(req, llama, "fit"))] if llama != mine else [])
+        + (  # an external llama.cpp tool
+            [("max layers on the GPU", placed(req, llama, "max"))] if req.hw.offload_gpus else []
+        )
+        + [
+            ("defaults", placed(req, mine, "fit" if llama == mine else "space")),  # llama.cpp's own: its --fit
+            ("sensible", placed(req, sensible(req.hw, req.facts, req.n_ctx).replace(**req.pins))),
+        ]
+    )
     out: list[tuple[str, Settings]] = []
     for role, s in named:
         if all(s != t for _, t in out):

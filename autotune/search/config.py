@@ -46,16 +46,28 @@ class TunedRecord:
 
     def __post_init__(self) -> None:
         if not self.engine:
-            self.engine = {"name": "llama-cpp-python", "version": self.hardware.get("engine_version", ""),
-                           "backend": self.hardware.get("backend", "")}
+            self.engine = {
+                "name": "llama-cpp-python",
+                "version": self.hardware.get("engine_version", ""),
+                "backend": self.hardware.get("backend", ""),
+            }
         if "fingerprint" not in self.hardware:
             self.hardware = {**self.hardware, "fingerprint": ""}
 
     def to_json(self) -> dict[str, Any]:
         """The schema-1 record: the record's own keys first, then the evidence."""
-        return {"schema": self.schema, "autotune_version": self.autotune_version, "created": self.created,
-                "engine": self.engine, "hardware": self.hardware, "model": self.model,
-                "settings": self.settings.to_dict(), "metrics": self.metrics, "memory": self.memory, **self.evidence}
+        return {
+            "schema": self.schema,
+            "autotune_version": self.autotune_version,
+            "created": self.created,
+            "engine": self.engine,
+            "hardware": self.hardware,
+            "model": self.model,
+            "settings": self.settings.to_dict(),
+            "metrics": self.metrics,
+            "memory": self.memory,
+            **self.evidence,
+        }
 
     @classmethod
     def from_json(cls, data: Any, where: str = "config") -> TunedRecord:
@@ -63,16 +75,26 @@ class TunedRecord:
         if not isinstance(data, dict) or "schema" not in data or "settings" not in data:
             raise ConfigError(f"{where}: not an autotune config (no schema/settings)")
         if not isinstance(data["schema"], int) or data["schema"] > SCHEMA_VERSION:
-            raise ConfigError(f"{where}: config schema {data['schema']} is newer than this autotune understands "
-                              f"({SCHEMA_VERSION}); upgrade autotune")
+            raise ConfigError(
+                f"{where}: config schema {data['schema']} is newer than this autotune understands "
+                f"({SCHEMA_VERSION}); upgrade autotune"
+            )
         try:
             settings = Settings.from_dict(data["settings"]).check()
         except (SettingsError, TypeError, AttributeError) as e:
             raise ConfigError(f"{where}: invalid settings: {e}") from None
-        return cls(settings, data.get("model") or {}, data.get("hardware") or {}, data.get("metrics") or {},
-                   data.get("memory") or {}, data.get("engine") or {},
-                   {k: v for k, v in data.items() if k not in _OWN}, data["schema"],
-                   data.get("autotune_version", ""), data.get("created", ""))
+        return cls(
+            settings,
+            data.get("model") or {},
+            data.get("hardware") or {},
+            data.get("metrics") or {},
+            data.get("memory") or {},
+            data.get("engine") or {},
+            {k: v for k, v in data.items() if k not in _OWN},
+            data["schema"],
+            data.get("autotune_version", ""),
+            data.get("created", ""),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> TunedRecord:
@@ -101,5 +123,7 @@ class TunedRecord:
         try:
             return read_facts(self.model.get("path", "model.gguf")).moe_layers
         except ModelError as e:
-            raise ConfigError(f"the experts of the {s.moe_host_from} {s.n_cpu_moe} layers are written layer by "
-                              f"layer, which needs the model's layers: {e}") from None
+            raise ConfigError(
+                f"the experts of the {s.moe_host_from} {s.n_cpu_moe} layers are written layer by "
+                f"layer, which needs the model's layers: {e}"
+            ) from None

@@ -25,8 +25,11 @@ def guard_values(study: optuna.Study, req: StudyRequest, m: Measurement) -> dict
     """Optuna constraint values (<= 0: feasible) for a measured trial: per speed other than the objective, how far
     it falls short of the best baseline trial so far, beyond ``GUARD_TOLERANCE``. Set on the trial, they teach
     the TPE sampler where the objective is won without giving another speed away."""
-    bases = [Measurement.from_dict(t.user_attrs["measurement"]) for t in study.get_trials(
-        deepcopy=False, states=(TrialState.COMPLETE,)) if t.user_attrs.get("baseline")]
+    bases = [
+        Measurement.from_dict(t.user_attrs["measurement"])
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.user_attrs.get("baseline")
+    ]
     out = {}
     for felt in map(metrics.metric, metrics.FELT):
         if felt.speed == metrics.metric(req.objective).speed or not bases:

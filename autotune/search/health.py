@@ -27,12 +27,16 @@ from ..vocabulary.settings import Settings
 
 # Runtime switches that avoid a native crash, in the order they are tried: (settings, what it is, what it costs).
 SWITCHES: tuple[tuple[dict[str, Any], str, str], ...] = (
-    ({"use_extra_bufts": False},
-     "extra buffer types off (llama.cpp --no-repack)",
-     "weights stay in their file layout: the AMX / CPU_REPACK layouts and their speed-up on this CPU are lost"),
-    ({"use_extra_bufts": False, "flash_attn": False, "type_k": "f16", "type_v": "f16"},
-     "extra buffer types and flash attention off",
-     "no repacked weight layouts, no flash attention and no quantized K/V cache"),
+    (
+        {"use_extra_bufts": False},
+        "extra buffer types off (llama.cpp --no-repack)",
+        "weights stay in their file layout: the AMX / CPU_REPACK layouts and their speed-up on this CPU are lost",
+    ),
+    (
+        {"use_extra_bufts": False, "flash_attn": False, "type_k": "f16", "type_v": "f16"},
+        "extra buffer types and flash attention off",
+        "no repacked weight layouts, no flash attention and no quantized K/V cache",
+    ),
 )
 # Long enough for a multi-token batch (prompt) and several one-token decode steps; the warm-up adds more.
 CHECK = Workload(prompt_tokens=32, gen_tokens=4, reps=1, prompt_kind="prose")
@@ -61,8 +65,10 @@ class Verdict:
         when = "remembered from an earlier check" if self.cached else f"{self.seconds:.1f} s"
         if self.ok:
             return f"engine self-check: a multi-token batch and decode steps run ({when})"
-        return (f"engine self-check: the engine {self.crash}; with {self.switch} it runs, so that is pinned "
-                f"({', '.join(f'{k}={v}' for k, v in self.pins.items())}). Cost: {self.cost}. ({when})")
+        return (
+            f"engine self-check: the engine {self.crash}; with {self.switch} it runs, so that is pinned "
+            f"({', '.join(f'{k}={v}' for k, v in self.pins.items())}). Cost: {self.cost}. ({when})"
+        )
 
 
 def cache_path() -> Path:
@@ -96,8 +102,9 @@ def _write_cache(data: dict[str, Any]) -> None:
     catalog.write_json(cache_path(), data)
 
 
-def forget(model_path: str, settings: Settings, hw: Hardware, engine: Engine,
-           pinned: frozenset[str] = frozenset()) -> None:
+def forget(
+    model_path: str, settings: Settings, hw: Hardware, engine: Engine, pinned: frozenset[str] = frozenset()
+) -> None:
     """Drop the remembered verdict for these settings (``doctor --recheck``)."""
     data = _read_cache()
     if data.pop(_key(model_path, starting_settings(settings), hw, pinned, engine), None) is not None:
@@ -106,12 +113,19 @@ def forget(model_path: str, settings: Settings, hw: Hardware, engine: Engine,
 
 def starting_settings(settings: Settings) -> Settings:
     """What the check runs: the settings at a small fixed context (it does not choose kernels), no speculation."""
-    return settings.unspeculated().replace(n_ctx=CHECK_CTX, n_batch=min(settings.n_batch, CHECK_CTX),
-                            n_ubatch=min(settings.n_ubatch, CHECK_CTX))
+    return settings.unspeculated().replace(
+        n_ctx=CHECK_CTX, n_batch=min(settings.n_batch, CHECK_CTX), n_ubatch=min(settings.n_ubatch, CHECK_CTX)
+    )
 
 
-def check(model_path: str, settings: Settings, hw: Hardware, engine: Engine, pinned: frozenset[str] = frozenset(),
-          timeout: float = 300.0) -> Verdict:
+def check(
+    model_path: str,
+    settings: Settings,
+    hw: Hardware,
+    engine: Engine,
+    pinned: frozenset[str] = frozenset(),
+    timeout: float = 300.0,
+) -> Verdict:
     """Run the self-check for ``settings`` on ``engine`` (or read its verdict back). Switches that would override
     a setting the user pinned (``pinned``) are not tried. EngineCrash when nothing runs."""
     start = starting_settings(settings)
@@ -126,26 +140,34 @@ def check(model_path: str, settings: Settings, hw: Hardware, engine: Engine, pin
     else:
         crash = first.error
         crash = crash if crash.startswith(("crashed", "aborted", "killed")) else f"failed: {crash}"
-        verdict = None
-        crashes = [crash]
-        for pins, switch, cost in SWITCHES:
-            overrides_a_pin = any(k in pinned and getattr(start, k) != v for k, v in pins.items())
-            if overrides_a_pin or all(getattr(start, k) == v for k, v in pins.items()):
-                continue
-            tried = engine.measure(model_path, start.replace(**pins), CHECK, timeout=timeout)
-            if tried.ok:
-                verdict = Verdict(False, dict(pins), crash, switch, cost, time.perf_counter() - t0)
-                break
-            crashes.append(tried.error)
-        if verdict is None:
-            if all(LOADING in c for c in crashes):
-                raise EngineCrash(f"every load of the model dies ({crash}), whatever the switch: the engine or this "
-                                  "environment is broken here, not a setting; `autotune doctor` looks for the cause")
-            raise EngineCrash(f"the engine {crash}, and no runtime switch avoids it (known: "
-                              f"{'; '.join(s for _, s, _ in SWITCHES)}; a switch that would override a --set pin is "
-                              "not tried); see the README's troubleshooting section for rebuilds that do")
+        verdict = _switched(model_path, start, engine, pinned, timeout, crash, t0)
     _remember(key, verdict)
     return verdict
+
+
+def _switched(
+    model_path: str, start: Settings, engine: Engine, pinned: frozenset[str], timeout: float, crash: str, t0: float
+) -> Verdict:
+    """The first runtime switch under which the check runs, after ``crash``; EngineCrash when none does."""
+    crashes = [crash]
+    for pins, switch, cost in SWITCHES:
+        overrides_a_pin = any(k in pinned and getattr(start, k) != v for k, v in pins.items())
+        if overrides_a_pin or all(getattr(start, k) == v for k, v in pins.items()):
+            continue
+        tried = engine.measure(model_path, start.replace(**pins), CHECK, timeout=timeout)
+        if tried.ok:
+            return Verdict(False, dict(pins), crash, switch, cost, time.perf_counter() - t0)
+        crashes.append(tried.error)
+    if all(LOADING in c for c in crashes):
+        raise EngineCrash(
+            f"every load of the model dies ({crash}), whatever the switch: the engine or this "
+            "environment is broken here, not a setting; `autotune doctor` looks for the cause"
+        )
+    raise EngineCrash(
+        f"the engine {crash}, and no runtime switch avoids it (known: "
+        f"{'; '.join(s for _, s, _ in SWITCHES)}; a switch that would override a --set pin is "
+        "not tried); see the README's troubleshooting section for rebuilds that do"
+    )
 
 
 @dataclass
@@ -157,8 +179,9 @@ class Doctor:
     crash: str = ""  # EngineCrash's line, when no switch helps
 
 
-def doctor(model_path: str, start: Settings, hw: Hardware, engine: Engine, pins: dict[str, Any],
-           recheck: bool = False) -> Doctor:
+def doctor(
+    model_path: str, start: Settings, hw: Hardware, engine: Engine, pins: dict[str, Any], recheck: bool = False
+) -> Doctor:
     """The environment (the vocabulary loaded with either C++ runtime first), then the self-check of ``start``
     on ``engine`` with the user's ``pins`` (run again with ``recheck``, else remembered)."""
     from ..engine import diagnose

@@ -33,5 +33,8 @@ def kv_quality(study: optuna.Study, req: StudyRequest, level: str = "strict") ->
         r = report.get(f"{k}/{v}", {})
         if "error" in r or r.get("mean_kl", 1e9) > max_kl or r.get("top1_agreement", 0.0) < min_top1:
             excluded.add((k, v))
-    return req.space.without_kv(excluded), {key: {**r, "excluded": tuple(key.split("/")) in excluded}
-                                             for key, r in report.items() if tuple(key.split("/")) in set(pairs)}
+    return req.space.without_kv(excluded), {
+        key: {**r, "excluded": tuple(key.split("/")) in excluded}
+        for key, r in report.items()
+        if tuple(key.split("/")) in set(pairs)
+    }

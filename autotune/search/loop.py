@@ -105,8 +105,15 @@ def run_trials(
     """The search's trials through ``run``: each is gated by the memory model and measured by the engine
     (``_evaluate``); a trial whose first repetition the pruner finds clearly worse than earlier trials' stops
     there."""
-    return run(study, n_trials, lambda trial: _evaluate(trial, req.space.suggest(trial), req, trial_timeout),
-               timeout, on_progress, patience, min_trials)
+    return run(
+        study,
+        n_trials,
+        lambda trial: _evaluate(trial, req.space.suggest(trial), req, trial_timeout),
+        timeout,
+        on_progress,
+        patience,
+        min_trials,
+    )
 
 
 def run(
@@ -134,8 +141,9 @@ def run(
         trial.set_user_attr("host", host)
         # What the trial says if this tuner dies now and the trial is failed by heartbeat (a finished trial
         # can no longer be written to); every way this function ends replaces it.
-        trial.set_user_attr("reason", f"tuner process {pid} on {host} died mid-trial (no heartbeat for "
-                                      f"{heartbeat()[1]} s)")
+        trial.set_user_attr(
+            "reason", f"tuner process {pid} on {host} died mid-trial (no heartbeat for {heartbeat()[1]} s)"
+        )
         try:
             state, values = step(trial)
         except KeyboardInterrupt:
@@ -187,7 +195,9 @@ def over_budget(m: Measurement, hw: Hardware) -> str:
     return ""
 
 
-def _evaluate(trial: optuna.Trial, s: Settings, req: StudyRequest, trial_timeout: float) -> tuple[TrialState, list[float] | None]:
+def _evaluate(
+    trial: optuna.Trial, s: Settings, req: StudyRequest, trial_timeout: float
+) -> tuple[TrialState, list[float] | None]:
     trial.set_user_attr("settings", s.to_dict())
     problems = s.problems(req.hw.can_offload)
     if problems:
@@ -206,10 +216,18 @@ def _evaluate(trial: optuna.Trial, s: Settings, req: StudyRequest, trial_timeout
     else:
         trial.set_user_attr("predicted", est.to_dict())
         if not est.fits:
-            trial.set_user_attr("reason", f"does not fit: predicted {est.shortfall / 2**20:,.0f} MiB over the memory budget")
+            trial.set_user_attr(
+                "reason", f"does not fit: predicted {est.shortfall / 2**20:,.0f} MiB over the memory budget"
+            )
             return TrialState.PRUNED, None
-    m = req.engine.measure(req.model_path, s, req.workload, timeout=trial_timeout, index=trial.number,
-                       on_rep=None if req.pareto else _reporter(trial, req))
+    m = req.engine.measure(
+        req.model_path,
+        s,
+        req.workload,
+        timeout=trial_timeout,
+        index=trial.number,
+        on_rep=None if req.pareto else _reporter(trial, req),
+    )
     overhead.learn(engine.build_key(), req.facts, m, req.workload)  # the GPU's fixed overhead, from its peak
     trial.set_user_attr("measurement", m.to_dict())
     if not m.ok:
@@ -221,8 +239,11 @@ def _evaluate(trial: optuna.Trial, s: Settings, req: StudyRequest, trial_timeout
         return TrialState.FAIL, None
     if m.stopped:
         first = objective_value(m, req.objective, req.workload)
-        trial.set_user_attr("reason", f"stopped after {len(m.decode_tps)} of {req.workload.reps} repetitions: "
-                                      f"{req.objective} {first:.1f} is worse than the median of earlier trials")
+        trial.set_user_attr(
+            "reason",
+            f"stopped after {len(m.decode_tps)} of {req.workload.reps} repetitions: "
+            f"{req.objective} {first:.1f} is worse than the median of earlier trials",
+        )
         return TrialState.PRUNED, None
     if req.pareto:
         return TrialState.COMPLETE, [m.decode, m.prefill, float(m.peak_rss + (m.peak_vram or 0))]
@@ -238,8 +259,9 @@ def _reporter(trial: optuna.Trial, req: StudyRequest) -> Callable[[dict[str, flo
     reported: list[float] = []
 
     def on_rep(rep: dict[str, float]) -> bool:
-        one = Measurement(Settings(), True, prefill_tps=[rep["prefill"]], decode_tps=[rep["decode"]],
-                          ttft_s=[rep["ttft"]])
+        one = Measurement(
+            Settings(), True, prefill_tps=[rep["prefill"]], decode_tps=[rep["decode"]], ttft_s=[rep["ttft"]]
+        )
         reported.append(objective_value(one, req.objective, req.workload))
         trial.report(reported[-1], len(reported) - 1)
         return len(reported) >= req.workload.reps or not trial.should_prune()

@@ -23,15 +23,26 @@ from ..vocabulary.settings import Settings
 def check(facts: ModelFacts, s: Settings, hw: Hardware) -> dict[str, Any]:
     """``memory.describe``'s check (``autotune memory --verify``): the engine's dry run beside the estimate and,
     where the engine offloads to this machine's GPUs, a real run's peak."""
-    out: dict[str, Any] = {"verify": [{"predicted": r["predicted"], "engine": r["engine"], "error_pct": r["error_pct"],
-                                       "error": r["error"], "devices": r["devices"]} for r in verify(facts, [s], hw)]}
+    out: dict[str, Any] = {
+        "verify": [
+            {
+                "predicted": r["predicted"],
+                "engine": r["engine"],
+                "error_pct": r["error_pct"],
+                "error": r["error"],
+                "devices": r["devices"],
+            }
+            for r in verify(facts, [s], hw)
+        ]
+    }
     if gpu_engine(hw):
         out["peak"] = peak(facts, s, hw)
     return out
 
 
-def verify(facts: ModelFacts, settings_list: Sequence[Settings], hw: Hardware | None = None,
-           loads: bool = False) -> list[dict[str, Any]]:
+def verify(
+    facts: ModelFacts, settings_list: Sequence[Settings], hw: Hardware | None = None, loads: bool = False
+) -> list[dict[str, Any]]:
     """Each estimate against a fresh no-allocation dry run of the engine (one child process for all), in total and
     per device. ``hw`` must describe the machine the engine runs on (default: probe it). Rows carry the
     estimate's source: for an architecture the replay does not price, KV, compute and output come from the
@@ -51,8 +62,16 @@ def verify(facts: ModelFacts, settings_list: Sequence[Settings], hw: Hardware | 
     checked = [validate(s) for s in settings_list]
     loaded: dict[Any, dict[str, int]] = {}
     for s, report in zip(checked, bundled.dry_run(facts.path, checked), strict=False):
-        row: dict[str, Any] = {"settings": s, "estimate": None, "predicted": None, "engine": None,
-                               "error_pct": None, "error": None, "source": None, "devices": {}}
+        row: dict[str, Any] = {
+            "settings": s,
+            "estimate": None,
+            "predicted": None,
+            "engine": None,
+            "error_pct": None,
+            "error": None,
+            "source": None,
+            "devices": {},
+        }
         rows.append(row)
         if isinstance(report, str):
             row["error"] = report
@@ -86,9 +105,13 @@ def verify(facts: ModelFacts, settings_list: Sequence[Settings], hw: Hardware | 
         seen["total"] = sum(seen.values())
         if loads and s.load_key() not in loaded:
             loaded[s.load_key()] = bundled.loaded_buffers(facts.path, s)
-        row.update(estimate=e, predicted=pred, source=e.source,
-                   error_pct={k: error_pct(seen[k], real[k]) for k in COMPONENTS},
-                   devices=per_device(e, report, loaded.get(s.load_key()) if loads else None))
+        row.update(
+            estimate=e,
+            predicted=pred,
+            source=e.source,
+            error_pct={k: error_pct(seen[k], real[k]) for k in COMPONENTS},
+            devices=per_device(e, report, loaded.get(s.load_key()) if loads else None),
+        )
     return rows
 
 
@@ -102,9 +125,15 @@ def peak(facts: ModelFacts, settings: Settings, hw: Hardware, timeout: float = 3
     work = Workload(prompt_tokens=prompt, gen_tokens=8, reps=1, depth=depth)
     m = bundled.measure(facts.path, settings, work, timeout=timeout)
     overhead.learn(bundled.build_key(), facts, m, work)
-    out: dict[str, Any] = {"ok": m.ok, "error": m.error, "predicted_gpu": predicted, "peak_vram": m.peak_vram,
-                           "gpu_buffers": overhead.on_gpus(m.buffers) if m.ok else None, "depth": depth,
-                           "prompt": prompt}
+    out: dict[str, Any] = {
+        "ok": m.ok,
+        "error": m.error,
+        "predicted_gpu": predicted,
+        "peak_vram": m.peak_vram,
+        "gpu_buffers": overhead.on_gpus(m.buffers) if m.ok else None,
+        "depth": depth,
+        "prompt": prompt,
+    }
     if m.ok and m.peak_vram:
         out["error_pct"] = error_pct(predicted, m.peak_vram)
     return out

@@ -11,8 +11,9 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import optuna
 
@@ -72,8 +73,13 @@ GPU_WORKLOAD = Workload(prompt_tokens=2048, gen_tokens=128, reps=3)
 def default_workload(sp: space.SearchSpace, facts: ModelFacts, hw: Hardware) -> Workload:
     """``GPU_WORKLOAD`` where every trial keeps every layer on a GPU (its prompt at most half the context), else
     ``HOST_WORKLOAD``."""
-    if not hw.offload_gpus or "n_gpu_layers" in sp.int_ranges or "n_cpu_moe" in sp.int_ranges \
-            or sp.base.n_gpu_layers < facts.n_layer + 1 or sp.base.n_cpu_moe:
+    if (
+        not hw.offload_gpus
+        or "n_gpu_layers" in sp.int_ranges
+        or "n_cpu_moe" in sp.int_ranges
+        or sp.base.n_gpu_layers < facts.n_layer + 1
+        or sp.base.n_cpu_moe
+    ):
         return HOST_WORKLOAD
     half = sp.base.n_ctx // 2 // 256 * 256
     return dataclasses.replace(GPU_WORKLOAD, prompt_tokens=max(256, min(GPU_WORKLOAD.prompt_tokens, half)))
@@ -129,8 +135,9 @@ class TuneReporter(progress.Quiet):
     def depth_sweep(self, rows: list[dict[str, Any]]) -> None: ...
 
 
-def tune(model: str | None, options: TuneOptions, reporter: TuneReporter, engine: Engine,
-         stage: Stage | None = None) -> TunedConfig | None:
+def tune(
+    model: str | None, options: TuneOptions, reporter: TuneReporter, engine: Engine, stage: Stage | None = None
+) -> TunedConfig | None:
     """Tune ``model`` (None: the demo model), measuring with ``engine``; ``stage`` runs on the record before it
     is stored. Returns None when ``options.recommend`` is off. A KeyboardInterrupt leaves the study consistent
     and propagates; AutotuneError for anything the user can fix."""
@@ -138,8 +145,9 @@ def tune(model: str | None, options: TuneOptions, reporter: TuneReporter, engine
         return _tune(model, options, reporter, engine, stage)
 
 
-def _tune(model: str | None, options: TuneOptions, reporter: TuneReporter, engine: Engine,
-          stage: Stage | None) -> TunedConfig | None:
+def _tune(
+    model: str | None, options: TuneOptions, reporter: TuneReporter, engine: Engine, stage: Stage | None
+) -> TunedConfig | None:
     model = model or str(catalog.fetch(quiet=False))
     facts = read_facts(model)
     # the space, the fit check and every trial keep to the budget; the bandwidth is measured for the roofline only
@@ -149,20 +157,33 @@ def _tune(model: str | None, options: TuneOptions, reporter: TuneReporter, engin
     first = space.build_space(hw, facts, n_ctx, pins)
     work = options.workload or default_workload(first, facts, hw)
     if work.prompt_tokens + work.gen_tokens > n_ctx:
-        raise SettingsError(f"--ctx {n_ctx} is smaller than the measured prompt + reply "
-                            f"({work.prompt_tokens} + {work.gen_tokens} tokens)")
+        raise SettingsError(
+            f"--ctx {n_ctx} is smaller than the measured prompt + reply "
+            f"({work.prompt_tokens} + {work.gen_tokens} tokens)"
+        )
     depth = default_depth(n_ctx, work) if options.depth is None else options.depth
     if depth < 0 or depth + work.prompt_tokens + work.gen_tokens > n_ctx:
-        raise SettingsError(f"--depth {depth} leaves no room in --ctx {n_ctx} for the measured prompt + reply "
-                            f"({work.prompt_tokens} + {work.gen_tokens} tokens)")
+        raise SettingsError(
+            f"--depth {depth} leaves no room in --ctx {n_ctx} for the measured prompt + reply "
+            f"({work.prompt_tokens} + {work.gen_tokens} tokens)"
+        )
     work = dataclasses.replace(work, depth=depth)
     if first.where:
         reporter.note(f"placement: {first.where}")
-    req = request.StudyRequest(model_path=model, facts=facts, hw=hw, space=first,
-                             objective=options.objective, pareto=options.pareto, workload=work,
-                             storage=options.storage, seed=options.seed, pins=pins,
-                             start=None if options.start is None else _started(options.start, n_ctx, pins),
-                             engine=engine)
+    req = request.StudyRequest(
+        model_path=model,
+        facts=facts,
+        hw=hw,
+        space=first,
+        objective=options.objective,
+        pareto=options.pareto,
+        workload=work,
+        storage=options.storage,
+        seed=options.seed,
+        pins=pins,
+        start=None if options.start is None else _started(options.start, n_ctx, pins),
+        engine=engine,
+    )
     warning = memory.beyond_trained(facts, n_ctx)
     if warning:
         reporter.note(warning)
@@ -174,12 +195,12 @@ def _tune(model: str | None, options: TuneOptions, reporter: TuneReporter, engin
     if isinstance(preflight, str):
         raise ModelError(f"{model}: the engine refuses the starting settings: {preflight}")
     with reporter.step("engine self-check: a short real run with the starting settings ..."):
-        verdict = health.check(model, req.space.base, hw, engine, pinned=frozenset(pins),
-                               timeout=options.trial_timeout)
+        verdict = health.check(model, req.space.base, hw, engine, pinned=frozenset(pins), timeout=options.trial_timeout)
     reporter.health(verdict)
     if verdict.pins:  # the whole study runs with the switch that keeps the engine alive
-        req = dataclasses.replace(req, space=space.build_space(hw, facts, n_ctx, {**pins, **verdict.pins}),
-                                  forced=verdict.pins)
+        req = dataclasses.replace(
+            req, space=space.build_space(hw, facts, n_ctx, {**pins, **verdict.pins}), forced=verdict.pins
+        )
         unchecked = check_fits(req)  # with the switch, the engine's dry run may answer where it died before
     if unchecked:
         reporter.note(f"memory model: {unchecked}; trials run without a fit check")
@@ -197,12 +218,21 @@ def _tune(model: str | None, options: TuneOptions, reporter: TuneReporter, engin
         reporter.kv_quality(quality, req.forced)
     reporter.space(sp, hw, pins, req.forced)
     if metric and n_second:
-        reporter.note(f"held for a second stage of {n_second} trials (they cannot move {metric}; tuned there for "
-                      f"{SECOND[metric]}): {', '.join(full.neutral_to(metric).describe())}")
+        reporter.note(
+            f"held for a second stage of {n_second} trials (they cannot move {metric}; tuned there for "
+            f"{SECOND[metric]}): {', '.join(full.neutral_to(metric).describe())}"
+        )
     try:
         with reporter.trials(options.trials - n_second, options.objective) as show:
-            loop.run_trials(st, req, options.trials - n_second, timeout=options.timeout,
-                             trial_timeout=options.trial_timeout, on_progress=show, patience=options.patience)
+            loop.run_trials(
+                st,
+                req,
+                options.trials - n_second,
+                timeout=options.timeout,
+                trial_timeout=options.trial_timeout,
+                on_progress=show,
+                patience=options.patience,
+            )
     finally:
         reporter.trials_done(st)
     polish: dict[str, Any] = {}
@@ -213,17 +243,30 @@ def _tune(model: str | None, options: TuneOptions, reporter: TuneReporter, engin
         return None
     req = dataclasses.replace(req, hw=dataclasses.replace(req.hw, bandwidth_gbs=measure_bandwidth_gbs()))
     with reporter.step("re-measuring the best candidates against every baseline ...") as status:
+
         def on_run(label: str, m: Measurement) -> None:
             status(f"re-measured {label}: " + (f"{m.decode:.1f} tok/s decode" if m.ok else m.error[:60]))
 
-        rec = recommend.recommend(st, req, top_k=options.top_k, rounds=options.rounds,
-                                  trial_timeout=options.trial_timeout, on_run=on_run, polish=polish,
-                                  trade=options.trade)
+        rec = recommend.recommend(
+            st,
+            req,
+            top_k=options.top_k,
+            rounds=options.rounds,
+            trial_timeout=options.trial_timeout,
+            on_run=on_run,
+            polish=polish,
+            trade=options.trade,
+        )
     record = _record(req, st, rec, verdict, quality, options)
-    if st2 is not None:
-        record.evidence["study"]["second_stage"] = {"name": st2.study_name, "objective": SECOND[metric], "chose": polish}
-    record.evidence["depth_sweep"] = depth_sweep(model, rec.chosen.settings, req.n_ctx, work, options.trial_timeout,
-                                                 reporter, engine, done=rec.confirmation)
+    if st2 is not None and metric is not None:
+        record.evidence["study"]["second_stage"] = {
+            "name": st2.study_name,
+            "objective": SECOND[metric],
+            "chose": polish,
+        }
+    record.evidence["depth_sweep"] = depth_sweep(
+        model, rec.chosen.settings, req.n_ctx, work, options.trial_timeout, reporter, engine, done=rec.confirmation
+    )
     if stage is not None:
         record = stage(record, hw)
     st.set_user_attr("recommendation", record.to_json())
@@ -250,8 +293,15 @@ def second_trials(full: space.SearchSpace, metric: str | None, trials: int) -> i
     return n if n >= 4 and (neutral.params or neutral.int_ranges) else 0
 
 
-def second_stage(st: optuna.Study, req: request.StudyRequest, full: space.SearchSpace, metric: str, n_trials: int,
-                 options: TuneOptions, reporter: TuneReporter) -> tuple[dict[str, Any], optuna.Study]:
+def second_stage(
+    st: optuna.Study,
+    req: request.StudyRequest,
+    full: space.SearchSpace,
+    metric: str,
+    n_trials: int,
+    options: TuneOptions,
+    reporter: TuneReporter,
+) -> tuple[dict[str, Any], optuna.Study]:
     """Tune the knobs that cannot move the objective (for decode: prompt threads, n_batch, n_ubatch) for the
     other speed, over the first stage's best settings, in a study of its own; the baselines' values for those
     knobs are among its first trials. Returns the settings it chose for them, and the study."""
@@ -259,15 +309,23 @@ def second_stage(st: optuna.Study, req: request.StudyRequest, full: space.Search
     base = Settings.from_dict(best.user_attrs["settings"])
     sp = full.neutral_to(metric, base)
     tag = hashlib.sha256(json.dumps(base.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
-    req2 = dataclasses.replace(req, space=sp, objective=SECOND[metric], stage=f"then-{SECOND[metric]}-{tag}",
-                               guard=False)
+    req2 = dataclasses.replace(
+        req, space=sp, objective=SECOND[metric], stage=f"then-{SECOND[metric]}-{tag}", guard=False
+    )
     st2 = study.open_study(req2)
-    reporter.note(f"second stage: {', '.join(sp.describe())} for {SECOND[metric]}, over trial {best.number}'s "
-                  f"settings")
+    reporter.note(f"second stage: {', '.join(sp.describe())} for {SECOND[metric]}, over trial {best.number}'s settings")
     try:
         with reporter.trials(n_trials, SECOND[metric]) as show:
-            loop.run_trials(st2, req2, n_trials, timeout=options.timeout, trial_timeout=options.trial_timeout,
-                             on_progress=show, patience=options.patience, min_trials=n_trials)
+            loop.run_trials(
+                st2,
+                req2,
+                n_trials,
+                timeout=options.timeout,
+                trial_timeout=options.trial_timeout,
+                on_progress=show,
+                patience=options.patience,
+                min_trials=n_trials,
+            )
     finally:
         reporter.trials_done(st2)
     if loop.best_value(st2) is None:  # no trial of the second stage completed
@@ -277,8 +335,16 @@ def second_stage(st: optuna.Study, req: request.StudyRequest, full: space.Search
     return {k: getattr(chosen, k) for k in fields if getattr(chosen, k) != getattr(base, k)}, st2
 
 
-def depth_sweep(model: str, settings: Settings, n_ctx: int, work: Workload, timeout: float,
-                reporter: TuneReporter, engine: Engine, done: Measurement | None = None) -> list[dict[str, Any]]:
+def depth_sweep(
+    model: str,
+    settings: Settings,
+    n_ctx: int,
+    work: Workload,
+    timeout: float,
+    reporter: TuneReporter,
+    engine: Engine,
+    done: Measurement | None = None,
+) -> list[dict[str, Any]]:
     """The recommendation measured with an empty cache, at the searched depth and nearly full: placement and
     attention choices that win empty can lose deep in a conversation. ``done``: a run of these settings at
     the searched depth already made (the confirmation run), used for that row."""
@@ -292,9 +358,18 @@ def depth_sweep(model: str, settings: Settings, n_ctx: int, work: Workload, time
                 deep = dataclasses.replace(work, depth=d)
                 m = engine.measure(model, settings, deep, timeout=timeout)
                 overhead.learn(bundled.build_key(), read_facts(model), m, deep)  # nearly full: the pool at its peak
-            rows.append({"depth": d, "ok": m.ok, "error": m.error, "decode": m.decode if m.ok else None,
-                         "prefill": m.prefill if m.ok else None, "ttft": m.ttft if m.ok else None,
-                         "decode_tps": m.decode_tps, "prefill_tps": m.prefill_tps})
+            rows.append(
+                {
+                    "depth": d,
+                    "ok": m.ok,
+                    "error": m.error,
+                    "decode": m.decode if m.ok else None,
+                    "prefill": m.prefill if m.ok else None,
+                    "ttft": m.ttft if m.ok else None,
+                    "decode_tps": m.decode_tps,
+                    "prefill_tps": m.prefill_tps,
+                }
+            )
     reporter.depth_sweep(rows)
     return rows
 
@@ -308,29 +383,50 @@ def check_fits(req: request.StudyRequest) -> str | None:
         return str(e)
     if not lean.fits:
         within = " within the GPU budget" if req.hw.gpu_budget is not None else ""
-        raise FitError(f"{req.facts.name} at context {req.n_ctx} cannot fit this machine{within} in any searched "
-                       f"setting: {lean.shortfall / MIB:,.0f} MiB short even at its leanest (try a smaller --ctx)")
+        raise FitError(
+            f"{req.facts.name} at context {req.n_ctx} cannot fit this machine{within} in any searched "
+            f"setting: {lean.shortfall / MIB:,.0f} MiB short even at its leanest (try a smaller --ctx)"
+        )
     return None
 
 
-def _record(req: request.StudyRequest, st: optuna.Study, rec: recommend.Recommendation, verdict: health.Verdict,
-            quality: dict[str, Any], options: TuneOptions) -> TunedRecord:
+def _record(
+    req: request.StudyRequest,
+    st: optuna.Study,
+    rec: recommend.Recommendation,
+    verdict: health.Verdict,
+    quality: dict[str, Any],
+    options: TuneOptions,
+) -> TunedRecord:
     """The tuned-config record: the settings and every piece of evidence behind them."""
     facts: ModelFacts = req.facts
     return TunedRecord(
         rec.chosen.settings,
-        model={"path": req.model_path, "sha256": file_sha256(req.model_path), "architecture": facts.architecture,
-               "name": facts.name},
+        model={
+            "path": req.model_path,
+            "sha256": file_sha256(req.model_path),
+            "architecture": facts.architecture,
+            "name": facts.name,
+        },
         hardware=req.hw.to_dict(),
         metrics=rec.metrics(),
         memory=rec.predicted,
-        engine={} if req.engine is bundled else {"name": req.engine.name, "version": req.engine.build_info().version,
-                                                  "backend": req.engine.build_info().backend},
-        evidence={"study": {"name": st.study_name, "storage": storage.storage_url(options.storage),
-                            "objective": "pareto" if options.pareto else options.objective},
-                  "workload": dataclasses.asdict(req.workload),
-                  "engine_health": dataclasses.asdict(verdict),
-                  "recommendation": rec.to_json(),
-                  "kv_quality": quality},
+        engine={}
+        if req.engine is bundled
+        else {
+            "name": req.engine.name,
+            "version": req.engine.build_info().version,
+            "backend": req.engine.build_info().backend,
+        },
+        evidence={
+            "study": {
+                "name": st.study_name,
+                "storage": storage.storage_url(options.storage),
+                "objective": "pareto" if options.pareto else options.objective,
+            },
+            "workload": dataclasses.asdict(req.workload),
+            "engine_health": dataclasses.asdict(verdict),
+            "recommendation": rec.to_json(),
+            "kv_quality": quality,
+        },
     )
-

@@ -9,8 +9,9 @@ confirmed by one more real run; if that fails, the next best confirmed candidate
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import optuna
@@ -42,8 +43,14 @@ class Spread:
         if not values:
             return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0)
         a = np.asarray(values, dtype=float)
-        return cls(float(np.median(a)), float(np.percentile(a, 25)), float(np.percentile(a, 75)),
-                   float(a.min()), float(a.max()), len(values))
+        return cls(
+            float(np.median(a)),
+            float(np.percentile(a, 25)),
+            float(np.percentile(a, 75)),
+            float(a.min()),
+            float(a.max()),
+            len(values),
+        )
 
     def to_dict(self) -> dict[str, float]:
         return self.__dict__.copy()
@@ -81,7 +88,7 @@ def _sign(metric: str) -> int:
 
 
 def compare(a: Candidate, b: Candidate, metric: str, workload: Workload) -> str:
-    """"better", "worse" or "same" on ``metric`` (``Spread.versus``)."""
+    """ "better", "worse" or "same" on ``metric`` (``Spread.versus``)."""
     return a.spread(metric, workload).versus(b.spread(metric, workload), metrics.metric(metric).higher_is_better)
 
 
@@ -111,20 +118,33 @@ class Recommendation:
     def to_json(self) -> dict[str, Any]:
         """What the tuned-config record keeps of it (its ``recommendation``): the verdict, the chosen config and
         baseline, every baseline's medians, each metric against its best baseline, the side-by-side spreads."""
-        return {"supported": self.supported, "verdict": self.verdict, "speedup": self.speedup,
-                "chosen": self.chosen.label, "baseline": self.baseline.label, "baselines": self.baseline_report(),
-                "versus": self.versus(), "side_by_side": self.side_by_side(),
-                "baseline_metrics": self.metrics(self.baseline),
-                "peak_rss": self.confirmation.peak_rss if self.confirmation else None,
-                "base_rss": self.confirmation.base_rss if self.confirmation else None,
-                "roofline": self.roofline}
+        return {
+            "supported": self.supported,
+            "verdict": self.verdict,
+            "speedup": self.speedup,
+            "chosen": self.chosen.label,
+            "baseline": self.baseline.label,
+            "baselines": self.baseline_report(),
+            "versus": self.versus(),
+            "side_by_side": self.side_by_side(),
+            "baseline_metrics": self.metrics(self.baseline),
+            "peak_rss": self.confirmation.peak_rss if self.confirmation else None,
+            "base_rss": self.confirmation.base_rss if self.confirmation else None,
+            "roofline": self.roofline,
+        }
 
     def baseline_report(self) -> dict[str, Any]:
         """Per baseline: whether it ran, and why not, and its medians."""
-        return {b.label: {"ran": bool(b.runs), "failures": b.failures[:3], "settings": b.settings.to_dict(),
-                          "placement": {k: getattr(b.settings, k) for k in PLACEMENT_KNOBS},
-                          **{m: b.spread(m, self.workload).median if b.runs else None for m in METRICS}}
-                for b in self.baselines}
+        return {
+            b.label: {
+                "ran": bool(b.runs),
+                "failures": b.failures[:3],
+                "settings": b.settings.to_dict(),
+                "placement": {k: getattr(b.settings, k) for k in PLACEMENT_KNOBS},
+                **{m: b.spread(m, self.workload).median if b.runs else None for m in METRICS},
+            }
+            for b in self.baselines
+        }
 
     @property
     def speedup(self) -> float | None:
@@ -136,9 +156,12 @@ class Recommendation:
         spread says better, worse or the same."""
         out = {}
         for metric, base in self.best_baselines.items():
-            out[metric] = {"baseline": base.label, "ratio": ratio(self.chosen, base, metric, self.workload),
-                           "verdict": "same" if base is self.chosen else compare(self.chosen, base, metric, self.workload),
-                           "baseline_median": base.spread(metric, self.workload).median}
+            out[metric] = {
+                "baseline": base.label,
+                "ratio": ratio(self.chosen, base, metric, self.workload),
+                "verdict": "same" if base is self.chosen else compare(self.chosen, base, metric, self.workload),
+                "baseline_median": base.spread(metric, self.workload).median,
+            }
         return out
 
     def side_by_side(self) -> list[dict[str, Any]]:
@@ -146,8 +169,13 @@ class Recommendation:
         loses to that metric's best baseline (so a trade not taken is visible)."""
         rows = []
         for c in self.candidates:
-            row: dict[str, Any] = {"label": c.label, "baseline": c in self.baselines, "ran": bool(c.runs),
-                                   "chosen": c is self.chosen, "failures": c.failures[:1]}
+            row: dict[str, Any] = {
+                "label": c.label,
+                "baseline": c in self.baselines,
+                "ran": bool(c.runs),
+                "chosen": c is self.chosen,
+                "failures": c.failures[:1],
+            }
             for m in METRICS:
                 sp = c.spread(m, self.workload)
                 row[m] = {"median": sp.median, "q25": sp.q25, "q75": sp.q75, "n": sp.n} if sp.n else None
@@ -190,7 +218,7 @@ def measure_rounds(
     as irace does, spends the remaining runs where they can still change the answer."""
     runs = 0
     for r in range(rounds):
-        order = candidates[r % len(candidates):] + candidates[: r % len(candidates)]
+        order = candidates[r % len(candidates) :] + candidates[: r % len(candidates)]
         out = [c for c in order if r >= 2 and settled is not None and c.runs and settled(c)]
         for c in order:
             if r and c.failures and not c.runs:  # it crashed in the first round: the crash is the answer
@@ -204,8 +232,14 @@ def measure_rounds(
                 on_run(c.label, m)
 
 
-def out_of_running(c: Candidate, candidates: list[Candidate], baselines: list[Candidate], objective: str,
-                   workload: Workload, trade: bool = False) -> bool:
+def out_of_running(
+    c: Candidate,
+    candidates: list[Candidate],
+    baselines: list[Candidate],
+    objective: str,
+    workload: Workload,
+    trade: bool = False,
+) -> bool:
     """Whether the measurements so far already rule ``c`` out, beyond the noise, of every role ``decide`` gives:
     a baseline that another baseline beats on every metric is no metric's best; another config that loses a
     metric to a baseline cannot be recommended (with ``trade``: one that another config beats on the
@@ -248,7 +282,9 @@ def recommend(
         ranked = ranked[:1] + sorted(ranked[1:], key=lambda tm: not guarded(tm[0]))
     baselines = baseline_candidates(req)
     candidates = list(baselines)
-    reach = None if req.pareto else within_reach([key(tm) for tm in done if tm[0].user_attrs.get("baseline")], objective)
+    reach = (
+        None if req.pareto else within_reach([key(tm) for tm in done if tm[0].user_attrs.get("baseline")], objective)
+    )
     for t, m in ranked:
         if len(candidates) >= len(baselines) + top_k:
             break
@@ -264,8 +300,16 @@ def recommend(
         candidates.append(Candidate(label, settings))
 
     trading = trade or req.pareto
-    measure_rounds(req.engine, req.model_path, candidates, req.workload, rounds, trial_timeout, on_run,
-                   settled=lambda c: out_of_running(c, candidates, baselines, objective, req.workload, trading))
+    measure_rounds(
+        req.engine,
+        req.model_path,
+        candidates,
+        req.workload,
+        rounds,
+        trial_timeout,
+        on_run,
+        settled=lambda c: out_of_running(c, candidates, baselines, objective, req.workload, trading),
+    )
     d = decide(candidates, baselines, objective, req.workload, trading)
     order, verdict, best, baseline, best_bases = d.order, d.verdict, d.order[0], d.baseline, d.best_bases
     supported = d.supported
@@ -273,8 +317,7 @@ def recommend(
     confirmation = None
     chosen = order[0]
     for attempt, c in enumerate(order):
-        m = req.engine.measure(req.model_path, c.settings, req.workload, timeout=trial_timeout,
-                               index=CONFIRM + attempt)
+        m = req.engine.measure(req.model_path, c.settings, req.workload, timeout=trial_timeout, index=CONFIRM + attempt)
         if on_run:
             on_run(f"confirm {c.label}", m)
         if m.ok:  # proof that it runs; kept apart so the verdict rests on the interleaved rounds only
@@ -289,13 +332,29 @@ def recommend(
         verdict += " " + verdict2
     lost = losses(chosen, best_bases, req.workload)
     if lost:
-        why = ("a Pareto front trades" if req.pareto else "chosen by --objective" if trade else
-               "no measured config matched every metric's best baseline")
+        why = (
+            "a Pareto front trades"
+            if req.pareto
+            else "chosen by --objective"
+            if trade
+            else "no measured config matched every metric's best baseline"
+        )
         verdict += " It gives up " + _losing(chosen, lost, best_bases, req.workload) + f" ({why})."
     predicted = _predicted(req.facts, chosen.settings, req.hw)
-    return Recommendation(objective, req.workload, chosen, baseline, candidates,
-                          supported and chosen not in baselines, verdict, confirmation, predicted,
-                          roofline(req.facts, req.hw, chosen, req.workload), baselines, best_bases)
+    return Recommendation(
+        objective,
+        req.workload,
+        chosen,
+        baseline,
+        candidates,
+        supported and chosen not in baselines,
+        verdict,
+        confirmation,
+        predicted,
+        roofline(req.facts, req.hw, chosen, req.workload),
+        baselines,
+        best_bases,
+    )
 
 
 def within_reach(baseline_values: list[float], objective: str) -> Callable[[float], bool] | None:
@@ -326,8 +385,9 @@ def _losing(c: Candidate, lost: list[str], best_bases: dict[str, Candidate], wor
     return ", ".join(f"{m} to {_name(best_bases[m])} (x{ratio(c, best_bases[m], m, workload):.2f})" for m in lost)
 
 
-def decide(candidates: list[Candidate], baselines: list[Candidate], objective: str, workload: Workload,
-           trade: bool = False) -> Decision:
+def decide(
+    candidates: list[Candidate], baselines: list[Candidate], objective: str, workload: Workload, trade: bool = False
+) -> Decision:
     """From re-measured candidates to an order of choice. The best on the objective among those that lose to
     no metric's best baseline beyond the noise (with ``trade``: among all) comes first when the spread
     supports its win over the best baseline on the objective; otherwise the best such baseline does."""
@@ -335,8 +395,9 @@ def decide(candidates: list[Candidate], baselines: list[Candidate], objective: s
     if not ran:
         raise AutotuneError("every re-measurement failed: " + "; ".join(f for c in candidates for f in c.failures[:1]))
     ran_bases = [c for c in ran if c in baselines]
-    best_bases = {m: max(ran_bases, key=lambda c: _sign(m) * c.spread(m, workload).median)
-                  for m in METRICS} if ran_bases else {}
+    best_bases = (
+        {m: max(ran_bases, key=lambda c: _sign(m) * c.spread(m, workload).median) for m in METRICS} if ran_bases else {}
+    )
 
     def by_objective(cs: list[Candidate]) -> list[Candidate]:
         return sorted(cs, key=lambda c: _sign(objective) * c.spread(objective, workload).median, reverse=True)
@@ -348,26 +409,40 @@ def decide(candidates: list[Candidate], baselines: list[Candidate], objective: s
     # and is fastest on the other speed: knobs that do not move the objective are chosen for the other.
     other = "decode" if metrics.metric(objective).speed == "prefill" else "prefill"
     ties = [c for c in ranked if c is ranked[0] or compare(c, ranked[0], objective, workload) == "same"]
-    best = max(ties, key=lambda c: (-len(losses(c, best_bases, workload)), _sign(other) * c.spread(other, workload).median))
-    tie_note = "" if best is ranked[0] else (
-        f"{best.label} measures the same as {ranked[0].label} on {objective} within the noise and better on "
-        f"{other} (x{ratio(best, ranked[0], other, workload):.2f}): preferred. ")
+    best = max(
+        ties, key=lambda c: (-len(losses(c, best_bases, workload)), _sign(other) * c.spread(other, workload).median)
+    )
+    tie_note = (
+        ""
+        if best is ranked[0]
+        else (
+            f"{best.label} measures the same as {ranked[0].label} on {objective} within the noise and better on "
+            f"{other} (x{ratio(best, ranked[0], other, workload):.2f}): preferred. "
+        )
+    )
     ranked = [best] + [c for c in ranked if c is not best]
     baseline = best_bases.get(objective, baselines[0])
     supported, verdict = _judge(best, baseline, objective, workload)
     verdict = tie_note + verdict
     if fastest not in pool and fastest not in baselines:  # it was left out for what it gives away
-        verdict = (f"{fastest.label} measured best on {objective} but loses "
-                   f"{_losing(fastest, losses(fastest, best_bases, workload), best_bases, workload)}: not taken "
-                   f"(name --objective {objective} to take that trade). " + verdict)
+        verdict = (
+            f"{fastest.label} measured best on {objective} but loses "
+            f"{_losing(fastest, losses(fastest, best_bases, workload), best_bases, workload)}: not taken "
+            f"(name --objective {objective} to take that trade). " + verdict
+        )
     crashed = [b for b in baselines if not b.runs]
     if crashed and ran_bases:
-        verdict = " ".join(f"{_cap(_name(b))} crash on this machine ({b.failures[0]})." for b in crashed
-                           if b.failures) + " Speed-ups are stated against the best baseline that runs. " + verdict
+        verdict = (
+            " ".join(f"{_cap(_name(b))} crash on this machine ({b.failures[0]})." for b in crashed if b.failures)
+            + " Speed-ups are stated against the best baseline that runs. "
+            + verdict
+        )
     fallback = next((c for c in ranked if c in baselines), baseline)
     if not supported and fallback is not baseline:
-        verdict = verdict.replace(f"recommending {_name(baseline)}.", f"recommending {_name(fallback)}, the best "
-                                  "baseline that loses on no metric.")
+        verdict = verdict.replace(
+            f"recommending {_name(baseline)}.",
+            f"recommending {_name(fallback)}, the best baseline that loses on no metric.",
+        )
     order = ranked if supported or best in baselines else [fallback] + [c for c in ranked if c is not fallback]
     if not ran_bases:
         order = ranked  # no baseline ran: any confirmed config beats them
@@ -410,15 +485,21 @@ def _judge(best: Candidate, baseline: Candidate, objective: str, workload: Workl
         return True, "No baseline ran here; the chosen settings did."
     b, d = best.spread(objective, workload), baseline.spread(objective, workload)
     if min(b.n, d.n) < MIN_SAMPLES:
-        return False, (f"{best.label} measured best, but with {min(b.n, d.n)} samples (fewer than {MIN_SAMPLES}) "
-                       f"no win can be told from noise: recommending {_name(baseline)}.")
+        return False, (
+            f"{best.label} measured best, but with {min(b.n, d.n)} samples (fewer than {MIN_SAMPLES}) "
+            f"no win can be told from noise: recommending {_name(baseline)}."
+        )
     gain = ratio(best, baseline, objective, workload) or 0.0
     if compare(best, baseline, objective, workload) == "better":
-        return True, (f"{best.label} beats {_name(baseline)} (the best baseline on {objective}): median x{gain:.2f}, "
-                      f"interquartile ranges apart ({b.n} vs {d.n} samples).")
-    return False, (f"{best.label} measured x{gain:.2f} on {objective}, but its spread overlaps that of "
-                   f"{_name(baseline)} ({b.q25:.1f}-{b.q75:.1f} vs {d.q25:.1f}-{d.q75:.1f}): not a supported win; "
-                   f"recommending {_name(baseline)}.")
+        return True, (
+            f"{best.label} beats {_name(baseline)} (the best baseline on {objective}): median x{gain:.2f}, "
+            f"interquartile ranges apart ({b.n} vs {d.n} samples)."
+        )
+    return False, (
+        f"{best.label} measured x{gain:.2f} on {objective}, but its spread overlaps that of "
+        f"{_name(baseline)} ({b.q25:.1f}-{b.q75:.1f} vs {d.q25:.1f}-{d.q75:.1f}): not a supported win; "
+        f"recommending {_name(baseline)}."
+    )
 
 
 def _predicted(facts: ModelFacts, s: Settings, hw: Hardware) -> dict[str, Any]:

@@ -26,7 +26,7 @@ def objective_samples(m: Measurement, objective: str, workload: Workload) -> lis
         return list(m.ttft_s)
     if objective == "balanced":
         n = workload.prompt_tokens + workload.gen_tokens
-        return [n / (t + (workload.gen_tokens - 1) / d) for t, d in zip(m.ttft_s, m.decode_tps) if d > 0]
+        return [n / (t + (workload.gen_tokens - 1) / d) for t, d in zip(m.ttft_s, m.decode_tps, strict=False) if d > 0]
     return list(m.decode_tps)
 
 

@@ -29,8 +29,11 @@ SPAN = 4
 # Knobs that matter only while layers stay on the host: with every layer on a GPU they are left at the base.
 HOST_ONLY = tuple(k.name for k in KNOBS if k.host_only)
 # The speeds each search parameter can change: a knob's own (``Knob.moves``), and the joint ones'.
-MOVES = {**{k.name: k.moves for k in KNOBS}, "batch_factor": BY_NAME["n_batch"].moves,
-         "attention": ("decode", "prefill")}
+MOVES = {
+    **{k.name: k.moves for k in KNOBS},
+    "batch_factor": BY_NAME["n_batch"].moves,
+    "attention": ("decode", "prefill"),
+}
 
 
 def attention_label(flash_attn: bool, type_k: str, type_v: str) -> str:
@@ -95,8 +98,11 @@ class SearchSpace:
                 changes[name] = value
         s = self.base.replace(**changes)
         if "batch_factor" in values:
-            s = s.replace(n_batch=min(s.n_ubatch * int(values["batch_factor"]), max(s.n_ctx, s.n_ubatch),
-                                      max(MAX_BATCH, s.n_ubatch)))
+            s = s.replace(
+                n_batch=min(
+                    s.n_ubatch * int(values["batch_factor"]), max(s.n_ctx, s.n_ubatch), max(MAX_BATCH, s.n_ubatch)
+                )
+            )
         return s
 
     def params_of(self, s: Settings) -> dict[str, Any]:
@@ -138,8 +144,13 @@ class SearchSpace:
         return self._where(lambda name: metric not in MOVES[name], base or self.base)
 
     def _where(self, keep: Any, base: Settings) -> SearchSpace:
-        return SearchSpace(base, {k: v for k, v in self.params.items() if keep(k)},
-                           {k: v for k, v in self.int_ranges.items() if keep(k)}, self.placement, self.where)
+        return SearchSpace(
+            base,
+            {k: v for k, v in self.params.items() if keep(k)},
+            {k: v for k, v in self.int_ranges.items() if keep(k)},
+            self.placement,
+            self.where,
+        )
 
     def describe(self) -> dict[str, Any]:
         return {**{k: list(v) for k, v in self.params.items()}, **{k: list(v) for k, v in self.int_ranges.items()}}
@@ -182,9 +193,12 @@ def build_space(
     pins = dict(pins or {})
     # A quantized cache row must hold whole blocks: head dims that are not a multiple of the block size
     # make the engine refuse the context.
-    kv_types = tuple(t for t in kv_types
-                     if facts.head_dim_k % GGML_QUANT_SIZES[ggml_type(t)][0] == 0
-                     and facts.head_dim_v % GGML_QUANT_SIZES[ggml_type(t)][0] == 0)
+    kv_types = tuple(
+        t
+        for t in kv_types
+        if facts.head_dim_k % GGML_QUANT_SIZES[ggml_type(t)][0] == 0
+        and facts.head_dim_v % GGML_QUANT_SIZES[ggml_type(t)][0] == 0
+    )
     if pins.get("type_v") in QUANTIZED_KV and "flash_attn" not in pins:
         pins["flash_attn"] = True  # the only way a quantized V cache runs; not a choice left to search
     base = Settings(n_ctx=n_ctx, n_threads=hw.physical_cores, n_threads_batch=hw.logical_cores).replace(**pins)
@@ -206,7 +220,8 @@ def build_space(
             params[knob.name] = domain
     if "use_extra_bufts" in params and not _repacks(facts, hw, base):
         params.pop("use_extra_bufts")  # no weight would go to an extra buffer here: the knob moves nothing
-    placement, where = {}, ""
+    placement: dict[str, Any] = {}
+    where = ""
     if hw.offload_gpus and not {"n_gpu_layers", "n_cpu_moe"} & set(pins):
         lean = base.replace(n_ubatch=min(params.get("n_ubatch", (base.n_ubatch,))))
         lean = lean.replace(n_batch=lean.n_ubatch, **leanest_attention(attention_choices(kv_types)))
@@ -216,8 +231,9 @@ def build_space(
         heavy = lean.replace(flash_attn=True, type_k="f16", type_v="f16", n_ubatch=512, n_batch=512)
         ranges = _reaching(facts, hw, heavy, placement, ranges)
         if "n_ubatch" in params and "n_ubatch" not in pins:
-            params["n_ubatch"] = _fitting_ubatches(facts, hw, lean.replace(**{**placement, **_most_on_host(ranges)}),
-                                                   params["n_ubatch"])
+            params["n_ubatch"] = _fitting_ubatches(
+                facts, hw, lean.replace(**{**placement, **_most_on_host(ranges)}), params["n_ubatch"]
+            )
         base = base.replace(**placement)
         for name in ("n_gpu_layers", "n_cpu_moe"):
             ints.pop(name, None)
@@ -233,12 +249,18 @@ def build_space(
         ints.pop(name, None)
         params.pop(name, None)
         if name in ("flash_attn", "type_k", "type_v"):
-            fa, k, v = (pins.get("flash_attn", base.flash_attn), pins.get("type_k", base.type_k),
-                        pins.get("type_v", base.type_v))
-            allowed = tuple(c for c in attention_choices(kv_types + (k, v))
-                            if ("flash_attn" not in pins or parse_attention(c)[0] == fa)
-                            and ("type_k" not in pins or parse_attention(c)[1] == k)
-                            and ("type_v" not in pins or parse_attention(c)[2] == v))
+            fa, k, v = (
+                pins.get("flash_attn", base.flash_attn),
+                pins.get("type_k", base.type_k),
+                pins.get("type_v", base.type_v),
+            )
+            allowed = tuple(
+                c
+                for c in attention_choices((*kv_types, k, v))
+                if ("flash_attn" not in pins or parse_attention(c)[0] == fa)
+                and ("type_k" not in pins or parse_attention(c)[1] == k)
+                and ("type_v" not in pins or parse_attention(c)[2] == v)
+            )
             params["attention"] = allowed
         if name == "n_batch":
             params.pop("batch_factor", None)
@@ -260,6 +282,7 @@ def _fitting_ubatches(facts: ModelFacts, hw: Hardware, s: Settings, choices: tup
     """The micro-batches (``n_batch`` the same) whose buffers fit at ``s``, the space's roomiest placement and
     leanest cache: a larger one only adds compute buffer, so the others cannot fit in any trial and are pruned
     before one runs. The smallest is always kept."""
+
     def fits(u: int) -> bool:
         try:
             return memory.estimate(facts, s.replace(n_ubatch=u, n_batch=u), hw).fits
@@ -272,7 +295,9 @@ def _fitting_ubatches(facts: ModelFacts, hw: Hardware, s: Settings, choices: tup
 def leanest_attention(choices: tuple[str, ...]) -> dict[str, Any]:
     """The attention choice with the smallest cache (flash attention on among equals: its compute buffer is
     smaller too)."""
-    label = min(choices, key=lambda c: (sum(row_bytes(t, 32) for t in parse_attention(c)[1:]), not parse_attention(c)[0]))
+    label = min(
+        choices, key=lambda c: (sum(row_bytes(t, 32) for t in parse_attention(c)[1:]), not parse_attention(c)[0])
+    )
     fa, k, v = parse_attention(label)
     return {"flash_attn": fa, "type_k": k, "type_v": v}
 
@@ -294,8 +319,9 @@ def experts_on_host(facts: ModelFacts, layers: list[int]) -> dict[str, Any]:
 
 
 # Every layer's weights where -ngl puts them: no expert or FFN overrides.
-NO_OVERRIDES: dict[str, Any] = {name: BY_NAME[name].default_value()
-                                for name in ("n_cpu_moe", "moe_host_from", "moe_host_layers", "n_cpu_ffn")}
+NO_OVERRIDES: dict[str, Any] = {
+    name: BY_NAME[name].default_value() for name in ("n_cpu_moe", "moe_host_from", "moe_host_layers", "n_cpu_ffn")
+}
 
 
 def llama_fit(facts: ModelFacts, hw: Hardware, s: Settings, margin: int = FIT_MARGIN) -> tuple[dict[str, Any], str]:
@@ -318,8 +344,11 @@ def llama_fit(facts: ModelFacts, hw: Hardware, s: Settings, margin: int = FIT_MA
             est = memory.estimate(facts, x, hw)
         except EngineRefused:
             return False
-        return all(d.total - d.overhead <= min(d.budget, d.limit or d.budget) - fixed.get(d.device, 0) - margin
-                   for d in est.devices if d.device != memory.HOST)
+        return all(
+            d.total - d.overhead <= min(d.budget, d.limit or d.budget) - fixed.get(d.device, 0) - margin
+            for d in est.devices
+            if d.device != memory.HOST
+        )
 
     how = f"--fit as common/fit.cpp does it, priced by autotune's memory model ({margin // 2**20} MiB margin)"
     if fits(s.replace(n_gpu_layers=top)):
@@ -354,10 +383,12 @@ def max_layers(facts: ModelFacts, hw: Hardware, s: Settings) -> dict[str, Any]:
     return {"n_gpu_layers": fit.largest(fits, 0, facts.n_layer + 1) or 0, **NO_OVERRIDES}
 
 
-def _reaching(facts: ModelFacts, hw: Hardware, heavy: Settings, placement: dict[str, int],
-              ranges: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+def _reaching(
+    facts: ModelFacts, hw: Hardware, heavy: Settings, placement: dict[str, int], ranges: dict[str, tuple[int, int]]
+) -> dict[str, tuple[int, int]]:
     """``ranges`` widened so that a candidate at ``heavy`` settings has a placement in them that fits: more expert
     layers on the host, or fewer layers on the GPU. A dry run that dies leaves them as they are."""
+
     def fits(s: Settings) -> bool:
         try:
             return memory.estimate(facts, s, hw).fits
@@ -381,13 +412,16 @@ def _reaching(facts: ModelFacts, hw: Hardware, heavy: Settings, placement: dict[
     return out
 
 
-def gpu_placement(facts: ModelFacts, hw: Hardware,
-                  s: Settings) -> tuple[dict[str, int], dict[str, tuple[int, int]], str]:
+def gpu_placement(
+    facts: ModelFacts, hw: Hardware, s: Settings
+) -> tuple[dict[str, int], dict[str, tuple[int, int]], str]:
     """The space's placement rule (``_gpu_placement``) at the settings ``s`` of one candidate."""
     return _gpu_placement(facts, hw, s)
 
 
-def _gpu_placement(facts: ModelFacts, hw: Hardware, lean: Settings) -> tuple[dict[str, int], dict[str, tuple[int, int]], str]:
+def _gpu_placement(
+    facts: ModelFacts, hw: Hardware, lean: Settings
+) -> tuple[dict[str, int], dict[str, tuple[int, int]], str]:
     """Where the layers go, from the memory model at the space's leanest settings: every layer on the GPUs where
     the whole model fits (nothing else is searched: a layer on the host only slows decode); else, for a mixture
     of experts, every layer on the GPUs with the fewest expert layers in host memory and a few more searched;
@@ -409,11 +443,17 @@ def _gpu_placement(facts: ModelFacts, hw: Hardware, lean: Settings) -> tuple[dic
             least = fit.fewest(lambda n: fits(lean.replace(n_gpu_layers=top, n_cpu_moe=n)), 0, last)
             if least is not None:
                 hi = min(last, least + SPAN)
-                return ({"n_gpu_layers": top, "n_cpu_moe": least}, {"n_cpu_moe": (least, hi)},
-                        f"all {top} layers on the GPU, the experts of the first {least}-{hi} layers in host memory")
+                return (
+                    {"n_gpu_layers": top, "n_cpu_moe": least},
+                    {"n_cpu_moe": (least, hi)},
+                    f"all {top} layers on the GPU, the experts of the first {least}-{hi} layers in host memory",
+                )
         most = fit.largest(lambda n: fits(lean.replace(n_gpu_layers=n, n_cpu_moe=0)), 0, top) or 0
     except EngineDied as e:
         return {}, {"n_gpu_layers": (0, top)}, f"not steered by the memory model ({e})"
     lo = max(0, most - SPAN)
-    return {"n_gpu_layers": most, "n_cpu_moe": 0}, {"n_gpu_layers": (lo, most)}, \
-        f"{most} of {top} layers fit on the GPU: {lo}-{most} searched"
+    return (
+        {"n_gpu_layers": most, "n_cpu_moe": 0},
+        {"n_gpu_layers": (lo, most)},
+        f"{most} of {top} layers fit on the GPU: {lo}-{most} searched",
+    )

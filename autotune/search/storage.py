@@ -100,7 +100,7 @@ def _check_sqlite(url: str) -> None:
     """Refuse a SQLite file that is corrupt or belongs to something else, before Optuna writes to it."""
     if not url.startswith("sqlite:///"):
         return
-    path = Path(url[len("sqlite:///"):])
+    path = Path(url[len("sqlite:///") :])
     if not path.exists() or path.stat().st_size == 0:
         return
     try:
@@ -109,8 +109,10 @@ def _check_sqlite(url: str) -> None:
     except sqlite3.DatabaseError as e:
         raise StudyError(f"{path}: not a usable study database ({e})") from None
     if tables - optuna_tables():
-        raise StudyError(f"{path}: a SQLite database of something else (tables: {', '.join(sorted(tables)[:5])}); "
-                         "not touching it — pass another --storage")
+        raise StudyError(
+            f"{path}: a SQLite database of something else (tables: {', '.join(sorted(tables)[:5])}); "
+            "not touching it — pass another --storage"
+        )
 
 
 def open_storage(storage: str | None) -> optuna.storages.BaseStorage:
@@ -141,6 +143,7 @@ def _serialize_sqlite(engine: sqlalchemy.engine.Engine) -> None:
     still WAITING" (a row lock on PostgreSQL) is a read and a later write there: two tuners both read WAITING,
     both run the same queued trial, and the second one's tell fails ("Cannot tell a COMPLETE trial"). With the
     lock taken first, the read and the write are one step. SQLAlchemy's documented recipe for SQLite."""
+
     @sqlalchemy.event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, record: Any) -> None:
         dbapi_connection.isolation_level = None  # no implicit BEGIN from the driver: ours below
@@ -159,15 +162,17 @@ def _schema_race(e: Exception) -> bool:
     collide on a table that "already exists" or on the version row. The schema is whole by then, so
     opening again succeeds."""
     return isinstance(e, sqlalchemy.exc.IntegrityError) or (
-        isinstance(e, sqlalchemy.exc.DatabaseError) and "already exists" in str(e))
+        isinstance(e, sqlalchemy.exc.DatabaseError) and "already exists" in str(e)
+    )
 
 
 def load_existing(name: str, url: str) -> optuna.Study:
     """Load study ``name`` to read it (report, export); a SQLite file that is not there is an error here, not
     a new empty database."""
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-        raise StudyError(f"no study database at {url[len('sqlite:///'):]} (pass --storage, or run this "
-                         "where autotune search ran)")
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
+        raise StudyError(
+            f"no study database at {url[len('sqlite:///') :]} (pass --storage, or run this where autotune search ran)"
+        )
     storage = open_storage(url)
     try:
         return optuna.load_study(study_name=name, storage=storage)
@@ -188,25 +193,28 @@ def summaries(storage: str | None) -> list[dict[str, Any]]:
     """Every study in a storage, for ``autotune studies``: model, machine, engine, trials, best, and whether
     a recommendation (an exportable tuned config) exists."""
     url = storage_url(storage)
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-        raise StudyError(f"no study database at {url[len('sqlite:///'):]} (pass --storage)")
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
+        raise StudyError(f"no study database at {url[len('sqlite:///') :]} (pass --storage)")
     out = []
     store = open_storage(url)
     for st in optuna.get_all_study_summaries(store, include_best_trial=True):
         attrs = st.user_attrs
         finished = optuna.load_study(study_name=st.study_name, storage=store).get_trials(
-            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))  # not the queued
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        )  # not the queued
         best = st.best_trial.values if st.best_trial is not None and st.best_trial.values else None
-        out.append({
-            "name": st.study_name,
-            "model": attrs.get("model", {}).get("name") or attrs.get("model", {}).get("path"),
-            "fingerprint": attrs.get("hardware", {}).get("fingerprint"),
-            "engine": attrs.get("engine", {}).get("name", "llama-cpp-python"),
-            "objective": attrs.get("objective"),
-            "trials": len(finished),
-            "best": best[0] if best and len(best) == 1 else None,
-            "recommendation": "recommendation" in attrs,
-        })
+        out.append(
+            {
+                "name": st.study_name,
+                "model": attrs.get("model", {}).get("name") or attrs.get("model", {}).get("path"),
+                "fingerprint": attrs.get("hardware", {}).get("fingerprint"),
+                "engine": attrs.get("engine", {}).get("name", "llama-cpp-python"),
+                "objective": attrs.get("objective"),
+                "trials": len(finished),
+                "best": best[0] if best and len(best) == 1 else None,
+                "recommendation": "recommendation" in attrs,
+            }
+        )
     return out
 
 

@@ -6,9 +6,10 @@ run: whether a draft pays is measured by the speculation stage (``speculation``)
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..facts.gguf_model import ModelFacts, read_facts
 from ..facts.probe import Hardware
@@ -36,16 +37,20 @@ def compatibility(main: ModelFacts, draft: ModelFacts) -> list[str]:
     reasons = []
     if main.vocab_type != draft.vocab_type:
         reasons.append(f"vocab type differs: main {main.vocab_type}, draft {draft.vocab_type}")
-    for what, flag_m, flag_d, id_m, id_d in (("BOS", main.add_bos, draft.add_bos, main.bos_id, draft.bos_id),
-                                             ("EOS", main.add_eos, draft.add_eos, main.eos_id, draft.eos_id)):
+    for what, flag_m, flag_d, id_m, id_d in (
+        ("BOS", main.add_bos, draft.add_bos, main.bos_id, draft.bos_id),
+        ("EOS", main.add_eos, draft.add_eos, main.eos_id, draft.eos_id),
+    ):
         if flag_m != flag_d:
             reasons.append(f"add-{what} flag differs: main {flag_m}, draft {flag_d}")
         elif flag_m and id_m != id_d:
             reasons.append(f"{what} token id differs: main {id_m}, draft {id_d}")
     diff = abs(main.n_vocab - draft.n_vocab)
     if diff > VOCAB_MAX_DIFF:
-        reasons.append(f"vocab sizes differ by {diff:,} (main {main.n_vocab:,}, draft {draft.n_vocab:,}); "
-                       f"the engine allows at most {VOCAB_MAX_DIFF}")
+        reasons.append(
+            f"vocab sizes differ by {diff:,} (main {main.n_vocab:,}, draft {draft.n_vocab:,}); "
+            f"the engine allows at most {VOCAB_MAX_DIFF}"
+        )
     if not main.tokens or not draft.tokens:
         reasons.append("no token texts in the " + ("main" if not main.tokens else "draft") + " model's metadata")
     else:
@@ -53,21 +58,27 @@ def compatibility(main: ModelFacts, draft: ModelFacts) -> list[str]:
         differ = [i for i in range(VOCAB_CHECK_START, n) if main.tokens[i] != draft.tokens[i]]
         if differ:
             i = differ[0]
-            reasons.append(f"token {i} differs: main {main.tokens[i]!r}, draft {draft.tokens[i]!r} "
-                           f"({len(differ):,} of {n - VOCAB_CHECK_START:,} token texts from id "
-                           f"{VOCAB_CHECK_START} differ)")
+            reasons.append(
+                f"token {i} differs: main {main.tokens[i]!r}, draft {draft.tokens[i]!r} "
+                f"({len(differ):,} of {n - VOCAB_CHECK_START:,} token texts from id "
+                f"{VOCAB_CHECK_START} differ)"
+            )
     return reasons
 
 
 def size_warnings(main: ModelFacts, draft: ModelFacts) -> list[str]:
     """The size rule of thumb, as advice: a draft too close to the main costs more than it saves."""
     if draft.n_params >= main.n_params:
-        return [f"the draft ({draft.n_params / 1e9:.2f}B) is not smaller than the main model "
-                f"({main.n_params / 1e9:.2f}B): it cannot speed decoding up"]
+        return [
+            f"the draft ({draft.n_params / 1e9:.2f}B) is not smaller than the main model "
+            f"({main.n_params / 1e9:.2f}B): it cannot speed decoding up"
+        ]
     cap = next((c for floor, c in SIZE_RULE if main.n_params >= floor), main.n_params * SMALL_MAIN_RATIO)
     if draft.n_params > cap * NOMINAL_TOLERANCE:
-        return [f"the draft ({draft.n_params / 1e9:.2f}B) is large for a {main.n_params / 1e9:.2f}B main model: "
-                f"the rule of thumb is at most {cap / 1e9:.2g}B (smaller is better if acceptance holds)"]
+        return [
+            f"the draft ({draft.n_params / 1e9:.2f}B) is large for a {main.n_params / 1e9:.2f}B main model: "
+            f"the rule of thumb is at most {cap / 1e9:.2g}B (smaller is better if acceptance holds)"
+        ]
     return []
 
 
@@ -115,8 +126,9 @@ def candidate_paths(items: Sequence[str], main_path: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def check_candidate(main: ModelFacts, path: str, settings: Settings | None = None,
-                    hw: Hardware | None = None) -> DraftCandidate:
+def check_candidate(
+    main: ModelFacts, path: str, settings: Settings | None = None, hw: Hardware | None = None
+) -> DraftCandidate:
     """Verdict on one candidate file; an unreadable file is a rejected candidate, not an error."""
     if Path(path).resolve() == Path(main.path).resolve():
         return DraftCandidate(path, None, ["it is the main model itself"])
@@ -154,13 +166,14 @@ def predict_memory(main: ModelFacts, draft: ModelFacts, settings: Settings, hw: 
         options.append(("all GPUs", "split like the main", layers, hw))
     for g in gpus:
         name = f"gpu{g.index}"
-        options.append((name, "same GPU" if name in main_gpus else "other GPU", layers,
-                         dataclasses.replace(hw, gpus=(g,))))
+        options.append(
+            (name, "same GPU" if name in main_gpus else "other GPU", layers, dataclasses.replace(hw, gpus=(g,)))
+        )
     default = options[1][0] if gpus else None
     rows = []
     for label, kind, ngl, draft_hw in options:
         d_est = memory.estimate(draft, base.replace(n_gpu_layers=ngl, type_k="f16", type_v="f16"), draft_hw)
-        devices = []
+        devices: list[dict[str, Any]] = []
         for name in dict.fromkeys([*main_devs, *(d.device for d in d_est.devices)]):
             m = main_devs.get(name)
             d = next((x for x in d_est.devices if x.device == name), None)
@@ -168,26 +181,37 @@ def predict_memory(main: ModelFacts, draft: ModelFacts, settings: Settings, hw: 
             total = (m.total if m else 0) + draft_bytes
             budget = m.budget if m else d.budget if d else 0
             room = m.room() if m else d.room() if d else 0  # free less the margin, within a GPU budget
-            devices.append({"device": name, "main": m.total if m else 0, "draft": draft_bytes,
-                            "total": total, "budget": budget, "room": room, "fits": total <= room})
+            devices.append(
+                {
+                    "device": name,
+                    "main": m.total if m else 0,
+                    "draft": draft_bytes,
+                    "total": total,
+                    "budget": budget,
+                    "room": room,
+                    "fits": total <= room,
+                }
+            )
         misses = [x["total"] - x["room"] for x in devices]
         if main_est.shared_memory or d_est.shared_memory:  # unified memory: everything comes out of RAM
             host = next(x for x in devices if x["device"] == memory.HOST)
             misses.append(sum(x["total"] for x in devices) - (host["budget"] - memory.margin(host["budget"])))
-        rows.append({
-            "placement": label,
-            "kind": kind,
-            "default": label == default,
-            "draft_gpu_layers": ngl,
-            "draft_n_ctx": d_est.n_ctx,
-            "draft_kv": d_est.kv_k + d_est.kv_v,
-            "draft_weights": sum(x.weights + x.repack for x in d_est.devices),
-            "draft_compute": sum(x.compute for x in d_est.devices),
-            "devices": devices,
-            "total": sum(x["total"] for x in devices),
-            "fits": all(m <= 0 for m in misses),
-            "shortfall": max(0, max(misses)),
-        })
+        rows.append(
+            {
+                "placement": label,
+                "kind": kind,
+                "default": label == default,
+                "draft_gpu_layers": ngl,
+                "draft_n_ctx": d_est.n_ctx,
+                "draft_kv": d_est.kv_k + d_est.kv_v,
+                "draft_weights": sum(x.weights + x.repack for x in d_est.devices),
+                "draft_compute": sum(x.compute for x in d_est.devices),
+                "devices": devices,
+                "total": sum(x["total"] for x in devices),
+                "fits": all(m <= 0 for m in misses),
+                "shortfall": max(0, max(misses)),
+            }
+        )
     return rows
 
 
@@ -209,11 +233,16 @@ class DraftReport:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape of ``autotune draft --json``."""
-        return {"main": {"path": self.main.path, "name": self.main.name, "n_params": self.main.n_params},
-                "settings": self.settings.to_dict(), "candidates": [c.to_dict() for c in self.candidates]}
+        return {
+            "main": {"path": self.main.path, "name": self.main.name, "n_params": self.main.n_params},
+            "settings": self.settings.to_dict(),
+            "candidates": [c.to_dict() for c in self.candidates],
+        }
 
 
 def check(main_path: str, items: Sequence[str], settings: Settings, hw: Hardware) -> DraftReport:
     """Check every candidate named (files, or directories of them) against ``main_path``."""
     main = read_facts(main_path)
-    return DraftReport(main, settings, [check_candidate(main, p, settings, hw) for p in candidate_paths(items, main_path)])
+    return DraftReport(
+        main, settings, [check_candidate(main, p, settings, hw) for p in candidate_paths(items, main_path)]
+    )

@@ -15,9 +15,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -117,8 +118,16 @@ def sized(s: Settings, ctx_per_user: int) -> Settings:
     return s.replace(n_ctx=s.n_parallel * ctx_per_user)
 
 
-def measure(binary: Path, model: str, flags: list[str], users: int, n_requests: int, time_limit: float,
-            label: str = "", timeout: float = 120.0) -> Served:
+def measure(
+    binary: Path,
+    model: str,
+    flags: list[str],
+    users: int,
+    n_requests: int,
+    time_limit: float,
+    label: str = "",
+    timeout: float = 120.0,
+) -> Served:
     """Start llama-server with ``flags`` on a free loopback port, warm it up with one short request, drive it
     with the load, stop it. Never raises for a server that dies or never comes up."""
 
@@ -156,8 +165,17 @@ def feasible(t: optuna.trial.FrozenTrial) -> bool:
 def study_name(model: str, facts: ModelFacts, hw: Hardware, opts: ServeOptions, binary: Path) -> str:
     """The serving study's name (``storage.study_name``): the load, the bounds and the server build set it apart."""
     bounds = f"ttft{opts.max_ttft}-utps{opts.min_user_tps}"
-    return storage.study_name(model, hw, "serve", f"u{opts.users}", f"c{opts.ctx_per_user}", f"r{opts.requests}",
-                              bounds, *(["spec"] if opts.spec else []), external.Tool("llama-server", binary).build_key())
+    return storage.study_name(
+        model,
+        hw,
+        "serve",
+        f"u{opts.users}",
+        f"c{opts.ctx_per_user}",
+        f"r{opts.requests}",
+        bounds,
+        *(["spec"] if opts.spec else []),
+        external.Tool("llama-server", binary).build_key(),
+    )
 
 
 def defaults_flags(model: str, forced: dict[str, Any]) -> tuple[str, list[str]]:
@@ -184,17 +202,35 @@ class ServeResult:
 
     def to_json(self) -> dict[str, Any]:
         """What ``serve-tune --out`` saves and the serving bench keeps per model and user count."""
-        return {"study": self.study_name, "chosen": self.chosen, "command": self.command, "verdict": self.verdict,
-                "supported": self.supported, "slots": list(self.slots), "forced": self.forced,
-                "settings": self.settings.to_dict() if self.settings else None, "side_by_side": self.side_by_side,
-                "trials": self.trials}
+        return {
+            "study": self.study_name,
+            "chosen": self.chosen,
+            "command": self.command,
+            "verdict": self.verdict,
+            "supported": self.supported,
+            "slots": list(self.slots),
+            "forced": self.forced,
+            "settings": self.settings.to_dict() if self.settings else None,
+            "side_by_side": self.side_by_side,
+            "trials": self.trials,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ServeResult:
         """A saved result back (other keys beside it, such as the bench's model and users, are left out)."""
         settings = Settings.from_dict(data["settings"]) if data.get("settings") else None
-        return cls(data["study"], data["chosen"], settings, list(data["command"]), data["side_by_side"],
-                   data["verdict"], data["supported"], tuple(data["slots"]), data["forced"], data["trials"])
+        return cls(
+            data["study"],
+            data["chosen"],
+            settings,
+            list(data["command"]),
+            data["side_by_side"],
+            data["verdict"],
+            data["supported"],
+            tuple(data["slots"]),
+            data["forced"],
+            data["trials"],
+        )
 
 
 def tune(model: str, opts: ServeOptions, reporter: Reporter, server: external.Tool) -> ServeResult:
@@ -209,15 +245,20 @@ def tune(model: str, opts: ServeOptions, reporter: Reporter, server: external.To
     sp = space.build_space(hw, facts, opts.ctx_per_user, forced)
     slots = slot_choices(facts, hw, sp.base, opts.users, opts.ctx_per_user)
     if not slots:
-        raise AutotuneError(f"not one slot of {opts.ctx_per_user:,} tokens fits this machine (try a smaller "
-                            f"--ctx-per-user)")
+        raise AutotuneError(
+            f"not one slot of {opts.ctx_per_user:,} tokens fits this machine (try a smaller --ctx-per-user)"
+        )
     say(f"slots that fit {opts.ctx_per_user:,} tokens each: {', '.join(map(str, slots))}")
     quality_req = request.StudyRequest(model_path=model, facts=facts, hw=hw, space=sp)
-    st = study.open_named(study_name(model, facts, hw, opts, binary), opts.storage, opts.seed,
-                          [metric("throughput").direction], hw,
-                          {"name": server.name, "build": server.build_key()},
-                          lambda new: new.set_user_attr("serving", {"users": opts.users,
-                                                                    "ctx_per_user": opts.ctx_per_user}))
+    st = study.open_named(
+        study_name(model, facts, hw, opts, binary),
+        opts.storage,
+        opts.seed,
+        [metric("throughput").direction],
+        hw,
+        {"name": server.name, "build": server.build_key()},
+        lambda new: new.set_user_attr("serving", {"users": opts.users, "ctx_per_user": opts.ctx_per_user}),
+    )
     sp, quality = kvgate.kv_quality(st, quality_req, opts.kv_quality)
     excluded = [pair for pair, r in quality.items() if r.get("excluded")]
     if excluded:
@@ -242,9 +283,11 @@ def tune(model: str, opts: ServeOptions, reporter: Reporter, server: external.To
             return TrialState.PRUNED, None
         for key, value in constraints(served.load, opts).items():
             trial.set_constraint(key, value)
-        say(f"trial {trial.number}: {served.throughput:.1f} tok/s all users, p95 TTFT "
+        say(
+            f"trial {trial.number}: {served.throughput:.1f} tok/s all users, p95 TTFT "
             f"{served.load['ttft_p95'] or 0:.2f} s, user {served.load['user_tps'] or 0:.1f} tok/s "
-            f"({describe(s)})")
+            f"({describe(s)})"
+        )
         return TrialState.COMPLETE, [served.throughput]
 
     remaining = opts.trials - len([t for t in st.trials if t.state.is_finished()])
@@ -255,9 +298,11 @@ def tune(model: str, opts: ServeOptions, reporter: Reporter, server: external.To
 
 def describe(s: Settings) -> str:
     cache = f"{s.type_k}/{s.type_v}"
-    return (f"-np {s.n_parallel}{' unified' if s.kv_unified else ''}, -t {s.n_threads} -tb {s.n_threads_batch}, "
-            f"-b {s.n_batch} -ub {s.n_ubatch}, FA {'on' if s.flash_attn else 'off'}, {cache}"
-            + ("" if s.spec_type == "none" else f", --spec-type {s.spec_type}"))
+    return (
+        f"-np {s.n_parallel}{' unified' if s.kv_unified else ''}, -t {s.n_threads} -tb {s.n_threads_batch}, "
+        f"-b {s.n_batch} -ub {s.n_ubatch}, FA {'on' if s.flash_attn else 'off'}, {cache}"
+        + ("" if s.spec_type == "none" else f", --spec-type {s.spec_type}")
+    )
 
 
 def contenders(trials: list[optuna.trial.FrozenTrial], top_k: int) -> dict[str, Settings]:
@@ -273,8 +318,15 @@ def contenders(trials: list[optuna.trial.FrozenTrial], top_k: int) -> dict[str, 
     return out
 
 
-def _side_by_side(st: optuna.Study, model: str, binary: Path, opts: ServeOptions, forced: dict[str, Any],
-                  slots: tuple[int, ...], say: Callable[[str], None]) -> ServeResult:
+def _side_by_side(
+    st: optuna.Study,
+    model: str,
+    binary: Path,
+    opts: ServeOptions,
+    forced: dict[str, Any],
+    slots: tuple[int, ...],
+    say: Callable[[str], None],
+) -> ServeResult:
     settings_of = contenders(st.trials, opts.top_k)
     configs = {label: server_flags(s, model, external.moe_layers(model, s)) for label, s in settings_of.items()}
     base_label, base_flags = defaults_flags(model, forced)
@@ -282,23 +334,46 @@ def _side_by_side(st: optuna.Study, model: str, binary: Path, opts: ServeOptions
     labels = list(configs)
     rounds: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
     for r in range(opts.rounds):
-        for label in labels[r % len(labels):] + labels[: r % len(labels)]:
+        for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
             served = measure(binary, model, configs[label], opts.users, opts.requests, opts.time_limit, label)
-            rounds[label].append({**served.load, "ok": served.ok, "error": served.error, "peak_rss": served.peak_rss}
-                                 if served.ok else {"ok": False, "error": served.error, "throughput": None,
-                                                     "failed": opts.requests})  # none of its requests answered
-            say(f"side by side, round {r + 1}: {label}: " + (f"{served.throughput:.1f} tok/s" if served.ok
-                                                               else served.error))
-    result = ServeResult(st.study_name, base_label, None, base_flags, rounds, "", False, slots, forced,
-                         [{"number": t.number, "state": t.state.name, "value": t.value,
-                           "feasible": feasible(t), "settings": t.user_attrs.get("settings"),
-                           "reason": t.user_attrs.get("reason")} for t in st.trials])
+            rounds[label].append(
+                {**served.load, "ok": served.ok, "error": served.error, "peak_rss": served.peak_rss}
+                if served.ok
+                else {"ok": False, "error": served.error, "throughput": None, "failed": opts.requests}
+            )  # none of its requests answered
+            say(
+                f"side by side, round {r + 1}: {label}: "
+                + (f"{served.throughput:.1f} tok/s" if served.ok else served.error)
+            )
+    result = ServeResult(
+        st.study_name,
+        base_label,
+        None,
+        base_flags,
+        rounds,
+        "",
+        False,
+        slots,
+        forced,
+        [
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "value": t.value,
+                "feasible": feasible(t),
+                "settings": t.user_attrs.get("settings"),
+                "reason": t.user_attrs.get("reason"),
+            }
+            for t in st.trials
+        ],
+    )
     _decide(result, configs, settings_of, opts)
     return result
 
 
-def _decide(result: ServeResult, configs: dict[str, list[str]], settings_of: dict[str, Settings],
-            opts: ServeOptions) -> None:
+def _decide(
+    result: ServeResult, configs: dict[str, list[str]], settings_of: dict[str, Settings], opts: ServeOptions
+) -> None:
     """The best median throughput among the configs that ran every round within the user's bounds; a win over
     the defaults is claimed only when the interquartile ranges are apart."""
     base = result.chosen
@@ -306,12 +381,13 @@ def _decide(result: ServeResult, configs: dict[str, list[str]], settings_of: dic
 
     def within_bounds(label: str) -> bool:
         rows = result.side_by_side[label]
-        return all(r.get("ok") for r in rows) and all(
-            max(constraints(r, opts).values()) <= 0 for r in rows)
+        return all(r.get("ok") for r in rows) and all(max(constraints(r, opts).values()) <= 0 for r in rows)
 
     ran = [label for label in settings_of if within_bounds(label)]
     if not ran:
-        result.verdict = "No tuned configuration ran every side-by-side round within the bounds: keep llama-server's defaults."
+        result.verdict = (
+            "No tuned configuration ran every side-by-side round within the bounds: keep llama-server's defaults."
+        )
         return
     best = max(ran, key=lambda label: result.spread(label).median)
     x = result.spread(best)
@@ -320,17 +396,23 @@ def _decide(result: ServeResult, configs: dict[str, list[str]], settings_of: dic
         result.verdict = f"llama-server's defaults did not run here; {best} serves {x.median:.1f} tok/s."
         supported = True
     elif x.versus(b) == "better":
-        result.verdict = (f"{best} serves x{ratio:.2f} the aggregate throughput of {base} ({x.median:.1f} vs "
-                          f"{b.median:.1f} tok/s, interquartile ranges apart).")
+        result.verdict = (
+            f"{best} serves x{ratio:.2f} the aggregate throughput of {base} ({x.median:.1f} vs "
+            f"{b.median:.1f} tok/s, interquartile ranges apart)."
+        )
         supported = True
     else:
-        result.verdict = (f"{best} measured x{ratio:.2f} of {base}'s throughput ({x.median:.1f} vs {b.median:.1f} "
-                          f"tok/s) but the spreads overlap: not a supported win; keep the defaults.")
+        result.verdict = (
+            f"{best} measured x{ratio:.2f} of {base}'s throughput ({x.median:.1f} vs {b.median:.1f} "
+            f"tok/s) but the spreads overlap: not a supported win; keep the defaults."
+        )
         supported = False
     if b.n:  # what a user of each would feel, whatever decided it
         ttft, tps = result.spread(best, "ttft_p95").median, result.spread(best, "user_tps").median
-        result.verdict += (f" p95 time to first token {ttft:.2f} vs {result.spread(base, 'ttft_p95').median:.2f} s; "
-                           f"the median user decodes {tps:.1f} vs {result.spread(base, 'user_tps').median:.1f} tok/s.")
+        result.verdict += (
+            f" p95 time to first token {ttft:.2f} vs {result.spread(base, 'ttft_p95').median:.2f} s; "
+            f"the median user decodes {tps:.1f} vs {result.spread(base, 'user_tps').median:.1f} tok/s."
+        )
     result.supported = supported
     if supported:
         result.chosen, result.settings, result.command = best, settings_of[best], configs[best]

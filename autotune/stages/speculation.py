@@ -22,10 +22,11 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -63,7 +64,7 @@ class SpecError(AutotuneError):
 
 def messages() -> dict[str, list[str]]:
     """The fixed mix shipped with the package: two user messages per kind of work."""
-    return json.loads(resources.files("autotune").joinpath("prompts", "speculation.json").read_text())
+    return json.loads((resources.files("autotune") / "prompts" / "speculation.json").read_text())
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         """What is measured, as a study and ``autotune spec --json`` record it (not where or what with)."""
         return {k: v for k, v in self.__dict__.items() if k not in ("drafts", "ngram", "storage")} | {
-            "workloads": list(self.workloads)}
+            "workloads": list(self.workloads)
+        }
 
 
 @dataclass(frozen=True)
@@ -115,14 +117,28 @@ class Arm:
         """``base`` speculating this way: the knob table's defaults for the kind's parameters, then ``values``."""
         values = dict(values or {})
         if "ngram_mod_min" in values:  # llama.cpp wants n-min <= n-max
-            values["ngram_mod_max"] = max(values.get("ngram_mod_max", BY_NAME["ngram_mod_max"].default),
-                                          values["ngram_mod_min"])
+            values["ngram_mod_max"] = max(
+                values.get("ngram_mod_max", BY_NAME["ngram_mod_max"].default), values["ngram_mod_min"]
+            )
         drafting = {"draft_max": 3} if self.kind in DRAFT_KINDS else {}  # llama.cpp's --spec-draft-n-max default
-        return base.replace(spec_type=self.kind, draft_model=self.draft, draft_gpu_layers=self.draft_gpu_layers,
-                            **{**drafting, **values})
+        return base.replace(
+            spec_type=self.kind,
+            draft_model=self.draft,
+            draft_gpu_layers=self.draft_gpu_layers,
+            **{**drafting, **values},
+        )
 
 
 NONE = Arm("none")
+
+
+def _choices(name: str, where: Where) -> tuple[Any, ...]:
+    """A speculation parameter's values: the knob table gives each a fixed tuple of choices."""
+    domain = BY_NAME[name].domain
+    values = domain(where) if domain else None
+    if not isinstance(values, tuple):
+        raise TypeError(f"{name}: the knob table gives it no choices to search")
+    return values
 
 
 def has_mtp(facts: ModelFacts) -> bool:
@@ -130,8 +146,9 @@ def has_mtp(facts: ModelFacts) -> bool:
     return any(".nextn.eh_proj" in t.name for t in facts.tensors)
 
 
-def arms(main: ModelFacts, settings: Settings, hw: Hardware, candidates: Sequence[str],
-         ngram: bool = True) -> tuple[list[Arm], list[tuple[str, str]]]:
+def arms(
+    main: ModelFacts, settings: Settings, hw: Hardware, candidates: Sequence[str], ngram: bool = True
+) -> tuple[list[Arm], list[tuple[str, str]]]:
     """The kinds to measure for this model, and the ones left out with the reason. Drafts are checked with
     llama.cpp's own vocabulary rules and priced beside the main model first: one that does not fit is left out."""
     out = [NONE] + ([Arm(k) for k in NGRAM_KINDS] if ngram else [])
@@ -164,8 +181,14 @@ def arms(main: ModelFacts, settings: Settings, hw: Hardware, candidates: Sequenc
         out.append(Arm(kind, path, on_gpu[0]["draft_gpu_layers"] if on_gpu else 0))
     for kind in ("draft-simple", "draft-eagle3", "draft-dflash", "draft-dspark"):
         if kind not in found and not any(s[0].startswith(kind) for s in skipped):
-            skipped.append((kind, "no " + ("compatible draft model" if kind == "draft-simple" else
-                                           f"{kind.removeprefix('draft-')} drafter") + " among the candidates"))
+            skipped.append(
+                (
+                    kind,
+                    "no "
+                    + ("compatible draft model" if kind == "draft-simple" else f"{kind.removeprefix('draft-')} drafter")
+                    + " among the candidates",
+                )
+            )
     return out, skipped
 
 
@@ -187,12 +210,13 @@ def _mtp_shortfall(main: ModelFacts, base: Settings, hw: Hardware) -> int:
 def run_once(binary: Path, model: str, s: Settings, plan: Plan, texts: dict[str, list[str]]) -> dict[str, Any]:
     """One fresh server answering the plan's messages: per kind of work its replies, or the server's failure."""
     order = [(w, m) for w in plan.workloads for m in texts[w][: plan.prompts]]
-    replies, error, load_s = external.speculative_replies(binary, model, s, [m for _, m in order], plan.gen_tokens,
-                                                          plan.timeout)
+    replies, error, load_s = external.speculative_replies(
+        binary, model, s, [m for _, m in order], plan.gen_tokens, plan.timeout
+    )
     if error:
         return {"ok": False, "error": error}
     per: dict[str, list[dict[str, Any]]] = {w: [] for w in plan.workloads}
-    for (w, _), r in zip(order, replies):
+    for (w, _), r in zip(order, replies, strict=False):
         per[w].append(r.to_dict())
     return {"ok": True, "load_s": load_s, "replies": per}
 
@@ -217,9 +241,18 @@ def _name(model: str, hw: Hardware, base: Settings, candidates: list[Arm], plan:
     return study_name(model, hw, f"ctx{base.n_ctx}", "spec", digest(what))
 
 
-def search(binary: Path, model: str, facts: ModelFacts, hw: Hardware, base: Settings, candidates: list[Arm],
-           plan: Plan, storage: str | None = None, seed: int = 0,
-           on_trial: Callable[[str], None] | None = None) -> optuna.Study:
+def search(
+    binary: Path,
+    model: str,
+    facts: ModelFacts,
+    hw: Hardware,
+    base: Settings,
+    candidates: list[Arm],
+    plan: Plan,
+    storage: str | None = None,
+    seed: int = 0,
+    on_trial: Callable[[str], None] | None = None,
+) -> optuna.Study:
     """The study over the kinds' parameters: each trial one fresh server on every kind of work, its value the
     geometric mean of their decode speeds. Each kind's llama.cpp defaults are its first trials; stored like a
     search (resumable; ``storage`` None: ./studies)."""
@@ -235,25 +268,42 @@ def search(binary: Path, model: str, facts: ModelFacts, hw: Hardware, base: Sett
         for a in candidates:
             st.enqueue_trial({"arm": a.label}, user_attrs={"role": f"{a.label}, llama.cpp defaults"})
 
-    st = study.open_named(_name(model, hw, base, candidates, plan, build), storage, seed,
-                          [metric("decode").direction], hw,
-                          {"name": f"llama-server ({binary})", "build": build}, describe)
+    st = study.open_named(
+        _name(model, hw, base, candidates, plan, build),
+        storage,
+        seed,
+        [metric("decode").direction],
+        hw,
+        {"name": f"llama-server ({binary})", "build": build},
+        describe,
+    )
 
     def step(trial: optuna.Trial) -> tuple[TrialState, list[float] | None]:
         enqueued = "role" in trial.user_attrs
-        arm = by_label[trial.suggest_categorical("arm", list(by_label)) if enqueued else
-                       trial.suggest_categorical("searched", searchable)]
-        values = {} if enqueued else {n: trial.suggest_categorical(n, BY_NAME[n].domain(where))  # type: ignore[misc]
-                                      for n in PARAMS.get(arm.kind, ())}
+        arm = by_label[
+            trial.suggest_categorical("arm", list(by_label))
+            if enqueued
+            else trial.suggest_categorical("searched", searchable)
+        ]
+        values = (
+            {} if enqueued else {n: trial.suggest_categorical(n, _choices(n, where)) for n in PARAMS.get(arm.kind, ())}
+        )
         s = arm.settings(base, values)
         trial.set_user_attr("arm", arm.label)
         trial.set_user_attr("settings", s.to_dict())
         run = run_once(binary, model, s, plan, texts)
         trial.set_user_attr("run", run)
         if on_trial:
-            on_trial(f"{arm.label} " + (_params(s) or "defaults") + ": " + (
-                ", ".join(f"{w} {decode_speed(run['replies'][w]):.1f} tok/s" for w in plan.workloads) if run["ok"]
-                else run["error"][:80]))
+            on_trial(
+                f"{arm.label} "
+                + (_params(s) or "defaults")
+                + ": "
+                + (
+                    ", ".join(f"{w} {decode_speed(run['replies'][w]):.1f} tok/s" for w in plan.workloads)
+                    if run["ok"]
+                    else run["error"][:80]
+                )
+            )
         if not run["ok"]:
             trial.set_user_attr("reason", run["error"])
             return TrialState.FAIL, None
@@ -269,8 +319,16 @@ def search(binary: Path, model: str, facts: ModelFacts, hw: Hardware, base: Sett
 
 def _params(s: Settings) -> str:
     """The kind's parameters, short ("n=4 m=16 hits=1")."""
-    short = {"ngram_n": "n", "ngram_m": "m", "ngram_min_hits": "hits", "ngram_mod_match": "match",
-             "ngram_mod_min": "min", "ngram_mod_max": "max", "draft_max": "n_max", "draft_p_min": "p_min"}
+    short = {
+        "ngram_n": "n",
+        "ngram_m": "m",
+        "ngram_min_hits": "hits",
+        "ngram_mod_match": "match",
+        "ngram_mod_min": "min",
+        "ngram_mod_max": "max",
+        "draft_max": "n_max",
+        "draft_p_min": "p_min",
+    }
     return " ".join(f"{short[n]}={getattr(s, n):g}" for n in PARAMS.get(s.spec_type, ()))
 
 
@@ -282,8 +340,14 @@ def finalists(st: optuna.Study, candidates: list[Arm], plan: Plan) -> list[tuple
     for arm in candidates:
         mine = [t for t in trials if t.user_attrs.get("arm") == arm.label]
         if not mine and arm is NONE:
-            out.append((arm.label, arm.settings(Settings.from_dict(trials[0].user_attrs["settings"]))
-                        if trials else arm.settings(Settings())))
+            out.append(
+                (
+                    arm.label,
+                    arm.settings(Settings.from_dict(trials[0].user_attrs["settings"]))
+                    if trials
+                    else arm.settings(Settings()),
+                )
+            )
         for w in plan.workloads:
             if not mine:
                 break
@@ -307,8 +371,13 @@ class Finalist:
         return [decode_speed(r["replies"][w]) if r["ok"] else None for r in self.runs]
 
 
-def rounds(binary: Path, model: str, finals: list[tuple[str, Settings]], plan: Plan,
-           on_run: Callable[[str, dict[str, Any]], None] | None = None) -> list[Finalist]:
+def rounds(
+    binary: Path,
+    model: str,
+    finals: list[tuple[str, Settings]],
+    plan: Plan,
+    on_run: Callable[[str, dict[str, Any]], None] | None = None,
+) -> list[Finalist]:
     """``plan.rounds`` rounds of fresh servers, every finalist once per round, the order rotated."""
     texts = messages()
     out = [Finalist(label, s) for label, s in finals]
@@ -330,25 +399,38 @@ def summarize(finals: list[Finalist], plan: Plan) -> list[dict[str, Any]]:
     none = finals[0]
     rows = []
     for f in finals:
-        row: dict[str, Any] = {"label": f.label, "spec_type": f.settings.spec_type, "settings": f.settings.to_dict(),
-                               "failures": [r["error"] for r in f.runs if not r["ok"]][:2], "workloads": {}}
+        row: dict[str, Any] = {
+            "label": f.label,
+            "spec_type": f.settings.spec_type,
+            "settings": f.settings.to_dict(),
+            "failures": [r["error"] for r in f.runs if not r["ok"]][:2],
+            "workloads": {},
+        }
         for w in plan.workloads:
             mine, theirs = f.speeds(w), none.speeds(w)
             speeds = [v for v in mine if v is not None]
-            ratios = [a / b for a, b in zip(mine, theirs) if a and b]
+            ratios = [a / b for a, b in zip(mine, theirs, strict=False) if a and b]
             replies = [rep for r in f.runs if r["ok"] for rep in r["replies"][w]]
             drafted = sum(rep["draft_n"] for rep in replies)
             accepted = sum(rep["accepted"] for rep in replies)
-            steps = sum(rep["accepted"] / (rep["mean_len"] - 1) for rep in replies
-                        if rep.get("mean_len") and rep["mean_len"] > 1)
+            steps = sum(
+                rep["accepted"] / (rep["mean_len"] - 1)
+                for rep in replies
+                if rep.get("mean_len") and rep["mean_len"] > 1
+            )
             sp, base = Spread.of(speeds), Spread.of([v for v in theirs if v is not None])
             speedup = Spread.of(ratios) if ratios else None
             versus, ceiling = ("same", 1.0) if f is none else (sp.versus(base), _ceiling(replies))
             doubt = ""
             if versus == "better" and (not accepted or (speedup and ceiling and speedup.q25 > ceiling)):
                 # each accepted token saves at most one decode step: beyond that it is the machine, not speculation
-                versus, doubt = "same", (f"faster than its {accepted} accepted tokens allow "
-                                         f"(x{ceiling or 1:.2f} at most): the machine's noise")
+                versus, doubt = (
+                    "same",
+                    (
+                        f"faster than its {accepted} accepted tokens allow "
+                        f"(x{ceiling or 1:.2f} at most): the machine's noise"
+                    ),
+                )
             reference = [rep["tokens"] for rep in next((r["replies"][w] for r in none.runs if r["ok"]), [])]
             unchanged = all([rep["tokens"] for rep in r["replies"][w]] == reference for r in f.runs if r["ok"])
             row["workloads"][w] = {
@@ -384,9 +466,11 @@ def verdicts(rows: list[dict[str, Any]], plan: Plan) -> dict[str, str]:
         if wins:
             best = max(wins, key=lambda r: r["workloads"][w]["speedup"]["median"])
             e = best["workloads"][w]
-            out[w] = (f"{w}: speculate with {best['label']}: decode x{e['speedup']['median']:.2f} "
-                      f"(x{e['speedup']['q25']:.2f}-{e['speedup']['q75']:.2f}), acceptance {e['acceptance'] or 0:.0%}"
-                      + ("" if e["unchanged"] else "; its greedy reply differs from no speculation's"))
+            out[w] = (
+                f"{w}: speculate with {best['label']}: decode x{e['speedup']['median']:.2f} "
+                f"(x{e['speedup']['q25']:.2f}-{e['speedup']['q75']:.2f}), acceptance {e['acceptance'] or 0:.0%}"
+                + ("" if e["unchanged"] else "; its greedy reply differs from no speculation's")
+            )
             continue
         tried = [r for r in rows[1:] if r["workloads"][w]["speedup"]]
         if not tried:
@@ -396,8 +480,11 @@ def verdicts(rows: list[dict[str, Any]], plan: Plan) -> dict[str, str]:
         e = best["workloads"][w]
         how = "slower beyond the noise" if e["versus"] == "worse" else e["doubt"] or "within the noise"
         n = min(e["decode"]["n"], rows[0]["workloads"][w]["decode"]["n"])
-        out[w] = (f"{w}: no speculation; the best, {best['label']}, is x{e['speedup']['median']:.2f} ({how}"
-                  + (f"; {n} rounds a side, a win needs 4" if n < 4 else "") + ")")
+        out[w] = (
+            f"{w}: no speculation; the best, {best['label']}, is x{e['speedup']['median']:.2f} ({how}"
+            + (f"; {n} rounds a side, a win needs 4" if n < 4 else "")
+            + ")"
+        )
     return out
 
 
@@ -410,8 +497,12 @@ def choose(rows: list[dict[str, Any]], plan: Plan) -> dict[str, Any] | None:
     def gain(r: dict[str, Any]) -> float:
         return _geomean([r["workloads"][w]["speedup"]["median"] for w in works if r["workloads"][w]["speedup"]])
 
-    ok = [r for r in rows[1:] if any(r["workloads"][w]["versus"] == "better" for w in works)
-          and not any(r["workloads"][w]["versus"] == "worse" for w in works)]
+    ok = [
+        r
+        for r in rows[1:]
+        if any(r["workloads"][w]["versus"] == "better" for w in works)
+        and not any(r["workloads"][w]["versus"] == "worse" for w in works)
+    ]
     return max(ok, key=gain) if ok else None
 
 
@@ -441,18 +532,30 @@ class SpecReport:
     def verdict(self) -> str:
         if self.chosen is None:
             return "No speculation: " + "; ".join(self.verdicts.values())
-        return f"Speculate with {self.chosen['label']} (for {self.plan.target} work): " + "; ".join(self.verdicts.values())
+        return f"Speculate with {self.chosen['label']} (for {self.plan.target} work): " + "; ".join(
+            self.verdicts.values()
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The JSON shape of ``autotune spec --json`` and a tuned config's ``"speculation"`` (keys only added)."""
-        return {"model": self.model, "settings": self.settings.to_dict(),
-                "kinds": [a.label for a in self.arms], "skipped": [{"kind": k, "why": w} for k, w in self.skipped],
-                "plan": self.plan.to_dict(), "trials": self.trials,
-                "results": self.rows, "verdicts": self.verdicts,
-                "recommendation": {"speculate": self.chosen is not None,
-                                   "label": self.chosen["label"] if self.chosen else "none",
-                                   "settings": self.recommended.to_dict(), "verdict": self.verdict},
-                "wall_s": self.wall_s, "arms": [dataclasses.asdict(a) for a in self.arms]}
+        return {
+            "model": self.model,
+            "settings": self.settings.to_dict(),
+            "kinds": [a.label for a in self.arms],
+            "skipped": [{"kind": k, "why": w} for k, w in self.skipped],
+            "plan": self.plan.to_dict(),
+            "trials": self.trials,
+            "results": self.rows,
+            "verdicts": self.verdicts,
+            "recommendation": {
+                "speculate": self.chosen is not None,
+                "label": self.chosen["label"] if self.chosen else "none",
+                "settings": self.recommended.to_dict(),
+                "verdict": self.verdict,
+            },
+            "wall_s": self.wall_s,
+            "arms": [dataclasses.asdict(a) for a in self.arms],
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SpecReport:
@@ -463,11 +566,21 @@ class SpecReport:
         if plan.get("gpu_budget") is not None:
             plan["gpu_budget"] = tuple(plan["gpu_budget"])
         picked = data["recommendation"]
-        chosen = next((r for r in data["results"] if r["label"] == picked["label"]), None) if picked["speculate"] \
-            else None
-        return cls(data["model"], Settings.from_dict(data["settings"]), arms,
-                   [(s["kind"], s["why"]) for s in data["skipped"]], Plan(**plan), data["trials"], data["results"],
-                   data["verdicts"], chosen, data["wall_s"])
+        chosen = (
+            next((r for r in data["results"] if r["label"] == picked["label"]), None) if picked["speculate"] else None
+        )
+        return cls(
+            data["model"],
+            Settings.from_dict(data["settings"]),
+            arms,
+            [(s["kind"], s["why"]) for s in data["skipped"]],
+            Plan(**plan),
+            data["trials"],
+            data["results"],
+            data["verdicts"],
+            chosen,
+            data["wall_s"],
+        )
 
 
 def _arm(label: str) -> Arm:
@@ -476,28 +589,68 @@ def _arm(label: str) -> Arm:
     return Arm(kind, draft.rstrip(")") or None)
 
 
-def evaluate(model: str, settings: Settings, hw: Hardware, plan: Plan, reporter: Reporter,
-             server: external.Tool) -> SpecReport:
+def evaluate(
+    model: str, settings: Settings, hw: Hardware, plan: Plan, reporter: Reporter, server: external.Tool
+) -> SpecReport:
     """The whole stage for ``model`` with the main ``settings``, in ``server`` (a llama-server): which kinds
     apply, the study, the rounds, the verdicts and the one speculation a config carries."""
     start = time.perf_counter()
     facts = read_facts(model)
     base = settings.unspeculated()
     binary, say = server.path, reporter.note
-    candidates_arms, skipped = arms(facts, base, hw, drafts.candidate_paths(list(plan.drafts), model)
-                                    if plan.drafts else [], plan.ngram)
-    st = search(binary, model, facts, hw, base, candidates_arms, plan, plan.storage,
-                on_trial=lambda line: say(f"speculation study, {line}"))
-    trials = [{"number": t.number, "arm": t.user_attrs.get("arm"), "state": t.state.name,
-               "settings": t.user_attrs.get("settings"), "value": t.value if t.state == TrialState.COMPLETE else None,
-               "reason": t.user_attrs.get("reason", "")} for t in st.get_trials(deepcopy=False)]
+    candidates_arms, skipped = arms(
+        facts, base, hw, drafts.candidate_paths(list(plan.drafts), model) if plan.drafts else [], plan.ngram
+    )
+    st = search(
+        binary,
+        model,
+        facts,
+        hw,
+        base,
+        candidates_arms,
+        plan,
+        plan.storage,
+        on_trial=lambda line: say(f"speculation study, {line}"),
+    )
+    trials = [
+        {
+            "number": t.number,
+            "arm": t.user_attrs.get("arm"),
+            "state": t.state.name,
+            "settings": t.user_attrs.get("settings"),
+            "value": t.value if t.state == TrialState.COMPLETE else None,
+            "reason": t.user_attrs.get("reason", ""),
+        }
+        for t in st.get_trials(deepcopy=False)
+    ]
     finals = finalists(st, candidates_arms, plan)
-    measured = rounds(binary, model, finals, plan, on_run=lambda label, run: say(
-        f"speculation rounds, {label}: " + (", ".join(f"{w} {decode_speed(run['replies'][w]):.1f}"
-                                                       for w in plan.workloads) if run["ok"] else run["error"][:80])))
+    measured = rounds(
+        binary,
+        model,
+        finals,
+        plan,
+        on_run=lambda label, run: say(
+            f"speculation rounds, {label}: "
+            + (
+                ", ".join(f"{w} {decode_speed(run['replies'][w]):.1f}" for w in plan.workloads)
+                if run["ok"]
+                else run["error"][:80]
+            )
+        ),
+    )
     rows = summarize(measured, plan)
-    return SpecReport(model, base, candidates_arms, skipped, plan, trials, rows, verdicts(rows, plan),
-                      choose(rows, plan), time.perf_counter() - start)
+    return SpecReport(
+        model,
+        base,
+        candidates_arms,
+        skipped,
+        plan,
+        trials,
+        rows,
+        verdicts(rows, plan),
+        choose(rows, plan),
+        time.perf_counter() - start,
+    )
 
 
 def candidates_for(choice: str, model: str) -> list[str]:
@@ -509,8 +662,9 @@ def candidates_for(choice: str, model: str) -> list[str]:
     return [choice]
 
 
-def search_stage(config: TunedRecord, choice: str, hw: Hardware, plan: Plan, reporter: Reporter,
-                 server: external.Tool) -> tuple[TunedRecord, SpecReport]:
+def search_stage(
+    config: TunedRecord, choice: str, hw: Hardware, plan: Plan, reporter: Reporter, server: external.Tool
+) -> tuple[TunedRecord, SpecReport]:
     """``search --spec``: after the main settings are tuned, the stage with exactly those settings; the config
     carries the chosen speculation (none where nothing pays) and the report under ``"speculation"``."""
     model = config.model["path"]
@@ -519,5 +673,6 @@ def search_stage(config: TunedRecord, choice: str, hw: Hardware, plan: Plan, rep
         report = evaluate(model, config.settings, hw, plan, reporter, server)
     except drafts.DraftError as e:
         raise SpecError(str(e)) from None
-    return dataclasses.replace(config, settings=report.recommended,
-                               evidence={**config.evidence, "speculation": report.to_json()}), report
+    return dataclasses.replace(
+        config, settings=report.recommended, evidence={**config.evidence, "speculation": report.to_json()}
+    ), report

@@ -6,8 +6,9 @@ their load modes, and a user's llama-server command line read back. The external
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import SettingsError
 from .knobs import BY_NAME, DENSE_FFN_REGEX, EXPERTS_REGEX, KNOBS
@@ -16,6 +17,7 @@ from .settings import Settings, coerce, layer_list, parse_layers
 # The llama.cpp these spellings were checked against: the one llama-cpp-python 0.3.36 vendors, whose
 # llama-server and llama-bench the export tests run (and whose --version they compare with this line).
 LLAMA_CPP = "llama.cpp 0.5.0-dev, as vendored by llama-cpp-python 0.3.36"
+
 
 def spelled(s: Settings, tool: str, moe_layers: Iterable[int] | None = None) -> list[str]:
     """The command-line spelling of every knob ``tool`` has one for, in table order, then the tensor overrides
@@ -58,8 +60,10 @@ def overrides(s: Settings, tool: str, moe_layers: Iterable[int] | None = None) -
     entries = []
     if s.experts_by_layer():
         if moe_layers is None and not s.moe_host_layers:
-            raise SettingsError(f"the experts of the {s.moe_host_from} {s.n_cpu_moe} layers are written layer by "
-                                "layer: the model's expert layers are needed")
+            raise SettingsError(
+                f"the experts of the {s.moe_host_from} {s.n_cpu_moe} layers are written layer by "
+                "layer: the model's expert layers are needed"
+            )
         layers = s.experts_on_host(parse_layers(s.moe_host_layers) if moe_layers is None else moe_layers)
         if layers:
             entries.append(layer_pattern(layers, EXPERTS_REGEX))
@@ -78,7 +82,7 @@ def read_overrides(value: str) -> tuple[set[int], set[int], list[str]]:
     for entry in value.split(","):
         m = _OT_LAYERS.fullmatch(entry)
         into = {EXPERTS_REGEX: experts, DENSE_FFN_REGEX: ffn}.get(m.group(3)) if m else None
-        if into is None:
+        if m is None or into is None:
             rest.append(entry)
         else:
             into.update(int(i) for i in (m.group(1) or m.group(2)).split("|"))
@@ -99,12 +103,34 @@ def server_flags(s: Settings, model: str, moe_layers: Iterable[int] | None = Non
     return ["-m", model, *spelled(s, "server", moe_layers), "-lm", load_mode(s)]
 
 
-def bench_flags(s: Settings, model: str, prompt: int = 256, gen: int = 32, depth: int = 0, reps: int = 3,
-                moe_layers: Iterable[int] | None = None) -> list[str]:
+def bench_flags(
+    s: Settings,
+    model: str,
+    prompt: int = 256,
+    gen: int = 32,
+    depth: int = 0,
+    reps: int = 3,
+    moe_layers: Iterable[int] | None = None,
+) -> list[str]:
     """llama-bench flags measuring ``s`` on one prompt/generate test (JSON out). llama-bench sizes the context
     to the test and has one thread count: the context and the batch thread count are not written."""
-    return ["-m", model, "-p", str(prompt), "-n", str(gen), "-d", str(depth), "-r", str(reps),
-            *spelled(s, "bench", moe_layers), "-lm", load_mode(s), "-o", "json"]
+    return [
+        "-m",
+        model,
+        "-p",
+        str(prompt),
+        "-n",
+        str(gen),
+        "-d",
+        str(depth),
+        "-r",
+        str(reps),
+        *spelled(s, "bench", moe_layers),
+        "-lm",
+        load_mode(s),
+        "-o",
+        "json",
+    ]
 
 
 @dataclass(frozen=True)
@@ -122,8 +148,11 @@ def parse_server_flags(argv: list[str]) -> ServerCommand:
     (--no-mmap, --mlock, --draft-max) are understood; flags autotune does not tune, and values it cannot
     take (``-ngl all``, ``-fa auto``), are kept in ``other`` rather than refused."""
     takes: dict[str, str] = {}
-    switches: dict[str, tuple[str, Any]] = {"--no-mmap": ("use_mmap", False), "--mmap": ("use_mmap", True),
-                                            "--mlock": ("use_mlock", True)}
+    switches: dict[str, tuple[str, Any]] = {
+        "--no-mmap": ("use_mmap", False),
+        "--mmap": ("use_mmap", True),
+        "--mlock": ("use_mlock", True),
+    }
     skips: dict[str, int] = {}  # flags written alongside another, read past
     values: dict[str, Any] = {}
     for k in KNOBS:
@@ -176,7 +205,7 @@ def parse_server_flags(argv: list[str]) -> ServerCommand:
             i += 1 + skips[a]
         else:  # not ours: keep it, with its value when the next word is not a flag
             takes_value = value is not None and (not value.startswith("-") or value[1:].replace(".", "").isdigit())
-            other += [a, value] if takes_value else [a]
+            other += [a, value] if takes_value and value is not None else [a]
             i += 2 if takes_value else 1
     s = Settings.from_dict(values)
     ffn |= s.ffn_on_host()

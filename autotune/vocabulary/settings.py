@@ -8,7 +8,8 @@ what the engine refuses, which no single knob can tell.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 

@@ -4,7 +4,7 @@ the engine's dry run."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ..graph import Attn, Graph, Shape
 from ..layout import Ctx

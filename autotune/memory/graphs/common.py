@@ -8,8 +8,8 @@ replay depends on it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ...vocabulary.settings import QUANTIZED_KV
 from ..graph import (
@@ -71,7 +71,7 @@ class Builder:
             v = hadamard(g, v, inp.v_rot)
         # build_attn expands q, v, k (q, k, v for the sliding-window variant), then stores K and V
         g.expand(q)
-        for t in ((k, v) if any(sh.swa_layers) else (v, k)):
+        for t in (k, v) if any(sh.swa_layers) else (v, k):
             g.expand(t)
         g.dev = kv_dev
         cache_k = g.cache(s.type_k, kv_gqa, cells, kv_dev)
@@ -144,8 +144,14 @@ def start(sh: Shape, c: Ctx, s: Attn, scale_embeddings: bool = False) -> tuple[B
         if s.type_v in QUANTIZED_KV and D % 64 == 0:
             v_rot = g.input("f32", 64, 64)
         # a transposed V cache (no flash attention) is written one element per index
-        return CacheInputs(cells, g.input("i64", T), g.input("i64", T if s.flash_attn else T * kv_gqa),
-                           g.input(mask_type, cells, T), k_rot, v_rot)
+        return CacheInputs(
+            cells,
+            g.input("i64", T),
+            g.input("i64", T if s.flash_attn else T * kv_gqa),
+            g.input(mask_type, cells, T),
+            k_rot,
+            v_rot,
+        )
 
     base = attn_inputs(c.n_ctx)
     swa = attn_inputs(c.swa_cells) if any(sh.swa_layers) else base
