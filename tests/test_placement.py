@@ -15,7 +15,6 @@ import shlex
 import socket
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ import servers
 from conftest import run_python
 
 from autotune import engine, memory
-from autotune.engine import bundled, reference
+from autotune.engine import bundled, external, reference
 from autotune.facts import synth
 from autotune.facts.gguf_model import read_facts
 from autotune.facts.probe import GPU, Hardware, probe
@@ -294,19 +293,9 @@ def _serve_until_loaded(binary: Path, argv: list[str], log: Path) -> str:
                               str(port)],
                              stdout=out, stderr=out)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if json.loads(r.read()).get("status") == "ok":
-                        return log.read_text()
-            except OSError:
-                pass
-            try:  # wait for the process, a short while: it may die, or the port may open
-                proc.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
-                pass
-        pytest.fail(f"llama-server did not load the model: {log.read_text()[-1500:]}")
+        if not external.wait_healthy(proc, f"http://127.0.0.1:{port}", time.perf_counter() + 120):
+            pytest.fail(f"llama-server did not load the model: {log.read_text()[-1500:]}")
+        return log.read_text()
     finally:
         servers.stop(proc)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import servers
 
-from autotune.engine import reference
+from autotune.engine import external, reference
 from autotune.facts import synth
 from autotune.output import export
 from autotune.search.config import TunedRecord
@@ -69,21 +69,10 @@ def serve(binary: Path, argv: list[str], log: Path) -> tuple[subprocess.Popen, s
         proc = servers.start([str(binary), *argv[1:], "--host", "127.0.0.1", "--port", str(port), "-lv", "4"],
                              stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"llama-server exited {proc.returncode}: {log.read_text()[-1500:]}")
-        try:
-            if get(url + "/health", timeout=2).get("status") == "ok":
-                return proc, url
-        except OSError:
-            pass
-        try:  # wait for the process, a short while: it may die, or the port may open
-            proc.wait(timeout=0.2)
-        except subprocess.TimeoutExpired:
-            pass
+    if external.wait_healthy(proc, url, time.perf_counter() + 120):
+        return proc, url
     servers.stop(proc)
-    pytest.fail(f"llama-server did not come up in 120 s: {log.read_text()[-1500:]}")
+    pytest.fail(f"llama-server did not come up in 120 s (exit {proc.poll()}): {log.read_text()[-1500:]}")
 
 
 @pytest.mark.parametrize("name", ["tuned", "plain", "draft"])
