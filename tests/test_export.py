@@ -6,7 +6,6 @@ import shlex
 import pytest
 from conftest import run_python
 
-from autotune.facts.gguf_model import read_facts
 from autotune.output import export
 from autotune.search.config import SCHEMA_VERSION, TunedRecord
 from autotune.vocabulary import flags
