@@ -206,7 +206,8 @@ class Check:
         tool = str(self.bin / "llama-bench")
         test = ["-p", str(b["prompt"]), "-n", str(b["gen"]), "-d", str(b["depth"]), "-r", str(b["reps"]), "-o", "json"]
         argv = {"llama.cpp defaults": [tool, "-m", path, *test],
-                "autotune": [tool, *flags.bench_flags(rec, path, b["prompt"], b["gen"], b["depth"], b["reps"])]}
+                "autotune": [tool, *flags.bench_flags(rec, path, b["prompt"], b["gen"], b["depth"], b["reps"],
+                                                         moe_layers=read_facts(path).moe_layers)]}
         samples: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in argv}
         for i in range(b["rounds"]):
             for name in (list(argv) if i % 2 == 0 else list(argv)[::-1]):
@@ -233,18 +234,31 @@ class Check:
                              "max_ctx": r.max_ctx, "holds": r.holds_target} for r in ours],
                    "llama_fit_params": _fit_line(theirs)}
             # A margin that leaves room for about 60 % of the weights: both must offload part of the model. It is
-            # llama-fit-params' margin on the GPU; ours is the same GPU with that much less free (the host keeps
-            # its own default margin).
+            # llama-fit-params' margin on the GPU; ours is a GPU budget of what that margin leaves (the whole
+            # process's use, its CUDA context included; the host keeps its own margin), at llama-fit-params'
+            # settings (b 2048, ub 512, flash attention, f16 cache, a sliding-window cache of the window's size).
             keep = int(free - 0.6 * facts.weight_bytes)
-            gpu = dataclasses.replace(self.hw.offload_gpus[0], vram_free=free - keep)
-            smaller = dataclasses.replace(self.hw, gpus=(gpu,))
-            ours = fit.fit(facts, smaller, CTX, kv_types=("f16",), keep=0)
+            budget = (free - keep) // MIB
+            budgeted = self.hw.with_gpu_budget((budget,))
+            base = Settings(n_batch=2048, n_ubatch=512, swa_full=False)
+            ours = fit.fit(facts, budgeted, CTX, base, kv_types=("f16",))
             theirs = _text([str(self.bin / "llama-fit-params"), "-m", path, "-c", str(CTX), "-fitt", str(keep // MIB)],
                            timeout=300)
-            row["pressed"] = {"keep_mib": keep // MIB,
+            row["pressed"] = {"keep_mib": keep // MIB, "budget_mib": budget,
                               "ours": [{"what": r.what, "ngl": r.settings.n_gpu_layers, "n_cpu_moe": r.settings.n_cpu_moe,
-                                        "holds": r.holds_target} for r in ours],
+                                        "moe_host_from": r.settings.moe_host_from, "holds": r.holds_target}
+                                       for r in ours],
                               "llama_fit_params": _fit_line(theirs)}
+            # A real load at our answer (the placement that holds the most on the GPU): its peak must stay within
+            # the budget.
+            held = [r for r in ours if r.holds_target]
+            if held:
+                best = held[-1].settings
+                m = engine.measure(facts.path, best, PEAK_WORK, timeout=240)
+                row["pressed"]["load"] = {"what": held[-1].what, "ok": m.ok, "error": m.error,
+                                          "peak_mib": (m.peak_vram or 0) // MIB,
+                                          "within_budget": bool(m.ok and (m.peak_vram or 0) <= budget * MIB),
+                                          "gpu_peaks": [dataclasses.asdict(g) for g in m.gpu_peaks]}
             rows.append(row)
             log(f"  {shape}: ours {row['ours'][0]['what']}, llama-fit-params {row['llama_fit_params']}; pressed: ours "
                 f"{row['pressed']['ours'][0]['what']}, theirs {row['pressed']['llama_fit_params']}")
@@ -395,12 +409,16 @@ def markdown(r: dict[str, Any]) -> str:
     f = r.get("fit", {})
     if "rows" in f:
         lines += ["## `fit` vs `llama-fit-params`", "", "| shape | ours (trained context, f16) | llama-fit-params | "
-                  "margin forcing a partial offload | ours | llama-fit-params |", "|---|---|---|---|---|---|"]
+                  "margin forcing a partial offload | ours | llama-fit-params | our answer loaded: peak |",
+                  "|---|---|---|---|---|---|---|"]
         for x in f["rows"]:
             o = "; ".join(f"{y['what']}, max ctx {y['max_ctx']:,}" for y in x["ours"])
             p = "; ".join(y["what"] for y in x["pressed"]["ours"])
+            load = x["pressed"].get("load")
+            peak = "-" if not load else (f"{load['peak_mib']:,} MiB of {x['pressed']['budget_mib']:,}"
+                                         + ("" if load["within_budget"] else " (OVER)") if load["ok"] else load["error"])
             lines.append(f"| {x['shape']} | {o} | `{x['llama_fit_params']}` | {x['pressed']['keep_mib']:,} MiB | {p} | "
-                         f"`{x['pressed']['llama_fit_params']}` |")
+                         f"`{x['pressed']['llama_fit_params']}` | {peak} |")
         lines.append("")
     for name, v in r.items():
         if isinstance(v, dict) and "error" in v:
