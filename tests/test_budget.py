@@ -158,9 +158,9 @@ def test_a_trial_over_the_budget_fails_with_its_peak_fake_gpu(scripted_engine, d
     two = fake_gpus(80, 80).with_gpu_budget((4096, 2048))
     m = Measurement(s, ok=True, peak_vram=5000 * MIB, gpu_peaks=[
         GpuPeak("CUDA0", "fake0", "", 3000 * MIB, "process"), GpuPeak("CUDA1", "fake1", "", 2000 * MIB, "process")])
-    assert loop.over_budget(m, two) == ""
+    assert loop.over_budget(m.gpu_peaks, m.peak_vram, two) == ""
     m.gpu_peaks[1].peak = 2100 * MIB
-    assert loop.over_budget(m, two) == "CUDA1 peak 2,100 MiB over the 2,048 MiB budget"
+    assert loop.over_budget(m.gpu_peaks, m.peak_vram, two) == "CUDA1 peak 2,100 MiB over the 2,048 MiB budget"
     assert loop.over_budget(m, fake_gpus(80, 80)) == ""  # no budget: nothing to break
 
 

@@ -13,12 +13,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import psutil
 import pytest
 
 from autotune import engine, memory
-from autotune.engine import Measurement, Workload
+from autotune.engine import Measurement, Workload, external
 from autotune.engine.base import GpuPeak
-from autotune.engine.process import _VramWatch, visible
+from autotune.engine.process import VramWatch, visible
 from autotune.facts import synth
 from autotune.facts.gguf_model import read_facts
 from autotune.facts.probe import GPU, Hardware
@@ -82,7 +83,7 @@ def fake_nvml(monkeypatch: pytest.MonkeyPatch):
 
 def _watch(base: dict[str, int] | None) -> list[GpuPeak]:
     """One watch of this process as the engine child: the poll thread reads once at least before it stops."""
-    watch = _VramWatch(os.getpid(), base)
+    watch = VramWatch(os.getpid(), base)
     return watch.stop()
 
 
@@ -255,3 +256,23 @@ def test_the_default_is_learned_from_runs_it_does_not_check(demo_model, tmp_path
     assert all(f"{r['shape']} / {r['settings']}" not in taught for r in chosen["held_out"])
     assert {r["shape"] for r in chosen["held_out"]} >= {"gemma3-4b", "gpt-oss-20b", "deepseek-v2-lite"}
     assert any(r["settings"] == "all, FA off" for r in chosen["held_out"])
+
+
+def test_a_llama_cpp_tool_run_reports_its_own_gpu_peak_fake_nvml(fake_nvml, tmp_path):
+    """llama-bench and llama-server runs record each GPU's peak as engine children do (a budget is checked on
+    them too): the driver lists the tool's process with 2 GiB; the tool runs until the driver has been asked."""
+    nvml = fake_nvml([("NVIDIA H200", "GPU-aaaa")], [9000 * MIB], [[]])
+    asked = tmp_path / "asked"
+
+    def listed(handle: int) -> list[Any]:
+        children = psutil.Process().children(recursive=True)
+        if children:
+            asked.touch()
+        return [SimpleNamespace(pid=c.pid, usedGpuMemory=2048 * MIB) for c in children]
+
+    nvml.nvmlDeviceGetComputeRunningProcesses = listed
+    tool = f"import os\nwhile not os.path.exists({str(asked)!r}): os.sched_yield()"
+    code, _, err, _, gpus, _ = external._run([sys.executable, "-c", tool], timeout=60)
+    assert code == 0, err
+    assert gpus == [GpuPeak("CUDA0", "NVIDIA H200", "580.95.05", 2048 * MIB, "process")]
+    assert nvml.open == 0

@@ -32,6 +32,7 @@ from ..vocabulary.errors import SettingsError
 from ..vocabulary.settings import Settings
 from . import bundled
 from .base import (
+    GpuPeak,
     Measurement,
     OnRep,
     Workload,
@@ -39,6 +40,7 @@ from .base import (
     llama_cpp_defaults,
     prompt_text,
 )
+from .process import VramWatch
 
 KINDS = ("llama-bench", "llama-server")
 
@@ -147,24 +149,21 @@ class PeakRss:
         return self.peak
 
 
-def _run(argv: list[str], timeout: float) -> tuple[int, str, str, int, float]:
-    """(exit status, stdout, stderr, peak RSS bytes, seconds) of a child, its group killed at the timeout."""
+def _run(argv: list[str], timeout: float) -> tuple[int, str, str, int, list[GpuPeak], float]:
+    """(exit status, stdout, stderr, peak RSS bytes, peak GPU memory per GPU, seconds) of a child, its group killed
+    at the timeout."""
     start = time.perf_counter()
+    base = VramWatch.device_use()  # before the child: not its own
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    rss = PeakRss(proc.pid)
+    rss, vram = PeakRss(proc.pid), VramWatch(proc.pid, base)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         out, err = proc.communicate()
-        return (
-            -9,
-            out,
-            err + f"\ntimeout: no result after {timeout:.0f} s (killed)",
-            rss.stop(),
-            time.perf_counter() - start,
-        )
-    return proc.returncode, out, err, rss.stop(), time.perf_counter() - start
+        err += f"\ntimeout: no result after {timeout:.0f} s (killed)"
+        return -9, out, err, rss.stop(), vram.stop(), time.perf_counter() - start
+    return proc.returncode, out, err, rss.stop(), vram.stop(), time.perf_counter() - start
 
 
 def moe_layers(model: str, s: Settings) -> tuple[int, ...] | None:
@@ -181,7 +180,7 @@ def _bench(binary: Path, model: str, s: Settings, w: Workload, timeout: float) -
     from ..vocabulary.flags import bench_flags
 
     argv = [str(binary), *bench_flags(s, model, w.prompt_tokens, w.gen_tokens, w.depth, w.reps, moe_layers(model, s))]
-    code, out, err, rss, wall = _run(argv, timeout)
+    code, out, err, rss, gpus, wall = _run(argv, timeout)
     if code != 0:
         reason = err.strip().splitlines()[-1] if code == -9 else child_failure(code, err)
         return Measurement(s, False, f"llama-bench: {reason}", wall_s=wall)
@@ -200,6 +199,8 @@ def _bench(binary: Path, model: str, s: Settings, w: Workload, timeout: float) -
         ttft_s=[w.prompt_tokens / x for x in prefill],
         wall_s=wall,
         peak_rss=rss,
+        peak_vram=sum(g.peak for g in gpus) if gpus else None,
+        gpu_peaks=gpus,
     )
 
 
@@ -213,6 +214,7 @@ class Server:
             port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         self.start = time.perf_counter()
+        base = VramWatch.device_use()  # before the server: not its own
         # a file, not a pipe: nobody reads the log while it runs; it is read after the server stops (its failure,
         # its acceptance lines), so it lives as long as this object
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115
@@ -224,12 +226,15 @@ class Server:
             start_new_session=True,
         )
         self.rss = PeakRss(self.proc.pid)
+        self.vram = VramWatch(self.proc.pid, base)
+        self.gpu_peaks: list[GpuPeak] = []  # each GPU's peak while it ran, once stopped
         self.died: int | None = None  # its exit status, where it ended before we stopped it
 
     def __enter__(self) -> Server:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.gpu_peaks = self.vram.stop()
         self.died = self.proc.poll()
         if self.died is None:
             os.killpg(self.proc.pid, 15)
@@ -290,6 +295,8 @@ def _server(binary: Path, model: str, s: Settings, w: Workload, timeout: float) 
         load_s=load_s,
         wall_s=wall,
         peak_rss=srv.rss.stop(),
+        peak_vram=sum(g.peak for g in srv.gpu_peaks) if srv.gpu_peaks else None,
+        gpu_peaks=srv.gpu_peaks,
     )
 
 

@@ -73,7 +73,7 @@ class Worker:
         self._vram_base: dict[str, int] | None = None
 
     def _start(self, watch_vram: bool) -> subprocess.Popen[str]:
-        self._vram_base = _VramWatch.device_use() if watch_vram else None  # before the child: not ours
+        self._vram_base = VramWatch.device_use() if watch_vram else None  # before the child: not ours
         self._out, self._err, self._lines = [], [], queue.Queue()
         proc = subprocess.Popen(
             [sys.executable, "-c", self.prelude + CHILD],
@@ -109,7 +109,7 @@ class Worker:
         start = time.perf_counter()
         proc = self.proc or self._start(watch_vram)
         out_from, err_from = len(self._out), len(self._err)
-        vram = _VramWatch(proc.pid, self._vram_base) if watch_vram else None
+        vram = VramWatch(proc.pid, self._vram_base) if watch_vram else None
         reps: list[dict[str, Any]] = []
         result: dict[str, Any] | None = None
         stopped = timed_out = ended = False
@@ -226,8 +226,9 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-class _VramWatch:
-    """Peak GPU memory of one engine child while it serves a request, per visible GPU (NVML; none without GPUs).
+class VramWatch:
+    """Peak GPU memory of one engine process while it runs, per visible GPU (NVML; none without GPUs): an engine
+    child serving a request, a llama-bench run, a llama-server under load.
 
     The child's own use where NVML accounts per process (the entries of its process group in the GPU's running
     processes): another program allocating during the run does not count. Where NVML never shows the child (a

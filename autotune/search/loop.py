@@ -7,7 +7,7 @@ which would teach the sampler something false. The loop stops early when the bes
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import optuna
@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from .. import engine, memory
 from ..engine import Measurement
+from ..engine.base import GpuPeak
 from ..facts.probe import Hardware
 from ..memory import overhead
 from ..vocabulary.errors import EngineDied, EngineRefused
@@ -178,17 +179,17 @@ def run(
     return progress
 
 
-def over_budget(m: Measurement, hw: Hardware) -> str:
+def over_budget(gpu_peaks: Sequence[GpuPeak], peak_vram: int | None, hw: Hardware) -> str:
     """Why a run broke the user's GPU budget ("" where it kept to it, recorded no peak, or there is none): each GPU's
-    peak against its budget where the run reports one per budgeted GPU, else the peak of all GPUs together against
-    their budgets' sum."""
+    peak against its budget where the run reports one per budgeted GPU, else the peak of all GPUs together
+    (``peak_vram``) against their budgets' sum. Engine children, llama-bench and llama-server runs all report them."""
     budgets = [g.budget for g in hw.offload_gpus]
     if hw.gpu_budget is None:
         return ""
-    if len(m.gpu_peaks) == len(budgets):  # in order; one value for every GPU makes the order moot
-        checks = [(f"{p.device} ", p.peak, b) for p, b in zip(m.gpu_peaks, budgets, strict=True) if b is not None]
+    if len(gpu_peaks) == len(budgets):  # in order; one value for every GPU makes the order moot
+        checks = [(f"{p.device} ", p.peak, b) for p, b in zip(gpu_peaks, budgets, strict=True) if b is not None]
     else:
-        checks = [("GPU ", m.peak_vram, hw.gpu_budget)] if m.peak_vram is not None else []
+        checks = [("GPU ", peak_vram, hw.gpu_budget)] if peak_vram is not None else []
     for device, peak, budget in checks:
         if peak > budget:
             return f"{device}peak {peak / 2**20:,.0f} MiB over the {budget / 2**20:,.0f} MiB budget"
@@ -233,7 +234,7 @@ def _evaluate(
     if not m.ok:
         trial.set_user_attr("reason", m.error)
         return TrialState.FAIL, None
-    broke = over_budget(m, req.hw)
+    broke = over_budget(m.gpu_peaks, m.peak_vram, req.hw)
     if broke:  # the run worked, but not within what the user lets us use: never a candidate
         trial.set_user_attr("reason", broke)
         return TrialState.FAIL, None

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from .. import memory
 from ..engine import bundled, external, loadgen
-from ..engine.base import prompt_text
+from ..engine.base import GpuPeak, prompt_text
 from ..facts.gguf_model import ModelFacts, read_facts
 from ..facts.probe import Hardware, probe
 from ..search import health, kvgate, loop, request, space, storage, study
@@ -80,6 +80,7 @@ class Served:
     load: dict[str, Any] = field(default_factory=dict)  # loadgen.LoadResult.summary()
     peak_rss: int = 0
     wall_s: float = 0.0
+    gpu_peaks: list[GpuPeak] = field(default_factory=list)  # each GPU's peak while the server ran (NVML)
 
     @property
     def throughput(self) -> float:
@@ -140,10 +141,10 @@ def measure(
         return loadgen.run(url, loadgen.requests_for(tokens, n_requests), users, time_limit)
 
     srv, result, error, _ = external.serve(binary, flags, timeout, drive)
-    peak, wall = srv.rss.stop(), time.perf_counter() - srv.start
+    peak, wall, gpus = srv.rss.stop(), time.perf_counter() - srv.start, srv.gpu_peaks
     if result is None or srv.died is not None:  # a server that died under the load failed it, whatever was answered
-        return Served(label, flags, False, srv.failure(error or "stopped"), peak_rss=peak, wall_s=wall)
-    return Served(label, flags, True, load=result.summary(), peak_rss=peak, wall_s=wall)
+        return Served(label, flags, False, srv.failure(error or "stopped"), peak_rss=peak, wall_s=wall, gpu_peaks=gpus)
+    return Served(label, flags, True, load=result.summary(), peak_rss=peak, wall_s=wall, gpu_peaks=gpus)
 
 
 def constraints(load: dict[str, Any], opts: ServeOptions) -> dict[str, float]:
@@ -281,6 +282,10 @@ def tune(model: str, opts: ServeOptions, reporter: Reporter, server: external.To
         if not served.ok:
             trial.set_user_attr("reason", served.error)
             return TrialState.PRUNED, None
+        broke = loop.over_budget(served.gpu_peaks, sum(g.peak for g in served.gpu_peaks) or None, hw)
+        if broke:  # the server ran, but beyond what the user lets it have of the GPU
+            trial.set_user_attr("reason", broke)
+            return TrialState.FAIL, None
         for key, value in constraints(served.load, opts).items():
             trial.set_constraint(key, value)
         say(
