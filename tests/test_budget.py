@@ -161,7 +161,7 @@ def test_a_trial_over_the_budget_fails_with_its_peak_fake_gpu(scripted_engine, d
     assert loop.over_budget(m.gpu_peaks, m.peak_vram, two) == ""
     m.gpu_peaks[1].peak = 2100 * MIB
     assert loop.over_budget(m.gpu_peaks, m.peak_vram, two) == "CUDA1 peak 2,100 MiB over the 2,048 MiB budget"
-    assert loop.over_budget(m, fake_gpus(80, 80)) == ""  # no budget: nothing to break
+    assert loop.over_budget(m.gpu_peaks, m.peak_vram, fake_gpus(80, 80)) == ""  # no budget: nothing to break
 
 
 @pytest.mark.parametrize("command", ["memory MODEL", "fit MODEL", "search MODEL", "serve-tune MODEL",
