@@ -184,6 +184,49 @@ def test_ctx_sweep_rows_per_kv_type_grow_with_context(smol):
     assert rows[5]["kv"] < rows[2]["kv"]  # q8_0 K is smaller than f16
 
 
+def test_memory_report_to_json_is_the_stable_memory_json(smol):
+    """``autotune memory --json`` and saved outputs read these keys in this order; the optional parts only
+    appear when asked for and the peak's error only when the run measured one."""
+    from autotune.memory.describe import Checked, DryRunCost, LargestCtx, MemoryReport, Peak, SweepPoint, Verified
+
+    est = memory.estimate(smol, S(), host())
+    bare = MemoryReport("m.gguf", "llama", ("a note",), est, DryRunCost(1, 2, 0.5, 0.75))
+    assert bare.to_json() == {
+        "model": "m.gguf",
+        "architecture": "llama",
+        "notes": ["a note"],
+        "estimate": est.to_dict(),
+        "dry_runs": {"children": 1, "settings": 2, "seconds": 0.5, "wall_s": 0.75},
+    }
+    point = SweepPoint(512, "f16", "f16", 10, 20, 30, 60, True)
+    largest = LargestCtx("q8_0", "q8_0", 0, 0, None)
+    verified = Verified({"kv": 1}, {"kv": 2}, {"kv": -50.0}, None, {"host": {}})
+    peak = Peak(True, None, 100, 110, 90, 256, 64, -9.1)
+    full = dataclasses.replace(bare, ctx_sweep=(point,), max_ctx=(largest,), check=Checked((verified,), peak))
+    out = full.to_json()
+    assert list(out) == ["model", "architecture", "notes", "estimate", "ctx_sweep", "max_ctx", "verify", "peak",
+                         "dry_runs"]
+    assert out["ctx_sweep"] == [{"n_ctx": 512, "type_k": "f16", "type_v": "f16", "weights": 10, "kv": 20,
+                                 "compute": 30, "total": 60, "fits": True}]
+    assert out["max_ctx"] == [{"type_k": "q8_0", "type_v": "q8_0", "n_gpu_layers": 0, "max_ctx": 0, "total": None}]
+    assert out["verify"] == [{"predicted": {"kv": 1}, "engine": {"kv": 2}, "error_pct": {"kv": -50.0}, "error": None,
+                              "devices": {"host": {}}}]
+    assert list(out["peak"]) == ["ok", "error", "predicted_gpu", "peak_vram", "gpu_buffers", "depth", "prompt",
+                                 "error_pct"]
+    assert "error_pct" not in Peak(False, "died", 100, None, None, 256, 64).to_json()
+    assert "peak" not in dataclasses.replace(full, check=Checked((verified,))).to_json()
+
+
+def test_describe_answers_only_what_was_asked(smol):
+    bare = memory.describe(smol, S(n_ctx=2048), host())
+    assert bare.ctx_sweep is None and bare.max_ctx is None and bare.check is None
+    assert bare.estimate.n_ctx == 2048 and bare.model == smol.path
+    full = memory.describe(smol, S(n_ctx=2048), host(), sweep=True, largest=True)
+    assert full.ctx_sweep and full.ctx_sweep[-1].n_ctx == smol.n_ctx_train
+    assert full.max_ctx and {r.type_k for r in full.max_ctx} == {"f16", "q8_0", "q4_0"}
+    assert list(full.to_json()) == ["model", "architecture", "notes", "estimate", "ctx_sweep", "max_ctx", "dry_runs"]
+
+
 # -------------------------------------------------------------------------------- placement (fake)
 
 

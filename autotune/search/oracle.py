@@ -13,6 +13,7 @@ from ..engine import Workload, bundled
 from ..facts.gguf_model import ModelFacts
 from ..facts.probe import Hardware, probe
 from ..memory import overhead
+from ..memory.describe import Checked, Peak, Verified
 from ..memory.estimate import estimate, gpu_engine, validate
 from ..memory.layout import HOST
 from ..memory.oracle import COMPONENTS, as_logged, error_pct, per_device, placed_once
@@ -20,24 +21,13 @@ from ..vocabulary.errors import ModelError
 from ..vocabulary.settings import Settings
 
 
-def check(facts: ModelFacts, s: Settings, hw: Hardware) -> dict[str, Any]:
+def check(facts: ModelFacts, s: Settings, hw: Hardware) -> Checked:
     """``memory.describe``'s check (``autotune memory --verify``): the engine's dry run beside the estimate and,
     where the engine offloads to this machine's GPUs, a real run's peak."""
-    out: dict[str, Any] = {
-        "verify": [
-            {
-                "predicted": r["predicted"],
-                "engine": r["engine"],
-                "error_pct": r["error_pct"],
-                "error": r["error"],
-                "devices": r["devices"],
-            }
-            for r in verify(facts, [s], hw)
-        ]
-    }
-    if gpu_engine(hw):
-        out["peak"] = peak(facts, s, hw)
-    return out
+    verified = tuple(
+        Verified(r["predicted"], r["engine"], r["error_pct"], r["error"], r["devices"]) for r in verify(facts, [s], hw)
+    )
+    return Checked(verified, peak(facts, s, hw) if gpu_engine(hw) else None)
 
 
 def verify(
@@ -115,7 +105,7 @@ def verify(
     return rows
 
 
-def peak(facts: ModelFacts, settings: Settings, hw: Hardware, timeout: float = 300.0) -> dict[str, Any]:
+def peak(facts: ModelFacts, settings: Settings, hw: Hardware, timeout: float = 300.0) -> Peak:
     """A short real run of ``settings`` (a 512-token prompt behind half the context of history, 8 tokens): its
     peak GPU memory (NVML) beside the predicted GPU total and the buffers the engine logged. The run teaches the
     GPU's overhead allowance (``memory.overhead``) as the search's runs do; the prediction is taken before it."""
@@ -125,15 +115,13 @@ def peak(facts: ModelFacts, settings: Settings, hw: Hardware, timeout: float = 3
     work = Workload(prompt_tokens=prompt, gen_tokens=8, reps=1, depth=depth)
     m = bundled.measure(facts.path, settings, work, timeout=timeout)
     overhead.learn(bundled.build_key(), facts, m, work)
-    out: dict[str, Any] = {
-        "ok": m.ok,
-        "error": m.error,
-        "predicted_gpu": predicted,
-        "peak_vram": m.peak_vram,
-        "gpu_buffers": overhead.on_gpus(m.buffers) if m.ok else None,
-        "depth": depth,
-        "prompt": prompt,
-    }
-    if m.ok and m.peak_vram:
-        out["error_pct"] = error_pct(predicted, m.peak_vram)
-    return out
+    return Peak(
+        ok=m.ok,
+        error=m.error,
+        predicted_gpu=predicted,
+        peak_vram=m.peak_vram,
+        gpu_buffers=overhead.on_gpus(m.buffers) if m.ok else None,
+        depth=depth,
+        prompt=prompt,
+        error_pct=error_pct(predicted, m.peak_vram) if m.ok and m.peak_vram else None,
+    )
