@@ -124,7 +124,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
         n_cpu_moe=args.n_cpu_moe,
     )
     out = memory.describe(facts, s, hw, args.ctx_sweep, args.max_ctx, oracle.check if args.verify else None)
-    print_json(out) if args.json else printers.memory_report(out, facts, s, hw)
+    print_json(out.to_json()) if args.json else printers.memory_report(out, facts, s, hw)
     return 0
 
 
@@ -253,7 +253,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
     from .search import storage
 
     rows = storage.summaries(args.storage)
-    print_json(rows) if args.json else printers.studies(rows, storage.storage_url(args.storage))
+    print_json([r.to_json() for r in rows]) if args.json else printers.studies(rows, storage.storage_url(args.storage))
     return 0
 
 
@@ -282,7 +282,7 @@ def cmd_draft(args: argparse.Namespace) -> int:
     )
     settings = settings.replace(**({"n_ctx": args.ctx} if args.ctx else {}), **_pins(args))
     report = draft.check(args.model, args.candidates, settings, hw)
-    print_json(report.to_dict()) if args.json else printers.draft_report(report.to_dict())
+    print_json(report.to_json()) if args.json else printers.draft_report(report)
     return 0
 
 

@@ -147,6 +147,18 @@ def test_bad_exported_configs(tmp_path, text, fragment):
 
 
 @pytest.mark.engine
+def test_depth_point_to_json_is_the_records_depth_sweep_row():
+    """Saved tuned records carry these rows as ``depth_sweep``: the keys, in this order, stay."""
+    from autotune.search.pipeline import DepthPoint
+
+    ok = DepthPoint(64, True, "", 50.0, 400.0, 0.25, [49.0, 51.0], [400.0])
+    assert ok.to_json() == {"depth": 64, "ok": True, "error": "", "decode": 50.0, "prefill": 400.0, "ttft": 0.25,
+                            "decode_tps": [49.0, 51.0], "prefill_tps": [400.0]}
+    assert list(ok.to_json()) == ["depth", "ok", "error", "decode", "prefill", "ttft", "decode_tps", "prefill_tps"]
+    failed = DepthPoint(8192, False, "out of memory", None, None, None, [], []).to_json()
+    assert failed["decode"] is None and failed["error"] == "out of memory"
+
+
 def test_search_recommends_and_exports_end_to_end(tiny_model, tmp_path):
     """The main command on a tiny model: trials, re-measurement, a tuned config, and every export format."""
     out = tmp_path / "tuned.json"

@@ -15,6 +15,7 @@ from autotune import cli, memory
 from autotune.facts import synth
 from autotune.facts.gguf_model import FastReader, ModelFacts, read_facts
 from autotune.facts.probe import GPU, Hardware
+from autotune.output import printers
 from autotune.stages import draft, speculation
 from autotune.vocabulary.settings import Settings
 
@@ -175,12 +176,12 @@ def test_candidates_from_dirs_and_files(header_main: Path, header_small: Path, t
 # ------------------------------------------------------------------------------------------- memory
 
 
-def _row(rows: list[dict[str, Any]], placement: str) -> dict[str, Any]:
-    return next(r for r in rows if r["placement"] == placement)
+def _row(rows: list[draft.DraftPlacement], placement: str) -> draft.DraftPlacement:
+    return next(r for r in rows if r.placement == placement)
 
 
-def _dev(row: dict[str, Any], name: str) -> dict[str, Any]:
-    return next(d for d in row["devices"] if d["device"] == name)
+def _dev(row: draft.DraftPlacement, name: str) -> draft.DeviceShare:
+    return next(d for d in row.devices if d.device == name)
 
 
 def test_memory_on_cpu_adds_the_draft(header_main: Path, header_small: Path) -> None:
@@ -189,37 +190,37 @@ def test_memory_on_cpu_adds_the_draft(header_main: Path, header_small: Path) -> 
     main, d = read_facts(header_main), read_facts(header_small)
     s = Settings(n_ctx=4096)
     rows = draft.predict_memory(main, d, s, cpu_host())
-    assert [r["placement"] for r in rows] == ["cpu"]
+    assert [r.placement for r in rows] == ["cpu"]
     host = _dev(rows[0], "host")
     main_host = memory.estimate(main, s, cpu_host()).device("host").total
     draft_est = memory.estimate(d, s, cpu_host())
-    assert host["main"] == main_host
-    assert host["draft"] == draft_est.device("host").total - memory.HOST_OVERHEAD  # one process
-    assert host["total"] == host["main"] + host["draft"]
-    assert rows[0]["draft_kv"] == draft_est.kv_k + draft_est.kv_v and rows[0]["draft_n_ctx"] == 4096
-    assert rows[0]["fits"]
-    tight = draft.predict_memory(main, d, s, cpu_host(ram_gib=host["total"] / GIB))
-    assert not tight[0]["fits"] and tight[0]["shortfall"] > 0
+    assert host.main == main_host
+    assert host.draft == draft_est.device("host").total - memory.HOST_OVERHEAD  # one process
+    assert host.total == host.main + host.draft
+    assert rows[0].draft_kv == draft_est.kv_k + draft_est.kv_v and rows[0].draft_n_ctx == 4096
+    assert rows[0].fits
+    tight = draft.predict_memory(main, d, s, cpu_host(ram_gib=host.total / GIB))
+    assert not tight[0].fits and tight[0].shortfall > 0
 
 
 def test_memory_placements_on_gpus(header_main: Path, header_small: Path) -> None:
     main, d = read_facts(header_main), read_facts(header_small)
     s = Settings(n_ctx=4096, n_gpu_layers=main.n_layer + 1)
     one = draft.predict_memory(main, d, s, gpu_host(23))
-    assert [(r["placement"], r["kind"], r["default"]) for r in one] == [("cpu", "CPU", False), ("gpu0", "same GPU", True)]
-    assert _dev(one[0], "gpu0")["draft"] == 0 and _dev(one[0], "host")["draft"] > 0
-    assert _dev(one[1], "gpu0")["draft"] > 0 and one[1]["draft_gpu_layers"] == d.n_layer + 1
+    assert [(r.placement, r.kind, r.default) for r in one] == [("cpu", "CPU", False), ("gpu0", "same GPU", True)]
+    assert _dev(one[0], "gpu0").draft == 0 and _dev(one[0], "host").draft > 0
+    assert _dev(one[1], "gpu0").draft > 0 and one[1].draft_gpu_layers == d.n_layer + 1
     # The main fills the big GPU alone (layers split in proportion to free memory); the small one is free.
     two = draft.predict_memory(main, d, s, gpu_host(200, 6))
-    assert [(r["placement"], r["kind"]) for r in two] == [
+    assert [(r.placement, r.kind) for r in two] == [
         ("cpu", "CPU"), ("all GPUs", "split like the main"), ("gpu0", "same GPU"), ("gpu1", "other GPU")]
     other = _row(two, "gpu1")
-    assert _dev(other, "gpu0")["draft"] == 0 and _dev(other, "gpu1")["main"] > 0  # the main's GPU overhead only
-    assert _dev(other, "gpu1")["draft"] > 0 and other["fits"]
-    assert _row(two, "all GPUs")["default"]
+    assert _dev(other, "gpu0").draft == 0 and _dev(other, "gpu1").main > 0  # the main's GPU overhead only
+    assert _dev(other, "gpu1").draft > 0 and other.fits
+    assert _row(two, "all GPUs").default
     # A draft too big for the small GPU is reported as not fitting there.
     small = draft.predict_memory(main, d, s, gpu_host(200, 1.5))
-    assert not _row(small, "gpu1")["fits"] and _row(small, "gpu0")["fits"]
+    assert not _row(small, "gpu1").fits and _row(small, "gpu0").fits
 
 
 # ------------------------------------------------------------------------- which speculation kinds apply
@@ -244,7 +245,7 @@ def test_a_draft_that_does_not_fit_beside_the_main_is_left_out_fake_small_ram(he
                                                                                header_small: Path) -> None:
     main, small = read_facts(header_main), read_facts(header_small)
     s = Settings(n_ctx=4096)
-    need = draft.predict_memory(main, small, s, cpu_host())[0]["total"]
+    need = draft.predict_memory(main, small, s, cpu_host())[0].total
     arms, skipped = speculation.arms(main, s, cpu_host(ram_gib=need / GIB * 0.97), [str(header_small)])
     assert [a.kind for a in arms][-1] == "ngram-cache"
     assert dict(skipped)["draft-simple (draft.gguf)"] == "main and draft together do not fit in memory"
@@ -287,6 +288,29 @@ def test_cli_check_only(capsys: pytest.CaptureFixture[str], header_main: Path, h
     assert verdicts[f"{header_small.parent.name}/draft.gguf"] == (True, [])
     assert verdicts[f"{tmp_path.name}/draft.gguf"] == (False, ["add-BOS flag differs: main False, draft True"])
     assert out["settings"]["n_ctx"] == 2048
+
+
+def test_the_draft_report_json_keeps_its_keys_and_the_table_prints_it(
+        capsys: pytest.CaptureFixture[str], header_main: Path, header_small: Path, tmp_path: Path) -> None:
+    (tmp_path / "junk.gguf").write_bytes(b"not a model")
+    report = draft.check(str(header_main), [str(header_small), str(tmp_path / "junk.gguf")], Settings(n_ctx=2048),
+                         cpu_host())
+    good, junk = report.to_json()["candidates"]
+    assert list(report.to_json()) == ["main", "settings", "candidates"]
+    assert list(good) == ["path", "name", "architecture", "n_params", "file_size", "compatible", "reasons",
+                          "warnings", "memory"]
+    (row,) = good["memory"]["placements"]
+    assert list(row) == ["placement", "kind", "default", "draft_gpu_layers", "draft_n_ctx", "draft_kv",
+                         "draft_weights", "draft_compute", "devices", "total", "fits", "shortfall"]
+    assert row == report.candidates[0].placements[0].to_json() and row["draft_n_ctx"] == 2048
+    assert list(row["devices"][0]) == ["device", "main", "draft", "total", "budget", "room", "fits"]
+    assert junk["memory"] == {} and junk["n_params"] is None and not junk["compatible"]
+    priced_badly = dataclasses.replace(report.candidates[0], placements=(), memory_error="no tensor table")
+    assert priced_badly.to_json()["memory"] == {"error": "no tensor table"}
+    assert json.loads(json.dumps(report.to_json())) == report.to_json()
+    printers.draft_report(dataclasses.replace(report, candidates=[*report.candidates, priced_badly]))
+    out = capsys.readouterr().out
+    assert "junk.gguf" in out and "memory in MiB: main + draft.gguf" in out and "no tensor table" in out
 
 
 def test_cli_bad_input_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path, header_main: Path) -> None:

@@ -17,7 +17,8 @@ from autotune import engine
 from autotune.engine import Measurement, Workload, bundled
 from autotune.facts.gguf_model import read_facts
 from autotune.facts.probe import probe
-from autotune.search import loop, recommend, request, space, storage, study
+from autotune.output import printers
+from autotune.search import kvgate, loop, recommend, request, space, storage, study
 from autotune.vocabulary.errors import StudyError
 
 WORK = Workload(prompt_tokens=32, gen_tokens=8, reps=2)
@@ -288,3 +289,41 @@ def test_tuners_asking_together_never_take_the_same_queued_trial(tmp_path):
         for p in procs:
             p.join(60)
         assert sorted(results.get(timeout=5) for _ in procs) == [0, 1, 2, 3]
+
+
+def test_a_study_summary_is_the_row_autotune_studies_json_has_always_printed(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    st = optuna.create_study(study_name="s1", storage=url, direction="maximize")
+    st.set_user_attr("model", {"name": "tiny", "path": "/models/tiny.gguf"})
+    st.set_user_attr("hardware", {"fingerprint": "abc123"})
+    st.set_user_attr("objective", "decode")
+    st.add_trial(optuna.trial.create_trial(value=12.5))
+    st.enqueue_trial({})  # queued: not counted
+    (row,) = storage.summaries(url)
+    assert row == storage.StudySummary("s1", "tiny", "abc123", "llama-cpp-python", "decode", 1, 12.5, False)
+    assert list(row.to_json().items()) == [("name", "s1"), ("model", "tiny"), ("fingerprint", "abc123"),
+                                           ("engine", "llama-cpp-python"), ("objective", "decode"), ("trials", 1),
+                                           ("best", 12.5), ("recommendation", False)]
+    printers.studies([row], url)
+    assert "12.50" in capsys.readouterr().out
+
+
+def test_the_kv_quality_report_reads_back_as_stored_with_the_verdict_added(tiny_model, hw, tmp_path, capsys):
+    """The gate's report, stored in a tuned config's evidence, is the engine's measurement per pair plus
+    ``excluded``, key for key; a pair stored before ``max_kl`` existed keeps its shorter record."""
+    req = make_request(tiny_model, hw, f"sqlite:///{tmp_path / 's.db'}")
+    pairs = [f"{k}/{v}" for k, v in space.kv_pairs(req.space)]
+    stored = {p: {"top1_agreement": 0.99, "mean_kl": 0.001, "max_kl": 0.02, "tokens": 48} for p in pairs}
+    stored[pairs[0]] = {"error": "the engine refused it"}
+    stored[pairs[-1]] = {"top1_agreement": 0.5, "mean_kl": 0.3, "tokens": 48}
+    st = study.open_study(req)
+    st.set_user_attr("kv_quality", stored)
+    sp, quality = kvgate.kv_quality(st, req, "strict")  # all measured already: no engine run
+    assert quality.to_json() == {p: {**r, "excluded": p in (pairs[0], pairs[-1])} for p, r in stored.items()}
+    assert [list(r) for r in quality.to_json().values()] == [[*r, "excluded"] for r in stored.values()]
+    assert quality.excluded() == [pairs[0], pairs[-1]] and len(sp.params["attention"]) < len(
+        req.space.params["attention"])
+    assert kvgate.kv_quality(st, req, "off")[1] == kvgate.KvQuality()
+    printers.kv_quality(quality, {})
+    out = capsys.readouterr().out
+    assert "excluded: the engine refused it" in out and "0.990" in out and "0.3000" in out

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import memory
-from ..search.pipeline import TuneReporter
+from ..search.pipeline import DepthPoint, TuneReporter
 from ..vocabulary.errors import EngineDied, ModelError
 from ..vocabulary.metrics import FELT, metric
 from ..vocabulary.settings import KV_SHORTLIST
@@ -24,11 +24,16 @@ if TYPE_CHECKING:  # types only: the report brings in matplotlib, which the othe
 
     from ..facts.gguf_model import ModelFacts
     from ..facts.probe import Hardware
+    from ..memory.describe import Checked, LargestCtx, MemoryReport, SweepPoint
     from ..memory.fit import Placement
+    from ..memory.layout import MemoryEstimate
     from ..search import loop
     from ..search.config import TunedRecord
     from ..search.health import Doctor, Verdict
+    from ..search.kvgate import KvQuality
     from ..search.space import SearchSpace
+    from ..search.storage import StudySummary
+    from ..stages.draft import DraftReport
     from ..stages.serving import ServeOptions, ServeResult
     from ..stages.speculation import SpecReport
     from ..vocabulary.settings import Settings
@@ -154,98 +159,114 @@ def inspect(facts: ModelFacts) -> None:
     console.print(t)
 
 
-def memory_report(out: dict[str, Any], facts: ModelFacts, s: Settings, hw: Hardware) -> None:
+def memory_report(out: MemoryReport, facts: ModelFacts, s: Settings, hw: Hardware) -> None:
     """``memory.describe``'s record as tables; a refusal or a failed real run is the one-line error."""
-    notes, cost, top = out["notes"], memory.dryrun.COST, max(facts.n_ctx_train or 131072, s.n_ctx)
-    pairs = memory.cache_pairs(KV_SHORTLIST, s.flash_attn)
-    for note in notes:
+    for note in out.notes:
         console.print(f"note: {note}")
-    est = out["estimate"]
+    _estimate(out.estimate, facts, s)
+    if out.ctx_sweep is not None:
+        _ctx_sweep(out.ctx_sweep, s, hw)
+    if out.max_ctx is not None:
+        _max_ctx(out.max_ctx, s, max(facts.n_ctx_train or 131072, s.n_ctx))
+    if out.check is not None:
+        _checked(out.check, facts)
+
+
+def _estimate(est: MemoryEstimate, facts: ModelFacts, s: Settings) -> None:
+    cost = memory.dryrun.COST
     t = Table(
-        title=f"memory: {facts.name}, n_ctx {est['n_ctx']:,}, K {s.type_k} / V {s.type_v}, "
-        f"FA {'on' if s.flash_attn else 'off'}, ub {est['n_ubatch']}, GPU layers {est['gpu_layers']}"
-        + (" + output" if est["output_on_gpu"] else "")
+        title=f"memory: {facts.name}, n_ctx {est.n_ctx:,}, K {s.type_k} / V {s.type_v}, "
+        f"FA {'on' if s.flash_attn else 'off'}, ub {est.n_ubatch}, GPU layers {est.gpu_layers}"
+        + (" + output" if est.output_on_gpu else "")
     )
     t.add_column("")
-    for d in est["devices"]:
-        t.add_column(d["device"], justify="right")
-    for key, label in (
-        ("weights", "weights"),
-        ("repack", "AMX / CPU repack"),
-        ("kv", "KV cache"),
-        ("compute", "compute"),
-        ("output", "output"),
-        ("overhead", "fixed overhead"),
-        ("total", "[bold]total[/bold]"),
-        ("budget", "free memory"),
-        ("margin", "margin kept free"),
+    for d in est.devices:
+        t.add_column(d.device, justify="right")
+    for label, value in (
+        ("weights", lambda d: d.weights),
+        ("AMX / CPU repack", lambda d: d.repack),
+        ("KV cache", lambda d: d.kv),
+        ("compute", lambda d: d.compute),
+        ("output", lambda d: d.output),
+        ("fixed overhead", lambda d: d.overhead),
+        ("[bold]total[/bold]", lambda d: d.total),
+        ("free memory", lambda d: d.budget),
+        ("margin kept free", lambda d: memory.margin(d.budget)),
     ):
-        t.add_row(label, *(mib(d[key]) for d in est["devices"]))
-    if any(d.get("gpu_budget") is not None for d in est["devices"]):
-        t.add_row("GPU budget (--gpu-budget)", *(mib(d["gpu_budget"]) for d in est["devices"]))
-    t.add_row("fits", *("[green]yes[/green]" if d["fits"] else "[red]no[/red]" for d in est["devices"]))
+        t.add_row(label, *(mib(value(d)) for d in est.devices))
+    if any(d.limit is not None for d in est.devices):
+        t.add_row("GPU budget (--gpu-budget)", *(mib(d.limit) for d in est.devices))
+    t.add_row("fits", *("[green]yes[/green]" if d.fits() else "[red]no[/red]" for d in est.devices))
     console.print(t)
-    caches = ", ".join(f"{c['cells']:,} cells (K {mib(c['k'])}, V {mib(c['v'])})" for c in est["kv_caches"])
-    verdict = "fits" if est["fits"] else f"does NOT fit: {mib(est['shortfall'])} over"
-    fixed = "learned from runs on this GPU" if est["gpu_overhead_learned"] else "default, not yet measured here"
+    caches = ", ".join(f"{c.cells:,} cells (K {mib(c.k)}, V {mib(c.v)})" for c in est.kv_caches)
+    verdict = "fits" if est.fits else f"does NOT fit: {mib(est.shortfall)} over"
+    fixed = "learned from runs on this GPU" if est.gpu_overhead_learned else "default, not yet measured here"
     console.print(
-        f"KV caches: {caches}\ntotal {mib(est['total'])}: {verdict} "
+        f"KV caches: {caches}\ntotal {mib(est.total)}: {verdict} "
         "(keeping max(512 MiB, 5 %) of each device free; overhead is a fixed allowance"
-        + (f", on GPUs {fixed})" if len(est["devices"]) > 1 else ")")
+        + (f", on GPUs {fixed})" if len(est.devices) > 1 else ")")
     )
     paid = (
         f": {cost.settings} settings in {cost.runs} child process(es), {cost.seconds:.2f} s"
         if cost.runs
         else ", answered from the cache"
-        if est["source"] != memory.REPLAY
+        if est.source != memory.REPLAY
         else ""
     )
-    console.print(f"source: {est['source']}{paid}")
-    if "ctx_sweep" in out:
-        t = Table(
-            title=f"footprint against context (FA {'on' if s.flash_attn else 'off'}, ub {s.n_ubatch}, "
-            f"{'GPU layers ' + str(s.n_gpu_layers) if hw.offload_gpus else 'CPU'})"
+    console.print(f"source: {est.source}{paid}")
+
+
+def _ctx_sweep(points: tuple[SweepPoint, ...], s: Settings, hw: Hardware) -> None:
+    t = Table(
+        title=f"footprint against context (FA {'on' if s.flash_attn else 'off'}, ub {s.n_ubatch}, "
+        f"{'GPU layers ' + str(s.n_gpu_layers) if hw.offload_gpus else 'CPU'})"
+    )
+    t.add_column("n_ctx", justify="right")
+    pairs = memory.cache_pairs(KV_SHORTLIST, s.flash_attn)
+    for tk, tv in pairs:
+        t.add_column(f"K {tk} / V {tv}\nKV / total", justify="right")
+    by_ctx: dict[int, dict[tuple[str, str], SweepPoint]] = {}
+    for p in points:
+        by_ctx.setdefault(p.n_ctx, {})[(p.type_k, p.type_v)] = p
+    for n, cells in by_ctx.items():
+        t.add_row(
+            f"{n:,}",
+            *(
+                f"{mib(c.kv)} / " + (f"{mib(c.total)}" if c.fits else f"[red]{mib(c.total)}[/red]")
+                for c in (cells[p] for p in pairs)
+            ),
         )
-        t.add_column("n_ctx", justify="right")
-        for tk, tv in pairs:
-            t.add_column(f"K {tk} / V {tv}\nKV / total", justify="right")
-        by_ctx: dict[int, dict[tuple[str, str], dict[str, Any]]] = {}
-        for r in out["ctx_sweep"]:
-            by_ctx.setdefault(r["n_ctx"], {})[(r["type_k"], r["type_v"])] = r
-        for n, cells in by_ctx.items():
-            t.add_row(
-                f"{n:,}",
-                *(
-                    f"{mib(c['kv'])} / " + (f"{mib(c['total'])}" if c["fits"] else f"[red]{mib(c['total'])}[/red]")
-                    for c in (cells[p] for p in pairs)
-                ),
-            )
-        console.print(t)
-        console.print("[red]red[/red]: does not fit this machine's free memory with the safety margin")
-    if "max_ctx" in out:
-        t = Table(title=f"largest context that fits (FA {'on' if s.flash_attn else 'off'}, limit {top:,})")
-        for col in ("K / V", "GPU layers", "max n_ctx", "total at max"):
-            t.add_column(col, justify="right" if col != "K / V" else "left")
-        for r in out["max_ctx"]:
-            t.add_row(
-                f"{r['type_k']} / {r['type_v']}",
-                str(r["n_gpu_layers"]),
-                f"{r['max_ctx']:,}" if r["max_ctx"] else "[red]none[/red]",
-                mib(r["total"]),
-            )
-        console.print(t)
-    for r in out.get("verify", []):
-        if r["engine"] is None:
-            raise ModelError(f"{facts.path}: the engine refused these settings: {r['error']}")
+    console.print(t)
+    console.print("[red]red[/red]: does not fit this machine's free memory with the safety margin")
+
+
+def _max_ctx(rows: tuple[LargestCtx, ...], s: Settings, top: int) -> None:
+    t = Table(title=f"largest context that fits (FA {'on' if s.flash_attn else 'off'}, limit {top:,})")
+    for col in ("K / V", "GPU layers", "max n_ctx", "total at max"):
+        t.add_column(col, justify="right" if col != "K / V" else "left")
+    for r in rows:
+        t.add_row(
+            f"{r.type_k} / {r.type_v}",
+            str(r.n_gpu_layers),
+            f"{r.max_ctx:,}" if r.max_ctx else "[red]none[/red]",
+            mib(r.total),
+        )
+    console.print(t)
+
+
+def _checked(checked: Checked, facts: ModelFacts) -> None:
+    for r in checked.verify:
+        if r.engine is None:
+            raise ModelError(f"{facts.path}: the engine refused these settings: {r.error}")
         t = Table(title="prediction vs the engine's dry run (no allocation)")
         for col in ("component", "predicted", "engine", "error"):
             t.add_column(col, justify="left" if col == "component" else "right")
         for k in memory.COMPONENTS:
-            err = r["error_pct"][k] if r["error_pct"] else None
+            err = r.error_pct[k] if r.error_pct else None
             t.add_row(
                 k,
-                mib(r["predicted"][k]) if r["predicted"] else "unsupported",
-                mib(r["engine"][k]),
+                mib(r.predicted[k]) if r.predicted else "unsupported",
+                mib(r.engine[k]),
                 "-" if err is None else f"{err:+.2f} %",
             )
         console.print(t)
@@ -253,14 +274,14 @@ def memory_report(out: dict[str, Any], facts: ModelFacts, s: Settings, hw: Hardw
             "The dry run cannot see the AMX / CPU_REPACK buffers or the fixed overhead: both are left out here. "
             "Errors are taken at the log's 0.01 MiB resolution."
         )
-    if "peak" in out:
-        p = out["peak"]
-        if not p["ok"]:
-            raise EngineDied(f"{facts.path}: the real run for the peak failed: {p['error']}")
+    p = checked.peak
+    if p is not None:
+        if not p.ok:
+            raise EngineDied(f"{facts.path}: the real run for the peak failed: {p.error}")
         console.print(
-            f"real run ({p['prompt']}-token prompt after {p['depth']:,} tokens of history): GPU peak "
-            f"{mib(p['peak_vram'])} (NVML), the engine's GPU buffers {mib(p['gpu_buffers'])}; predicted "
-            f"{mib(p['predicted_gpu'])} ({p['error_pct']:+.1f} %)"
+            f"real run ({p.prompt}-token prompt after {p.depth:,} tokens of history): GPU peak "
+            f"{mib(p.peak_vram)} (NVML), the engine's GPU buffers {mib(p.gpu_buffers)}; predicted "
+            f"{mib(p.predicted_gpu)} ({'-' if p.error_pct is None else f'{p.error_pct:+.1f} %'})"
         )
 
 
@@ -355,7 +376,7 @@ class Terminal(TuneReporter):
         finished = [t for t in st.get_trials(deepcopy=False) if t.state.is_finished()]
         console.print(f"[bold]study[/] {st.study_name}  ({len(finished)} finished trials stored in {storage_url})")
 
-    def kv_quality(self, quality: dict[str, Any], forced: dict[str, Any]) -> None:
+    def kv_quality(self, quality: KvQuality, forced: dict[str, Any]) -> None:
         kv_quality(quality, forced)
 
     def space(self, sp: SearchSpace, hw: Hardware, pins: dict[str, Any], forced: dict[str, Any]) -> None:
@@ -389,15 +410,15 @@ class Terminal(TuneReporter):
     def trials_done(self, st: optuna.Study) -> None:
         trials_summary(st)
 
-    def depth_sweep(self, rows: list[dict[str, Any]]) -> None:
+    def depth_sweep(self, rows: tuple[DepthPoint, ...]) -> None:
         t = Table(title="the recommendation against context depth (tokens already in the cache)")
         for col in ("depth", "decode tok/s", "prefill tok/s", "time to first token"):
             t.add_column(col, justify="right")
         for r in rows:
-            if r["ok"]:
-                t.add_row(f"{r['depth']:,}", f"{r['decode']:.1f}", f"{r['prefill']:.1f}", f"{r['ttft'] * 1000:.0f} ms")
+            if r.ok and r.decode is not None and r.prefill is not None and r.ttft is not None:
+                t.add_row(f"{r.depth:,}", f"{r.decode:.1f}", f"{r.prefill:.1f}", f"{r.ttft * 1000:.0f} ms")
             else:
-                t.add_row(f"{r['depth']:,}", f"[red]{r['error'][:60]}[/red]", "", "")
+                t.add_row(f"{r.depth:,}", f"[red]{r.error[:60]}[/red]", "", "")
         console.print(t)
 
 
@@ -426,8 +447,8 @@ def space(sp: SearchSpace, hw: Hardware, pins: dict[str, Any], forced: dict[str,
     console.print(t)
 
 
-def kv_quality(quality: dict[str, Any], forced: dict[str, Any]) -> None:
-    errors = {r.get("error") for r in quality.values()}
+def kv_quality(quality: KvQuality, forced: dict[str, Any]) -> None:
+    errors = {p.error for p in quality.pairs}
     if len(errors) == 1 and None not in errors and "f16 reference" in str(next(iter(errors))):
         console.print(
             f"KV cache quality: no reference runs (the f16 cache {next(iter(errors))}): every quantized "
@@ -442,15 +463,15 @@ def kv_quality(quality: dict[str, Any], forced: dict[str, Any]) -> None:
     )
     for col in ("K/V", "top-1 agreement", "mean KL", "verdict"):
         t.add_column(col)
-    for pair, r in sorted(quality.items()):
-        if "error" in r:
-            t.add_row(pair, "-", "-", f"excluded: {r['error'][:50]}")
+    for p in sorted(quality.pairs, key=lambda p: p.pair):
+        if p.error is not None:
+            t.add_row(p.pair, "-", "-", f"excluded: {p.error[:50]}")
         else:
             t.add_row(
-                pair,
-                f"{r['top1_agreement']:.3f}",
-                f"{r['mean_kl']:.4f}",
-                "[red]excluded[/]" if r["excluded"] else "[green]kept[/]",
+                p.pair,
+                f"{p.top1_agreement:.3f}",
+                f"{p.mean_kl:.4f}",
+                "[red]excluded[/]" if p.excluded else "[green]kept[/]",
             )
     console.print(t)
 
@@ -536,39 +557,38 @@ def recommendation(config: TunedRecord) -> None:
         )
 
 
-def draft_report(d: dict[str, Any]) -> None:
-    t = Table(title=f"draft candidates for {d['main']['name']} ({d['main']['n_params'] / 1e9:.2f}B)")
+def draft_report(d: DraftReport) -> None:
+    t = Table(title=f"draft candidates for {d.main.name} ({d.main.n_params / 1e9:.2f}B)")
     for col in ("candidate", "params", "verdict", "why / advice"):
         t.add_column(col)
-    for c in d["candidates"]:
-        params = f"{c['n_params'] / 1e9:.2f}B" if c["n_params"] else "-"
-        verdict = "[green]compatible[/]" if c["compatible"] else "[red]rejected[/]"
-        t.add_row(os.path.basename(c["path"]), params, verdict, "; ".join(c["reasons"] + c["warnings"]) or "-")
+    for c in d.candidates:
+        params = f"{c.facts.n_params / 1e9:.2f}B" if c.facts and c.facts.n_params else "-"
+        verdict = "[green]compatible[/]" if c.compatible else "[red]rejected[/]"
+        t.add_row(os.path.basename(c.path), params, verdict, "; ".join(c.reasons + c.warnings) or "-")
     console.print(t)
-    for c in d["candidates"]:
-        mem = c["memory"]
-        if "error" in mem:
-            console.print(f"memory of {os.path.basename(c['path'])}: {mem['error']}")
-        if not mem.get("placements"):
+    for c in d.candidates:
+        if c.memory_error is not None:
+            console.print(f"memory of {os.path.basename(c.path)}: {c.memory_error}")
+        if not c.placements:
             continue
         t = Table(
-            title=f"memory in MiB: main + {os.path.basename(c['path'])} in llama-server "
-            f"(draft context {mem['placements'][0]['draft_n_ctx']:,})"
+            title=f"memory in MiB: main + {os.path.basename(c.path)} in llama-server "
+            f"(draft context {c.placements[0].draft_n_ctx:,})"
         )
         for col in ("draft on", "ngld", "draft KV", "device", "main", "draft", "total", "free", "fits"):
             t.add_column(col)
-        for r in mem["placements"]:
-            for i, x in enumerate(x for x in r["devices"] if x["total"]):
+        for r in c.placements:
+            for i, x in enumerate(x for x in r.devices if x.total):
                 fits = (
-                    ("[green]yes[/]" if x["fits"] else "[red]no[/]")
-                    if i or r["fits"]
-                    else f"[red]no[/] ({r['shortfall'] / MIB:,.0f} short)"
+                    ("[green]yes[/]" if x.fits else "[red]no[/]")
+                    if i or r.fits
+                    else f"[red]no[/] ({r.shortfall / MIB:,.0f} short)"
                 )
-                head = [f"{r['placement']} ({r['kind']})", str(r["draft_gpu_layers"]), f"{r['draft_kv'] / MIB:,.0f}"]
+                head = [f"{r.placement} ({r.kind})", str(r.draft_gpu_layers), f"{r.draft_kv / MIB:,.0f}"]
                 t.add_row(
                     *(head if not i else ["", "", ""]),
-                    x["device"],
-                    *(f"{x[k] / MIB:,.0f}" for k in ("main", "draft", "total", "budget")),
+                    x.device,
+                    *(f"{n / MIB:,.0f}" for n in (x.main, x.draft, x.total, x.budget)),
                     fits,
                 )
         console.print(t)
@@ -615,19 +635,19 @@ def spec_report(report: SpecReport) -> None:
     console.print(f"[bold]{report.verdict.split(':')[0]}[/] ({report.wall_s:.0f} s)")
 
 
-def studies(rows: list[dict[str, Any]], url: str) -> None:
+def studies(rows: list[StudySummary], url: str) -> None:
     t = Table(title=f"studies in {url}")
     for col in ("study", "model", "machine", "engine", "trials", "best", "tuned config"):
         t.add_column(col, justify="right" if col in ("trials", "best") else "left")
     for r in rows:
         t.add_row(
-            r["name"],
-            str(r["model"]),
-            str(r["fingerprint"]),
-            r["engine"],
-            str(r["trials"]),
-            "-" if r["best"] is None else f"{r['best']:.2f}",
-            "yes" if r["recommendation"] else "no",
+            r.name,
+            str(r.model),
+            str(r.fingerprint),
+            r.engine,
+            str(r.trials),
+            "-" if r.best is None else f"{r.best:.2f}",
+            "yes" if r.recommendation else "no",
         )
     console.print(t)
 

@@ -122,7 +122,7 @@ class TuneReporter(progress.Quiet):
 
     def study(self, st: optuna.Study, storage_url: str) -> None: ...
 
-    def kv_quality(self, quality: dict[str, Any], forced: dict[str, Any]) -> None: ...
+    def kv_quality(self, quality: kvgate.KvQuality, forced: dict[str, Any]) -> None: ...
 
     def space(self, sp: space.SearchSpace, hw: Hardware, pins: dict[str, Any], forced: dict[str, Any]) -> None: ...
 
@@ -132,7 +132,7 @@ class TuneReporter(progress.Quiet):
 
     def trials_done(self, st: optuna.Study) -> None: ...
 
-    def depth_sweep(self, rows: list[dict[str, Any]]) -> None: ...
+    def depth_sweep(self, rows: tuple[DepthPoint, ...]) -> None: ...
 
 
 def tune(
@@ -214,7 +214,7 @@ def _tune(
     with reporter.step("measuring how quantized K/V caches change the outputs (once per study) ..."):
         sp, quality = kvgate.kv_quality(st, req, options.kv_quality)
     req = dataclasses.replace(req, space=sp)
-    if quality:
+    if quality.pairs:
         reporter.kv_quality(quality, req.forced)
     reporter.space(sp, hw, pins, req.forced)
     if metric and n_second:
@@ -264,9 +264,10 @@ def _tune(
             "objective": SECOND[metric],
             "chose": polish,
         }
-    record.evidence["depth_sweep"] = depth_sweep(
+    deep = depth_sweep(
         model, rec.chosen.settings, req.n_ctx, work, options.trial_timeout, reporter, engine, done=rec.confirmation
     )
+    record.evidence["depth_sweep"] = [p.to_json() for p in deep]
     if stage is not None:
         record = stage(record, hw)
     st.set_user_attr("recommendation", record.to_json())
@@ -335,6 +336,33 @@ def second_stage(
     return {k: getattr(chosen, k) for k in fields if getattr(chosen, k) != getattr(base, k)}, st2
 
 
+@dataclass(frozen=True)
+class DepthPoint:
+    """The recommendation measured at one context depth; the speeds are None where the run failed (``error``)."""
+
+    depth: int
+    ok: bool
+    error: str
+    decode: float | None
+    prefill: float | None
+    ttft: float | None
+    decode_tps: list[float]
+    prefill_tps: list[float]
+
+    def to_json(self) -> dict[str, Any]:
+        """The row stored in the tuned record's evidence as ``depth_sweep`` (stable: keys are only ever added)."""
+        return {
+            "depth": self.depth,
+            "ok": self.ok,
+            "error": self.error,
+            "decode": self.decode,
+            "prefill": self.prefill,
+            "ttft": self.ttft,
+            "decode_tps": self.decode_tps,
+            "prefill_tps": self.prefill_tps,
+        }
+
+
 def depth_sweep(
     model: str,
     settings: Settings,
@@ -344,7 +372,7 @@ def depth_sweep(
     reporter: TuneReporter,
     engine: Engine,
     done: Measurement | None = None,
-) -> list[dict[str, Any]]:
+) -> tuple[DepthPoint, ...]:
     """The recommendation measured with an empty cache, at the searched depth and nearly full: placement and
     attention choices that win empty can lose deep in a conversation. ``done``: a run of these settings at
     the searched depth already made (the confirmation run), used for that row."""
@@ -359,19 +387,19 @@ def depth_sweep(
                 m = engine.measure(model, settings, deep, timeout=timeout)
                 overhead.learn(bundled.build_key(), read_facts(model), m, deep)  # nearly full: the pool at its peak
             rows.append(
-                {
-                    "depth": d,
-                    "ok": m.ok,
-                    "error": m.error,
-                    "decode": m.decode if m.ok else None,
-                    "prefill": m.prefill if m.ok else None,
-                    "ttft": m.ttft if m.ok else None,
-                    "decode_tps": m.decode_tps,
-                    "prefill_tps": m.prefill_tps,
-                }
+                DepthPoint(
+                    depth=d,
+                    ok=m.ok,
+                    error=m.error,
+                    decode=m.decode if m.ok else None,
+                    prefill=m.prefill if m.ok else None,
+                    ttft=m.ttft if m.ok else None,
+                    decode_tps=m.decode_tps,
+                    prefill_tps=m.prefill_tps,
+                )
             )
-    reporter.depth_sweep(rows)
-    return rows
+    reporter.depth_sweep(tuple(rows))
+    return tuple(rows)
 
 
 def check_fits(req: request.StudyRequest) -> str | None:
@@ -395,7 +423,7 @@ def _record(
     st: optuna.Study,
     rec: recommend.Recommendation,
     verdict: health.Verdict,
-    quality: dict[str, Any],
+    quality: kvgate.KvQuality,
     options: TuneOptions,
 ) -> TunedRecord:
     """The tuned-config record: the settings and every piece of evidence behind them."""
@@ -427,6 +455,6 @@ def _record(
             "workload": dataclasses.asdict(req.workload),
             "engine_health": dataclasses.asdict(verdict),
             "recommendation": rec.to_json(),
-            "kv_quality": quality,
+            "kv_quality": quality.to_json(),
         },
     )

@@ -14,6 +14,7 @@ import socket
 import sqlite3
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +190,34 @@ def recommendation(name: str, url: str) -> dict[str, Any]:
     return st.user_attrs["recommendation"]
 
 
-def summaries(storage: str | None) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class StudySummary:
+    """One study of a storage as ``autotune studies`` lists it."""
+
+    name: str
+    model: str | None  # the model's name, else its path
+    fingerprint: str | None  # the machine's
+    engine: str
+    objective: str | None  # a metric's name or "pareto"
+    trials: int  # finished: complete, pruned or failed
+    best: float | None  # the best value of a single-objective study
+    recommendation: bool  # whether a tuned config can be exported
+
+    def to_json(self) -> dict[str, Any]:
+        """One row of ``autotune studies --json``."""
+        return {
+            "name": self.name,
+            "model": self.model,
+            "fingerprint": self.fingerprint,
+            "engine": self.engine,
+            "objective": self.objective,
+            "trials": self.trials,
+            "best": self.best,
+            "recommendation": self.recommendation,
+        }
+
+
+def summaries(storage: str | None) -> list[StudySummary]:
     """Every study in a storage, for ``autotune studies``: model, machine, engine, trials, best, and whether
     a recommendation (an exportable tuned config) exists."""
     url = storage_url(storage)
@@ -204,16 +232,16 @@ def summaries(storage: str | None) -> list[dict[str, Any]]:
         )  # not the queued
         best = st.best_trial.values if st.best_trial is not None and st.best_trial.values else None
         out.append(
-            {
-                "name": st.study_name,
-                "model": attrs.get("model", {}).get("name") or attrs.get("model", {}).get("path"),
-                "fingerprint": attrs.get("hardware", {}).get("fingerprint"),
-                "engine": attrs.get("engine", {}).get("name", "llama-cpp-python"),
-                "objective": attrs.get("objective"),
-                "trials": len(finished),
-                "best": best[0] if best and len(best) == 1 else None,
-                "recommendation": "recommendation" in attrs,
-            }
+            StudySummary(
+                name=st.study_name,
+                model=attrs.get("model", {}).get("name") or attrs.get("model", {}).get("path"),
+                fingerprint=attrs.get("hardware", {}).get("fingerprint"),
+                engine=attrs.get("engine", {}).get("name", "llama-cpp-python"),
+                objective=attrs.get("objective"),
+                trials=len(finished),
+                best=best[0] if best and len(best) == 1 else None,
+                recommendation="recommendation" in attrs,
+            )
         )
     return out
 

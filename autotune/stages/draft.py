@@ -82,19 +82,78 @@ def size_warnings(main: ModelFacts, draft: ModelFacts) -> list[str]:
     return []
 
 
-@dataclass
+@dataclass(frozen=True)
+class DeviceShare:
+    """One device's bytes with main and draft in one process, against the room it has."""
+
+    device: str
+    main: int
+    draft: int
+    total: int
+    budget: int
+    room: int  # free less the margin, within a GPU budget
+    fits: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "main": self.main,
+            "draft": self.draft,
+            "total": self.total,
+            "budget": self.budget,
+            "room": self.room,
+            "fits": self.fits,
+        }
+
+
+@dataclass(frozen=True)
+class DraftPlacement:
+    """Main + draft with the draft in one place (the CPU, all GPUs, one GPU): per device and in all."""
+
+    placement: str  # "cpu", "all GPUs", "gpu0", ...
+    kind: str  # "CPU", "split like the main", "same GPU", "other GPU"
+    default: bool  # the placement ``draft_gpu_layers`` > 0 gets
+    draft_gpu_layers: int
+    draft_n_ctx: int
+    draft_kv: int
+    draft_weights: int
+    draft_compute: int
+    devices: tuple[DeviceShare, ...]
+    total: int
+    fits: bool
+    shortfall: int  # bytes missing on the tightest device; 0 when it fits
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "placement": self.placement,
+            "kind": self.kind,
+            "default": self.default,
+            "draft_gpu_layers": self.draft_gpu_layers,
+            "draft_n_ctx": self.draft_n_ctx,
+            "draft_kv": self.draft_kv,
+            "draft_weights": self.draft_weights,
+            "draft_compute": self.draft_compute,
+            "devices": [d.to_json() for d in self.devices],
+            "total": self.total,
+            "fits": self.fits,
+            "shortfall": self.shortfall,
+        }
+
+
+@dataclass(frozen=True)
 class DraftCandidate:
     path: str
     facts: ModelFacts | None
     reasons: list[str]  # why the engine would refuse it; empty when compatible
     warnings: list[str] = field(default_factory=list)
-    memory: dict[str, Any] = field(default_factory=dict)
+    placements: tuple[DraftPlacement, ...] = ()  # main + draft in memory, for a compatible candidate
+    memory_error: str | None = None  # why the memory model could not price it
 
     @property
     def compatible(self) -> bool:
         return not self.reasons
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         f = self.facts
         return {
             "path": self.path,
@@ -105,8 +164,14 @@ class DraftCandidate:
             "compatible": self.compatible,
             "reasons": self.reasons,
             "warnings": self.warnings,
-            "memory": self.memory,
+            "memory": self._memory_json(),
         }
+
+    def _memory_json(self) -> dict[str, Any]:
+        """Placements when priced, the memory model's error when it could not, nothing for a rejected file."""
+        if self.placements:
+            return {"placements": [p.to_json() for p in self.placements]}
+        return {"error": self.memory_error} if self.memory_error is not None else {}
 
 
 def candidate_paths(items: Sequence[str], main_path: str) -> list[str]:
@@ -139,16 +204,16 @@ def check_candidate(
     c = DraftCandidate(path, facts, compatibility(main, facts), size_warnings(main, facts))
     if c.compatible and settings is not None and hw is not None:
         try:
-            c.memory = {"placements": predict_memory(main, facts, settings, hw)}
+            return dataclasses.replace(c, placements=tuple(predict_memory(main, facts, settings, hw)))
         except ModelError as e:
-            c.memory = {"error": str(e)}
+            return dataclasses.replace(c, memory_error=str(e))
     return c
 
 
 # ------------------------------------------------------------------------------------------- memory
 
 
-def predict_memory(main: ModelFacts, draft: ModelFacts, settings: Settings, hw: Hardware) -> list[dict[str, Any]]:
+def predict_memory(main: ModelFacts, draft: ModelFacts, settings: Settings, hw: Hardware) -> list[DraftPlacement]:
     """Main + draft together, per place the draft can live: the CPU, split over all GPUs as the engine does
     by default, or whole on one GPU (llama-server's --device-draft / --gpu-layers-draft). The draft gets the
     main's context (llama-server's draft context holds as many tokens as the main's) and f16 caches (its
@@ -173,7 +238,7 @@ def predict_memory(main: ModelFacts, draft: ModelFacts, settings: Settings, hw: 
     rows = []
     for label, kind, ngl, draft_hw in options:
         d_est = memory.estimate(draft, base.replace(n_gpu_layers=ngl, type_k="f16", type_v="f16"), draft_hw)
-        devices: list[dict[str, Any]] = []
+        devices: list[DeviceShare] = []
         for name in dict.fromkeys([*main_devs, *(d.device for d in d_est.devices)]):
             m = main_devs.get(name)
             d = next((x for x in d_est.devices if x.device == name), None)
@@ -181,36 +246,26 @@ def predict_memory(main: ModelFacts, draft: ModelFacts, settings: Settings, hw: 
             total = (m.total if m else 0) + draft_bytes
             budget = m.budget if m else d.budget if d else 0
             room = m.room() if m else d.room() if d else 0  # free less the margin, within a GPU budget
-            devices.append(
-                {
-                    "device": name,
-                    "main": m.total if m else 0,
-                    "draft": draft_bytes,
-                    "total": total,
-                    "budget": budget,
-                    "room": room,
-                    "fits": total <= room,
-                }
-            )
-        misses = [x["total"] - x["room"] for x in devices]
+            devices.append(DeviceShare(name, m.total if m else 0, draft_bytes, total, budget, room, total <= room))
+        misses = [x.total - x.room for x in devices]
         if main_est.shared_memory or d_est.shared_memory:  # unified memory: everything comes out of RAM
-            host = next(x for x in devices if x["device"] == memory.HOST)
-            misses.append(sum(x["total"] for x in devices) - (host["budget"] - memory.margin(host["budget"])))
+            host = next(x for x in devices if x.device == memory.HOST)
+            misses.append(sum(x.total for x in devices) - (host.budget - memory.margin(host.budget)))
         rows.append(
-            {
-                "placement": label,
-                "kind": kind,
-                "default": label == default,
-                "draft_gpu_layers": ngl,
-                "draft_n_ctx": d_est.n_ctx,
-                "draft_kv": d_est.kv_k + d_est.kv_v,
-                "draft_weights": sum(x.weights + x.repack for x in d_est.devices),
-                "draft_compute": sum(x.compute for x in d_est.devices),
-                "devices": devices,
-                "total": sum(x["total"] for x in devices),
-                "fits": all(m <= 0 for m in misses),
-                "shortfall": max(0, max(misses)),
-            }
+            DraftPlacement(
+                placement=label,
+                kind=kind,
+                default=label == default,
+                draft_gpu_layers=ngl,
+                draft_n_ctx=d_est.n_ctx,
+                draft_kv=d_est.kv_k + d_est.kv_v,
+                draft_weights=sum(x.weights + x.repack for x in d_est.devices),
+                draft_compute=sum(x.compute for x in d_est.devices),
+                devices=tuple(devices),
+                total=sum(x.total for x in devices),
+                fits=all(m <= 0 for m in misses),
+                shortfall=max(0, max(misses)),
+            )
         )
     return rows
 
@@ -223,7 +278,7 @@ def auto_candidates(main_path: str) -> list[str]:
     return [str(p) for p in dict.fromkeys(places) if p.is_dir() and any(p.glob("*.gguf"))]
 
 
-@dataclass
+@dataclass(frozen=True)
 class DraftReport:
     """``autotune draft``: every candidate's verdict and, for the compatible ones, memory beside the main."""
 
@@ -231,12 +286,12 @@ class DraftReport:
     settings: Settings
     candidates: list[DraftCandidate]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         """The JSON shape of ``autotune draft --json``."""
         return {
             "main": {"path": self.main.path, "name": self.main.name, "n_params": self.main.n_params},
             "settings": self.settings.to_dict(),
-            "candidates": [c.to_dict() for c in self.candidates],
+            "candidates": [c.to_json() for c in self.candidates],
         }
 
 

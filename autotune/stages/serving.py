@@ -261,7 +261,7 @@ def tune(model: str, opts: ServeOptions, reporter: Reporter, server: external.To
         lambda new: new.set_user_attr("serving", {"users": opts.users, "ctx_per_user": opts.ctx_per_user}),
     )
     sp, quality = kvgate.kv_quality(st, quality_req, opts.kv_quality)
-    excluded = [pair for pair, r in quality.items() if r.get("excluded")]
+    excluded = quality.excluded()
     if excluded:
         say(f"K/V quality guard ({opts.kv_quality}): {', '.join(excluded)} change the outputs too much: not searched")
     sspace = serving_space(sp, slots, opts.spec)

@@ -172,13 +172,13 @@ def arms(
         if kind == "draft-simple" and not c.compatible:
             skipped.append((f"draft-simple ({name})", c.reasons[0]))
             continue
-        rows = [r for r in c.memory.get("placements", []) if r["fits"]]
-        on_gpu = [r for r in rows if r["draft_gpu_layers"] > 0]
+        rows = [r for r in c.placements if r.fits]
+        on_gpu = [r for r in rows if r.draft_gpu_layers > 0]
         if not rows:
             skipped.append((f"{kind} ({name})", "main and draft together do not fit in memory"))
             continue
         found.add(kind)
-        out.append(Arm(kind, path, on_gpu[0]["draft_gpu_layers"] if on_gpu else 0))
+        out.append(Arm(kind, path, on_gpu[0].draft_gpu_layers if on_gpu else 0))
     for kind in ("draft-simple", "draft-eagle3", "draft-dflash", "draft-dspark"):
         if kind not in found and not any(s[0].startswith(kind) for s in skipped):
             skipped.append(
