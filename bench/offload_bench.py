@@ -1,6 +1,6 @@
 """The offload bench: models larger than the GPU, llama.cpp's own answer against autotune's, in llama-bench.
 
-THE ONE COMMAND (a session lent an NVIDIA GPU; from the project root, after ``bash ../shared/gpu/prepare.sh .gpu``
+THE ONE COMMAND (a session lent an NVIDIA GPU; from the project root, after ``bash bench/gpu_prepare.sh .gpu``
 here, with ``.gpu/`` listed in ``.git/info/exclude``):
 
     run(command="bash bench/offload_device.sh", carry=[".gpu"], timeout_s=580)
@@ -566,7 +566,7 @@ def markdown(r: dict[str, Any]) -> str:
              "process holds the rest of the GPU, so llama.cpp and autotune see only the budget. Header-only synthetic "
              "models (Q4_K): memory and speed are the shape's; autotune's K/V quality guard is off (it passes "
              "trivially on them).", "",
-             "Run it: `bash ../shared/gpu/prepare.sh .gpu` here, then on the GPU machine "
+             "Run it: `bash bench/gpu_prepare.sh .gpu` here, then on the GPU machine "
              "`bash bench/offload_device.sh` (see bench/offload_bench.py).", ""]
     cases = r.get("cases", {})
     if not cases:

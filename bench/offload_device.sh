@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The offload bench (bench/offload_bench.py) on the GPU machine, in one call of about 9 minutes:
 #   run(command="bash bench/offload_device.sh", carry=[".gpu"], timeout_s=580)
-# after `bash ../shared/gpu/prepare.sh .gpu` here (.gpu/ in .git/info/exclude). It gets the CUDA llama.cpp
+# after `bash bench/gpu_prepare.sh .gpu` here (.gpu/ in .git/info/exclude). It gets the CUDA llama.cpp
 # (.gpu/build.sh: the prebuilt in seconds, else a build), resumes from the committed bench/offload_results.json and
 # writes $OUT/offload_results.{json,md} as each run ends. BUDGET_S (default 540) is the time it may take in all.
 set -u
@@ -10,7 +10,7 @@ out=${OUT:-/tmp/offload-out}
 mkdir -p "$out"
 [ -f "$out/offload_results.json" ] || [ ! -f bench/offload_results.json ] || cp bench/offload_results.json "$out/"
 if [ ! -f .gpu/build.sh ]; then
-  echo "offload_device.sh: no .gpu/ here: bash ../shared/gpu/prepare.sh .gpu, and carry it" >&2; exit 2
+  echo "offload_device.sh: no .gpu/ here: bash bench/gpu_prepare.sh .gpu, and carry it" >&2; exit 2
 fi
 env_lines=$(bash .gpu/build.sh 90) || { echo "offload_device.sh: .gpu/build.sh failed" >&2; exit 1; }
 eval "$env_lines"
