@@ -75,7 +75,7 @@ def dry_run(model_path: str, settings: list[Settings], timeout: float = 300) -> 
     if not settings:
         return []
     request = {"mode": "dry-run", "model": model_path, "settings": [s.to_dict() for s in settings]}
-    result = _answer(request, timeout, "the engine's dry run failed")
+    result = answer(request, timeout, "the engine's dry run failed")
     out: list[BufferReport | str] = []
     for item in result["reports"]:
         if item.get("load"):
@@ -95,11 +95,11 @@ def loaded_buffers(model_path: str, settings: Settings = Settings(), timeout: fl
     """Model buffer sizes from a real engine load with ``settings`` (placement, mmap, extra buffer types), in a
     child process. It maps the file and repacks for real, so keep it to models that fit this machine."""
     request = {"mode": "load", "model": model_path, "settings": settings.to_dict()}
-    result = _answer(request, timeout, "the engine could not load the model")
+    result = answer(request, timeout, "the engine could not load the model")
     return {k: int(v) for k, v in result["buffers"].items()}
 
 
-def _answer(request: dict[str, Any], timeout: float, failed: str) -> dict[str, Any]:
+def answer(request: dict[str, Any], timeout: float, failed: str) -> dict[str, Any]:
     """The child's result for a request that must succeed; EngineDied ("<model>: <failed>: why") when the child
     died or hung, ModelError when it answered with an error (it could not read the model)."""
     done = process.spawn(request, timeout)

@@ -14,9 +14,8 @@ import ctypes
 from dataclasses import dataclass
 from typing import Any
 
-from ..vocabulary.errors import EngineDied, ModelError
 from ..vocabulary.settings import Settings
-from . import process
+from . import bundled
 
 TOPK = "ffn_moe_topk-"  # llama-graph.cpp names each layer's selected experts so: cb(selected_experts, ...)
 
@@ -67,15 +66,7 @@ def expert_routing(
         "tokens": n_tokens,
         "prompt_kind": prompt_kind,
     }
-    done = process.spawn(request, timeout)
-    failed = f"{model_path}: counting the experts' routing failed"
-    if done.timed_out:
-        raise EngineDied(f"{failed}: no answer in {timeout:.0f} s")
-    if done.result is None:
-        raise EngineDied(f"{failed}: {done.failure()}")
-    if "error" in done.result:
-        raise ModelError(f"{failed}: {done.result['error']}")
-    r = done.result
+    r = bundled.answer(request, timeout, "counting the experts' routing failed")
     return Routing(
         r["n_tokens"],
         r["n_expert"],
