@@ -120,9 +120,9 @@ def placements(facts: ModelFacts, hw: Hardware, s: Settings, keep: int | None = 
     if not hw.offload_gpus:
         return [(s, "all on the host")]
     top = facts.n_layer + 1  # the repeating layers and the output layer
-    ngl = largest(lambda n: _fits(facts, hw, s.replace(n_gpu_layers=n), keep), 0, top)
-    out = [(s.replace(n_gpu_layers=ngl or 0), f"{ngl or 0} of {top} layers on the GPU")]
-    if facts.moe_layers and (ngl or 0) < top:
+    ngl = most_layers(facts, hw, s, keep)
+    out = [(s.replace(n_gpu_layers=ngl), f"{ngl} of {top} layers on the GPU")]
+    if facts.moe_layers and ngl < top:
         everything = s.replace(n_gpu_layers=top, moe_host_from="last", moe_host_layers="")
         least = fewest(lambda n: _fits(facts, hw, everything.replace(n_cpu_moe=n), keep), 0, len(facts.moe_layers))
         if least is not None:
@@ -133,6 +133,12 @@ def placements(facts: ModelFacts, hw: Hardware, s: Settings, keep: int | None = 
                 )
             )
     return out
+
+
+def most_layers(facts: ModelFacts, hw: Hardware, s: Settings, keep: int | None = None) -> int:
+    """The most layers (the output layer counting as one) the GPUs hold with ``s``, keeping ``keep`` bytes free per
+    device (None: the default margin); 0 where none fits."""
+    return largest(lambda n: _fits(facts, hw, s.replace(n_gpu_layers=n), keep), 0, facts.n_layer + 1) or 0
 
 
 def fewest(ok: Callable[[int], bool], lo: int, hi: int) -> int | None:

@@ -372,15 +372,7 @@ def llama_fit(facts: ModelFacts, hw: Hardware, s: Settings, margin: int = FIT_MA
 def max_layers(facts: ModelFacts, hw: Hardware, s: Settings) -> dict[str, Any]:
     """The "max layers on the GPU" placement, what LM Studio and KoboldCpp users do by hand: the most layers that
     fit (the memory model's own margin) with no expert or FFN overrides."""
-    s = s.replace(**NO_OVERRIDES)
-
-    def fits(n: int) -> bool:
-        try:
-            return memory.estimate(facts, s.replace(n_gpu_layers=n), hw).fits
-        except EngineRefused:
-            return False
-
-    return {"n_gpu_layers": fit.largest(fits, 0, facts.n_layer + 1) or 0, **NO_OVERRIDES}
+    return {"n_gpu_layers": fit.most_layers(facts, hw, s.replace(**NO_OVERRIDES)), **NO_OVERRIDES}
 
 
 def _reaching(
